@@ -1,0 +1,264 @@
+"""A decoder-only transformer in Flax NNX.
+
+Token embedding, rotary positions, pre-norm RMSNorm blocks with causal (optionally grouped-query)
+attention and a SwiGLU MLP, a final norm and an output head (optionally tied to the embedding).
+Parameters are float32; `compute_dtype` only sets the matmul operands, which accumulate in float32,
+so norms, softmax and the loss stay in float32 (bfloat16 elementwise work is slow on CPUs).
+
+Tensor names carry their shapes: B batch, L sequence, D model width, H query heads, K key/value
+heads, G query heads per key/value head, E head dim, F MLP width, V vocabulary, N layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lab.config import ModelConfig
+from lab.sharding import constrain_activations
+
+HIDDEN_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def padded_vocab(data_vocab: int, multiple: int = 64) -> int:
+    """The model vocabulary for a tokenizer's: rounded up so the head shards and tiles well."""
+    return -(-data_vocab // multiple) * multiple
+
+
+def _matrix(rngs: nnx.Rngs, fan_in: int, fan_out: int) -> nnx.Param:
+    std = 1.0 / math.sqrt(fan_in)
+    init = jax.nn.initializers.truncated_normal(std)
+    return nnx.Param(init(rngs.params(), (fan_in, fan_out), jnp.float32))
+
+
+def dense(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """x @ w with operands in `dtype` and a float32 result."""
+    return jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * self.scale[...]
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """sin and cos of shape (L, E/2) for rotary position embeddings."""
+    freqs_E2 = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles_LxE2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freqs_E2[None, :]
+    return jnp.sin(angles_LxE2), jnp.cos(angles_LxE2)
+
+
+def apply_rope(x_BxLxHxE: jax.Array, sin_LxE2: jax.Array, cos_LxE2: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x_BxLxHxE, 2, axis=-1)
+    sin, cos = sin_LxE2[None, :, None, :], cos_LxE2[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = _matrix(rngs, D, H * E)
+        self.wk = _matrix(rngs, D, K * E)
+        self.wv = _matrix(rngs, D, K * E)
+        self.wo = _matrix(rngs, H * E, D)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(E, cfg.norm_eps)
+            self.k_norm = RMSNorm(E, cfg.norm_eps)
+        self.cfg = cfg
+
+    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        B, L, _ = x_BxLxD.shape
+        H, K, E = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        G = H // K
+        dtype = jnp.dtype(cfg.compute_dtype)
+        q_BxLxHxE = dense(x_BxLxD, self.wq[...], dtype).reshape(B, L, H, E)
+        k_BxLxKxE = dense(x_BxLxD, self.wk[...], dtype).reshape(B, L, K, E)
+        v_BxLxKxE = dense(x_BxLxD, self.wv[...], dtype).reshape(B, L, K, E)
+        if cfg.qk_norm:
+            q_BxLxHxE, k_BxLxKxE = self.q_norm(q_BxLxHxE), self.k_norm(k_BxLxKxE)
+        q_BxLxHxE = apply_rope(q_BxLxHxE, sin, cos)
+        k_BxLxKxE = apply_rope(k_BxLxKxE, sin, cos)
+        # μP scales logits by 1/E (Yang et al. 2022), SP by 1/sqrt(E).
+        scale = 1.0 / E if cfg.parameterization == "mup" else 1.0 / math.sqrt(E)
+        q_BxLxKxGxE = (q_BxLxHxE * scale).reshape(B, L, K, G, E)
+        logits_BxKxGxLxL = jnp.einsum("blkge,bmke->bkglm", q_BxLxKxGxE.astype(dtype),
+                                      k_BxLxKxE.astype(dtype),
+                                      preferred_element_type=jnp.float32)
+        causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
+        logits_BxKxGxLxL = jnp.where(causal_LxL, logits_BxKxGxLxL, -1e30)
+        probs_BxKxGxLxL = jax.nn.softmax(logits_BxKxGxLxL, axis=-1)
+        out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL.astype(dtype),
+                                   v_BxLxKxE.astype(dtype), preferred_element_type=jnp.float32)
+        return dense(out_BxLxKxGxE.reshape(B, L, H * E), self.wo[...], dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.ff_dim
+        self.w_gate = _matrix(rngs, D, F)
+        self.w_up = _matrix(rngs, D, F)
+        self.w_down = _matrix(rngs, F, D)
+        self.dtype = jnp.dtype(cfg.compute_dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        gate_BxLxF = dense(x_BxLxD, self.w_gate[...], self.dtype)
+        up_BxLxF = dense(x_BxLxD, self.w_up[...], self.dtype)
+        return dense(jax.nn.silu(gate_BxLxF) * up_BxLxF, self.w_down[...], self.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), sin, cos)
+        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        return constrain_activations(x_BxLxD)
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs):
+        init = jax.nn.initializers.normal(std)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), jnp.float32))
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens_BxL, axis=0)
+
+
+class Head(nnx.Module):
+    def __init__(self, dim: int, vocab: int, rngs: nnx.Rngs):
+        self.kernel = _matrix(rngs, dim, vocab)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (see padded_vocab)")
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, rngs)
+        # Block i draws from its own stream, so scanned and unrolled models match exactly.
+        blocks = [Block(cfg, nnx.Rngs(params=jax.random.fold_in(rngs.params(), i)))
+                  for i in range(cfg.n_layers)]
+        if cfg.scan_layers:
+            graphdef, *_ = nnx.split(blocks[0])
+            states = [nnx.split(b)[1] for b in blocks]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+            self.blocks = nnx.merge(graphdef, stacked)
+        else:
+            self.blocks = nnx.List(blocks)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:
+            self.head = Head(cfg.d_model, cfg.vocab_size, rngs)
+
+    def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+        """Logits (B, L, V) in float32."""
+        cfg = self.cfg
+        L = tokens_BxL.shape[1]
+        sin, cos = rope_tables(L, cfg.head_dim, cfg.rope_theta)
+        x_BxLxD = constrain_activations(self.embed(tokens_BxL))
+
+        def run_block(graphdef, state, x):
+            return nnx.merge(graphdef, state)(x, sin, cos)
+
+        if cfg.remat != "none":
+            run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[cfg.remat],
+                                       static_argnums=(0,))
+        if cfg.scan_layers:
+            graphdef, state_N = nnx.split(self.blocks)
+            x_BxLxD, _ = jax.lax.scan(lambda x, s: (run_block(graphdef, s, x), None),
+                                      x_BxLxD, state_N)
+        else:
+            for block in self.blocks:
+                graphdef, state = nnx.split(block)
+                x_BxLxD = run_block(graphdef, state, x_BxLxD)
+        x_BxLxD = self.final_norm(x_BxLxD)
+        w_DxV = self.embed.embedding[...].T if cfg.tie_embeddings else self.head.kernel[...]
+        logits_BxLxV = dense(x_BxLxD, w_DxV, jnp.dtype(cfg.compute_dtype))
+        if cfg.parameterization == "mup":
+            # μP output multiplier: logits shrink as 1/width relative to the base width.
+            logits_BxLxV = logits_BxLxV * (cfg.mup_base_width / cfg.d_model)
+        return logits_BxLxV
+
+
+def loss_fn(model: Transformer, tokens_BxL1: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean next-token cross-entropy (plus z-loss) over a (B, L+1) window of tokens."""
+    inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
+    logits_BxLxV = model(inputs_BxL)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    ce = jnp.mean(lse_BxL - target_logit_BxL)
+    loss = ce
+    if model.cfg.z_loss:
+        loss = loss + model.cfg.z_loss * jnp.mean(lse_BxL**2)
+    return loss, {"ce": ce}
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Exact parameter counts from the shapes: total, non-embedding (total minus the input
+    embedding; an untied head counts as non-embedding) and the matmul weights."""
+    D, H, K, E, F, V = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim,
+                        cfg.vocab_size)
+    attention = D * H * E + 2 * D * K * E + H * E * D
+    mlp = 3 * D * F
+    norms = 2 * D + (2 * E if cfg.qk_norm else 0)
+    per_layer = attention + mlp + norms
+    embedding = V * D
+    head = 0 if cfg.tie_embeddings else D * V
+    total = embedding + cfg.n_layers * per_layer + D + head
+    return {
+        "params": total,
+        "non_embedding_params": total - embedding,
+        "matmul_params": cfg.n_layers * (attention + mlp) + D * V,
+    }
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4), the output head
+    included even when tied, plus attention's scores and weighted sum, 12·L·s·d_attn for full
+    attention, counted once for the causal half: 6·n_layers·seq_len·(n_heads·head_dim)."""
+    counts = param_counts(cfg)
+    attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
+    return 6 * counts["matmul_params"] + attention
+
+
+def mup_lr_scales(cfg: ModelConfig, params) -> object:
+    """Per-parameter learning-rate multipliers: μP gives hidden matrices base_width / width
+    (Adam LR ∝ 1/fan_in, Tensor Programs V Table 3); SP gives 1 everywhere."""
+    ratio = cfg.mup_base_width / cfg.d_model if cfg.parameterization == "mup" else 1.0
+
+    def one(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return ratio if name in HIDDEN_MATRICES else 1.0
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def with_vocab(cfg: ModelConfig, data_vocab: int) -> ModelConfig:
+    """Fill in vocab_size from the data when the config leaves it at 0."""
+    if cfg.vocab_size:
+        return cfg
+    return dataclasses.replace(cfg, vocab_size=padded_vocab(data_vocab))

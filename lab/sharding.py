@@ -1,0 +1,162 @@
+"""Every sharding decision of the lab, in one place.
+
+The mesh has three axes: `data` (replicated parameters), `fsdp` (data parallel with parameters
+sharded) and `tensor` (heads and MLP width split across devices). Parameters get logical axes
+from their names; `RULES` maps logical axes to mesh axes. The batch is split over data x fsdp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lab.config import MeshConfig
+from lab.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (None = replicated)
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "norm": None,
+}
+
+# parameter leaf name -> logical axes of its (per-layer) shape
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embedding": ("vocab", "embed"),
+    "wq": ("embed", "heads"),
+    "wk": ("embed", "kv_heads"),
+    "wv": ("embed", "kv_heads"),
+    "wo": ("heads", "embed"),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+    "kernel": ("embed", "vocab"),  # the output head
+    "scale": ("norm",),
+}
+
+
+def initialize_distributed() -> None:
+    """Join a multi-process run when launched as one (launch.local or a TPU pod).
+
+    launch.local sets LAB_COORDINATOR, LAB_NUM_PROCESSES, LAB_PROCESS_ID and LAB_LOCAL_DEVICES;
+    on Cloud TPU, LAB_COORDINATOR=auto lets JAX discover the slice. Must run before any
+    computation starts the backend.
+    """
+    coordinator = os.environ.get("LAB_COORDINATOR")
+    if not coordinator:
+        return
+    if os.environ.get("LAB_LOCAL_DEVICES"):
+        jax.config.update("jax_num_cpu_devices", int(os.environ["LAB_LOCAL_DEVICES"]))
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=int(os.environ["LAB_NUM_PROCESSES"]),
+            process_id=int(os.environ["LAB_PROCESS_ID"]),
+        )
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
+    """Resolve -1 to the remaining devices and check the product equals the device count."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise UserError(
+                f"mesh: {n_devices} devices do not divide by the fixed axes' product {fixed} "
+                f"(data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}); choose sizes "
+                "that divide the device count")
+        sizes = [n_devices // fixed if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != n_devices:
+        raise UserError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+            f"{int(np.prod(sizes))} devices but {n_devices} are available; set one axis to -1 "
+            "or make the product match")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    # Auto axis types: under Explicit ones the embedding gather fails (DESIGN.md).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for logical axes; a dimension the mesh axis does not divide stays whole."""
+    spec = []
+    for axis, dim in zip(logical, shape, strict=True):
+        mesh_axes = RULES.get(axis) if axis else None
+        if mesh_axes is not None:
+            names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+            size = int(np.prod([mesh.shape[n] for n in names]))
+            if size == 1 or dim % size:
+                mesh_axes = None
+        spec.append(mesh_axes)
+    return P(*spec)
+
+
+def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a parameter from its name; a leading extra axis is the layer stack."""
+    name = _key_name(path[-1])
+    axes = PARAM_AXES.get(name)
+    if axes is None:
+        raise ValueError(f"no sharding rule for parameter {'/'.join(map(_key_name, path))}")
+    if ndim == len(axes) + 1:
+        return ("layers",) + axes
+    assert ndim == len(axes), (path, ndim)
+    return axes
+
+
+def param_shardings(params_shape, mesh: Mesh):
+    """A tree of NamedShardings matching a tree of parameters (or their ShapeDtypeStructs)."""
+    def one(path, leaf):
+        axes = param_logical_axes(path, len(leaf.shape))
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, params_shape)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Tokens (batch, seq): rows split over data x fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch(local_tokens: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A global (batch, seq) array from this process's rows of it."""
+    return jax.make_array_from_process_local_data(batch_sharding(mesh), local_tokens)
+
+
+def constrain_activations(x_BxLxD: jax.Array) -> jax.Array:
+    """Keep the residual stream split by batch between blocks (a no-op outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x_BxLxD
+    return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH_AXES, None, None))
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
