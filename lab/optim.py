@@ -1,0 +1,204 @@
+"""The optimizer from the config: schedule, gradient clipping, AdamW and Muon groups, μP scales.
+
+    clip_by_global_norm(optim.grad_clip)            (left out when grad_clip = 0)
+    multi_transform({"adamw": adamw, "muon": muon}, param_labels)
+    per-parameter learning-rate scales              (left out when there are none)
+
+Routing is by parameter name, never by rank: hidden matrices (wq wk wv wo w_gate w_up w_down
+under 'blocks') go to Muon; the embedding, the output head, every norm scale and any bias go to
+AdamW. The same rule holds for unrolled layers ('blocks', i, 'attn', 'wq') and scanned ones
+('blocks', 'attn', 'wq') of shape (L, in, out), whose stacked norm scales (L, D) are 2-D but
+still go to AdamW. Weight decay skips norm scales and biases in both groups.
+
+Trees may be nested dicts, `nnx.State`s or `nnx.State`s of Variables: everything here looks at
+the names along a leaf's path, ignoring the 'value' attribute of a Variable.
+"""
+
+import math
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lab.errors import UserError
+from lab.muon import SCALINGS, muon
+from lab.schedules import cosine, wsd
+
+HIDDEN_MATRICES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
+NO_DECAY = frozenset({"scale", "bias"})
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("wsd", "cosine")
+
+
+def path_names(path) -> tuple:
+    """The names along a tree path: dict keys, list indices, attribute names (not 'value')."""
+    names = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                names.append(getattr(key, attr))
+                break
+        else:
+            names.append(str(key))
+    if names and names[-1] == "value":  # the array inside an nnx.Variable
+        names.pop()
+    return tuple(names)
+
+
+def _ndim(leaf) -> int:
+    return len(getattr(leaf, "shape", ()))
+
+
+def _label(path, leaf) -> str:
+    names = path_names(path)
+    hidden = "blocks" in names and bool(names) and names[-1] in HIDDEN_MATRICES
+    return "muon" if hidden and _ndim(leaf) >= 2 else "adamw"
+
+
+def _decays(path, leaf) -> bool:
+    names = path_names(path)
+    return _ndim(leaf) >= 2 and not (names and names[-1] in NO_DECAY)
+
+
+def param_labels(params):
+    """"muon" or "adamw" for every leaf, in a tree of the same structure as `params`."""
+    return jax.tree_util.tree_map_with_path(_label, params)
+
+
+def weight_decay_mask(params):
+    """True where weight decay applies: matrices, but never norm scales or biases."""
+    return jax.tree_util.tree_map_with_path(_decays, params)
+
+
+def describe_routing(params) -> str:
+    """A short table of the routing: one row per parameter name, layer indices folded into '*'."""
+    rows: Counter = Counter()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = path_names(path)
+        folded = "/".join("*" if isinstance(n, int) else str(n) for n in names)
+        shape = tuple(getattr(leaf, "shape", ()))
+        rows[(folded, shape, _label(path, leaf), _decays(path, leaf))] += 1
+    width = max([len(r[0]) for r in rows] + [9])
+    lines = [f"{'parameter':<{width}}  {'shape':<18} {'count':>5}  group  weight decay"]
+    for (name, shape, group, decay), count in rows.items():
+        lines.append(
+            f"{name:<{width}}  {str(shape):<18} {count:>5}  {group:<5}  {'yes' if decay else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def lr_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule named by `schedule.name` (cosine ignores the decay keys)."""
+    name = schedule_cfg.name
+    if name == "wsd":
+        return wsd(
+            peak_lr,
+            total_steps,
+            schedule_cfg.warmup_steps,
+            schedule_cfg.decay_steps,
+            schedule_cfg.decay_shape,
+            schedule_cfg.final_ratio,
+        )
+    if name == "cosine":
+        return cosine(peak_lr, total_steps, schedule_cfg.warmup_steps, schedule_cfg.final_ratio)
+    raise UserError(f"unknown schedule {name!r}; set schedule.name to one of {SCHEDULES}")
+
+
+def _check(optim_cfg) -> None:
+    if optim_cfg.name not in OPTIMIZERS:
+        raise UserError(
+            f"unknown optimizer {optim_cfg.name!r}; set optim.name to one of {OPTIMIZERS}"
+        )
+    for key in ("b1", "b2"):
+        value = getattr(optim_cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"optim.{key}={value} must be in [0, 1)")
+    for key in ("eps", "muon_lr_ratio"):
+        if not getattr(optim_cfg, key) > 0:
+            raise UserError(f"optim.{key}={getattr(optim_cfg, key)} must be > 0")
+    for key in ("weight_decay", "grad_clip"):
+        if not getattr(optim_cfg, key) >= 0:
+            raise UserError(f"optim.{key}={getattr(optim_cfg, key)} must be >= 0 (0 disables it)")
+    if optim_cfg.name == "muon" and optim_cfg.muon_scaling not in SCALINGS:
+        raise UserError(
+            f"unknown Muon scaling {optim_cfg.muon_scaling!r}; "
+            f"set optim.muon_scaling to one of {SCALINGS}"
+        )
+
+
+def scale_by_lr_scales(lr_scales, params) -> optax.GradientTransformation | None:
+    """Multiply each leaf's final update by its scale (None when every scale is 1).
+
+    Scales are looked up by path names, so the tree may be a dict while updates are a State.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(lr_scales)[0]
+    scales = {path_names(path): float(s) for path, s in leaves}
+    wanted = {path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if set(scales) != wanted:
+        missing = sorted(map(str, wanted - set(scales)))[:3]
+        extra = sorted(map(str, set(scales) - wanted))[:3]
+        raise ValueError(f"lr_scales must match the params' tree: missing {missing}, extra {extra}")
+    if all(math.isclose(s, 1.0) for s in scales.values()):
+        return None
+
+    def update_fn(updates, state, params=None):
+        del params
+
+        def scale(path, u):
+            return u * jnp.asarray(scales[path_names(path)], u.dtype)
+
+        return jax.tree_util.tree_map_with_path(scale, updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def build_optimizer(
+    optim_cfg, schedule_cfg, total_steps: int, params, lr_scales=None
+) -> optax.GradientTransformation:
+    """The whole optimizer for `params` (arrays or shape structs; only names and shapes are read).
+
+    AdamW is ``optax.adamw`` on the schedule with decoupled weight decay masked to matrices.
+    Muon runs on the schedule times ``optim.muon_lr_ratio`` with the same weight decay.
+    ``lr_scales`` (a tree like `params` of floats, e.g. μP's) multiplies each parameter's whole
+    final update, weight-decay term included: every parameter then moves exactly as it would
+    under the same optimizer with learning rate ``scale * lr``, decay ``scale * lr * wd * W``,
+    which is how decay follows the learning rate in ``optax.adamw`` and in PyTorch parameter
+    groups (the `mup` package's MuAdamW). The decay timescale 1 / (lr * wd) therefore scales with
+    the parameter's learning rate; to hold it fixed instead, divide that group's decay by scale.
+    """
+    _check(optim_cfg)
+    schedule = lr_schedule(schedule_cfg, optim_cfg.lr, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=optim_cfg.b1,
+        b2=optim_cfg.b2,
+        eps=optim_cfg.eps,
+        weight_decay=optim_cfg.weight_decay,
+        mask=weight_decay_mask,
+    )
+    if optim_cfg.name == "adamw":
+        core = adamw
+    else:
+        if "muon" not in jax.tree.leaves(param_labels(params)):
+            raise UserError(
+                "optim.name=muon, but no parameter is a hidden matrix under 'blocks' "
+                f"({', '.join(sorted(HIDDEN_MATRICES))}); use optim.name=adamw"
+            )
+        ratio = optim_cfg.muon_lr_ratio
+        hidden = muon(
+            lambda step: schedule(step) * ratio,
+            momentum=optim_cfg.muon_momentum,
+            nesterov=optim_cfg.muon_nesterov,
+            ns_steps=optim_cfg.muon_ns_steps,
+            scaling=optim_cfg.muon_scaling,
+            weight_decay=optim_cfg.weight_decay,
+        )
+        core = optax.multi_transform({"adamw": adamw, "muon": hidden}, param_labels)
+    parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
+    parts.append(core)
+    if lr_scales is not None:
+        scaler = scale_by_lr_scales(lr_scales, params)
+        if scaler is not None:
+            parts.append(scaler)
+    return optax.chain(*parts)

@@ -1,0 +1,270 @@
+"""The optimizer from the config: routing, AdamW equivalence, Muon group, μP scales."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lab.config import OptimConfig, ScheduleConfig
+from lab.errors import UserError
+from lab.muon import NS_COEFFS
+from lab.optim import (
+    build_optimizer,
+    describe_routing,
+    lr_schedule,
+    param_labels,
+    path_names,
+    weight_decay_mask,
+)
+from lab.schedules import cosine, wsd
+
+V, D, H, F, L = 32, 16, 24, 40, 3  # vocab, d_model, heads*head_dim, mlp width, layers
+
+HIDDEN_SHAPES = {"wq": (D, H), "wk": (D, H), "wv": (D, H), "wo": (H, D)}
+MLP_SHAPES = {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+
+
+def block_tree(lead=()):
+    """One block's parameters named as the lead's model names them; `lead` prefixes each shape."""
+    ones = lambda *s: jnp.ones(lead + s)  # noqa: E731
+    attn = {k: ones(*s) for k, s in HIDDEN_SHAPES.items()}
+    attn |= {"q_norm": {"scale": ones(8)}, "k_norm": {"scale": ones(8)}}
+    return {
+        "attn_norm": {"scale": ones(D)},
+        "attn": attn,
+        "mlp_norm": {"scale": ones(D)},
+        "mlp": {k: ones(*s) for k, s in MLP_SHAPES.items()},
+    }
+
+
+def unrolled_tree(head=True):
+    tree = {
+        "embed": {"embedding": jnp.ones((V, D))},
+        "blocks": {i: block_tree() for i in range(L)},
+        "final_norm": {"scale": jnp.ones(D)},
+    }
+    if head:
+        tree["head"] = {"kernel": jnp.ones((D, V))}
+    return tree
+
+
+def scanned_tree():
+    tree = unrolled_tree()
+    tree["blocks"] = block_tree(lead=(L,))
+    return tree
+
+
+def expected_label(names):
+    hidden = names[0] == "blocks" and names[-1] in {*HIDDEN_SHAPES, *MLP_SHAPES}
+    return "muon" if hidden else "adamw"
+
+
+def flat(tree):
+    return {path_names(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize(
+    "make, n_muon",
+    [(unrolled_tree, 7 * L), (scanned_tree, 7), (lambda: unrolled_tree(head=False), 7 * L)],
+)
+def test_routing_by_name(make, n_muon):
+    params = make()
+    labels = flat(param_labels(params))
+    assert labels == {names: expected_label(names) for names in flat(params)}
+    assert list(labels.values()).count("muon") == n_muon
+    # The trap of rank-based routing: stacked norm scales are 2-D, stacked kernels 3-D.
+    if n_muon == 7:
+        assert labels[("blocks", "attn_norm", "scale")] == "adamw"
+        assert labels[("blocks", "mlp", "w_down")] == "muon"
+    decay = flat(weight_decay_mask(params))
+    for names, leaf in flat(params).items():
+        assert decay[names] == (names[-1] != "scale"), names
+        assert leaf.ndim >= 2 or not decay[names]
+
+
+def test_describe_routing_folds_layers():
+    text = describe_routing(unrolled_tree())
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
+    assert rows["blocks/*/mlp/w_up"][-3:] == [str(L), "muon", "yes"]
+    assert rows["blocks/*/attn_norm/scale"][-3:] == [str(L), "adamw", "no"]
+    assert rows["embed/embedding"][-2:] == ["adamw", "yes"]
+    # embed, head, final norm; per block 4 attention matrices, 2 qk norms, 2 norms, 3 mlp
+    assert len(rows) == 3 + 4 + 2 + 2 + 3
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.attn_norm = nnx.RMSNorm(D, rngs=rngs)
+        self.wq = nnx.Param(jax.random.normal(rngs.params(), (D, H)))
+
+
+class Model(nnx.Module):
+    """A tiny NNX module with the lead's names, to check State trees and nnx.Optimizer."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.blocks = nnx.List([Block(rngs) for _ in range(2)])
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = x + blk.attn_norm(x) @ blk.wq[...] @ blk.wq[...].T
+        return jnp.mean(x**2)
+
+
+def test_nnx_state_routing_and_optimizer():
+    model = Model(nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)  # leaves inside Variables
+    labels = flat(param_labels(state))
+    assert labels[("blocks", 0, "wq")] == "muon"
+    assert labels[("blocks", 1, "attn_norm", "scale")] == "adamw"
+    assert labels[("embed", "embedding")] == "adamw"
+    assert flat(param_labels(nnx.to_pure_dict(state))) == labels
+    cfg = OptimConfig(name="muon", lr=0.01)
+    tx = build_optimizer(cfg, ScheduleConfig(), 10, state)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before = np.asarray(model.blocks[0].wq[...])
+    grads = nnx.grad(lambda m: m(jnp.arange(8)[None]))(model)
+    opt.update(model, grads)
+    moved = np.asarray(model.blocks[0].wq[...]) - before
+    # Without the decay term, a Muon step of a (16, 24) matrix at lr 0.01 is 0.01 * 0.2 sqrt(24)
+    # times an orthogonalised matrix: 16 singular values in [0.68, 1.14], so an RMS in
+    # 0.01 * 0.2 * sqrt(24) * [0.68, 1.14] / sqrt(24) = [0.00136, 0.00228].
+    rms = np.sqrt(np.mean((moved + 0.01 * 0.1 * before) ** 2))
+    assert 0.00136 < rms < 0.00228
+
+
+def random_like(tree, seed, std=1.0):
+    """Gaussian leaves from numpy (no per-shape compilation, which dominates these tests)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(std * rng.normal(size=x.shape), x.dtype), tree)
+
+
+def run(tx, params, grads_seq):
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    for grads in grads_seq:
+        updates, state = step(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+SCHED = ScheduleConfig(name="wsd", warmup_steps=2, decay_steps=3, decay_shape="1-sqrt")
+
+
+def test_adamw_equals_optax_adamw():
+    params = random_like(scanned_tree(), 0)
+    grads_seq = [random_like(params, s, std=3.0) for s in (1, 2, 3, 4)]
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, grad_clip=1.0)
+    ours = run(build_optimizer(cfg, SCHED, 6, params), params, grads_seq)
+    mask = jax.tree.map(lambda x: x.ndim >= 2, params)
+    mask["blocks"]["attn_norm"]["scale"] = mask["blocks"]["mlp_norm"]["scale"] = False
+    mask["blocks"]["attn"]["q_norm"]["scale"] = mask["blocks"]["attn"]["k_norm"]["scale"] = False
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(wsd(0.01, 6, 2, 3, "1-sqrt"), b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                    mask=mask),
+    )
+    theirs = run(reference, params, grads_seq)
+    for (names, a), b in zip(flat(ours).items(), flat(theirs).values(), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(names))
+    # The clip mattered: without it the result differs.
+    unclipped = run(build_optimizer(dataclasses.replace(cfg, grad_clip=0.0), SCHED, 6, params),
+                    params, grads_seq)
+    assert not np.allclose(unclipped["embed"]["embedding"], ours["embed"]["embedding"])
+
+
+def ns64(x):
+    a, b, c = NS_COEFFS
+    x = np.asarray(x, np.float64)
+    tall = x.shape[-2] > x.shape[-1]
+    x = np.swapaxes(x, -1, -2) if tall else x
+    x = x / np.linalg.norm(x, axis=(-2, -1), keepdims=True)
+    for _ in range(5):
+        g = x @ np.swapaxes(x, -1, -2)
+        x = a * x + (b * g + c * g @ g) @ x
+    return np.swapaxes(x, -1, -2) if tall else x
+
+
+@pytest.mark.parametrize("make", [unrolled_tree, scanned_tree])
+def test_first_step_of_each_group_in_closed_form(make):
+    """Step 0 at lr = peak: AdamW moves by lr * (g / (|g| + eps) + wd W); Muon by
+    lr * ratio * (0.2 sqrt(max(fan_in, fan_out)) NS(g) + wd W), NS in float64 here."""
+    params = random_like(make(), 5)
+    grads = random_like(params, 6, std=1e-3)  # global norm < 1: no clip
+    assert optax.tree.norm(grads) < 1.0
+    lr, wd, ratio, eps = 0.02, 0.1, 0.5, 1e-8
+    cfg = OptimConfig(name="muon", lr=lr, weight_decay=wd, muon_lr_ratio=ratio, eps=eps)
+    new = flat(run(build_optimizer(cfg, ScheduleConfig(), 10, params), params, [grads]))
+    p0, g0 = flat(params), flat(grads)
+    decay = flat(weight_decay_mask(params))
+    for names, w in p0.items():
+        w64, g64 = np.asarray(w, np.float64), np.asarray(g0[names], np.float64)
+        if expected_label(names) == "muon":
+            scale = 0.2 * np.sqrt(max(w.shape[-2:]))
+            want = w64 - lr * ratio * (scale * ns64(g64) + wd * w64)
+        else:
+            want = w64 - lr * (g64 / (np.abs(g64) + eps) + wd * decay[names] * w64)
+        np.testing.assert_allclose(np.asarray(new[names]), want, atol=3e-6, err_msg=str(names))
+
+
+def test_lr_scales_scale_the_whole_update_including_decay():
+    """A leaf with scale s moves exactly as under optax.adamw with learning rate s * lr."""
+    params = random_like(unrolled_tree(), 7)
+    grads_seq = [random_like(params, s) for s in (8, 9, 10)]
+    scales = jax.tree_util.tree_map_with_path(
+        lambda path, _: 0.25 if path_names(path)[-1] in MLP_SHAPES else 1.0, params
+    )
+    cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.5, grad_clip=0.0)
+    ours = flat(run(build_optimizer(cfg, SCHED, 6, params, lr_scales=scales), params, grads_seq))
+    for s in (1.0, 0.25):
+        sched = wsd(0.01 * s, 6, 2, 3, "1-sqrt")
+        ref = flat(run(optax.adamw(sched, 0.9, 0.95, 1e-8, weight_decay=0.5,
+                                   mask=weight_decay_mask), params, grads_seq))
+        for names in ref:
+            if flat(scales)[names] == s:
+                np.testing.assert_allclose(ours[names], ref[names], rtol=1e-6, atol=1e-7)
+    # the scaled leaves really moved less
+    moved = lambda n: np.abs(ours[n] - flat(params)[n]).mean()  # noqa: E731
+    assert moved(("blocks", 0, "mlp", "w_up")) < 0.5 * moved(("blocks", 0, "attn", "wq"))
+
+
+def test_lr_scales_must_match_params():
+    params = unrolled_tree()
+    with pytest.raises(ValueError):
+        build_optimizer(OptimConfig(), SCHED, 6, params, lr_scales={"embed": {"embedding": 1.0}})
+
+
+def test_lr_schedule_dispatch():
+    steps = jnp.arange(100, dtype=jnp.int32)
+    for cfg, ref in [
+        (ScheduleConfig("wsd", 10, 20, "cosine", 0.1), wsd(0.5, 100, 10, 20, "cosine", 0.1)),
+        (ScheduleConfig("cosine", 10, 20, "linear", 0.1), cosine(0.5, 100, 10, 0.1)),
+    ]:
+        got = jax.vmap(lr_schedule(cfg, 0.5, 100))(steps)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(ref)(steps)))
+
+
+@pytest.mark.parametrize(
+    "optim, sched",
+    [
+        (OptimConfig(name="sgd"), ScheduleConfig()),
+        (OptimConfig(name="muon", muon_scaling="spectral"), ScheduleConfig()),
+        (OptimConfig(b2=1.0), ScheduleConfig()),
+        (OptimConfig(grad_clip=-1.0), ScheduleConfig()),
+        (OptimConfig(), ScheduleConfig(name="linear")),
+        (OptimConfig(), ScheduleConfig(warmup_steps=8, decay_steps=8)),
+    ],
+)
+def test_config_mistakes_are_user_errors(optim, sched):
+    with pytest.raises(UserError):
+        build_optimizer(optim, sched, 10, unrolled_tree())
+
+
+def test_muon_without_hidden_matrices_is_a_user_error():
+    with pytest.raises(UserError, match="optim.name=adamw"):
+        build_optimizer(OptimConfig(name="muon"), ScheduleConfig(), 10, {"embed": jnp.ones((4, 4))})
