@@ -143,7 +143,11 @@ def test_huggingface_tokenizer_file_matches_its_own_encode(tmp_path, has_eod):
     root = _write_dir(tmp_path / "corpus", texts)
     tok_path = _bpe_file(tmp_path / "tokenizer.json", texts, eod=has_eod)
     before = tok_path.read_bytes()
-    prepare(str(root), str(tmp_path / "out"), tokenizer=str(tok_path), val_fraction=0)
+    meta = prepare(str(root), str(tmp_path / "out"), tokenizer=str(tok_path), val_fraction=0)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "tokenizer.json").write_bytes(before)  # same file, another path
+    assert prepare(str(root), str(tmp_path / "out"), tokenizer=str(tmp_path / "elsewhere"),
+                   val_fraction=0) == meta
     ds = open_dataset(str(tmp_path / "out"))
     ref = Tokenizer.from_file(str(tok_path))
     n_ref = ref.get_vocab_size(with_added_tokens=True)

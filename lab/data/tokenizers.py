@@ -108,7 +108,8 @@ def spec_key(spec: str) -> dict:
         return {"spec": spec}
     path = Path(spec).expanduser()
     path = path / TOKENIZER_FILE if path.is_dir() else path
-    return {"spec": spec, "source_sha256": _sha256(path) if path.is_file() else None}
+    # A file is known by its content, so the same file under another path is the same request.
+    return {"file_sha256": _sha256(path) if path.is_file() else None}
 
 
 def load_tokenizer(meta: dict, dataset_dir: Path) -> Tokenizer:
