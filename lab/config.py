@@ -190,7 +190,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise UserError(f"unknown config key {prefix}{unknown[0]!r}; known keys in {section}: "
+        raise UserError(f"unknown config key '{prefix}{unknown[0]}'; known keys in {section}: "
                         f"{', '.join(fields)}")
     values = {}
     for name, value in raw.items():

@@ -1,0 +1,90 @@
+"""`lab`: the one command-line entry point, with subcommands data, train, branch, sweep, fit
+and demo. A user's mistake exits with status 2 and one line; bugs keep their traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lab.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line (exit status 2) instead of two."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from lab.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # fails fast, before JAX is imported
+    from lab.sharding import initialize_distributed
+
+    initialize_distributed()  # before anything starts the JAX backend
+    from lab.train import train
+
+    train(cfg)
+    return 0
+
+
+def _delegate(module: str):
+    """Subcommands with their own argument parsers get the rest of the command line."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(args.rest)
+    return run
+
+
+def _not_yet(name: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"lab {name}: not yet built")
+        return 0
+    return run
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="lab", description="The JAX/Flax scaling lab.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train (or resume) a run. Overrides are dotted key=value "
+                                   "words, e.g. train.steps=200 optim.name=muon mesh.fsdp=4.")
+    p.add_argument("config", help="a YAML file under configs/, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(run=_train)
+
+    for name, module, text in [
+        ("data", "lab.data", "prepare a corpus into token shards (lab data prep --help)"),
+        ("fit", "analysis.cli", "fit scaling laws to run directories or a CSV"),
+    ]:
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(run=_delegate(module))
+
+    for name, text in [("branch", "branch a stable run's checkpoints into decays"),
+                       ("sweep", "expand and run a sweep file"),
+                       ("demo", "a whole scaling study on this machine, with a report")]:
+        p = sub.add_parser(name, help=text)
+        p.set_defaults(run=_not_yet(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
