@@ -60,13 +60,13 @@ def build_parser() -> ArgumentParser:
     for name, module, text in [
         ("data", "lab.data", "prepare a corpus into token shards (lab data prep --help)"),
         ("fit", "analysis.cli", "fit scaling laws to run directories or a CSV"),
+        ("sweep", "lab.sweep", "expand a sweep file into runs, and run them (--dry-run)"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(run=_delegate(module))
 
     for name, text in [("branch", "branch a stable run's checkpoints into decays"),
-                       ("sweep", "expand and run a sweep file"),
                        ("demo", "a whole scaling study on this machine, with a report")]:
         p = sub.add_parser(name, help=text)
         p.set_defaults(run=_not_yet(name))
