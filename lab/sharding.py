@@ -51,8 +51,9 @@ def initialize_distributed() -> None:
     """Join a multi-process run when launched as one (launch.local or a TPU pod).
 
     launch.local sets LAB_COORDINATOR, LAB_NUM_PROCESSES, LAB_PROCESS_ID and LAB_LOCAL_DEVICES;
-    on Cloud TPU, LAB_COORDINATOR=auto lets JAX discover the slice. Must run before any
-    computation starts the backend.
+    on Cloud TPU, LAB_COORDINATOR=auto lets JAX discover the slice, and LAB_COORDINATOR=IP:PORT
+    alone (launch.tpu --coordinator-port) fixes the address while JAX still finds the process
+    count and id. Must run before any computation starts the backend.
     """
     coordinator = os.environ.get("LAB_COORDINATOR")
     if not coordinator:
@@ -62,10 +63,11 @@ def initialize_distributed() -> None:
     if coordinator == "auto":
         jax.distributed.initialize()
     else:
+        count, index = os.environ.get("LAB_NUM_PROCESSES"), os.environ.get("LAB_PROCESS_ID")
         jax.distributed.initialize(
             coordinator_address=coordinator,
-            num_processes=int(os.environ["LAB_NUM_PROCESSES"]),
-            process_id=int(os.environ["LAB_PROCESS_ID"]),
+            num_processes=int(count) if count else None,  # None: the cluster tells JAX
+            process_id=int(index) if index else None,
         )
 
 
