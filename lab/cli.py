@@ -8,6 +8,8 @@ import sys
 
 from lab.errors import UserError
 
+EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line (exit status 2) instead of two."""
@@ -25,8 +27,8 @@ def _train(args: argparse.Namespace) -> int:
     initialize_distributed()  # before anything starts the JAX backend
     from lab.train import train
 
-    train(cfg)
-    return 0
+    summary = train(cfg)
+    return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
 
 
 def _delegate(module: str):

@@ -24,6 +24,7 @@ class RunConfig:
     dir: str = "runs/tiny"  # the run directory (local path or gs://)
     seed: int = 0  # model init and data order
     name: str = ""  # a label for sweeps and reports; defaults to the directory's name
+    peak_tflops: float = 0.0  # hardware peak for MFU; 0 = a table (GPU/TPU) or a probe (CPU)
 
 
 @dataclass(frozen=True)

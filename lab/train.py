@@ -8,6 +8,10 @@ dispatched before the previous step's metrics are fetched, so logging never stal
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +25,11 @@ import optax
 from flax import nnx
 
 from lab import sharding
-from lab.config import Config, dump_config
+from lab.checkpoint import Checkpointer, abstract_with_shardings
+from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
-from lab.metrics import MetricsLogger, read_json, write_json_atomic
+from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
+from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
 from lab.optim import build_optimizer, describe_routing, lr_schedule
 
@@ -161,7 +167,7 @@ def _format_eta(seconds: float) -> str:
 
 
 class Progress:
-    """One line per logged step: loss, learning rate, tokens/s and the time left."""
+    """One line per logged step: loss, learning rate, tokens/s, MFU and the time left."""
 
     def __init__(self, total_steps: int, enabled: bool):
         self.total = total_steps
@@ -172,9 +178,40 @@ class Progress:
             return
         eta = _format_eta((self.total - step) * seconds_per_step)
         extra = f" | eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+        mfu = f" | MFU {metrics['mfu']:.1%}" if metrics.get("mfu") else ""
         print(f"step {step:>6}/{self.total} | loss {metrics['loss']:.4f}{extra} | "
-              f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s | "
+              f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s{mfu} | "
               f"ETA {eta}", flush=True)
+
+
+class PreemptionWatch:
+    """SIGTERM or SIGINT asks the run to checkpoint and stop at the next step boundary.
+
+    With several processes every host must stop at the same step, so the decision goes through
+    JAX's preemption sync point (the coordination service); one process uses its own flag.
+    """
+
+    def __init__(self):
+        self.flag = False
+        self.multi = jax.process_count() > 1
+        self.previous = {}
+        if not self.multi:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
@@ -182,58 +219,168 @@ def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
-def run_training(cfg: Config, trainer: Trainer, state: dict,
-                 batches: Iterator[np.ndarray], eval_data: list[jax.Array],
-                 run_dir: Path, summary_base: dict) -> dict:
-    """Train from state["step"] to cfg.train.steps, logging and evaluating; returns the summary."""
-    tcfg = cfg.train
-    is_main = jax.process_index() == 0
-    logger = MetricsLogger(run_dir, enabled=is_main)
-    progress = Progress(tcfg.steps, enabled=is_main)
+@dataclasses.dataclass
+class LoopResult:
+    state: dict
+    status: str  # finished | preempted | diverged
+    step: int  # steps done
+    eval_loss: float | None = None
+    message: str = ""
+    checkpoint_seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.ndarray],
+             eval_data: list[jax.Array], logger: MetricsLogger,
+             checkpointer: Checkpointer | None, peak_flops: float,
+             flops_per_tok: int) -> LoopResult:
+    """Train from state["step"] to cfg.train.steps.
+
+    Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
+    saved at checkpoint.every_steps, at every kept step and at the end; a non-finite loss or
+    gradient stops the run before anything after it is saved.
+    """
+    tcfg, ccfg = cfg.train, cfg.checkpoint
+    progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     start = int(jax.device_get(state["step"]))
-    pending: tuple[int, dict] | None = None
+    result = LoopResult(state, "finished", start)
+    watch = PreemptionWatch()
+    unchecked: tuple[int, dict] | None = None  # a step whose metrics are not yet fetched
     last_time, last_step = time.perf_counter(), start
-    last_eval = None
 
-    def flush(step: int, metrics: dict, eval_loss: float | None = None) -> None:
+    def fetch(done: int, metrics: dict) -> dict | None:
+        """Host copy of a step's metrics; None (and the result marked diverged) if not finite."""
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+            result.status, result.step = "diverged", done - 1
+            bad = "loss" if not math.isfinite(values["loss"]) else "grad_norm"
+            result.message = (f"the {bad} is {values[bad]} at step {done}; the run stopped "
+                              "(status 'diverged') and its last checkpoint is intact. Lower "
+                              "optim.lr or raise schedule.warmup_steps")
+            logger.log(done, values)
+            return None
+        return values
+
+    def log(done: int, values: dict, eval_loss: float | None = None) -> None:
         nonlocal last_time, last_step
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
-        per_step = (now - last_time) / max(step - last_step, 1)
-        last_time, last_step = now, step
-        metrics["tokens"] = step * tokens_per_step
-        metrics["tokens_per_second"] = tokens_per_step / per_step
+        per_step = (now - last_time) / max(done - last_step, 1)
+        result.train_seconds += now - last_time
+        last_time, last_step = now, done
+        values["tokens"] = done * tokens_per_step
+        values["tokens_per_second"] = tokens_per_step / per_step
+        if peak_flops:
+            values["mfu"] = values["tokens_per_second"] * flops_per_tok / peak_flops
         if eval_loss is not None:
-            metrics["eval_loss"] = eval_loss
-        logger.log(step, metrics)
-        progress.show(step, metrics, per_step)
+            values["eval_loss"] = eval_loss
+        logger.log(done, values)
+        progress.show(done, values, per_step)
 
-    with jax.set_mesh(trainer.mesh):
-        for step in range(start, tcfg.steps):
-            tokens = sharding.global_batch(next(batches), trainer.mesh)
-            state, metrics = trainer.train_step(state, tokens)
-            if pending is not None:  # the next step is already queued: fetching won't stall
-                flush(*pending)
-                pending = None
-            done = step + 1
-            if (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps:
-                last_eval = evaluate(trainer, state["params"], eval_data)
-                flush(done, metrics, last_eval)
-                last_time = time.perf_counter()  # evaluation is not training time
-            elif done % tcfg.log_every == 0:
-                pending = (done, metrics)
-        if pending is not None:
-            flush(*pending)
-    logger.close()
-    summary = {**summary_base, "status": "finished", "final_eval_loss": last_eval,
-               "steps": tcfg.steps, "tokens": tcfg.steps * tokens_per_step}
-    summary["flops"] = summary["flops_per_token"] * summary["tokens"]
-    return summary
+    def save(done: int) -> None:
+        if checkpointer is None:
+            return
+        t = time.perf_counter()
+        checkpointer.save(done, result.state, batches)
+        result.checkpoint_seconds += time.perf_counter() - t
+
+    log_pending = False
+    try:
+        with jax.set_mesh(trainer.mesh):
+            for step in range(start, tcfg.steps):
+                if watch.requested(step):
+                    if unchecked is not None and fetch(*unchecked) is None:
+                        break
+                    save(step)
+                    result.status, result.step = "preempted", step
+                    result.message = (f"preempted: checkpoint saved at step {step}; run the same "
+                                      "command again to continue")
+                    break
+                tokens = sharding.global_batch(next(batches), trainer.mesh)
+                result.state, metrics = trainer.train_step(result.state, tokens)
+                done = step + 1
+                if unchecked is not None:  # this step is already queued: fetching won't stall
+                    values = fetch(*unchecked)
+                    if values is None:
+                        break
+                    if log_pending:
+                        log(unchecked[0], values)
+                unchecked = (done, metrics)
+                result.step = done
+                eval_due = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
+                save_due = ((ccfg.every_steps and done % ccfg.every_steps == 0)
+                            or done in ccfg.keep_steps or done == tcfg.steps)
+                log_pending = done % tcfg.log_every == 0
+                if eval_due or save_due:
+                    values = fetch(*unchecked)  # must be finite before it is saved
+                    unchecked = None
+                    if values is None:
+                        break
+                    if eval_due:
+                        result.eval_loss = evaluate(trainer, result.state["params"], eval_data)
+                    if eval_due or log_pending:
+                        log(done, values, result.eval_loss if eval_due else None)
+                    if eval_due:
+                        last_time = time.perf_counter()  # evaluation is not training time
+                    if save_due:
+                        save(done)
+            if unchecked is not None and result.status == "finished":
+                values = fetch(*unchecked)
+                if values is not None and log_pending:
+                    log(unchecked[0], values)
+            if start >= tcfg.steps and result.eval_loss is None:  # restored at the very end
+                result.eval_loss = evaluate(trainer, result.state["params"], eval_data)
+    finally:
+        watch.close()
+        if checkpointer is not None:
+            t = time.perf_counter()
+            checkpointer.wait()
+            result.checkpoint_seconds += time.perf_counter() - t
+    return result
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+# Keys a resumed run may change; anything else would make it a different run.
+RESUMABLE_CHANGES = ("run.dir", "run.name", "run.peak_tflops", "train.steps", "train.log_every",
+                     "train.eval_every", "train.eval_batches", "mesh.", "checkpoint.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: Config, current: Config) -> None:
+    """Refuse to resume a run under a config that changes what it computes."""
+    old, new = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
+            raise UserError(
+                f"{key} is {new.get(key)!r} but the run in {current.run.dir} was started with "
+                f"{old.get(key)!r}; resume with the same value, or use another run.dir")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after the restored step, so a resumed run's log reads as one run."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def train(cfg: Config) -> dict:
-    """`lab train`: set up the run directory, data, mesh and state, then train."""
+    """`lab train`: prepare the run directory, data, mesh and state; resume if a checkpoint
+    exists; train; write the summary. Returns the summary."""
     from lab import data as labdata
     from lab.model import with_vocab
 
@@ -249,45 +396,85 @@ def train(cfg: Config) -> dict:
     dataset = labdata.open_dataset(data_path)
     cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
     labdata.check_vocab(dataset, cfg.model.vocab_size)
+    saved_cfg_path = run_dir / "config.yaml"
+    checkpointer = Checkpointer(str((run_dir / "checkpoints").absolute()),
+                                cfg.checkpoint.keep_last, cfg.checkpoint.keep_steps)
+    resuming = bool(checkpointer.steps())
+    if resuming:
+        check_resumable(load_config(saved_cfg_path), cfg)
 
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = build_trainer(cfg, mesh)
+    stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed)
+    batches = stream.iterator(0)
+    state = None
+    if resuming:
+        target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
+                                         trainer.state_shardings)
+        restored = checkpointer.restore(target, batches)
+        if restored is not None:
+            step, state = restored
+            if step > cfg.train.steps:
+                raise UserError(f"the run is at step {step}, beyond train.steps="
+                                f"{cfg.train.steps}; raise train.steps or use another run.dir")
     is_main = jax.process_index() == 0
+    counts = param_counts(cfg.model)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        print(f"run {run_dir}: mesh {dict(mesh.shape)}, "
-              f"{param_counts(cfg.model)['params']:,} parameters, data {data_path}")
-        print(describe_routing(trainer.abstract_params) if cfg.optim.name == "muon"
-              else "optimizer: adamw on every parameter")
+        saved_cfg_path.write_text(dump_config(cfg))
+        if state is None:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        else:
+            _truncate_metrics(run_dir, step)
+        where = f"resuming at step {step}" if state is not None else "starting"
+        print(f"run {run_dir} ({where}): mesh {dict(mesh.shape)}, {counts['params']:,} "
+              f"parameters, data {data_path}")
+        if cfg.optim.name == "muon":
+            print(describe_routing(trainer.abstract_params))
+    if state is None:
+        state = trainer.init_state()
 
-    counts = param_counts(cfg.model)
-    summary_base = {
+    summary = {
         "params": counts["params"],
         "non_embedding_params": counts["non_embedding_params"],
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
         "name": cfg.run.name or run_dir.name,
         "data": str(data_path),
+        "status": "running",
+        "tokens": 0,
+        "flops": 0,
+        "final_eval_loss": None,
     }
     if is_main:
-        write_json_atomic(summary_path, {**summary_base, "status": "running", "tokens": 0,
-                                         "flops": 0, "final_eval_loss": None})
-    stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed)
-    eval_local = labdata.eval_batches(dataset, cfg.train.seq_len, cfg.train.batch_size,
-                                      cfg.train.eval_batches)
-    eval_data = [sharding.global_batch(b, mesh) for b in eval_local]
-    state = trainer.init_state()
+        write_json_atomic(summary_path, summary)
+    peak, peak_source = total_peak_flops(cfg.model.compute_dtype, cfg.run.peak_tflops)
+    eval_data = [sharding.global_batch(b, mesh) for b in labdata.eval_batches(
+        dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
+    logger = MetricsLogger(run_dir, enabled=is_main)
     try:
-        summary = run_training(cfg, trainer, state, stream.iterator(0), eval_data, run_dir,
-                               summary_base)
+        result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
+                          summary["flops_per_token"])
     except BaseException:
         if is_main:
-            write_json_atomic(summary_path, {**summary_base, "status": "failed", "tokens": 0,
-                                             "flops": 0, "final_eval_loss": None})
+            write_json_atomic(summary_path, {**summary, "status": "failed"})
         raise
+    finally:
+        logger.close()
+        checkpointer.close()
+
+    tokens = result.step * cfg.train.batch_size * cfg.train.seq_len
+    summary.update(status=result.status, steps=result.step, tokens=tokens,
+                   flops=summary["flops_per_token"] * tokens,
+                   final_eval_loss=result.eval_loss if result.status == "finished" else None,
+                   peak_flops=peak, peak_source=peak_source,
+                   checkpoint_seconds=round(result.checkpoint_seconds, 3),
+                   train_seconds=round(result.train_seconds, 3))
     if is_main:
         write_json_atomic(summary_path, summary)
-        print(f"finished: final eval loss {summary['final_eval_loss']:.4f}, "
-              f"{summary['tokens']:,} tokens, {summary['flops']:.3g} FLOPs", file=sys.stdout)
+        if result.status == "finished":
+            print(f"finished: final eval loss {result.eval_loss:.4f}, {tokens:,} tokens, "
+                  f"{summary['flops']:.3g} FLOPs")
+        elif result.message:
+            print(("error: " if result.status == "diverged" else "") + result.message,
+                  file=sys.stderr if result.status == "diverged" else sys.stdout)
     return summary

@@ -2,29 +2,14 @@
 directory holds what the contract says; gradient accumulation equals one big batch."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from helpers import TINY, run_lab
 from lab.config import load_config
 from lab.metrics import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-def run_lab(args: list[str], devices: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
 
 SHORT = ["train.steps=24", "train.log_every=4", "train.eval_every=12", "train.eval_batches=2",
          "schedule.warmup_steps=4", "schedule.decay_steps=8", "model.n_layers=2"]

@@ -1,0 +1,100 @@
+"""orbax checkpoints of a run: model, optimizer state, step and data-iterator state together.
+
+Saves are asynchronous (the loop goes on while the arrays are written); orbax writes each step
+into a temporary directory and renames it when complete, so a killed save is never listed.
+A latest checkpoint that exists but cannot be read (truncated, corrupt) is skipped with a
+warning and the one before it restored. Restoring onto a target that carries NamedShardings of
+the current mesh re-shards exactly, so a run saved on one mesh resumes on another.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from lab.errors import UserError
+
+
+class Checkpointer:
+    """The checkpoints of one run directory (`RUN_DIR/checkpoints`, local or gs://)."""
+
+    def __init__(self, directory: str, keep_last: int = 2, keep_steps: tuple[int, ...] = (),
+                 read_only: bool = False):
+        keep = [policies.LatestN(keep_last)]
+        if keep_steps:
+            keep.append(policies.CustomSteps(list(keep_steps)))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=True,
+            read_only=read_only,
+            create=not read_only,
+        )
+        self.directory = directory
+        self.manager = ocp.CheckpointManager(directory, options=options,
+                                             item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        """Steps with a complete checkpoint, oldest first."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
+        """Start an asynchronous save; returns False if this step is already saved."""
+        if step in self.manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state: Any, data_iterator: Any | None = None,
+                step: int | None = None) -> tuple[int, Any] | None:
+        """Restore `step` (default: the newest readable one) onto the shardings carried by
+        `abstract_state` (a tree of jax.ShapeDtypeStruct with NamedShardings). Returns
+        (step, state), or None when there is no checkpoint. The data iterator, if given, is
+        set to its saved position."""
+        steps = self.steps()
+        if step is not None:
+            if step not in steps:
+                raise UserError(f"no checkpoint at step {step} in {self.directory}; "
+                                f"available: {steps or 'none'}")
+            candidates = [step]
+        else:
+            candidates = steps[::-1]
+        for candidate in candidates:
+            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the previous)
+                if step is not None:
+                    raise UserError(f"checkpoint {candidate} in {self.directory} cannot be read "
+                                    f"({type(e).__name__}); choose another step") from None
+                print(f"warning: checkpoint {candidate} in {self.directory} cannot be read "
+                      f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
+                      file=sys.stderr)
+                continue
+            return candidate, restored["state"]
+        return None
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the target shardings, for an exact re-sharding restore."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)

@@ -1,0 +1,182 @@
+"""Checkpoints through the real command: SIGKILL and rerun equals an uninterrupted run; a run
+saved on one mesh resumes on another; SIGTERM preempts; NaN stops the run; a corrupt latest
+checkpoint falls back to the previous; a changed config is refused; TensorBoard has the scalars."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, TINY, lab_command, lab_env, run_lab
+from lab.metrics import read_metrics
+
+# 24 steps, a checkpoint every 4, every step logged.
+BASE = ["train.steps=24", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
+        "schedule.warmup_steps=4", "schedule.decay_steps=8", "model.n_layers=2",
+        "checkpoint.every_steps=4", "checkpoint.keep_last=3"]
+
+
+def args_for(run_dir: Path, data: str, *extra: str) -> list[str]:
+    return ["train", str(TINY), f"run.dir={run_dir}", f"data.path={data}", *BASE, *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_data) -> Path:
+    """An uninterrupted run on one device."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    run_lab(args_for(run_dir, small_data))
+    return run_dir
+
+
+def start_and_signal(args: list[str], run_dir: Path, after_step: int, sig: int,
+                     devices: int = 1) -> subprocess.CompletedProcess:
+    """Start `lab`, wait until metrics.jsonl reaches `after_step`, send `sig`, wait for exit."""
+    proc = subprocess.Popen(lab_command(args), cwd=ROOT, env=lab_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if max(losses(run_dir), default=0) >= after_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_and_resume(tmp_path: Path, data: str, kill_after: int) -> Path:
+    run_dir = tmp_path / f"killed-{kill_after}"
+    killed = start_and_signal(args_for(run_dir, data), run_dir, kill_after, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert summary(run_dir)["status"] == "running"
+    resumed = run_lab(args_for(run_dir, data))
+    assert "resuming at step" in resumed.stdout
+    return run_dir
+
+
+def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, small_data):
+    kill_after = random.Random().randint(5, 20)  # after the first checkpoint (step 4)
+    run_dir = kill_and_resume(tmp_path, small_data, kill_after)
+    ref, got = losses(reference), losses(run_dir)
+    assert sorted(got) == list(range(1, 25)) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (kill_after, step)
+    assert summary(run_dir)["status"] == "finished"
+    ref_eval = summary(reference)["final_eval_loss"]
+    assert summary(run_dir)["final_eval_loss"] == pytest.approx(ref_eval, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [6, 13, 22])
+def test_sigkill_at_several_points(reference, tmp_path, small_data, kill_after):
+    run_dir = kill_and_resume(tmp_path, small_data, kill_after)
+    ref, got = losses(reference), losses(run_dir)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (kill_after, step)
+
+
+def test_resume_on_other_meshes(tmp_path, small_data):
+    """Saved on 8 devices (fsdp 4 x tensor 2), resumed on 4 (data 2 x fsdp 2) and on 1."""
+    saved = tmp_path / "eight"
+    run_lab(args_for(saved, small_data, "mesh.fsdp=4", "mesh.tensor=2",
+                     "checkpoint.every_steps=12"), devices=8)
+    ref = losses(saved)
+    for name, devices, mesh in [("four", 4, ["mesh.data=2", "mesh.fsdp=2"]),
+                                ("one", 1, ["mesh.fsdp=1"])]:
+        run_dir = tmp_path / name
+        shutil.copytree(saved, run_dir)
+        # As if the run had been killed after its step-12 checkpoint.
+        shutil.rmtree(run_dir / "checkpoints" / "24")
+        (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+        out = run_lab(args_for(run_dir, small_data, "checkpoint.every_steps=12", *mesh),
+                      devices=devices)
+        assert "resuming at step 12" in out.stdout
+        got = losses(run_dir)
+        for step in range(13, 25):
+            assert got[step] == pytest.approx(ref[step], rel=1e-5), (name, step)
+
+
+def test_sigterm_preempts_with_a_checkpoint(tmp_path, small_data):
+    run_dir = tmp_path / "preempted"
+    result = start_and_signal(args_for(run_dir, small_data, "train.steps=400"), run_dir, 6,
+                              signal.SIGTERM)
+    assert result.returncode == 0, result.stderr
+    info = summary(run_dir)
+    assert info["status"] == "preempted"
+    assert info["steps"] in checkpoint_steps(run_dir)
+    assert f"checkpoint saved at step {info['steps']}" in result.stdout
+    assert max(losses(run_dir)) <= info["steps"]
+
+
+def test_divergence_names_the_step_and_keeps_the_checkpoint(tmp_path, small_data):
+    run_dir = tmp_path / "diverged"
+    result = run_lab(args_for(run_dir, small_data, "optim.lr=1e4", "optim.grad_clip=0",
+                              "schedule.warmup_steps=0"), expect=3)
+    info = summary(run_dir)
+    assert info["status"] == "diverged"
+    bad_step = [m["step"] for m in read_metrics(run_dir)
+                if not np.isfinite(float(m["loss"])) or not np.isfinite(float(m["grad_norm"]))]
+    assert bad_step, "no non-finite step was logged"
+    assert f"at step {bad_step[0]}" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert all(step < bad_step[0] for step in checkpoint_steps(run_dir))
+
+
+def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path, small_data):
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    steps = checkpoint_steps(run_dir)
+    assert steps[-1] == 24 and len(steps) >= 2
+    for f in (run_dir / "checkpoints" / "24" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
+    result = run_lab(args_for(run_dir, small_data))
+    assert "warning: checkpoint 24" in result.stderr
+    assert f"resuming at step {steps[-2]}" in result.stdout
+    assert losses(run_dir)[24] == pytest.approx(losses(reference)[24], rel=1e-6)
+
+
+def test_changed_config_is_refused(reference, tmp_path, small_data):
+    run_dir = tmp_path / "changed"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    result = run_lab(args_for(run_dir, small_data, "optim.lr=1e-3"), expect=2)
+    assert "optim.lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_tensorboard_scalars(reference):
+    """What `tensorboard --logdir RUN_DIR` shows: scalar-plugin summaries, read back here."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(str(reference / "tb"), size_guidance={"tensors": 0})  # keep all
+    acc.Reload()
+    tags = set(acc.Tags()["tensors"])
+    for tag in ("loss", "lr", "grad_norm", "update_norm", "param_norm", "tokens_per_second",
+                "mfu", "eval_loss"):
+        assert tag in tags, tags
+        assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
+    loss = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
+    ref = losses(reference)
+    assert sorted(loss) == sorted(ref)
+    assert loss[24] == pytest.approx(ref[24], rel=1e-6)
