@@ -1,0 +1,572 @@
+"""Sweeps: one YAML file expands into many `lab train` runs, which run one after another.
+
+A sweep file names a base config and the axes to vary (docs/launch.md has the full format):
+
+    base: ../tiny.yaml           # relative to the sweep file
+    kind: isoflop                # ladder | isoflop | grid | branch
+    set: {train.seq_len: 64}     # overrides for every run
+    sizes: [2.0e5, {d_model: 128, n_layers: 2, n_heads: 4}]   # target N, or a shape
+    budgets: [1.0e10, 3.0e10]    # isoflop: each run's steps give it this many FLOPs
+    grid: {optim.lr: [1.0e-3, 3.0e-3]}                       # a product over these keys
+    branch: {at: [100, 200], decay_steps: [20, 40], shape: 1-sqrt}
+
+Every run is the product of its sizes, budgets and grid values. N is the non-embedding
+parameter count and D the tokens, counted with `model.vocab_size`, or with the byte tokenizer's
+257 padded to 320 when the config leaves it to the data. FLOPs = flops_per_token x steps x
+batch_size x seq_len (lab.model.flops_per_token, attention included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lab.config import Config, ModelConfig, load_config
+from lab.errors import UserError
+
+KINDS = ("ladder", "isoflop", "grid", "branch")
+SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
+              "tokens", "tokens_per_param", "warmup_fraction", "decay_fraction", "shape",
+              "flops_tolerance")
+SHAPE_KEYS = ("aspect_ratio", "head_dim", "min_heads", "multiple", "tensor", "tolerance")
+BYTE_VOCAB = 257  # the byte tokenizer: 256 bytes and an end-of-document token
+
+# Short labels for swept keys in run names; other keys use their last component.
+LABELS = {"optim.lr": "lr", "train.batch_size": "bs", "optim.weight_decay": "wd",
+          "train.seq_len": "seq", "optim.name": "", "run.seed": "seed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One `lab train` run of a sweep."""
+
+    name: str  # a label (run.name); any characters
+    slug: str  # the run directory's name under the sweep's output: safe characters only
+    dir: str  # the run directory, out/slug
+    overrides: tuple[str, ...]  # key=value words after the base config, run.dir last
+    varied: tuple[str, ...]  # the overrides that differ between runs (for display)
+    N: int  # non-embedding parameters
+    D: int  # training tokens
+    C: float  # training FLOPs
+    steps: int
+    budget: float | None = None  # the IsoFLOP budget this run was sized for
+    branch: dict | None = None  # {"at": [...], "decay_steps": [...], "shape": ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    name: str
+    kind: str
+    base: Path  # the base config file
+    out: str  # the sweep's output directory; run i writes to out/runs[i].slug
+    runs: tuple[Run, ...]
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def counting_model(model: ModelConfig) -> ModelConfig:
+    """The model as counted before the data is known: the byte tokenizer's padded vocabulary
+    when model.vocab_size is 0 (lab.model.padded_vocab(257) = 320)."""
+    from lab.model import with_vocab
+
+    return with_vocab(model, BYTE_VOCAB)
+
+
+def shape_for_params(target: float, base: ModelConfig | None = None, *,
+                     aspect_ratio: float = 64.0, head_dim: int = 64, min_heads: int = 4,
+                     multiple: int = 64, tensor: int = 1, tolerance: float = 0.2) -> dict:
+    """Model overrides giving about `target` non-embedding parameters.
+
+    The rule: widths d_model run over multiples of `multiple`; the head size is `head_dim`, or
+    d_model / min_heads for models too narrow to have min_heads heads of that size; n_heads
+    (and the MLP width) must divide by the mesh's tensor axis. For each width the depth that
+    brings N nearest the target is tried (rounded down and up). Among the shapes within
+    `tolerance` of the target, the one whose aspect ratio d_model / n_layers is nearest to
+    `aspect_ratio` (in log) wins; N is counted exactly by lab.model.param_counts with the other
+    fields of `base` (vocabulary, tied head, grouped-query ratio, d_ff ratio) kept.
+    """
+    from lab.model import param_counts
+
+    base = counting_model(base or ModelConfig())
+    if target <= 0:
+        raise UserError(f"target parameter count must be positive, got {target}")
+    group = base.n_heads // base.kv_heads if base.n_kv_heads else 0
+    ff_ratio = base.d_ff / base.d_model if base.d_ff else 0.0
+
+    def shape(d: int, layers: int) -> dict | None:
+        hd = min(head_dim, d // min_heads)
+        if hd < 2 or hd % 2 or d % hd:
+            return None
+        heads = d // hd
+        out = {"d_model": d, "n_layers": layers, "n_heads": heads}
+        if group:
+            if heads % group:
+                return None
+            out["n_kv_heads"] = heads // group
+        if ff_ratio:
+            out["d_ff"] = max(multiple, round(ff_ratio * d / multiple) * multiple)
+        ff = out.get("d_ff", 3 * d)
+        if heads % tensor or ff % tensor:
+            return None
+        return out
+
+    def count(s: dict) -> int:
+        return param_counts(dataclasses.replace(base, **s))["non_embedding_params"]
+
+    candidates = []  # (shape, N)
+    d = multiple
+    while True:
+        one = shape(d, 1)
+        if one is not None:
+            n1, n2 = count(one), count({**one, "n_layers": 2})
+            per_layer, fixed = n2 - n1, n1 - (n2 - n1)
+            depth = (target - fixed) / per_layer
+            for layers in {max(1, math.floor(depth)), max(1, math.ceil(depth))}:
+                s = {**one, "n_layers": layers}
+                candidates.append((s, count(s)))
+            if n1 > target * (1 + tolerance):
+                break
+        d += multiple
+        if d > 1 << 17:
+            break
+
+    def off(n: int) -> float:
+        return abs(math.log(n / target))
+
+    near = [(s, n) for s, n in candidates if abs(n / target - 1) <= tolerance]
+    if not near:
+        closest = min(candidates, key=lambda c: off(c[1]), default=None)
+        hint = f"; the closest is {_shape_name(closest[0])} with N={closest[1]:,}" if closest \
+            else ""
+        raise UserError(f"no model shape has N within {tolerance:.0%} of {target:,.0f}{hint}; "
+                        "change the target, lower shape.multiple, or give the shape explicitly")
+    best, _ = min(near, key=lambda c: (abs(math.log(c[0]["d_model"] / c[0]["n_layers"]
+                                                    / aspect_ratio)), off(c[1])))
+    return best
+
+
+def _shape_name(shape: dict) -> str:
+    return f"d{shape['d_model']}-l{shape['n_layers']}"
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def load_sweep(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {path} does not exist; pass a YAML file such as "
+                        "configs/sweeps/isoflop-tiny.yaml")
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"sweep file {path} is not valid YAML; fix its syntax") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise UserError(f"sweep file {path}: unknown key {unknown[0]!r}; known keys: "
+                        f"{', '.join(SWEEP_KEYS)}")
+    return spec
+
+
+def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Sweep:
+    """Expand a sweep file into its runs. `overrides` (key=value) apply to every run."""
+    path = Path(path)
+    spec = load_sweep(path)
+    where = f"sweep file {path}"
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if "base" not in spec:
+        raise UserError(f"{where}: needs 'base:', the config file every run starts from")
+    base = (path.parent / str(spec["base"])).resolve()
+    if not base.is_file():
+        raise UserError(f"{where}: base config {base} does not exist; 'base:' is relative to "
+                        "the sweep file")
+    name = str(spec.get("name") or path.stem)
+    out = str(out or spec.get("out") or f"runs/sweeps/{name}")
+
+    common = [f"{k}={_yaml_word(v)}" for k, v in _mapping(spec.get("set"), "set", where).items()]
+    common += list(overrides)
+    sizes = _sizes(spec, where)
+    budgets = _numbers(spec.get("budgets"), "budgets", where) if "budgets" in spec else [None]
+    grid = _mapping(spec.get("grid"), "grid", where)
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: grid.{key} must be a non-empty list of values")
+    branch = _branch(spec.get("branch"), where) if "branch" in spec else None
+    _check_kind(kind, spec, where)
+    swept = set(grid) | {"model." + k for _, s in sizes for k in
+                         (s if isinstance(s, dict) else ("d_model", "n_layers", "n_heads"))}
+    for word in overrides:
+        key = word.split("=", 1)[0]
+        if key in swept or (budgets != [None] and key == "train.steps"):
+            raise UserError(f"override {word!r} sets a key the sweep varies; change the sweep "
+                            "file instead")
+
+    base_cfg = load_config(base, common)
+    tensor = base_cfg.mesh.tensor if base_cfg.mesh.tensor > 0 else 1
+    shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
+    bad = sorted(set(shape_opts) - set(SHAPE_KEYS))
+    if bad:
+        raise UserError(f"{where}: unknown shape option {bad[0]!r}; known: {', '.join(SHAPE_KEYS)}")
+    tolerance = float(spec.get("flops_tolerance", 0.05))
+
+    runs = []
+    for (size_name, size), budget, values in itertools.product(
+            sizes, budgets, itertools.product(*grid.values())):
+        if not isinstance(size, dict):
+            size = shape_for_params(float(size), base_cfg.model, **shape_opts)
+            size_name = size_name or _shape_name(size)
+        words = [f"model.{k}={_yaml_word(v)}" for k, v in size.items()]
+        words += [f"{k}={_yaml_word(v)}" for k, v in zip(grid, values, strict=True)]
+        parts = [f"C{_short(budget)}" if budget else "", size_name]
+        parts += [f"{LABELS.get(k, k.rsplit('.', 1)[-1])}{_label(v)}"
+                  for k, v in zip(grid, values, strict=True)]
+        run_name = "-".join(p for p in parts if p) or name
+        runs.append(_make_run(base, common, words, run_name, budget, branch, spec, out,
+                              tolerance))
+    _check_unique(runs, where)
+    return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs))
+
+
+def _make_run(base: Path, common: list[str], words: list[str], name: str,
+              budget: float | None, branch: dict | None, spec: dict, out: str,
+              tolerance: float) -> Run:
+    """Derive the run's steps, schedule and run directory, and count N, D and C."""
+    from lab.model import flops_per_token, param_counts
+
+    where = f"sweep run {name}"
+    try:
+        # A provisional config: its steps are a placeholder until they are derived below.
+        cfg = load_config(base, [*common, *words, "train.steps=1000000000"])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    model = counting_model(cfg.model)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    n = param_counts(model)["non_embedding_params"]
+    fpt = flops_per_token(model, cfg.train.seq_len)
+    steps = _steps(cfg, spec, n, fpt, budget, branch, where, tolerance)
+    derived = [f"train.steps={steps}"] if steps is not None else []
+    steps = steps or load_config(base, [*common, *words]).train.steps
+    for key, field in (("warmup_fraction", "warmup_steps"), ("decay_fraction", "decay_steps")):
+        if key in spec:
+            derived.append(f"schedule.{field}={round(float(spec[key]) * steps)}")
+    if branch:
+        derived += ["schedule.decay_steps=0",
+                    f"checkpoint.keep_steps=[{','.join(map(str, branch['at']))}]"]
+    slug = _slug(name)
+    run_dir = f"{out.rstrip('/')}/{slug}"
+    tail = [f"run.name={_yaml_word(name)}", f"run.dir={_yaml_word(run_dir)}"]
+    overrides = (*common, *words, *derived, *tail)
+    try:
+        final = load_config(base, list(overrides))
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    _check_branch(final, branch, where)
+    tokens = steps * tokens_per_step
+    return Run(name=name, slug=slug, dir=run_dir, overrides=overrides,
+               varied=(*words, *derived), N=n, D=tokens, C=float(fpt) * tokens, steps=steps,
+               budget=budget, branch=branch)
+
+
+def _steps(cfg: Config, spec: dict, n: int, fpt: int, budget: float | None,
+           branch: dict | None, where: str, tolerance: float) -> int | None:
+    """The run's steps when the sweep derives them; None keeps the config's train.steps."""
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    if budget is not None:
+        steps = round(budget / (fpt * tokens_per_step))
+        flops = steps * fpt * tokens_per_step
+        if steps < 1 or abs(flops / budget - 1) > tolerance:
+            raise UserError(
+                f"{where}: a budget of {budget:.3g} FLOPs is {budget / (fpt * tokens_per_step):.2f}"
+                f" steps of {fpt * tokens_per_step:.3g} FLOPs, which cannot land within "
+                f"{tolerance:.0%} of the budget; raise the budget, or use a smaller model or batch")
+        return steps
+    if "tokens" in spec:
+        return max(1, round(float(spec["tokens"]) / tokens_per_step))
+    if "tokens_per_param" in spec:
+        return max(1, round(float(spec["tokens_per_param"]) * n / tokens_per_step))
+    if branch:
+        return max(branch["at"])
+    return None
+
+
+def _check_branch(cfg: Config, branch: dict | None, where: str) -> None:
+    if not branch:
+        return
+    if min(branch["at"]) <= cfg.schedule.warmup_steps:
+        raise UserError(f"{where}: branch.at steps must come after the warmup "
+                        f"({cfg.schedule.warmup_steps} steps); branch later or warm up less")
+
+
+def _check_kind(kind: str, spec: dict, where: str) -> None:
+    needs = {"ladder": "sizes", "isoflop": "budgets", "grid": "grid", "branch": "branch"}[kind]
+    if needs not in spec:
+        raise UserError(f"{where}: a {kind} sweep needs '{needs}:'")
+    if kind == "isoflop" and "sizes" not in spec:
+        raise UserError(f"{where}: an isoflop sweep needs 'sizes:' as well as 'budgets:'")
+    derive = [k for k in ("budgets", "tokens", "tokens_per_param", "branch") if k in spec]
+    if len(derive) > 1:
+        raise UserError(f"{where}: {' and '.join(derive)} both set the steps; keep one")
+    if "branch" in spec and "decay_fraction" in spec:
+        raise UserError(f"{where}: branch runs are stable (no decay); drop decay_fraction")
+
+
+def _check_unique(runs: list[Run], where: str) -> None:
+    seen: dict[str, str] = {}
+    for run in runs:
+        if run.slug in seen:
+            raise UserError(f"{where}: runs {seen[run.slug]!r} and {run.name!r} would share the "
+                            f"directory {run.slug!r}; give the sizes distinct names or shapes")
+        seen[run.slug] = run.name
+
+
+def _sizes(spec: dict, where: str) -> list[tuple[str, Any]]:
+    """(name, target N or a dict of model overrides) for each size; one empty size if none."""
+    raw = spec.get("sizes")
+    if raw is None:
+        return [("", {})]
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{where}: sizes must be a non-empty list of parameter counts or shapes")
+    sizes = []
+    for item in raw:
+        if isinstance(item, dict):
+            item = dict(item)
+            label = str(item.pop("name", "") or "")
+            if "d_model" in item and "n_layers" in item and not label:
+                label = _shape_name(item)
+            sizes.append((label, {k.removeprefix("model."): v for k, v in item.items()}))
+        elif _is_number(item) and float(item) > 0:
+            sizes.append(("", float(item)))
+        else:
+            raise UserError(f"{where}: a size must be a positive number (target N) or a "
+                            f"mapping of model keys, got {item!r}")
+    return sizes
+
+
+def _branch(raw: Any, where: str) -> dict:
+    branch = _mapping(raw, "branch", where)
+    unknown = sorted(set(branch) - {"at", "decay_steps", "shape"})
+    if unknown:
+        raise UserError(f"{where}: unknown branch key {unknown[0]!r}; known: at, decay_steps, "
+                        "shape")
+    out = {}
+    for key in ("at", "decay_steps"):
+        values = branch.get(key)
+        values = [values] if isinstance(values, int) else values
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise UserError(f"{where}: branch.{key} must be a list of positive step counts")
+        out[key] = sorted(set(values))
+    shape = branch.get("shape", "1-sqrt")
+    if shape not in ("linear", "cosine", "1-sqrt"):
+        raise UserError(f"{where}: branch.shape must be linear, cosine or 1-sqrt, got {shape!r}")
+    out["shape"] = shape
+    return out
+
+
+def branch_command(run: Run) -> list[str] | None:
+    """The `lab branch` command that decays a stable run at each branch point (None if the run
+    has no branch plan): one child per (at, decay_steps) pair under RUN_DIR/branches/."""
+    if not run.branch:
+        return None
+    b = run.branch
+    return ["lab", "branch", run.dir, "--at", ",".join(map(str, b["at"])),
+            "--decay-steps", ",".join(map(str, b["decay_steps"])), "--shape", b["shape"]]
+
+
+def _mapping(raw: Any, key: str, where: str) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {key} must be a mapping of key: value")
+    return raw
+
+
+def _numbers(raw: Any, key: str, where: str) -> list[float]:
+    if not isinstance(raw, list) or not raw or not all(_is_number(v) and float(v) > 0
+                                                       for v in raw):
+        raise UserError(f"{where}: {key} must be a non-empty list of positive numbers")
+    return [float(v) for v in raw]
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(value)  # YAML reads 1e10 (no dot) as a string
+        return isinstance(value, str)
+    except (TypeError, ValueError):
+        return False
+
+
+def _yaml_word(value: Any) -> str:
+    """A value as the text of a key=value override (lists in YAML flow style)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_yaml_word(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if isinstance(value, str) and _yaml_plain(text) != text:
+        return "'" + text.replace("'", "''") + "'"  # YAML single quotes: read back verbatim
+    return text
+
+
+def _yaml_plain(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+
+
+def _short(x: float) -> str:
+    return f"{x:.3g}".replace("e+", "e")
+
+
+def _label(value: Any) -> str:
+    return _short(value) if isinstance(value, float) else str(value)
+
+
+def _slug(name: str) -> str:
+    """A directory name for a run: the name if it is plain, else a cleaned name plus a hash."""
+    clean = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("._") or "run"
+    if clean == name:
+        return name
+    return f"{clean}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+# ----------------------------------------------------------------------------- display
+
+
+def _count(x: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.0f}"
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def describe(sweep: Sweep) -> str:
+    """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, overrides."""
+    width = max(len(r.name) for r in sweep.runs)
+    lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
+             f"{_shown_path(sweep.base)}, "
+             f"output under {sweep.out}",
+             f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
+             f"{'C/budget':>8}  {'steps':>7}  overrides"]
+    for i, r in enumerate(sweep.runs, 1):
+        budget = f"{r.budget:9.3e}" if r.budget else f"{'-':>9}"
+        ratio = f"{r.C / r.budget:8.4f}" if r.budget else f"{'-':>8}"
+        lines.append(f"{i:>3}  {r.name:<{width}}  {_count(r.N):>7}  {_count(r.D):>7}  "
+                     f"{r.C:9.3e}  {budget}  {ratio}  {r.steps:>7}  {' '.join(r.varied)}")
+        if r.branch:
+            tokens_per_step = r.D // r.steps
+            children = ", ".join(f"{a}+{d} ({_count((a + d) * tokens_per_step)} tokens)"
+                                 for a in r.branch["at"] for d in r.branch["decay_steps"])
+            lines.append(f"{'':>3}  then: {' '.join(branch_command(r))}  -> {children}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "lab.cli", "train", _shown_path(sweep.base), *run.overrides]
+
+
+def run_status(run: Run) -> str | None:
+    """The status in the run directory's summary.json, or None if it has none yet."""
+    from lab.metrics import read_json
+
+    summary = read_json(Path(run.dir) / "summary.json")
+    return summary.get("status") if summary else None
+
+
+def run_sweep(sweep: Sweep) -> int:
+    """Run every unfinished run, one after another; a finished one is skipped, an unfinished
+    one resumes. A user error (exit 2) stops the sweep, since every run would repeat it."""
+    if sweep.out.startswith("gs://"):
+        raise UserError("a local sweep writes to a local directory; run sweeps with gs:// "
+                        "outputs on their pod with `python -m launch.tpu sweep`")
+    from lab.metrics import write_json_atomic
+
+    out = Path(sweep.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "sweep.json", manifest(sweep))
+    failed, diverged = [], []
+    for i, run in enumerate(sweep.runs, 1):
+        head = f"[{i}/{len(sweep.runs)}] {run.name}"
+        if run_status(run) == "finished":
+            print(f"{head}: finished, skipped", flush=True)
+            continue
+        print(f"{head}: N={_count(run.N)} D={_count(run.D)} FLOPs={run.C:.3e} -> {run.dir}",
+              flush=True)
+        code = subprocess.run(train_command(sweep, run)).returncode
+        if code == 2:
+            print(f"{head}: stopped the sweep on a configuration error (above)", file=sys.stderr)
+            return 2
+        if code == 3:
+            diverged.append(run.name)
+        elif code != 0:
+            failed.append(run.name)
+            print(f"{head}: failed with exit status {code}; going on", file=sys.stderr)
+    done = len(sweep.runs) - len(failed)
+    print(f"sweep {sweep.name}: {done} of {len(sweep.runs)} runs done"
+          + (f", {len(diverged)} diverged" if diverged else "")
+          + (f"; failed: {', '.join(failed)} (run the sweep again to retry)" if failed else ""))
+    return 1 if failed else 0
+
+
+def manifest(sweep: Sweep) -> dict:
+    """The expanded sweep as JSON: what analysis needs to group runs (budgets, N, D, C)."""
+    return {"name": sweep.name, "kind": sweep.kind, "base": str(sweep.base),
+            "runs": [{"name": r.name, "dir": r.dir, "N": r.N, "D": r.D, "C": r.C,
+                      "steps": r.steps, "budget": r.budget, "overrides": list(r.overrides),
+                      "branch": r.branch} for r in sweep.runs]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lab.cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="lab sweep",
+        description="Expand a sweep file (configs/sweeps/*.yaml) into runs and run them one "
+                    "after another; finished runs are skipped, so running it again resumes.")
+    parser.add_argument("file", help="a sweep file, e.g. configs/sweeps/isoflop-tiny.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides for every run, e.g. data.path=data/prepared")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the runs (name, N, D, FLOPs, overrides) without running")
+    parser.add_argument("--out", help="the sweep's output directory (default: the file's "
+                                      "'out:', else runs/sweeps/NAME)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    sweep = expand_sweep(args.file, args.overrides, out=args.out)
+    print(describe(sweep), flush=True)
+    if args.dry_run:
+        return 0
+    return run_sweep(sweep)
