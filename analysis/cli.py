@@ -1,0 +1,366 @@
+"""`lab fit`: fit scaling laws to run directories or CSV files and print what they imply.
+
+    lab fit INPUT... [--method approach3|isoflop|envelope|hparams] [--bootstrap K]
+                     [--json OUT] [--plots DIR]
+
+An INPUT is a run directory (searched recursively for summary.json) or a CSV with columns N,
+loss and either D or C (then D = C / 6N); Epoch AI's `Model Size`, `Training FLOP`, `loss`
+layout is read as well. `lab.cli` dispatches here and turns a UserError into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis import paths
+from analysis.approach3 import fit_approach3
+from analysis.envelope import fit_envelope
+from analysis.hparams import fit_hparam_laws
+from analysis.isoflop import fit_isoflop
+from analysis.points import drop_highest_loss, read_points_csv
+from analysis.runs import collect_curves, collect_runs
+from lab.errors import UserError
+
+METHODS = ("approach3", "isoflop", "envelope", "hparams")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a UserError (one line, exit status 2)."""
+
+    def error(self, message: str):
+        raise UserError(f"lab fit: {message}; see lab fit --help")
+
+
+def _budgets(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be positive FLOP counts: {text}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="lab fit",
+        description="Fit scaling laws (Chinchilla approaches 1-3, hyperparameter laws) to runs.",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="run directory (searched recursively for summary.json) or CSV with columns N, "
+        "loss and D or C",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="approach3",
+        help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
+        "envelope: approach 1 on training curves; hparams: LR and batch laws",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="K",
+        help="resample the points K times for confidence intervals (default: none)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
+    p.add_argument(
+        "--budgets",
+        type=_budgets,
+        metavar="C1,C2,...",
+        help="compute budgets (FLOPs) to report the optimal N, D for; default: the "
+        "largest in the data times 1, 10 and 100",
+    )
+    p.add_argument(
+        "--drop-highest-loss",
+        type=int,
+        default=0,
+        metavar="K",
+        help="leave out the K highest-loss points first (Besiroglu et al. drop 5)",
+    )
+    p.add_argument(
+        "--include-unfinished", action="store_true", help="keep runs whose status is not finished"
+    )
+    p.add_argument(
+        "--params",
+        choices=("total", "non_embedding"),
+        default="total",
+        help="which parameter count of a run is N (default: total, as Chinchilla)",
+    )
+    p.add_argument(
+        "--budget-tolerance",
+        type=float,
+        default=0.1,
+        metavar="R",
+        help="runs within a factor 1+R in compute share a budget (default 0.1)",
+    )
+    p.add_argument(
+        "--bins", type=int, default=30, help="log-uniform compute bins of the envelope (default 30)"
+    )
+    p.add_argument(
+        "--curve-loss", default="loss", help="metrics.jsonl field the envelope reads (default loss)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.0025,
+        help="near-optimal band of the hparam laws (default 0.0025 = 0.25%%)",
+    )
+    return p
+
+
+@dataclass
+class Inputs:
+    """What the INPUT arguments hold: every run and CSV row as a point (N, D, C, loss, ...);
+    the run-directory part (for training curves) and the CSV part; runs left out."""
+
+    points: pd.DataFrame
+    runs: pd.DataFrame
+    csv: pd.DataFrame
+    skipped: list
+
+
+def load_inputs(
+    inputs: list[str], *, include_unfinished: bool = False, params: str = "total"
+) -> Inputs:
+    """Read run directories and CSV files into one points table."""
+    run_frames, csv_frames, skipped = [], [], []
+    for item in inputs:
+        if not paths.exists(item):
+            raise UserError(f"no such file or directory: {item}; give a run directory or a CSV")
+        if paths.is_dir(item):
+            runs = collect_runs(item, include_unfinished=include_unfinished)
+            skipped += runs.attrs.get("skipped", [])
+            if params == "non_embedding":
+                runs["N"] = runs["non_embedding_params"]
+            # A run without flops in its summary: C = 6 N D.
+            runs["C"] = runs["C"].fillna(6.0 * runs["N"] * runs["D"])
+            run_frames.append(runs.assign(source=item))
+        else:
+            csv_frames.append(read_points_csv(item))
+    runs = pd.concat(run_frames, ignore_index=True) if run_frames else pd.DataFrame()
+    csv = pd.concat(csv_frames, ignore_index=True) if csv_frames else pd.DataFrame()
+    points = (
+        pd.concat([f for f in (runs, csv) if not f.empty], ignore_index=True)
+        if (run_frames or csv_frames)
+        else pd.DataFrame()
+    )
+    if points.empty:
+        raise UserError(
+            "no finished runs in the inputs; pass --include-unfinished or check the paths"
+        )
+    return Inputs(points=points, runs=runs, csv=csv, skipped=skipped)
+
+
+def _curves(inputs: Inputs, loss: str) -> pd.DataFrame:
+    """Training-curve points: metrics.jsonl of run directories; CSV rows as they are (a `run`
+    column groups rows into curves, otherwise each row is its own)."""
+    parts = []
+    if not inputs.runs.empty:
+        parts.append(collect_curves(inputs.runs, loss=loss))
+    if not inputs.csv.empty:
+        rows = inputs.csv.copy()
+        if "run" not in rows.columns:
+            rows["run"] = [f"{src}:{i}" for i, src in enumerate(rows["source"])]
+        parts.append(rows[["run", "N", "D", "C", "loss"]])
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing.
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    if isinstance(v, (int, np.integer)):
+        return str(v)
+    v = float(v)
+    return f"{v:.4g}" if 1e-3 <= abs(v) < 1e5 or v == 0 else f"{v:.4e}"
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """Rows of values as an aligned text table."""
+    cells = [[str(h) for h in headers]] + [
+        [c if isinstance(c, str) else _fmt(c) for c in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _interval(iv) -> str:
+    if iv is None or not all(math.isfinite(x) for x in iv):
+        return "-"
+    return f"[{_fmt(iv[0])}, {_fmt(iv[1])}]"
+
+
+def _law_rows(name: str, law) -> list[list]:
+    return [
+        [f"{name} exponent", law.exponent, _interval(law.exponent_interval)],
+        [f"{name} coefficient", law.coef, _interval(law.coef_interval)],
+    ]
+
+
+def _allocation_table(opt: pd.DataFrame) -> str:
+    headers = ["C (FLOPs)", "N_opt", "D_opt", "tokens/param"]
+    with_loss = "loss" in opt.columns
+    if with_loss:
+        headers.append("loss")
+    rows = []
+    for _, r in opt.iterrows():
+        row = [r["C"], r["N_opt"], r["D_opt"], r["D_opt"] / r["N_opt"]]
+        if with_loss:
+            row.append(r["loss"])
+        rows.append(row)
+    return format_table(headers, rows)
+
+
+def _report(method: str, fit, budgets: list[float]) -> str:
+    out = []
+    if method == "approach3":
+        out.append(
+            f"Approach 3 (parametric): {fit.n_points} points, {fit.n_starts} starts "
+            f"({fit.n_converged} converged), Huber objective {fit.objective:.6e}"
+        )
+        iv = fit.intervals
+        rows = [
+            [k, getattr(fit, k), _interval(iv.get(k))] for k in ("E", "A", "B", "alpha", "beta")
+        ]
+        rows += [
+            ["a (N_opt ∝ C^a)", fit.a, _interval(iv.get("a"))],
+            ["b (D_opt ∝ C^b)", fit.b, _interval(iv.get("b"))],
+        ]
+        level = f"{fit.level:.0%} interval" if iv else "interval"
+        out.append(format_table(["parameter", "value", level], rows))
+    elif method in ("isoflop", "envelope"):
+        title = "Approach 2 (IsoFLOP)" if method == "isoflop" else "Approach 1 (envelope)"
+        n = len(fit.budgets) if method == "isoflop" else len(fit.frontier)
+        what = "budgets" if method == "isoflop" else "frontier points"
+        out.append(f"{title}: {n} {what}")
+        rows = _law_rows("N_opt", fit.N_opt) + _law_rows("D_opt", fit.D_opt)
+        out.append(format_table(["quantity", "value", f"{fit.N_opt.level:.0%} interval"], rows))
+    if method != "hparams":
+        out.append("\nCompute-optimal allocation:")
+        out.append(_allocation_table(fit.compute_optimal(budgets)))
+    else:
+        out.append(
+            f"Hyperparameter laws: {len(fit.band)} runs within {fit.tolerance:.2%} of the best "
+            f"at {len(fit.best)} budgets"
+        )
+        rows = _law_rows("lr", fit.lr) + _law_rows("batch (tokens)", fit.batch)
+        rows += [
+            ["DeepSeek LLM lr", "0.3118·C^-0.1250", ""],
+            ["DeepSeek LLM batch", "0.2920·C^0.3271", ""],
+        ]
+        out.append(format_table(["quantity", "value", f"{fit.lr.level:.0%} interval"], rows))
+    for w in fit.warnings:
+        out.append(f"warning: {w}")
+    return "\n".join(out)
+
+
+def _jsonable(obj):
+    """NaN and infinities become null; numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_fit(args: argparse.Namespace) -> tuple[object, dict, str]:
+    """Load the inputs, fit, and return (fit, JSON-ready dict, printed report)."""
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
+    if not 0 < args.level < 1:
+        raise UserError(f"--level must be between 0 and 1, got {args.level}")
+    inputs = load_inputs(
+        args.inputs, include_unfinished=args.include_unfinished, params=args.params
+    )
+    points = drop_highest_loss(inputs.points, args.drop_highest_loss)
+    kw = {"bootstrap": args.bootstrap, "seed": args.seed, "level": args.level}
+    if args.method == "approach3":
+        fit = fit_approach3(points["N"], points["D"], points["loss"], **kw)
+        data = points
+    elif args.method == "isoflop":
+        fit = fit_isoflop(points, rel_tol=args.budget_tolerance, **kw)
+        data = points
+    elif args.method == "envelope":
+        data = _curves(inputs, args.curve_loss)
+        fit = fit_envelope(data, n_bins=args.bins, **kw)
+    else:
+        fit = fit_hparam_laws(
+            points, tolerance=args.tolerance, rel_tol=args.budget_tolerance, level=args.level
+        )
+        data = points
+    budgets = args.budgets or [float(points["C"].max()) * m for m in (1, 10, 100)]
+    result = fit.to_dict()
+    if args.method != "hparams":
+        result["compute_optimal"] = fit.compute_optimal(budgets).to_dict(orient="records")
+    result["inputs"] = list(args.inputs)
+    result["skipped_runs"] = [{"run": r, "reason": why} for r, why in inputs.skipped]
+    if args.plots:
+        result["plots"] = _plot(args.method, fit, data, args.plots)
+    return fit, _jsonable(result), _report(args.method, fit, budgets)
+
+
+def _plot(method: str, fit, data: pd.DataFrame, out_dir: str) -> list[str]:
+    from analysis import plots  # matplotlib only when asked for
+
+    if method == "approach3":
+        return plots.plot_approach3(fit, data, out_dir)
+    if method == "isoflop":
+        return plots.plot_isoflop(fit, out_dir)
+    if method == "envelope":
+        return plots.plot_envelope(fit, data, out_dir)
+    return plots.plot_hparams(fit, data, out_dir)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `lab fit`; returns the exit status. Raises UserError on bad input."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    _, result, report = run_fit(args)
+    for run, why in (tuple(s.values()) for s in result["skipped_runs"]):
+        print(f"left out {run} ({why}); pass --include-unfinished to keep it", file=sys.stderr)
+    print(report)
+    if args.json:
+        try:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
+                fh.write("\n")
+        except OSError as err:
+            raise UserError(f"cannot write {args.json}: {err.strerror}; check the path") from None
+        print(f"wrote {args.json}")
+    for path in result.get("plots", []):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

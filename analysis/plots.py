@@ -1,0 +1,203 @@
+"""PNG figures of the fits, drawn with matplotlib's Agg canvas (no display, no pyplot state).
+
+Each `plot_*` function writes its figures into a directory and returns their paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from analysis.approach3 import Approach3Fit, optimal_allocation
+from analysis.envelope import EnvelopeFit
+from analysis.hparams import DEEPSEEK_BATCH, DEEPSEEK_LR, HparamLaws
+from analysis.isoflop import IsoflopFit
+
+EXTRAPOLATE = 100.0  # lines continue to this multiple of the largest compute in the data
+
+
+def _figure(ncols: int = 1) -> tuple[Figure, list]:
+    fig = Figure(figsize=(6.4 * ncols, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes
+
+
+def _save(fig: Figure, out_dir: str, name: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _compute_range(C) -> np.ndarray:
+    C = np.asarray(C, dtype=np.float64)
+    return np.logspace(np.log10(C.min()), np.log10(C.max() * EXTRAPOLATE), 200)
+
+
+def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> list[str]:
+    """contours.png (the law over N, D with the optimal allocation), frontier.png (loss against
+    compute with the compute-optimal loss and its band) and residuals.png."""
+    N, D, loss = (points[c].to_numpy(np.float64) for c in ("N", "D", "loss"))
+    C = 6.0 * N * D
+    written = []
+
+    fig, (ax,) = _figure()
+    gn = np.logspace(np.log10(N.min()) - 0.5, np.log10(N.max()) + 1, 200)
+    gd = np.logspace(np.log10(D.min()) - 0.5, np.log10(D.max()) + 1, 200)
+    NN, DD = np.meshgrid(gn, gd)
+    cs = ax.contourf(NN, DD, np.log(fit.predict(NN, DD)), levels=30, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="log predicted loss")
+    cline = _compute_range(C)
+    n_opt, d_opt, _ = optimal_allocation(cline, fit.E, fit.A, fit.B, fit.alpha, fit.beta)
+    ax.plot(n_opt, d_opt, "r-", label=f"optimal allocation, N ∝ C^{fit.a:.3f}")
+    for c in np.logspace(np.log10(C.min()), np.log10(C.max()), 4):
+        ax.plot(gn, c / (6 * gn), "w:", lw=0.8)
+    ax.scatter(N, D, c="k", s=8, label="runs")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlim=(gn[0], gn[-1]),
+        ylim=(gd[0], gd[-1]),
+        xlabel="parameters N",
+        ylabel="tokens D",
+        title="L(N, D) and the optimal allocation",
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    written.append(_save(fig, out_dir, "contours.png"))
+
+    fig, (ax,) = _figure()
+    sc = ax.scatter(C, loss, c=np.log10(N), s=10, cmap="plasma")
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    opt = fit.compute_optimal(cline)
+    inside = cline <= C.max()
+    ax.plot(cline[inside], opt["loss"][inside], "k-", label="compute-optimal loss (fit)")
+    ax.plot(cline[~inside], opt["loss"][~inside], "k--", label="extrapolation")
+    if "loss_lo" in opt:
+        ax.fill_between(
+            cline,
+            opt["loss_lo"],
+            opt["loss_hi"],
+            color="k",
+            alpha=0.15,
+            label=f"{fit.level:.0%} bootstrap band",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute C (FLOPs)",
+        ylabel="loss",
+        title="loss-compute frontier",
+    )
+    ax.legend(fontsize=8)
+    written.append(_save(fig, out_dir, "frontier.png"))
+
+    fig, (ax,) = _figure()
+    resid = np.log(loss) - np.log(fit.predict(N, D))
+    sc = ax.scatter(C, resid, c=np.log10(N), s=10, cmap="plasma")
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set(
+        xscale="log",
+        xlabel="compute C (FLOPs)",
+        ylabel="log loss − log fit",
+        title=f"residuals (Huber objective {fit.objective:.4g})",
+    )
+    written.append(_save(fig, out_dir, "residuals.png"))
+    return written
+
+
+def _allocation(ax, C, N_opt, D_opt, n_law, d_law) -> None:
+    cline = _compute_range(C)
+    ax.scatter(C, N_opt, c="C0", s=14, label="N_opt")
+    ax.scatter(C, D_opt, c="C1", s=14, label="D_opt")
+    for law, color, name in ((n_law, "C0", "N"), (d_law, "C1", "D")):
+        lo, hi = law.exponent_interval
+        ax.plot(
+            cline,
+            law(cline),
+            color=color,
+            label=f"{name}_opt ∝ C^{law.exponent:.3f} [{lo:.3f}, {hi:.3f}]",
+        )
+    ax.axvline(np.max(C), color="gray", lw=0.8, ls=":")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute C (FLOPs)",
+        ylabel="N or D",
+        title="optimal allocation (dotted: extrapolation starts)",
+    )
+    ax.legend(fontsize=8)
+
+
+def plot_isoflop(fit: IsoflopFit, out_dir: str) -> list[str]:
+    """isoflop.png (loss against N per budget, parabolas and their minima) and
+    allocation.png (N_opt(C), D_opt(C))."""
+    fig, (ax,) = _figure()
+    for i, (_, b) in enumerate(fit.budgets.iterrows()):
+        g = fit.points[fit.points["budget"] == b["budget"]]
+        color = f"C{i % 10}"
+        ax.scatter(g["N"], g["loss"], s=10, color=color)
+        x = np.linspace(np.log(b["N_min"]), np.log(b["N_max"]), 100)
+        ax.plot(
+            np.exp(x), b["c0"] + b["c1"] * x + b["c2"] * x * x, color=color, label=f"C={b['C']:.2g}"
+        )
+        ax.plot(b["N_opt"], b["loss_opt"], "k*", ms=8)
+    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="IsoFLOP profiles")
+    ax.legend(fontsize=7, ncol=2)
+    written = [_save(fig, out_dir, "isoflop.png")]
+    fig, (ax,) = _figure()
+    bud = fit.budgets
+    _allocation(ax, bud["C"], bud["N_opt"], bud["D_opt"], fit.N_opt, fit.D_opt)
+    written.append(_save(fig, out_dir, "allocation.png"))
+    return written
+
+
+def plot_envelope(fit: EnvelopeFit, curves: pd.DataFrame, out_dir: str) -> list[str]:
+    """frontier.png (all training curves against compute, the envelope marked) and
+    allocation.png (N_opt(C), D_opt(C) through the envelope)."""
+    fig, (ax,) = _figure()
+    for _, g in curves.groupby("run"):
+        ax.plot(g["C"], g["loss"], color="gray", lw=0.6, alpha=0.6)
+    f = fit.frontier
+    sc = ax.scatter(f["C"], f["loss"], c=np.log10(f["N"]), cmap="plasma", s=18, zorder=3)
+    fig.colorbar(sc, ax=ax, label="log10 N of the best run")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="compute C (FLOPs)",
+        ylabel="loss",
+        title="training curves and their envelope",
+    )
+    written = [_save(fig, out_dir, "frontier.png")]
+    fig, (ax,) = _figure()
+    _allocation(ax, f["C"], f["N"], f["D"], fit.N_opt, fit.D_opt)
+    written.append(_save(fig, out_dir, "allocation.png"))
+    return written
+
+
+def plot_hparams(laws: HparamLaws, runs: pd.DataFrame, out_dir: str) -> list[str]:
+    """hparams.png: learning rate and batch size against compute, the near-optimal band, the
+    fitted laws and DeepSeek LLM's for reference."""
+    fig, axes = _figure(2)
+    band = laws.band
+    cline = _compute_range(band["C"])
+    for ax, col, law, ref, name in (
+        (axes[0], "lr", laws.lr, DEEPSEEK_LR, "learning rate"),
+        (axes[1], "batch_tokens", laws.batch, DEEPSEEK_BATCH, "batch size (tokens)"),
+    ):
+        ax.scatter(runs["C"], runs[col], s=8, color="lightgray", label="all runs")
+        ax.scatter(
+            band["C"], band[col], s=14, color="C0", label=f"within {laws.tolerance:.2%} of best"
+        )
+        ax.plot(cline, law(cline), "C0-", label=f"fit: {law.coef:.3g}·C^{law.exponent:.4f}")
+        ax.plot(
+            cline, ref[0] * cline ** ref[1], "k--", lw=0.8, label=f"DeepSeek: {ref[0]}·C^{ref[1]}"
+        )
+        ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=name)
+        ax.legend(fontsize=7)
+    return [_save(fig, out_dir, "hparams.png")]
