@@ -47,6 +47,15 @@ def _not_yet(name: str):
     return run
 
 
+def _quiet_absl() -> None:
+    """orbax logs routine events as absl warnings; keep stderr for what the user must read."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lab", description="The JAX/Flax scaling lab.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -63,13 +72,13 @@ def build_parser() -> ArgumentParser:
         ("data", "lab.data", "prepare a corpus into token shards (lab data prep --help)"),
         ("fit", "analysis.cli", "fit scaling laws to run directories or a CSV"),
         ("sweep", "lab.sweep", "expand a sweep file into runs, and run them (--dry-run)"),
+        ("branch", "lab.branch", "branch a stable WSD run's checkpoints into decays"),
     ]:
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(run=_delegate(module))
 
-    for name, text in [("branch", "branch a stable run's checkpoints into decays"),
-                       ("demo", "a whole scaling study on this machine, with a report")]:
+    for name, text in [("demo", "a whole scaling study on this machine, with a report")]:
         p = sub.add_parser(name, help=text)
         p.set_defaults(run=_not_yet(name))
     return parser
@@ -77,6 +86,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_absl()
     try:
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)

@@ -25,6 +25,8 @@ class RunConfig:
     seed: int = 0  # model init and data order
     name: str = ""  # a label for sweeps and reports; defaults to the directory's name
     peak_tflops: float = 0.0  # hardware peak for MFU; 0 = a table (GPU/TPU) or a probe (CPU)
+    parent: str = ""  # a branch: the run directory whose checkpoint this run starts from
+    parent_step: int = 0  # ... and the step of that checkpoint
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,20 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class BranchConfig:
+    """The branch plan a stable WSD run declares: its checkpoints at these points are kept,
+    and `lab branch RUN_DIR` without --at runs every (point, decay) pair."""
+
+    at_steps: tuple[int, ...] = ()
+    at_tokens: tuple[int, ...] = ()  # converted to the nearest step
+    at_tokens_per_param: tuple[float, ...] = ()  # tokens / total parameters, e.g. 20
+    decay_steps: tuple[int, ...] = ()
+    decay_fractions: tuple[float, ...] = ()  # a decay of this fraction of the branch step
+    shape: str = ""  # decay shape of the branches; "" = schedule.decay_shape
+    final_ratio: float = -1.0  # -1 = schedule.final_ratio
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,6 +141,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -332,3 +349,14 @@ def validate(config: Config) -> None:
     _require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
              "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _require(bool(config.run.dir), "run.dir must name the run's output directory")
+    _require(config.run.parent_step >= 0, "run.parent_step must be zero or positive")
+    b = config.branch
+    if b.shape:
+        _choice("branch.shape", b.shape, ("linear", "cosine", "1-sqrt"))
+    _require(b.final_ratio == -1.0 or 0 <= b.final_ratio <= 1,
+             "branch.final_ratio must lie in [0, 1] (or -1: schedule.final_ratio)")
+    for key, values in [("branch.at_steps", b.at_steps), ("branch.at_tokens", b.at_tokens),
+                        ("branch.at_tokens_per_param", b.at_tokens_per_param),
+                        ("branch.decay_steps", b.decay_steps),
+                        ("branch.decay_fractions", b.decay_fractions)]:
+        _require(all(v > 0 for v in values), f"{key} must hold positive numbers, got {values}")

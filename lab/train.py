@@ -25,6 +25,7 @@ import optax
 from flax import nnx
 
 from lab import sharding
+from lab.branch import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
@@ -233,7 +234,7 @@ class LoopResult:
 def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.ndarray],
              eval_data: list[jax.Array], logger: MetricsLogger,
              checkpointer: Checkpointer | None, peak_flops: float,
-             flops_per_tok: int) -> LoopResult:
+             flops_per_tok: int, keep_steps: tuple[int, ...] = ()) -> LoopResult:
     """Train from state["step"] to cfg.train.steps.
 
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
@@ -309,7 +310,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                 result.step = done
                 eval_due = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
                 save_due = ((ccfg.every_steps and done % ccfg.every_steps == 0)
-                            or done in ccfg.keep_steps or done == tcfg.steps)
+                            or done in keep_steps or done == tcfg.steps)
                 log_pending = done % tcfg.log_every == 0
                 if eval_due or save_due:
                     values = fetch(*unchecked)  # must be finite before it is saved
@@ -344,7 +345,10 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
 
 # Keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = ("run.dir", "run.name", "run.peak_tflops", "train.steps", "train.log_every",
-                     "train.eval_every", "train.eval_batches", "mesh.", "checkpoint.")
+                     "train.eval_every", "train.eval_batches", "mesh.", "checkpoint.", "branch.")
+# ... and what a branch may change from its parent: the decay, and where it starts.
+BRANCH_CHANGES = RESUMABLE_CHANGES + ("run.parent", "schedule.decay_steps",
+                                      "schedule.decay_shape", "schedule.final_ratio")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -357,14 +361,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(saved: Config, current: Config) -> None:
-    """Refuse to resume a run under a config that changes what it computes."""
+def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = RESUMABLE_CHANGES,
+                    what: str = "") -> None:
+    """Refuse to resume a run (or start a branch) under a config that changes what it
+    computes."""
     old, new = _flatten(to_dict(saved)), _flatten(to_dict(current))
+    what = what or f"the run in {current.run.dir}"
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES):
+        if old.get(key) != new.get(key) and not key.startswith(allowed):
             raise UserError(
-                f"{key} is {new.get(key)!r} but the run in {current.run.dir} was started with "
-                f"{old.get(key)!r}; resume with the same value, or use another run.dir")
+                f"{key} is {new.get(key)!r} but {what} was started with {old.get(key)!r}; "
+                "use the same value, or another run.dir")
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
@@ -397,11 +404,19 @@ def train(cfg: Config) -> dict:
     cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
     labdata.check_vocab(dataset, cfg.model.vocab_size)
     saved_cfg_path = run_dir / "config.yaml"
+    counts = param_counts(cfg.model)
+    branch_points = planned_steps(cfg, counts["params"])
+    check_plan(cfg, planned_pairs(cfg, counts["params"]), branch_points)
+    keep_steps = tuple(sorted(set(cfg.checkpoint.keep_steps) | set(branch_points)))
     checkpointer = Checkpointer(str((run_dir / "checkpoints").absolute()),
-                                cfg.checkpoint.keep_last, cfg.checkpoint.keep_steps)
+                                cfg.checkpoint.keep_last, keep_steps)
     resuming = bool(checkpointer.steps())
     if resuming:
         check_resumable(load_config(saved_cfg_path), cfg)
+    parent_dir = Path(cfg.run.parent) if cfg.run.parent else None
+    if parent_dir is not None and not resuming:
+        check_resumable(load_config(parent_dir / "config.yaml"), cfg, BRANCH_CHANGES,
+                        what=f"the parent run {parent_dir}")
 
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = build_trainer(cfg, mesh)
@@ -417,8 +432,13 @@ def train(cfg: Config) -> dict:
             if step > cfg.train.steps:
                 raise UserError(f"the run is at step {step}, beyond train.steps="
                                 f"{cfg.train.steps}; raise train.steps or use another run.dir")
+    elif parent_dir is not None:
+        target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
+                                         trainer.state_shardings)
+        parent_ckpt = Checkpointer(str((parent_dir / "checkpoints").absolute()), read_only=True)
+        step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step)
+        parent_ckpt.close()
     is_main = jax.process_index() == 0
-    counts = param_counts(cfg.model)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         saved_cfg_path.write_text(dump_config(cfg))
@@ -426,7 +446,11 @@ def train(cfg: Config) -> dict:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         else:
             _truncate_metrics(run_dir, step)
-        where = f"resuming at step {step}" if state is not None else "starting"
+        where = "starting"
+        if resuming and state is not None:
+            where = f"resuming at step {step}"
+        elif state is not None:
+            where = f"branching from {parent_dir} at step {step}"
         print(f"run {run_dir} ({where}): mesh {dict(mesh.shape)}, {counts['params']:,} "
               f"parameters, data {data_path}")
         if cfg.optim.name == "muon":
@@ -445,6 +469,10 @@ def train(cfg: Config) -> dict:
         "flops": 0,
         "final_eval_loss": None,
     }
+    if parent_dir is not None:
+        summary.update(parent=str(parent_dir), branch_step=cfg.run.parent_step,
+                       decay_steps=cfg.schedule.decay_steps,
+                       decay_shape=cfg.schedule.decay_shape)
     if is_main:
         write_json_atomic(summary_path, summary)
     peak, peak_source = total_peak_flops(cfg.model.compute_dtype, cfg.run.peak_tflops)
@@ -453,7 +481,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(run_dir, enabled=is_main)
     try:
         result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
-                          summary["flops_per_token"])
+                          summary["flops_per_token"], keep_steps)
     except BaseException:
         if is_main:
             write_json_atomic(summary_path, {**summary, "status": "failed"})
@@ -463,8 +491,10 @@ def train(cfg: Config) -> dict:
         checkpointer.close()
 
     tokens = result.step * cfg.train.batch_size * cfg.train.seq_len
+    own_tokens = (result.step - cfg.run.parent_step) * cfg.train.batch_size * cfg.train.seq_len
     summary.update(status=result.status, steps=result.step, tokens=tokens,
                    flops=summary["flops_per_token"] * tokens,
+                   flops_spent=summary["flops_per_token"] * own_tokens,
                    final_eval_loss=result.eval_loss if result.status == "finished" else None,
                    peak_flops=peak, peak_source=peak_source,
                    checkpoint_seconds=round(result.checkpoint_seconds, 3),

@@ -1,0 +1,201 @@
+"""Branch-and-decay: many token counts from one WSD run (Hägele et al. 2024).
+
+`lab branch RUN_DIR --at S1,S2 --decay-steps D1,D2 [--shape 1-sqrt] [--final-ratio R]` makes one
+child run directory per (S, D) under RUN_DIR/branches/. A child is an ordinary run whose config
+says `run.parent=RUN_DIR run.parent_step=S train.steps=S+D schedule.decay_steps=D`: it starts
+from the parent's checkpoint at S (model, optimizer and data-iterator state) and trains the
+decay. Since the WSD decay starts at the absolute step train.steps - decay_steps, the child's
+first S learning rates are the parent's, so the child equals a run trained straight through.
+Children resume, skip when finished, and can be run anywhere with `lab train CHILD/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lab.config import Config, dump_config, load_config, replace
+from lab.errors import UserError
+from lab.metrics import read_json, write_json_atomic
+from lab.model import flops_per_token, param_counts, with_vocab
+
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+def planned_steps(cfg: Config, params: int) -> list[int]:
+    """The branch points a config declares (branch.at_*), as sorted steps."""
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    steps = set(cfg.branch.at_steps)
+    steps |= {max(1, round(t / tokens_per_step)) for t in cfg.branch.at_tokens}
+    steps |= {max(1, round(r * params / tokens_per_step)) for r in cfg.branch.at_tokens_per_param}
+    return sorted(steps)
+
+
+def planned_pairs(cfg: Config, params: int) -> list[tuple[int, int]]:
+    """Every (branch step, decay steps) pair of the declared plan."""
+    pairs = []
+    for step in planned_steps(cfg, params):
+        decays = set(cfg.branch.decay_steps)
+        decays |= {max(1, round(f * step)) for f in cfg.branch.decay_fractions}
+        pairs += [(step, d) for d in sorted(decays)]
+    return pairs
+
+
+def check_plan(cfg: Config, pairs: list[tuple[int, int]],
+               points: list[int] | None = None) -> None:
+    """A branch must start inside the parent's stable phase and decay no longer than it ran.
+    `points` adds branch points declared without decay lengths yet."""
+    s = cfg.schedule
+    points = sorted({p for p, _ in pairs} | set(points or ()))
+    if points and s.name != "wsd":
+        raise UserError(f"branches need a WSD run, but schedule.name is {s.name!r}; set "
+                        "schedule.name=wsd")
+    stable_end = cfg.train.steps - s.decay_steps
+    for step in points:
+        if not s.warmup_steps <= step <= stable_end:
+            raise UserError(
+                f"branch point {step} lies outside the stable phase of the run (steps "
+                f"{s.warmup_steps} to {stable_end}); choose points in it or lengthen train.steps")
+    for step, decay in pairs:
+        if decay > step:
+            raise UserError(f"a decay of {decay} steps from step {step} is longer than the run "
+                            "before it; use a shorter decay or a later branch point")
+
+
+def branch_name(step: int, decay: int, shape: str) -> str:
+    return f"step{step}-decay{decay}-{shape}"
+
+
+def child_config(parent: Config, parent_dir: Path, step: int, decay: int, shape: str,
+                 final_ratio: float) -> Config:
+    name = branch_name(step, decay, shape)
+    return replace(
+        parent,
+        run={"dir": str(parent_dir / "branches" / name),
+             "name": f"{parent.run.name or parent_dir.name}/{name}",
+             "parent": str(parent_dir), "parent_step": step},
+        train={"steps": step + decay},
+        schedule={"decay_steps": decay, "decay_shape": shape, "final_ratio": final_ratio},
+        checkpoint={"keep_steps": (), "keep_last": 1},
+        branch=dataclasses.asdict(type(parent.branch)()),
+    )
+
+
+def compute_report(parent: Config, pairs: list[tuple[int, int]]) -> dict:
+    """What the branches cost (the parent's stable phase up to the last branch point, plus every
+    decay) against training each point from scratch."""
+    fpt = flops_per_token(parent.model, parent.train.seq_len)
+    tokens_per_step = parent.train.batch_size * parent.train.seq_len
+    rows = [{"branch_step": s, "decay_steps": d, "tokens": (s + d) * tokens_per_step,
+             "flops_from_scratch": fpt * (s + d) * tokens_per_step,
+             "flops_spent": fpt * d * tokens_per_step} for s, d in pairs]
+    stable = fpt * max((s for s, _ in pairs), default=0) * tokens_per_step
+    branched = stable + sum(r["flops_spent"] for r in rows)
+    scratch = sum(r["flops_from_scratch"] for r in rows)
+    return {"points": rows, "flops_stable_phase": stable, "flops_branched": branched,
+            "flops_from_scratch": scratch,
+            "saving": 1 - branched / scratch if scratch else 0.0}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'branch step':>11} {'decay':>6} {'tokens':>12} {'FLOPs spent':>12} "
+             f"{'from scratch':>12}"]
+    for r in report["points"]:
+        lines.append(f"{r['branch_step']:>11} {r['decay_steps']:>6} {r['tokens']:>12,} "
+                     f"{r['flops_spent']:>12.3g} {r['flops_from_scratch']:>12.3g}")
+    lines.append(f"stable phase {report['flops_stable_phase']:.3g} FLOPs + decays = "
+                 f"{report['flops_branched']:.3g} FLOPs, against {report['flops_from_scratch']:.3g}"
+                 f" from scratch: {report['saving']:.0%} saved")
+    return "\n".join(lines)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise UserError(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def main(argv: list[str]) -> int:
+    from lab.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="lab branch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a stable WSD run with checkpoints at the branch points")
+    parser.add_argument("--at", help="branch steps, e.g. 1000,2000 (default: the config's plan)")
+    parser.add_argument("--decay-steps", help="decay lengths, e.g. 200,400")
+    parser.add_argument("--shape", choices=DECAY_SHAPES, help="decay shape")
+    parser.add_argument("--final-ratio", type=float, help="final lr over the peak (default: "
+                        "the run's schedule.final_ratio)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="create nothing; print the children and the compute report")
+    args = parser.parse_args(argv)
+
+    parent_dir = Path(args.run_dir)
+    if not (parent_dir / "config.yaml").is_file():
+        raise UserError(f"{parent_dir} is not a run directory (no config.yaml); pass the "
+                        "directory of a `lab train` run")
+    parent = load_config(parent_dir / "config.yaml")
+    if parent.run.parent:
+        raise UserError(f"{parent_dir} is itself a branch; branch its parent {parent.run.parent}")
+    params = param_counts(with_vocab(parent.model, 257))["params"]
+    if args.at:
+        steps = _ints(args.at, "--at")
+        if not args.decay_steps:
+            raise UserError("--at needs --decay-steps, e.g. --decay-steps 200,400")
+        pairs = [(s, d) for s in steps for d in _ints(args.decay_steps, "--decay-steps")]
+    else:
+        if args.decay_steps:
+            raise UserError("--decay-steps needs --at; without both, the config's plan is used")
+        pairs = planned_pairs(parent, params)
+        if not pairs:
+            raise UserError(f"{parent_dir} declares no branch plan (branch.at_steps and "
+                            "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
+                            "LENGTHS")
+    check_plan(parent, pairs)
+    from lab.checkpoint import Checkpointer
+
+    saved = Checkpointer(str((parent_dir / "checkpoints").absolute()), read_only=True).steps()
+    missing = sorted({s for s, _ in pairs} - set(saved))
+    if missing:
+        raise UserError(f"{parent_dir} has no checkpoint at step {missing[0]} (it has "
+                        f"{saved or 'none'}); declare branch points in branch.at_steps before "
+                        "training so their checkpoints are kept")
+    shape = args.shape or parent.branch.shape or parent.schedule.decay_shape
+    final_ratio = args.final_ratio
+    if final_ratio is None:
+        final_ratio = (parent.branch.final_ratio if parent.branch.final_ratio >= 0
+                       else parent.schedule.final_ratio)
+    if not 0 <= final_ratio <= 1:
+        raise UserError(f"--final-ratio must lie in [0, 1], got {final_ratio}")
+
+    report = compute_report(parent, pairs)
+    children = [child_config(parent, parent_dir, s, d, shape, final_ratio) for s, d in pairs]
+    print(format_report(report))
+    if args.dry_run:
+        for child in children:
+            print(f"{child.run.dir}: lab train {child.run.dir}/config.yaml")
+        return 0
+    write_json_atomic(parent_dir / "branches.json", report)
+
+    from lab.train import train
+
+    statuses = {}
+    for child in children:
+        child_dir = Path(child.run.dir)
+        child_dir.mkdir(parents=True, exist_ok=True)
+        if not (child_dir / "config.yaml").exists():
+            (child_dir / "config.yaml").write_text(dump_config(child))
+        done = read_json(child_dir / "summary.json")
+        if done and done.get("status") == "finished":
+            print(f"{child_dir.name}: finished already, skipped")
+            statuses[child_dir.name] = "finished"
+            continue
+        print(f"--- branch {child_dir.name}")
+        statuses[child_dir.name] = train(child)["status"]
+    failed = {k: v for k, v in statuses.items() if v != "finished"}
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} branches finished"
+          + (f"; not finished: {failed}" if failed else ""))
+    return 0 if not failed else 1

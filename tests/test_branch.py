@@ -1,0 +1,153 @@
+"""Branch-and-decay through the real commands: a branch equals the run trained straight through,
+plans are checked, children are independent and skipped when finished, compute is accounted."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import TINY, run_lab
+from lab.branch import compute_report, planned_pairs
+from lab.config import load_config
+from lab.metrics import read_metrics
+from lab.model import flops_per_token, with_vocab
+
+# A small stable phase: 12 steps, every step logged.
+SMALL = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "model.n_layers=1",
+         "schedule.warmup_steps=2", "checkpoint.every_steps=0"]
+
+
+def common(run_dir: Path, data: str, *extra: str) -> list[str]:
+    return ["train", str(TINY), f"run.dir={run_dir}", f"data.path={data}", *SMALL, *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def stable(tmp_path_factory, small_data) -> Path:
+    """A stable WSD run of 12 steps that declares branch points 4, 6 and 8 (kept checkpoints)."""
+    run_dir = tmp_path_factory.mktemp("stable") / "run"
+    run_lab(common(run_dir, small_data, "train.steps=12", "schedule.decay_steps=0",
+                   "branch.at_steps=[4,6,8]", "branch.decay_steps=[1,2,4]"))
+    return run_dir
+
+
+def exactness(stable: Path, tmp_path: Path, data: str, shape: str) -> None:
+    straight = tmp_path / f"straight-{shape}"
+    run_lab(common(straight, data, "train.steps=12", "schedule.decay_steps=4",
+                   f"schedule.decay_shape={shape}"))
+    out = run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4", "--shape", shape])
+    child = stable / "branches" / f"step8-decay4-{shape}"
+    assert "1 of 1 branches finished" in out.stdout
+    ref, got = losses(straight), losses(child)
+    assert sorted(got) == [9, 10, 11, 12]
+    for step in got:  # every step of the decay
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (shape, step)
+    summary = json.loads((child / "summary.json").read_text())
+    ref_summary = json.loads((straight / "summary.json").read_text())
+    assert summary["final_eval_loss"] == pytest.approx(ref_summary["final_eval_loss"], rel=1e-6)
+    assert summary["parent"] == str(stable) and summary["branch_step"] == 8
+    assert summary["decay_steps"] == 4 and summary["tokens"] == ref_summary["tokens"]
+    assert summary["flops"] == ref_summary["flops"]
+    assert summary["flops_spent"] == summary["flops"] * 4 // 12
+
+
+def test_branch_equals_straight_run_1_sqrt(stable, tmp_path, small_data):
+    exactness(stable, tmp_path, small_data, "1-sqrt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_branch_equals_straight_run_other_shapes(stable, tmp_path, small_data, shape):
+    exactness(stable, tmp_path, small_data, shape)
+
+
+def test_stable_run_keeps_its_branch_points(stable):
+    kept = sorted(int(p.name) for p in (stable / "checkpoints").iterdir() if p.name.isdigit())
+    assert {4, 6, 8} <= set(kept)
+
+
+def test_rerun_skips_finished_children(stable, small_data):
+    run_lab(["branch", str(stable), "--at", "6", "--decay-steps", "2"])
+    child = stable / "branches" / "step6-decay2-1-sqrt"
+    mtime = (child / "summary.json").stat().st_mtime
+    again = run_lab(["branch", str(stable), "--at", "6", "--decay-steps", "2"])
+    assert "finished already, skipped" in again.stdout
+    assert (child / "summary.json").stat().st_mtime == mtime
+    # A child is an ordinary run: `lab train CHILD/config.yaml` says it is done.
+    out = run_lab(["train", str(child / "config.yaml")])
+    assert "already finished" in out.stdout
+
+
+@pytest.mark.slow
+def test_declared_plan_gives_nine_points_with_lineage(stable):
+    from analysis import collect_runs
+
+    out = run_lab(["branch", str(stable)], timeout=1200)
+    assert "9 of 9 branches finished" in out.stdout
+    df = collect_runs(str(stable / "branches"))
+    df = df[df["parent"].notna()]
+    pairs = sorted(zip(df["branch_step"].astype(int), df["decay_steps"].astype(int),
+                       strict=True))
+    assert pairs == [(s, d) for s in (4, 6, 8) for d in (1, 2, 4)]
+    assert (df["D"] == (df["branch_step"] + df["decay_steps"]) * 16 * 128).all()
+    assert df["loss"].notna().all() and (df["N"] == df["N"].iloc[0]).all()
+    report = json.loads((stable / "branches.json").read_text())
+    assert len(report["points"]) == 9
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["branch.at_steps=[20]"], "outside the stable phase"),
+    (["branch.at_steps=[4]", "branch.decay_steps=[5]"], "longer than the run before it"),
+    (["branch.at_steps=[1]"], "outside the stable phase"),  # inside the warmup
+])
+def test_bad_plans_are_refused_before_training(tmp_path, small_data, extra, fragment):
+    run_dir = tmp_path / "bad"
+    result = run_lab(common(run_dir, small_data, "train.steps=12", "schedule.decay_steps=0",
+                            *extra), expect=2)
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--at", "20", "--decay-steps", "2"], "outside the stable phase"),
+    (["--at", "10", "--decay-steps", "2"], "no checkpoint at step 10"),
+    (["--at", "4", "--decay-steps", "6"], "longer than the run before it"),
+    (["--at", "4"], "--decay-steps"),
+    (["--at", "x", "--decay-steps", "2"], "integers"),
+    (["--at", "4", "--decay-steps", "2", "--final-ratio", "3"], "final-ratio"),
+])
+def test_bad_branch_commands_exit_2(stable, args, fragment):
+    before = sorted(p.name for p in (stable / "checkpoints").iterdir())
+    result = run_lab(["branch", str(stable), *args], expect=2)
+    assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (stable / "checkpoints").iterdir()) == before
+
+
+def test_branch_of_a_missing_run_exits_2(tmp_path):
+    result = run_lab(["branch", str(tmp_path / "nothing"), "--at", "4", "--decay-steps", "1"],
+                     expect=2)
+    assert "not a run directory" in result.stderr
+
+
+def test_compute_report_for_a_four_point_plan():
+    cfg = load_config(TINY, ["train.steps=1000", "branch.at_steps=[200,400,600,800]",
+                             "branch.decay_fractions=[0.25]"])
+    cfg = cfg.__class__(**{**cfg.__dict__, "model": with_vocab(cfg.model, 257)})
+    pairs = planned_pairs(cfg, 10**6)
+    assert pairs == [(200, 50), (400, 100), (600, 150), (800, 200)]
+    report = compute_report(cfg, pairs)
+    per_step = flops_per_token(cfg.model, 128) * 16 * 128
+    scratch = per_step * (250 + 500 + 750 + 1000)
+    branched = per_step * (800 + 50 + 100 + 150 + 200)
+    assert report["flops_from_scratch"] == scratch
+    assert report["flops_branched"] == branched
+    assert report["saving"] == pytest.approx(1 - 1300 / 2500)  # 48% saved
+
+
+def test_tokens_per_param_plan():
+    cfg = load_config(TINY, ["branch.at_tokens_per_param=[1,2]", "branch.decay_steps=[3]"])
+    # 16 x 128 = 2048 tokens a step; 1 token/param of 20,480 params = 10 steps.
+    assert planned_pairs(cfg, 20_480) == [(10, 3), (20, 3)]
