@@ -234,7 +234,8 @@ class LoopResult:
 def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.ndarray],
              eval_data: list[jax.Array], logger: MetricsLogger,
              checkpointer: Checkpointer | None, peak_flops: float,
-             flops_per_tok: int, keep_steps: tuple[int, ...] = ()) -> LoopResult:
+             flops_per_tok: int, keep_steps: tuple[int, ...] = (),
+             progress: Progress | None = None) -> LoopResult:
     """Train from state["step"] to cfg.train.steps.
 
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
@@ -242,7 +243,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
     gradient stops the run before anything after it is saved.
     """
     tcfg, ccfg = cfg.train, cfg.checkpoint
-    progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
+    if progress is None:
+        progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     start = int(jax.device_get(state["step"]))
     result = LoopResult(state, "finished", start)
@@ -385,9 +387,13 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, progress: Progress | None = None) -> dict:
     """`lab train`: prepare the run directory, data, mesh and state; resume if a checkpoint
-    exists; train; write the summary. Returns the summary."""
+    exists; train; write the summary. Returns the summary.
+
+    `progress` replaces the default one-line-per-log display: anything with
+    `show(step, metrics, seconds_per_step)` (the demo shows one live line for a whole study).
+    """
     from lab import data as labdata
     from lab.model import with_vocab
 
@@ -481,7 +487,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(run_dir, enabled=is_main)
     try:
         result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
-                          summary["flops_per_token"], keep_steps)
+                          summary["flops_per_token"], keep_steps, progress)
     except BaseException:
         if is_main:
             write_json_atomic(summary_path, {**summary, "status": "failed"})
