@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import math
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -265,6 +266,11 @@ def _make_run(base: Path, common: list[str], words: list[str], name: str,
         if key in spec:
             derived.append(f"schedule.{field}={round(float(spec[key]) * steps)}")
     if branch:
+        warmup = round(float(spec["warmup_fraction"]) * steps) if "warmup_fraction" in spec \
+            else cfg.schedule.warmup_steps
+        if min(branch["at"]) <= warmup:
+            raise UserError(f"{where}: branch.at steps must come after the warmup ({warmup} "
+                            "steps); branch later or warm up less")
         derived += ["schedule.decay_steps=0",
                     f"checkpoint.keep_steps=[{','.join(map(str, branch['at']))}]"]
     slug = _slug(name)
@@ -272,10 +278,9 @@ def _make_run(base: Path, common: list[str], words: list[str], name: str,
     tail = [f"run.name={_yaml_word(name)}", f"run.dir={_yaml_word(run_dir)}"]
     overrides = (*common, *words, *derived, *tail)
     try:
-        final = load_config(base, list(overrides))
+        load_config(base, list(overrides))
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
-    _check_branch(final, branch, where)
     tokens = steps * tokens_per_step
     return Run(name=name, slug=slug, dir=run_dir, overrides=overrides,
                varied=(*words, *derived), N=n, D=tokens, C=float(fpt) * tokens, steps=steps,
@@ -302,14 +307,6 @@ def _steps(cfg: Config, spec: dict, n: int, fpt: int, budget: float | None,
     if branch:
         return max(branch["at"])
     return None
-
-
-def _check_branch(cfg: Config, branch: dict | None, where: str) -> None:
-    if not branch:
-        return
-    if min(branch["at"]) <= cfg.schedule.warmup_steps:
-        raise UserError(f"{where}: branch.at steps must come after the warmup "
-                        f"({cfg.schedule.warmup_steps} steps); branch later or warm up less")
 
 
 def _check_kind(kind: str, spec: dict, where: str) -> None:
@@ -522,7 +519,15 @@ def run_sweep(sweep: Sweep) -> int:
             continue
         print(f"{head}: N={_count(run.N)} D={_count(run.D)} FLOPs={run.C:.3e} -> {run.dir}",
               flush=True)
-        code = subprocess.run(train_command(sweep, run)).returncode
+        code, signum = _run_child(train_command(sweep, run))
+        if signum or code < 0:
+            signum = signum or -code
+            print(f"{head}: stopped by signal {signum}; run the sweep again to resume",
+                  file=sys.stderr)
+            return 128 + signum
+        if code == 0 and run_status(run) == "preempted":
+            print(f"{head}: preempted; run the sweep again to resume", file=sys.stderr)
+            return 1
         if code == 2:
             print(f"{head}: stopped the sweep on a configuration error (above)", file=sys.stderr)
             return 2
@@ -536,6 +541,27 @@ def run_sweep(sweep: Sweep) -> int:
           + (f", {len(diverged)} diverged" if diverged else "")
           + (f"; failed: {', '.join(failed)} (run the sweep again to retry)" if failed else ""))
     return 1 if failed else 0
+
+
+def _run_child(argv: list[str]) -> tuple[int, int | None]:
+    """Run one training process: (exit status, the signal that stopped the sweep, if any).
+    SIGTERM to the sweep is passed on (a terminal's Ctrl-C reaches the child by itself), so
+    stopping a sweep never leaves a run training behind; the run checkpoints and stops."""
+    proc = subprocess.Popen(argv)
+    got: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        got.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait(), (got[0] if got else None)
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def manifest(sweep: Sweep) -> dict:
