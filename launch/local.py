@@ -94,13 +94,14 @@ def _exit_status(code: int) -> int:
 
 
 def launch(command: list[str], processes: int, devices: int, port: int | None = None,
-           grace: float = 20.0, out: IO[str] = sys.stdout) -> int:
+           grace: float = 20.0, out: IO[str] | None = None) -> int:
     """Run `command` as `processes` processes with `devices` CPU devices each; returns the exit
     status: 0 when all succeed, else the first failure's (128 + N for signal N)."""
     if processes < 1 or devices < 1:
         raise UserError(f"--processes and --devices must be at least 1, got {processes} and "
                         f"{devices}")
     argv = resolve_command(command)
+    out = out or sys.stdout
     port = port or free_port()
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
