@@ -1,0 +1,146 @@
+"""A debug launch on one GPU host, with the same configs as everywhere else:
+
+    python -m launch.gpu -- lab train configs/gpu/debug.yaml
+    python -m launch.gpu --mem-fraction 0.5 --profile-steps 20:5 -- lab train configs/tiny.yaml
+    python -m launch.gpu --dry-run -- lab train configs/gpu/debug.yaml   # shows env + command
+
+It sets the environment JAX reads on GPUs and then becomes the command (exec), so signals and
+the exit status are the command's own:
+- JAX_PLATFORMS=cuda, so a missing GPU is an error instead of a silent fall back to the CPU;
+- XLA_PYTHON_CLIENT_MEM_FRACTION (the share of GPU memory JAX preallocates), or
+  XLA_PYTHON_CLIENT_PREALLOCATE=false with --no-preallocate (slower, but shows real usage);
+- XLA_FLAGS: --xla_gpu_enable_latency_hiding_scheduler=true (overlaps collectives with
+  compute), any --xla-flag, and --xla_dump_to with --dump-hlo;
+- CUDA_VISIBLE_DEVICES with --gpus;
+- LAB_PROFILE_STEPS / LAB_PROFILE_DIR with --profile-steps: a jax.profiler trace of those steps
+  (see launch/profile.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from lab.errors import UserError
+from launch.profile import DIR_VAR, STEPS_VAR, parse_window
+
+LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
+
+
+def gpu_env(base: dict[str, str], *, mem_fraction: float | None = 0.9, preallocate: bool = True,
+            gpus: str | None = None, xla_flags: list[str] = (), latency_hiding: bool = True,
+            dump_hlo: str | None = None, profile_steps: str | None = None,
+            profile_dir: str = "runs/profile", platform: str = "cuda") -> dict[str, str]:
+    """The environment of the run: `base` with the GPU settings applied."""
+    env = dict(base)
+    env["JAX_PLATFORMS"] = platform
+    if not preallocate:
+        env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+        env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    elif mem_fraction is not None:
+        if not 0 < mem_fraction <= 1:
+            raise UserError(f"--mem-fraction must lie in (0, 1], got {mem_fraction}")
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:g}"
+    flags = env.get("XLA_FLAGS", "").split()
+    flags += ([LATENCY_HIDING] if latency_hiding else []) + list(xla_flags)
+    if dump_hlo:
+        flags.append(f"--xla_dump_to={dump_hlo}")
+    for flag in flags:
+        if not flag.startswith("--"):
+            raise UserError(f"XLA flag {flag!r} must start with --, e.g. "
+                            "--xla_gpu_enable_triton_gemm=false")
+    if flags:
+        env["XLA_FLAGS"] = " ".join(dict.fromkeys(flags))  # once each, in order
+    if gpus is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpus
+    if profile_steps:
+        parse_window(profile_steps)
+        env[STEPS_VAR] = profile_steps
+        env[DIR_VAR] = profile_dir
+    return env
+
+
+def resolve_command(command: list[str]) -> list[str]:
+    """`lab ...` runs as this interpreter's `python -m lab.cli ...`."""
+    if not command:
+        raise UserError("no command: put it after --, e.g. python -m launch.gpu -- lab train "
+                        "configs/gpu/debug.yaml")
+    if command[0] == "lab":
+        return [sys.executable, "-m", "lab.cli", *command[1:]]
+    return list(command)
+
+
+def check_command(command: list[str]) -> None:
+    """Read a `lab train` config here, so a mistake fails before the GPU starts."""
+    if command[:2] == ["lab", "train"] and len(command) > 2:
+        from lab.config import load_config
+
+        load_config(command[2], command[3:])
+
+
+def describe(env: dict[str, str], base: dict[str, str], argv: list[str]) -> str:
+    """The changed environment and the command, as one line a shell can run."""
+    changed = [f"{k}={v}" for k, v in env.items() if base.get(k) != v]
+    removed = [k for k in base if k not in env]
+    unset = [w for k in removed for w in ("-u", k)]
+    return shlex.join(["env", *unset, *changed, *argv])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lab.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m launch.gpu",
+                       description="Run a command (e.g. lab train CONFIG) on this host's GPUs "
+                                   "with debug-friendly JAX/XLA settings.")
+    p.add_argument("--mem-fraction", type=float, default=0.9,
+                   help="XLA_PYTHON_CLIENT_MEM_FRACTION: GPU memory JAX preallocates (0.9)")
+    p.add_argument("--no-preallocate", action="store_true",
+                   help="allocate GPU memory on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false)")
+    p.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1")
+    p.add_argument("--xla-flag", action="append", default=[], metavar="FLAG",
+                   help="an extra XLA flag, e.g. --xla-flag=--xla_gpu_enable_triton_gemm=false")
+    p.add_argument("--no-latency-hiding", action="store_true",
+                   help="leave out --xla_gpu_enable_latency_hiding_scheduler=true")
+    p.add_argument("--dump-hlo", metavar="DIR", help="dump the compiled HLO to DIR")
+    p.add_argument("--profile-steps", metavar="START:COUNT",
+                   help="capture a jax.profiler trace of COUNT steps from step START")
+    p.add_argument("--profile-dir", default="runs/profile", help="where the trace goes")
+    p.add_argument("--platform", default="cuda",
+                   help="JAX_PLATFORMS (cuda; rocm on AMD; cpu to rehearse without a GPU)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the environment and command instead of running")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        run = resolve_command(command)
+        check_command(command)
+        base = dict(os.environ)
+        env = gpu_env(base, mem_fraction=args.mem_fraction, preallocate=not args.no_preallocate,
+                      gpus=args.gpus, xla_flags=args.xla_flag,
+                      latency_hiding=not args.no_latency_hiding, dump_hlo=args.dump_hlo,
+                      profile_steps=args.profile_steps, profile_dir=args.profile_dir,
+                      platform=args.platform)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(env, base, run), flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        os.execvpe(run[0], run, env)  # the command takes this process's place
+    except OSError as e:
+        print(f"error: cannot run {run[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""launch.gpu: the environment and command of a GPU debug launch (shown by --dry-run and
+rehearsed on the CPU), and the step-window profiler it asks for."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab.errors import UserError
+from launch.gpu import LATENCY_HIDING, gpu_env
+from launch.profile import StepProfiler, parse_window
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_gpu(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.gpu", *args], cwd=ROOT,
+                          env=env or dict(os.environ), capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_dry_run_prints_the_environment_and_the_command():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = launch_gpu(["--dry-run", "--mem-fraction", "0.5", "--profile-steps", "20:5",
+                         "--xla-flag=--xla_gpu_enable_triton_gemm=false", "--",
+                         "lab", "train", "configs/gpu/debug.yaml", "train.steps=300"], env)
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout)
+    assert words[0] == "env"
+    start = words.index(sys.executable)
+    assignments = dict(w.split("=", 1) for w in words[1:start])
+    assert words[start:] == [sys.executable, "-m", "lab.cli", "train", "configs/gpu/debug.yaml",
+                             "train.steps=300"]
+    assert assignments["JAX_PLATFORMS"] == "cuda"
+    assert assignments["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
+    assert assignments["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
+                                                LATENCY_HIDING,
+                                                "--xla_gpu_enable_triton_gemm=false"]
+    assert assignments["LAB_PROFILE_STEPS"] == "20:5"
+    assert assignments["LAB_PROFILE_DIR"] == "runs/profile"
+
+
+def test_environment_options():
+    env = gpu_env({"XLA_PYTHON_CLIENT_MEM_FRACTION": ".75", "XLA_FLAGS": LATENCY_HIDING},
+                  preallocate=False, gpus="0,1", dump_hlo="/tmp/hlo", latency_hiding=True)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert env["XLA_FLAGS"] == f"{LATENCY_HIDING} --xla_dump_to=/tmp/hlo"  # each flag once
+    assert "XLA_FLAGS" not in gpu_env({}, latency_hiding=False)
+    for bad in [dict(mem_fraction=1.5), dict(xla_flags=["xla_foo"]),
+                dict(profile_steps="5:0")]:
+        with pytest.raises(UserError):
+            gpu_env({}, **bad)
+    assert parse_window("7") == (10, 7) and parse_window("3:2") == (3, 2)
+
+
+def test_a_config_mistake_fails_before_the_gpu_starts():
+    result = launch_gpu(["--dry-run", "--", "lab", "train", "configs/gpu/debug.yaml",
+                         "train.stepz=5"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown config key 'train.stepz'")
+    assert launch_gpu(["--dry-run"]).returncode == 2
+
+
+CHILD = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from launch.profile import StepProfiler
+prof = StepProfiler()
+x = jnp.ones((64, 64))
+started = []
+for step in range(6):
+    prof.step(step, wait_for=x)
+    started.append(prof.active)
+    x = jnp.tanh(x @ x)
+prof.stop(x)
+print(json.dumps({"platform": jax.devices()[0].platform, "active": started,
+                  "fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}))
+sys.exit(7)
+"""
+
+
+def test_cpu_rehearsal_runs_the_command_with_its_environment_and_status(tmp_path):
+    result = launch_gpu(["--platform", "cpu", "--profile-steps", "2:3", "--profile-dir",
+                         str(tmp_path / "prof"), "--", sys.executable, "-c", CHILD])
+    assert result.returncode == 7, result.stderr  # the command's own exit status
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report == {"platform": "cpu", "active": [False, False, True, True, True, False],
+                      "fraction": "0.9"}
+    traces = list((tmp_path / "prof").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_profiler_does_nothing_without_the_variables(tmp_path):
+    prof = StepProfiler(env={}, default_dir=str(tmp_path))
+    for step in range(20):
+        prof.step(step)
+    assert not prof.active and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_same_config_trains_through_the_gpu_launcher_on_cpu(tmp_path, small_data):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    result = launch_gpu(["--platform", "cpu", "--", "lab", "train", "configs/tiny.yaml",
+                         f"data.path={small_data}", f"run.dir={tmp_path / 'run'}",
+                         "train.steps=4", "train.log_every=2", "schedule.warmup_steps=1",
+                         "schedule.decay_steps=1", "train.eval_batches=1"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 4
