@@ -474,6 +474,9 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
             raise UserError("no command: put it after --, e.g. -- lab train CONFIG "
                             "run.dir=gs://BUCKET/runs/NAME")
         check_train_command(words)
+        if not re.fullmatch(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?", args.workload):
+            raise UserError(f"--workload {args.workload!r} must be lowercase letters, digits and "
+                            "'-', start with a letter and be at most 40 characters")
         jobs = [(args.workload, [words])]
     steps = [xpk_step(args.cluster, w, args.accelerator, args.num_slices, image, base_image,
                       t, commands, env) for w, commands in jobs]

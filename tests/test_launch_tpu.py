@@ -220,6 +220,8 @@ def test_commands_survive_real_shells_with_a_hostile_name(tmp_path):
     (["run", *SLICE, "--"], "no command"),
     (["run", "--name", "n", "--", "lab", "train", "configs/tiny.yaml"], "--zone is needed"),
     (["run", *SLICE, "--env", "1X=2", "--", "echo"], "must be NAME=VALUE"),
+    (["xpk-run", "--cluster", "c", "--docker-image", "i", "--workload", "My_Run", "--", "echo"],
+     "must be lowercase letters"),
 ])
 def test_mistakes_are_one_line_errors(capsys, argv, message):
     assert tpu.main([argv[0], "--dry-run", *argv[1:]]) == 2
