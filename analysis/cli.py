@@ -154,15 +154,12 @@ def load_inputs(
             csv_frames.append(read_points_csv(item))
     runs = pd.concat(run_frames, ignore_index=True) if run_frames else pd.DataFrame()
     csv = pd.concat(csv_frames, ignore_index=True) if csv_frames else pd.DataFrame()
-    points = (
-        pd.concat([f for f in (runs, csv) if not f.empty], ignore_index=True)
-        if (run_frames or csv_frames)
-        else pd.DataFrame()
-    )
-    if points.empty:
+    parts = [f for f in (runs, csv) if not f.empty]
+    if not parts:
         raise UserError(
             "no finished runs in the inputs; pass --include-unfinished or check the paths"
         )
+    points = pd.concat(parts, ignore_index=True)
     return Inputs(points=points, runs=runs, csv=csv, skipped=skipped)
 
 
