@@ -250,18 +250,15 @@ def _make_run(base: Path, common: list[str], words: list[str], name: str,
     from lab.model import flops_per_token, param_counts
 
     where = f"sweep run {name}"
-    try:
-        # A provisional config: its steps are a placeholder until they are derived below.
-        cfg = load_config(base, [*common, *words, "train.steps=1000000000"])
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+    # A provisional config: its steps are a placeholder until they are derived below.
+    cfg = _load(base, [*common, *words, "train.steps=1000000000"], where)
     model = counting_model(cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     n = param_counts(model)["non_embedding_params"]
     fpt = flops_per_token(model, cfg.train.seq_len)
     steps = _steps(cfg, spec, n, fpt, budget, branch, where, tolerance)
     derived = [f"train.steps={steps}"] if steps is not None else []
-    steps = steps or load_config(base, [*common, *words]).train.steps
+    steps = steps or _load(base, [*common, *words], where).train.steps
     for key, field in (("warmup_fraction", "warmup_steps"), ("decay_fraction", "decay_steps")):
         if key in spec:
             derived.append(f"schedule.{field}={round(float(spec[key]) * steps)}")
@@ -277,14 +274,18 @@ def _make_run(base: Path, common: list[str], words: list[str], name: str,
     run_dir = f"{out.rstrip('/')}/{slug}"
     tail = [f"run.name={_yaml_word(name)}", f"run.dir={_yaml_word(run_dir)}"]
     overrides = (*common, *words, *derived, *tail)
-    try:
-        load_config(base, list(overrides))
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+    _load(base, list(overrides), where)  # every run's config must be valid before any starts
     tokens = steps * tokens_per_step
     return Run(name=name, slug=slug, dir=run_dir, overrides=overrides,
                varied=(*words, *derived), N=n, D=tokens, C=float(fpt) * tokens, steps=steps,
                budget=budget, branch=branch)
+
+
+def _load(base: Path, overrides: list[str], where: str) -> Config:
+    try:
+        return load_config(base, overrides)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _steps(cfg: Config, spec: dict, n: int, fpt: int, budget: float | None,
