@@ -31,15 +31,6 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
 
 
-def _delegate(module: str):
-    """Subcommands with their own argument parsers get the rest of the command line."""
-    def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(args.rest)
-    return run
-
-
 def _not_yet(name: str):
     def run(args: argparse.Namespace) -> int:
         print(f"lab {name}: not yet built")
@@ -68,15 +59,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(run=_train)
 
-    for name, module, text in [
-        ("data", "lab.data", "prepare a corpus into token shards (lab data prep --help)"),
-        ("fit", "analysis.cli", "fit scaling laws to run directories or a CSV"),
-        ("sweep", "lab.sweep", "expand a sweep file into runs, and run them (--dry-run)"),
-        ("branch", "lab.branch", "branch a stable WSD run's checkpoints into decays"),
+    # Listed for `lab --help`; main() hands their arguments to their own parsers.
+    for name, text in [
+        ("data", "prepare a corpus into token shards (lab data prep --help)"),
+        ("fit", "fit scaling laws to run directories or a CSV"),
+        ("sweep", "expand a sweep file into runs, and run them (--dry-run)"),
+        ("branch", "branch a stable WSD run's checkpoints into decays"),
     ]:
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(run=_delegate(module))
+        sub.add_parser(name, help=text, add_help=False)
 
     for name, text in [("demo", "a whole scaling study on this machine, with a report")]:
         p = sub.add_parser(name, help=text)
@@ -84,10 +74,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+# Subcommands that parse their own arguments: the rest of the command line goes to them as is.
+DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "sweep": "lab.sweep",
+             "branch": "lab.branch"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_absl()
     try:
+        if argv and argv[0] in DELEGATED:
+            import importlib
+
+            return int(importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0)
         args = build_parser().parse_args(argv)
         return int(args.run(args) or 0)
     except UserError as e:

@@ -33,6 +33,7 @@ from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomi
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
 from lab.optim import build_optimizer, describe_routing, lr_schedule
+from lab.profiling import StepProfiler
 
 
 @dataclasses.dataclass
@@ -235,7 +236,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
              eval_data: list[jax.Array], logger: MetricsLogger,
              checkpointer: Checkpointer | None, peak_flops: float,
              flops_per_tok: int, keep_steps: tuple[int, ...] = (),
-             progress: Progress | None = None) -> LoopResult:
+             progress: Progress | None = None,
+             profiler: StepProfiler | None = None) -> LoopResult:
     """Train from state["step"] to cfg.train.steps.
 
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
@@ -300,6 +302,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                                       "command again to continue")
                     break
                 tokens = sharding.global_batch(next(batches), trainer.mesh)
+                if profiler is not None:
+                    profiler.step(step, wait_for=result.state)
                 result.state, metrics = trainer.train_step(result.state, tokens)
                 done = step + 1
                 if unchecked is not None:  # this step is already queued: fetching won't stall
@@ -335,6 +339,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                 result.eval_loss = evaluate(trainer, result.state["params"], eval_data)
     finally:
         watch.close()
+        if profiler is not None:
+            profiler.stop(wait_for=result.state)
         if checkpointer is not None:
             t = time.perf_counter()
             checkpointer.wait()
@@ -487,7 +493,8 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     logger = MetricsLogger(run_dir, enabled=is_main)
     try:
         result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
-                          summary["flops_per_token"], keep_steps, progress)
+                          summary["flops_per_token"], keep_steps, progress,
+                          StepProfiler(default_dir=str(run_dir / "profile")))
     except BaseException:
         if is_main:
             write_json_atomic(summary_path, {**summary, "status": "failed"})

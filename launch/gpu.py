@@ -13,7 +13,7 @@ the exit status are the command's own:
   compute), any --xla-flag, and --xla_dump_to with --dump-hlo;
 - CUDA_VISIBLE_DEVICES with --gpus;
 - LAB_PROFILE_STEPS / LAB_PROFILE_DIR with --profile-steps: a jax.profiler trace of those steps
-  (see launch/profile.py).
+  (see lab/profiling.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import shlex
 import sys
 
 from lab.errors import UserError
-from launch.profile import DIR_VAR, STEPS_VAR, parse_window
+from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
 
 LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
 

@@ -12,7 +12,7 @@ import pytest
 
 from lab.errors import UserError
 from launch.gpu import LATENCY_HIDING, gpu_env
-from launch.profile import StepProfiler, parse_window
+from lab.profiling import StepProfiler, parse_window
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def test_a_config_mistake_fails_before_the_gpu_starts():
 CHILD = """
 import json, os, sys
 import jax, jax.numpy as jnp
-from launch.profile import StepProfiler
+from lab.profiling import StepProfiler
 prof = StepProfiler()
 x = jnp.ones((64, 64))
 started = []
