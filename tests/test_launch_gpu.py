@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lab.errors import UserError
-from launch.gpu import LATENCY_HIDING, gpu_env
 from lab.profiling import StepProfiler, parse_window
+from launch.gpu import LATENCY_HIDING, gpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
