@@ -517,10 +517,15 @@ def run_sweep(sweep: Sweep) -> int:
         head = f"[{i}/{len(sweep.runs)}] {run.name}"
         if run_status(run) == "finished":
             print(f"{head}: finished, skipped", flush=True)
-            continue
-        print(f"{head}: N={_count(run.N)} D={_count(run.D)} FLOPs={run.C:.3e} -> {run.dir}",
-              flush=True)
-        code, signum = _run_child(train_command(sweep, run))
+            code, signum = 0, None
+        else:
+            print(f"{head}: N={_count(run.N)} D={_count(run.D)} FLOPs={run.C:.3e} -> "
+                  f"{run.dir}", flush=True)
+            code, signum = _run_child(train_command(sweep, run))
+        branch = branch_command(run)
+        if code == 0 and not signum and branch and run_status(run) == "finished":
+            # The decays of a stable run; `lab branch` skips children already finished.
+            code, signum = _run_child([sys.executable, "-m", "lab.cli", *branch[1:]])
         if signum or code < 0:
             signum = signum or -code
             print(f"{head}: stopped by signal {signum}; run the sweep again to resume",

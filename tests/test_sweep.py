@@ -230,6 +230,22 @@ def test_a_two_run_sweep_runs_skips_finished_runs_and_resumes(tmp_path, small_da
         == "finished"
 
 
+def test_a_branch_sweep_trains_the_stable_run_then_its_branches(tmp_path, small_data):
+    path = write_sweep(tmp_path, {"kind": "branch", "set": {**TINY_SET, "train.steps": 8},
+                                  "sizes": [{"d_model": 32, "n_layers": 1, "n_heads": 2}],
+                                  "branch": {"at": [4, 6], "decay_steps": [2], "shape": "linear"}})
+    out = tmp_path / "out"
+    result = lab(["sweep", str(path), f"data.path={small_data}", "--out", str(out)])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 of 2 branches finished" in result.stdout
+    (run,) = expand_sweep(path, out=str(out)).runs
+    for name in ("step4-decay2-linear", "step6-decay2-linear"):
+        child = json.loads((Path(run.dir) / "branches" / name / "summary.json").read_text())
+        assert child["status"] == "finished" and child["parent"] == run.dir
+    again = lab(["sweep", str(path), f"data.path={small_data}", "--out", str(out)])
+    assert again.returncode == 0 and again.stdout.count("finished already, skipped") == 2
+
+
 def test_a_configuration_error_stops_the_sweep(tmp_path):
     path = write_sweep(tmp_path, {"kind": "grid", "set": TINY_SET,
                                   "grid": {"optim.lr": [1e-3, 1e-2]}})
