@@ -22,28 +22,14 @@ import jax.numpy as jnp
 import optax
 
 from lab.errors import UserError
+from lab.model import HIDDEN_MATRICES
 from lab.muon import SCALINGS, muon
 from lab.schedules import cosine, wsd
+from lab.tree import path_names
 
-HIDDEN_MATRICES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
 NO_DECAY = frozenset({"scale", "bias"})
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
-
-
-def path_names(path) -> tuple:
-    """The names along a tree path: dict keys, list indices, attribute names (not 'value')."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                names.append(getattr(key, attr))
-                break
-        else:
-            names.append(str(key))
-    if names and names[-1] == "value":  # the array inside an nnx.Variable
-        names.pop()
-    return tuple(names)
 
 
 def _ndim(leaf) -> int:

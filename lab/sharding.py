@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from lab.config import MeshConfig
 from lab.errors import UserError
+from lab.tree import path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -113,10 +114,10 @@ def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mes
 
 def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
     """Logical axes of a parameter from its name; a leading extra axis is the layer stack."""
-    name = _key_name(path[-1])
-    axes = PARAM_AXES.get(name)
+    names = path_names(path)
+    axes = PARAM_AXES.get(names[-1])
     if axes is None:
-        raise ValueError(f"no sharding rule for parameter {'/'.join(map(_key_name, path))}")
+        raise ValueError(f"no sharding rule for parameter {'/'.join(map(str, names))}")
     if ndim == len(axes) + 1:
         return ("layers",) + axes
     assert ndim == len(axes), (path, ndim)
@@ -155,10 +156,3 @@ def constrain_activations(x_BxLxD: jax.Array) -> jax.Array:
     if mesh.empty:
         return x_BxLxD
     return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH_AXES, None, None))
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)

@@ -34,6 +34,7 @@ from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
 from lab.optim import build_optimizer, describe_routing, lr_schedule
 from lab.profiling import StepProfiler
+from lab.tree import path_names
 
 
 @dataclasses.dataclass
@@ -140,13 +141,13 @@ def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh) -> dict:
     (matched by the end of their tree path); scalars replicated."""
     param_sh = sharding.param_shardings(abstract_state["params"], mesh)
     by_path = {
-        tuple(sharding._key_name(k) for k in path): sh
+        path_names(path): sh
         for path, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]
     }
     repl = sharding.replicated(mesh)
 
     def opt_leaf(path, leaf):
-        names = tuple(sharding._key_name(k) for k in path)
+        names = path_names(path)
         for i in range(len(names)):
             sh = by_path.get(names[i:])
             if sh is not None and len(sh.spec) <= len(leaf.shape):
