@@ -243,8 +243,10 @@ def _report(method: str, fit, budgets: list[float]) -> str:
             ["a (N_opt ∝ C^a)", fit.a, _interval(iv.get("a"))],
             ["b (D_opt ∝ C^b)", fit.b, _interval(iv.get("b"))],
         ]
-        level = f"{fit.level:.0%} interval" if iv else "interval"
-        out.append(format_table(["parameter", "value", level], rows))
+        if iv:
+            out.append(format_table(["parameter", "value", f"{fit.level:.0%} interval"], rows))
+        else:  # no bootstrap: no interval column
+            out.append(format_table(["parameter", "value"], [r[:2] for r in rows]))
     elif method in ("isoflop", "envelope"):
         title = "Approach 2 (IsoFLOP)" if method == "isoflop" else "Approach 1 (envelope)"
         n = len(fit.budgets) if method == "isoflop" else len(fit.frontier)

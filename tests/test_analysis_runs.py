@@ -95,3 +95,16 @@ def test_points_csv_reads_the_epoch_layout(tmp_path):
     assert list(df["N"]) == [1e9, 2e9]
     np.testing.assert_allclose(df["D"], [1e10, 2e10])  # D = C / 6N
     np.testing.assert_allclose(df["C"], [6e19, 2.4e20])
+
+
+def test_remote_paths_need_a_backend():
+    """gs:// goes through etils.epath; without gcsfs installed that is a one-line UserError."""
+    pytest.importorskip("etils.epath")
+    try:
+        import gcsfs  # noqa: F401
+
+        pytest.skip("gcsfs is installed")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match="gcsfs"):
+        collect_runs("gs://some-bucket/runs")
