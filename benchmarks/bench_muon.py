@@ -80,35 +80,46 @@ def _update_call(tx, params, grads) -> tuple[tuple, float]:
     return (step, (grads, state, params)), temp_mib
 
 
-def _matmul_floor(params: dict) -> tuple:
-    """The matmuls of one Newton-Schulz iteration, to time alone: for each (wide) matrix X of
-    m x n, X X^T (m x n x m), A A (m^3) and A X (m x m x n), on independent inputs."""
+# How many matmuls of each kind 5 Newton-Schulz steps make, on a wide S x L matrix:
+# X X^T (S x L x S), A A (S^3) and A X (S x S x L). See lab.muon._gram_iterations.
+MATMUL_COUNTS = {"standard": {"xxt": 5, "aa": 5, "ax": 5}, "gram": {"xxt": 2, "aa": 14, "ax": 2}}
+MATMUL_FLOPS = {"xxt": lambda s, l: 2 * s * s * l, "aa": lambda s, l: 2 * s**3,
+                "ax": lambda s, l: 2 * s * s * l}
 
-    def products(xs, grams):
-        out = []
-        for x, g in zip(xs, grams, strict=True):
-            out += [x @ jnp.swapaxes(x, -1, -2), g @ g, g @ x]
-        return out
 
-    wide = [p if p.shape[-2] <= p.shape[-1] else jnp.swapaxes(p, -1, -2) for p in params.values()]
+def _auto_method(shape: tuple[int, ...]) -> str:
+    short, long = sorted(shape[-2:])
+    return "gram" if long >= 2 * short else "standard"  # newton_schulz's float32 rule
+
+
+def _product_calls(leaves: list) -> dict:
+    """Each kind of Newton-Schulz matmul over these matrices, as jitted calls to time alone."""
+    wide = [w if w.shape[-2] <= w.shape[-1] else jnp.swapaxes(w, -1, -2) for w in leaves]
     wide = [jnp.asarray(np.asarray(w)) for w in wide]  # materialised, not a lazy transpose
     grams = [jnp.asarray(np.asarray(w @ jnp.swapaxes(w, -1, -2))) for w in wide]
-    return jax.jit(products), (wide, grams)
+    return {
+        "xxt": (jax.jit(lambda xs: [x @ jnp.swapaxes(x, -1, -2) for x in xs]), (wide,)),
+        "aa": (jax.jit(lambda gs: [g @ g for g in gs]), (grams,)),
+        "ax": (jax.jit(lambda gs, xs: [g @ x for g, x in zip(gs, xs, strict=True)]),
+               (grams, wide)),
+    }
 
 
-def _ns_flops(params: dict, steps: int) -> float:
+def _ns_flops(leaves: list, method: str) -> float:
     total = 0.0
-    for p in params.values():
-        m, n = sorted(p.shape[-2:])
+    for p in leaves:
+        short, long = sorted(p.shape[-2:])
+        kind = _auto_method(p.shape) if method == "auto" else method
         batch = int(np.prod(p.shape[:-2]))
-        total += batch * steps * (4 * m * m * n + 2 * m**3)
+        total += batch * sum(n * MATMUL_FLOPS[k](short, long)
+                             for k, n in MATMUL_COUNTS[kind].items())
     return total
 
 
-def _matmul_peak(repeats: int) -> float:
+def _peak_matmul() -> tuple:
+    """A 2048^3 float32 matmul, whose speed DESIGN.md calls this machine's float32 peak."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2048, 2048)), jnp.float32)
-    [seconds] = _median_seconds((jax.jit(lambda a: a @ a), (x,)), repeats=repeats)
-    return 2 * 2048**3 / seconds
+    return jax.jit(lambda a: a @ a), (x,)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -128,22 +139,40 @@ def run(quick: bool = False) -> list[dict]:
                          "optax.contrib.muon", theirs_mib, "XLA memory_analysis temp size"))
 
     params = _params(stacked=True)
-    matrices = (list(params.values()),)
-    ns = jax.jit(lambda ps: [newton_schulz(p) for p in ps])
+    leaves = list(params.values())
+    groups = {kind: [p for p in leaves if _auto_method(p.shape) == kind]
+              for kind in ("standard", "gram")}
+    ns_auto = jax.jit(lambda ps: [newton_schulz(p) for p in ps])
+    ns_std = jax.jit(lambda ps: [newton_schulz(p, method="standard") for p in ps])
     ns16 = jax.jit(lambda ps: [newton_schulz(p, compute_dtype=jnp.bfloat16) for p in ps])
-    ns_s, one_iteration_s, ns16_s = _median_seconds(
-        (ns, matrices), _matmul_floor(params), (ns16, matrices), repeats=repeats
+    products = [(kind, name, call) for kind, group in groups.items()
+                for name, call in _product_calls(group).items()]
+    auto_s, std_s, ns16_s, peak_s, *product_s = _median_seconds(
+        (ns_auto, (leaves,)), (ns_std, (leaves,)), (ns16, (leaves,)), _peak_matmul(),
+        *(call for _, _, call in products), repeats=repeats,
     )
-    floor_s = 5 * one_iteration_s
-    flops = _ns_flops(params, 5)
-    rows.append(_row("newton_schulz, all hidden matrices (float32)", ns_s * 1e3, "ms",
-                     "the same matmuls timed alone", floor_s * 1e3,
-                     f"{flops / 1e9:.1f} GFLOP; target ratio <= 1.3"))
-    peak = _matmul_peak(repeats)
-    rows.append(_row("newton_schulz matmul throughput", flops / ns_s / 1e9, "GFLOP/s",
-                     "2048^3 float32 matmul, same run", peak / 1e9, "ratio = fraction of peak"))
+    floor_std = sum(MATMUL_COUNTS["standard"][name] * s
+                    for (_, name, _), s in zip(products, product_s, strict=True))
+    floor_auto = sum(MATMUL_COUNTS[kind][name] * s
+                     for (kind, name, _), s in zip(products, product_s, strict=True))
+    flops_std, flops_auto = _ns_flops(leaves, "standard"), _ns_flops(leaves, "auto")
+    rows.append(_row("newton_schulz, all hidden matrices", auto_s * 1e3, "ms",
+                     "its matmuls timed alone", floor_auto * 1e3,
+                     f"float32, Gram form on the 512x1536 ones; {flops_auto / 1e9:.0f} GFLOP; "
+                     "target ratio <= 1.3"))
+    rows.append(_row("newton_schulz, standard iteration", std_s * 1e3, "ms",
+                     "its matmuls timed alone", floor_std * 1e3,
+                     f"method='standard'; {flops_std / 1e9:.0f} GFLOP; target ratio <= 1.3"))
+    rows.append(_row("newton_schulz, default vs standard iteration", auto_s * 1e3, "ms",
+                     "method='standard'", std_s * 1e3,
+                     f"FLOP ratio {flops_auto / flops_std:.3f}"))
+    peak = 2 * 2048**3 / peak_s
+    rows.append(_row("newton_schulz matmul throughput", flops_std / std_s / 1e9, "GFLOP/s",
+                     "2048^3 float32 matmul, same run", peak / 1e9,
+                     "standard iteration; ratio = fraction of that peak"))
     rows.append(_row("newton_schulz, bfloat16 matmul operands", ns16_s * 1e3, "ms",
-                     "newton_schulz float32", ns_s * 1e3, "compute_dtype=jnp.bfloat16"))
+                     "method='standard', float32", std_s * 1e3,
+                     "compute_dtype=jnp.bfloat16 (standard iteration)"))
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     param_mib = sum(p.size for p in params.values()) * 4 / 2**20
     rows.append(_row("peak resident memory (whole benchmark)", rss_mib, "MiB", "", None,

@@ -36,6 +36,7 @@ def newton_schulz(
     steps: int = 5,
     eps: float = 1e-7,
     compute_dtype: jnp.dtype = jnp.float32,
+    method: str = "auto",
 ) -> jax.Array:
     """Approximately orthogonalise the last two axes of `x` (batched over leading axes).
 
@@ -47,6 +48,9 @@ def newton_schulz(
     1.21; smaller ones stay below 0.68 (the map grows small values at most a^5 ~ 485 times).
 
     A tall matrix (rows > cols) is transposed first, so ``A`` is the smaller Gram matrix.
+    ``method``: "standard" runs the iteration as written; "gram" runs the same iteration on
+    the small Gram matrices only (see `_gram_iterations`), fewer FLOPs when the long side is
+    well over 1.5 times the short one; "auto" takes "gram" from a ratio of 2 in float32.
     The iteration runs in float32 whatever the input dtype, and the result is cast back to it.
     ``compute_dtype=jnp.bfloat16`` feeds the matrix products bfloat16 operands (float32
     accumulation, elementwise work still float32): faster where bf16 matmuls are, less exact.
@@ -54,12 +58,17 @@ def newton_schulz(
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (ndim >= 2), got shape {x.shape}")
-    a, b, c = NS_COEFFS
+    if method not in ("auto", "standard", "gram"):
+        raise ValueError(f"unknown Newton-Schulz method {method!r}")
     in_dtype = x.dtype
     tall = x.shape[-2] > x.shape[-1]
     x = x.astype(jnp.float32)
     if tall:
         x = jnp.swapaxes(x, -1, -2)
+    short, long = x.shape[-2:]
+    if method == "auto":
+        wide = long >= 2 * short
+        method = "gram" if wide and jnp.dtype(compute_dtype) == jnp.float32 else "standard"
 
     def matmul(p, q):
         return jnp.matmul(
@@ -68,23 +77,70 @@ def newton_schulz(
 
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
     x = x / (norm + eps)
-    for _ in range(steps):
-        gram = matmul(x, jnp.swapaxes(x, -1, -2))
-        poly = b * gram + c * matmul(gram, gram)
-        x = a * x + matmul(poly, x)
+    if method == "gram":
+        x = _gram_iterations(x, steps, matmul)
+    else:
+        x = _standard_iterations(x, steps, matmul)
     if tall:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(in_dtype)
 
 
+def _transpose(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _standard_iterations(x_SxL, steps: int, matmul) -> jax.Array:
+    """Keller Jordan's loop on a wide (short x long) matrix: 4 S^2 L + 2 S^3 FLOPs a step."""
+    a, b, c = NS_COEFFS
+    for _ in range(steps):
+        gram_SxS = matmul(x_SxL, _transpose(x_SxL))
+        poly_SxS = b * gram_SxS + c * matmul(gram_SxS, gram_SxS)
+        x_SxL = a * x_SxL + matmul(poly_SxS, x_SxL)
+    return x_SxL
+
+
+def _gram_iterations(x_SxL, steps: int, matmul) -> jax.Array:
+    """The same iteration on S x S matrices (Gram Newton-Schulz, Dao AI Lab 2026).
+
+    Every iterate is ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in ``A_0 = X_0 X_0^T``, so
+    with ``P_k = a I + b A_k + c A_k^2``: ``Q_{k+1} = P_k Q_k`` and ``A_{k+1} = P_k A_k P_k``;
+    only the first Gram matrix and the final ``Q X_0`` touch the long side. ``A`` gathers
+    rounding error from step to step (100x the standard loop's on ill-conditioned inputs, in
+    float32), so the loop restarts once halfway from ``X = Q X_0``, which brings it back to the
+    standard loop's accuracy. For 5 steps: 8 S^2 L + 28 S^3 FLOPs against 20 S^2 L + 10 S^3.
+    """
+    if steps == 0:
+        return x_SxL
+    a, b, c = NS_COEFFS
+    eye_SxS = jnp.eye(x_SxL.shape[-2], dtype=x_SxL.dtype)
+    restart = steps // 2 + 1
+    gram_SxS, q_SxS = matmul(x_SxL, _transpose(x_SxL)), None
+    for k in range(steps):
+        if k == restart:
+            x_SxL = matmul(q_SxS, x_SxL)
+            gram_SxS, q_SxS = matmul(x_SxL, _transpose(x_SxL)), None
+        poly_SxS = a * eye_SxS + b * gram_SxS + c * matmul(gram_SxS, gram_SxS)
+        q_SxS = poly_SxS if q_SxS is None else matmul(poly_SxS, q_SxS)
+        if k + 1 < steps and k + 1 != restart:
+            # P and A commute (both polynomials in A_0), so P A P = P (P A).
+            gram_SxS = matmul(poly_SxS, matmul(poly_SxS, gram_SxS))
+    return matmul(q_SxS, x_SxL)
+
+
 def orthogonalize(
-    ns_steps: int = 5, eps: float = 1e-7, compute_dtype: jnp.dtype = jnp.float32
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    compute_dtype: jnp.dtype = jnp.float32,
+    method: str = "auto",
 ) -> optax.GradientTransformation:
     """A stateless transformation applying `newton_schulz` to every leaf (all must be matrices)."""
 
     def update_fn(updates, state, params=None):
         del params
-        out = jax.tree.map(lambda u: newton_schulz(u, ns_steps, eps, compute_dtype), updates)
+        out = jax.tree.map(
+            lambda u: newton_schulz(u, ns_steps, eps, compute_dtype, method), updates
+        )
         return out, state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
@@ -135,13 +191,15 @@ def muon(
     eps: float = 1e-7,
     mu_dtype: jnp.dtype | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
+    ns_method: str = "auto",
 ) -> optax.GradientTransformation:
     """Muon for a tree of matrices (route everything else elsewhere, see `lab.optim`).
 
     ``learning_rate`` may be a schedule. Weight decay is decoupled and multiplied by the
     scheduled learning rate, as in ``optax.adamw``: ``W <- W - lr * (scale * O + wd * W)``.
     ``weight_decay_mask`` is passed to ``optax.add_decayed_weights``; ``mu_dtype`` is the
-    momentum's dtype (default: the gradient's).
+    momentum's dtype (default: the gradient's); ``compute_dtype`` and ``ns_method`` go to
+    `newton_schulz`.
     """
     if not 0.0 <= momentum < 1.0:
         raise UserError(f"Muon momentum {momentum} must be in [0, 1); fix optim.muon_momentum")
@@ -151,7 +209,7 @@ def muon(
         raise UserError(f"weight decay {weight_decay} must be >= 0; fix optim.weight_decay")
     return optax.chain(
         optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-        orthogonalize(ns_steps, eps, compute_dtype),
+        orthogonalize(ns_steps, eps, compute_dtype, ns_method),
         scale_by_shape(scaling),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
