@@ -32,7 +32,7 @@ from lab.errors import UserError
 from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
-from lab.optim import build_optimizer, describe_routing, lr_schedule
+from lab.optim import build_optimizer, describe_routing, lr_schedule, param_labels
 from lab.profiling import StepProfiler
 from lab.tree import path_names
 
@@ -75,8 +75,15 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
+    lr_scales = mup_lr_scales(mcfg, abstract_params)
+    if cfg.optim.name == "muon" and cfg.optim.muon_scaling == "shape":
+        # Muon's spectral (shape) scaling already makes its update width-independent; μP's
+        # 1/width on top would count width twice. Moonlight's RMS-matched update is Adam-like
+        # in size, so it keeps μP's multipliers.
+        lr_scales = jax.tree.map(lambda scale, group: 1.0 if group == "muon" else scale,
+                                 lr_scales, param_labels(abstract_params))
     tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, abstract_params,
-                         lr_scales=mup_lr_scales(mcfg, abstract_params))
+                         lr_scales=lr_scales)
 
     def init_fn() -> dict:
         model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed))
