@@ -12,16 +12,20 @@ heads, G query heads per key/value head, E head dim, F MLP width, V vocabulary, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lab.config import ModelConfig
 from lab.sharding import constrain_activations
+from lab.tree import path_names
 
-HIDDEN_MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# The hidden matrices: Muon's group, and μP's width-scaled learning rates.
+HIDDEN_MATRICES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
 
 
 def padded_vocab(data_vocab: int, multiple: int = 64) -> int:
@@ -35,10 +39,43 @@ def _matrix(rngs: nnx.Rngs, fan_in: int, fan_out: int) -> nnx.Param:
     return nnx.Param(init(rngs.params(), (fan_in, fan_out), jnp.float32))
 
 
+def _matmul(a: jax.Array, b: jax.Array, spec: str, dtype: jnp.dtype) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def dense(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """x @ w with operands in `dtype` and a float32 result."""
-    return jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    """x @ w with operands in `dtype` and a float32 result.
+
+    The backward pass is written by hand so that every matmul is a plain row-major product,
+    the form XLA's CPU backend sends to its fast kernels: the weight gradient x^T @ dy would
+    otherwise contract over the leading axis of both operands and run at half speed (and XLA
+    may transpose the large operand to get there). We transpose the narrower of x and dy
+    ourselves; the optimisation barrier stops XLA folding that transpose back into the dot.
+    """
+    return _matmul(x, w, "...d,df->...f", dtype)
+
+
+def _dense_fwd(x, w, dtype):
+    return dense(x, w, dtype), (x, w)
+
+
+def _dense_bwd(dtype, residuals, dy):
+    x, w = residuals
+    d_in, d_out = w.shape
+    x_NxD = x.reshape(-1, d_in).astype(dtype)
+    dy_NxF = dy.reshape(-1, d_out).astype(dtype)
+    dx = _matmul(dy_NxF, w, "nf,df->nd", dtype).reshape(x.shape).astype(x.dtype)
+    if d_in <= d_out:
+        x_DxN = jax.lax.optimization_barrier(x_NxD.T)
+        dw_DxF = _matmul(x_DxN, dy_NxF, "dn,nf->df", dtype)
+    else:  # transpose the narrower dy, and the small result back
+        dy_FxN = jax.lax.optimization_barrier(dy_NxF.T)
+        dw_DxF = jax.lax.optimization_barrier(_matmul(dy_FxN, x_NxD, "fn,nd->fd", dtype)).T
+    return dx, dw_DxF.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -92,16 +129,103 @@ class Attention(nnx.Module):
         k_BxLxKxE = apply_rope(k_BxLxKxE, sin, cos)
         # μP scales logits by 1/E (Yang et al. 2022), SP by 1/sqrt(E).
         scale = 1.0 / E if cfg.parameterization == "mup" else 1.0 / math.sqrt(E)
-        q_BxLxKxGxE = (q_BxLxHxE * scale).reshape(B, L, K, G, E)
-        logits_BxKxGxLxL = jnp.einsum("blkge,bmke->bkglm", q_BxLxKxGxE.astype(dtype),
-                                      k_BxLxKxE.astype(dtype),
-                                      preferred_element_type=jnp.float32)
-        causal_LxL = jnp.tril(jnp.ones((L, L), dtype=bool))
-        logits_BxKxGxLxL = jnp.where(causal_LxL, logits_BxKxGxLxL, -1e30)
-        probs_BxKxGxLxL = jax.nn.softmax(logits_BxKxGxLxL, axis=-1)
-        out_BxLxKxGxE = jnp.einsum("bkglm,bmke->blkge", probs_BxKxGxLxL.astype(dtype),
-                                   v_BxLxKxE.astype(dtype), preferred_element_type=jnp.float32)
-        return dense(out_BxLxKxGxE.reshape(B, L, H * E), self.wo[...], dtype)
+        # Heads first: (B, K, G, L, E), so each key/value head is one batched matmul.
+        q_BxKxGxLxE = (q_BxLxHxE * scale).reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
+        k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
+        v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
+        out_BxKxGxLxE = causal_attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype)
+        out_BxLxHE = out_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
+        return dense(out_BxLxHE, self.wo[...], dtype)
+
+
+# Query block of causal attention: blocks skip the keys after them (about half the scores at
+# long sequences) and keep each block's slab of scores small.
+ATTENTION_BLOCK = 128
+
+
+def _query_blocks(L: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(s + block, L)) for s in range(0, L, block)]
+
+
+def _block_rows(x_BxKxGxLxE: jax.Array, s: int, e: int) -> jax.Array:
+    """Rows s:e of every query head, the G heads of a key/value head stacked: (B, K, G*C, E)."""
+    B, K, G, _, E = x_BxKxGxLxE.shape
+    return x_BxKxGxLxE[:, :, :, s:e].reshape(B, K, G * (e - s), E)
+
+
+def _masked_logits(q_BxKxRxE, k_BxKxSxE, s: int, e: int, G: int, dtype) -> jax.Array:
+    logits_BxKxRxS = _matmul(q_BxKxRxE, k_BxKxSxE, "bkre,bkse->bkrs", dtype)
+    causal_RxS = np.tile(np.arange(s, e)[:, None] >= np.arange(e)[None, :], (G, 1))
+    return jnp.where(causal_RxS, logits_BxKxRxS, -1e30)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def causal_attention(q_BxKxGxLxE: jax.Array, k_BxKxLxE: jax.Array, v_BxKxLxE: jax.Array,
+                     dtype: jnp.dtype, block: int = ATTENTION_BLOCK) -> jax.Array:
+    """softmax(q k^T + causal mask) v with float32 scores, in query blocks of `block` rows.
+
+    Query block [s, e) attends to keys [0, e) only, so most of the masked upper triangle is
+    never computed. The G query heads that share a key/value head are the rows of one matmul.
+    Matmul operands are cast to `dtype`; the softmax stays float32. The backward pass
+    recomputes each block's probabilities from the saved log-sum-exp instead of keeping
+    them (as flash attention does): on a CPU the (L, L) slabs cost more in memory traffic
+    than the extra q k^T costs in FLOPs.
+    """
+    return _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block)[0]
+
+
+def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block):
+    B, K, G, L, E = q_BxKxGxLxE.shape
+    k_lo, v_lo = k_BxKxLxE.astype(dtype), v_BxKxLxE.astype(dtype)
+    outs, lses = [], []
+    for s, e in _query_blocks(L, block):
+        logits_BxKxRxS = _masked_logits(_block_rows(q_BxKxGxLxE, s, e), k_lo[:, :, :e], s, e,
+                                        G, dtype)
+        max_BxKxRx1 = jnp.max(logits_BxKxRxS, axis=-1, keepdims=True)
+        exp_BxKxRxS = jnp.exp(logits_BxKxRxS - max_BxKxRx1)
+        sum_BxKxRx1 = jnp.sum(exp_BxKxRxS, axis=-1, keepdims=True)
+        # Normalise after the matmul: E columns to divide instead of S.
+        out_BxKxRxE = _matmul(exp_BxKxRxS, v_lo[:, :, :e], "bkrs,bkse->bkre", dtype)
+        outs.append((out_BxKxRxE / sum_BxKxRx1).reshape(B, K, G, e - s, E))
+        lses.append(max_BxKxRx1 + jnp.log(sum_BxKxRx1))
+    out_BxKxGxLxE = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out_BxKxGxLxE, (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, out_BxKxGxLxE, lses)
+
+
+def _attention_bwd(dtype, block, residuals, dout_BxKxGxLxE):
+    q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, out_BxKxGxLxE, lses = residuals
+    B, K, G, L, E = q_BxKxGxLxE.shape
+    k_lo, v_lo = k_BxKxLxE.astype(dtype), v_BxKxLxE.astype(dtype)
+    dqs, dk_parts, dv_parts = [], [], []
+    for (s, e), lse_BxKxRx1 in zip(_query_blocks(L, block), lses, strict=True):
+        q_BxKxRxE = _block_rows(q_BxKxGxLxE, s, e)
+        dout_BxKxRxE = _block_rows(dout_BxKxGxLxE, s, e)
+        logits_BxKxRxS = _masked_logits(q_BxKxRxE, k_lo[:, :, :e], s, e, G, dtype)
+        probs_BxKxRxS = jnp.exp(logits_BxKxRxS - lse_BxKxRx1)
+        dprobs_BxKxRxS = _matmul(dout_BxKxRxE, v_lo[:, :, :e], "bkre,bkse->bkrs", dtype)
+        delta_BxKxRx1 = jnp.sum(dout_BxKxRxE * _block_rows(out_BxKxGxLxE, s, e), axis=-1,
+                                keepdims=True)
+        dlogits_BxKxRxS = probs_BxKxRxS * (dprobs_BxKxRxS - delta_BxKxRx1)
+        dqs.append(_matmul(dlogits_BxKxRxS, k_lo[:, :, :e], "bkrs,bkse->bkre", dtype)
+                   .reshape(B, K, G, e - s, E))
+        # dk = dlogits^T q and dv = probs^T dout contract over the block's rows, the form the
+        # CPU kernels handle badly; transpose the small (R, E) operands instead and compute
+        # dk^T and dv^T as plain products (the barrier keeps XLA from undoing it).
+        q_BxKxExR, dout_BxKxExR = jax.lax.optimization_barrier(
+            (q_BxKxRxE.astype(dtype).swapaxes(-1, -2), dout_BxKxRxE.astype(dtype).swapaxes(-1, -2)))
+        pad = ((0, 0), (0, 0), (0, 0), (0, L - e))
+        dk_parts.append(jnp.pad(_matmul(q_BxKxExR, dlogits_BxKxRxS, "bker,bkrs->bkes", dtype),
+                                pad))
+        dv_parts.append(jnp.pad(_matmul(dout_BxKxExR, probs_BxKxRxS, "bker,bkrs->bkes", dtype),
+                                pad))
+    dk_BxKxExL, dv_BxKxExL = jax.lax.optimization_barrier((sum(dk_parts), sum(dv_parts)))
+    dq_BxKxGxLxE = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
+    return (dq_BxKxGxLxE.astype(q_BxKxGxLxE.dtype),
+            dk_BxKxExL.swapaxes(-1, -2).astype(k_BxKxLxE.dtype),
+            dv_BxKxExL.swapaxes(-1, -2).astype(v_BxKxLxE.dtype))
+
+
+causal_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class MLP(nnx.Module):
@@ -251,8 +375,7 @@ def mup_lr_scales(cfg: ModelConfig, params) -> object:
     ratio = cfg.mup_base_width / cfg.d_model if cfg.parameterization == "mup" else 1.0
 
     def one(path, leaf):
-        name = str(getattr(path[-1], "key", path[-1]))
-        return ratio if name in HIDDEN_MATRICES else 1.0
+        return ratio if path_names(path)[-1] in HIDDEN_MATRICES else 1.0
 
     return jax.tree_util.tree_map_with_path(one, params)
 
