@@ -495,6 +495,8 @@ def fit_approach3(
         iters = iters + it
     f = np.where(np.isfinite(f), f, np.inf)
     best = int(np.argmin(f))
+    if not np.isfinite(f[best]):
+        raise UserError("Approach 3 found no finite fit from any start; check N, D and loss")
     a, b, e, alpha, beta = theta[best]
     warns = _diagnose(theta, f, it, conv, best, np.log(N), np.log(D), np.log(loss), max_iter)
     fit = Approach3Fit(
