@@ -31,13 +31,6 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"lab {name}: not yet built")
-        return 0
-    return run
-
-
 def _quiet_absl() -> None:
     """orbax logs routine events as absl warnings; keep stderr for what the user must read."""
     try:
@@ -65,18 +58,15 @@ def build_parser() -> ArgumentParser:
         ("fit", "fit scaling laws to run directories or a CSV"),
         ("sweep", "expand a sweep file into runs, and run them (--dry-run)"),
         ("branch", "branch a stable WSD run's checkpoints into decays"),
+        ("demo", "a whole scaling study on this machine, with a report"),
     ]:
         sub.add_parser(name, help=text, add_help=False)
-
-    for name, text in [("demo", "a whole scaling study on this machine, with a report")]:
-        p = sub.add_parser(name, help=text)
-        p.set_defaults(run=_not_yet(name))
     return parser
 
 
 # Subcommands that parse their own arguments: the rest of the command line goes to them as is.
 DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "sweep": "lab.sweep",
-             "branch": "lab.branch"}
+             "branch": "lab.branch", "demo": "lab.demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
