@@ -1,0 +1,363 @@
+"""The analysis and report of a branched ladder (what `lab demo` ends with).
+
+    result = analyse_study(points, out_dir, bootstrap=200, extrapolate=10)
+    write_report(out_dir, result, compute=..., commands=..., timing=..., title=...)
+
+`points` has one row per branch: size, N (non-embedding parameters), D (tokens), C = 6 N D,
+loss (final eval loss), budget (its compute budget's index). The largest size's longest branch
+is held out; Approach 3 is fitted to the rest by the very `lab fit` command the report prints
+(with bootstrap intervals), then predicts the held-out loss. The IsoFLOP view (Approach 2) uses
+every point. Outputs under out_dir: points.csv, fit_points.csv, plots/*.png, fit.json and a
+self-contained report.html (figures embedded as base64 PNG).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.approach3 import law
+from analysis.cli import _jsonable, build_parser, format_table, run_fit
+from lab.errors import UserError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _shown(path: Path | str) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def held_out_index(points: pd.DataFrame) -> int:
+    """The row left out of the fit: the largest model's longest run."""
+    largest = points[points["N"] == points["N"].max()]
+    return int(largest["D"].idxmax())
+
+
+def fit_words(csv: Path, plots: Path, bootstrap: int, budget: float, method: str) -> list[str]:
+    """The `lab fit` arguments of one analysis step (printed in the report as they run)."""
+    words = [_shown(csv)]
+    if method != "approach3":
+        words += ["--method", method]
+    if bootstrap:
+        words += ["--bootstrap", str(bootstrap)]
+    return words + ["--budgets", f"{budget:g}", "--plots", _shown(plots)]
+
+
+def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
+                  bootstrap: int = 200, extrapolate: float = 10.0,
+                  curves: list[str] = ()) -> dict:
+    """Fit, hold out, predict and plot; returns the JSON-ready result (also the figures'
+    paths under "figures" and the commands under "commands")."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(points).reset_index(drop=True)
+    for col in ("size", "N", "D", "C", "loss", "budget"):
+        if col not in df.columns:
+            raise UserError(f"the study's points lack column {col!r}")
+    held = held_out_index(df)
+    df["held_out"] = df.index == held
+    df.to_csv(out / "points.csv", index=False)
+    df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
+    target = float(f"{extrapolate * float(df['C'].max()):.3g}")  # a round number to print
+
+    # Approach 3 on all but the held-out point, exactly as the printed command does it.
+    words = fit_words(out / "fit_points.csv", plots, bootstrap, target, "approach3")
+    fit, fit_json, fit_text = run_fit(build_parser().parse_args(words))
+    commands = {"fit": [shlex.join(["lab", "fit", *words])]}
+
+    h = df.loc[held]
+    predicted = float(fit.predict(h["N"], h["D"]))
+    held_out = {"run": h.get("run", ""), "size": h["size"], "N": float(h["N"]),
+                "D": float(h["D"]), "loss": float(h["loss"]), "predicted": predicted,
+                "error": predicted / float(h["loss"]) - 1.0}
+    if fit.samples is not None:
+        s = fit.samples
+        preds = law(h["N"], h["D"], *(s[:, i] for i in range(5)))
+        lo, hi = np.nanquantile(preds, [(1 - fit.level) / 2, (1 + fit.level) / 2])
+        held_out["predicted_interval"] = [float(lo), float(hi)]
+
+    # Approach 2 on every point; a budget without an interior minimum is reported, not fatal.
+    iso_words = fit_words(out / "points.csv", plots, bootstrap, target, "isoflop")
+    commands["fit"].append(shlex.join(["lab", "fit", *iso_words]))
+    try:
+        iso, iso_json, iso_text = run_fit(build_parser().parse_args(iso_words))
+        isoflop = {**iso_json, "text": iso_text}
+    except UserError as err:
+        isoflop = {"error": str(err)}
+
+    figures = [str(p) for p in fit_json.get("plots", [])] + [
+        str(p) for p in isoflop.get("plots", [])]
+    figures.insert(0, plot_law(df, fit, held_out, plots / "law.png"))
+    if curves:
+        figures.insert(1, plot_curves(curves, plots / "curves.png"))
+
+    optimal = fit_json["compute_optimal"][0]
+    result = {
+        **{k: v for k, v in fit_json.items() if k != "compute_optimal"},
+        "N_definition": "non-embedding parameters",
+        "C_definition": "6 N D",
+        "held_out": held_out,
+        "prediction": {"C": target, "multiple_of_largest": extrapolate, **optimal},
+        "isoflop": {k: v for k, v in isoflop.items() if k not in ("text", "plots")},
+        "points": df.drop(columns=[c for c in ("run",) if c in df]).to_dict(orient="records"),
+        "fit_text": fit_text,
+        "isoflop_text": isoflop.get("text", ""),
+        "figures": figures,
+        "commands": commands,
+    }
+    if "N_opt" in isoflop:
+        result["isoflop"]["prediction"] = {
+            "C": target, "N_opt": float(iso.N_opt(target)), "D_opt": float(iso.D_opt(target))}
+    return _jsonable(result)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
+    """law.png: the loss of every branch against its tokens, one colour per size, the fitted
+    law through them, and the held-out point beside its prediction."""
+    fig, ax = _figure()
+    d_line = np.logspace(np.log10(df["D"].min() / 1.3), np.log10(df["D"].max() * 1.3), 100)
+    for i, (size, g) in enumerate(sorted(df.groupby("size"), key=lambda kv: kv[1]["N"].min())):
+        color = f"C{i % 10}"
+        n = float(g["N"].iloc[0])
+        fitted = g[~g["held_out"]]
+        ax.scatter(fitted["D"], fitted["loss"], color=color, s=22,
+                   label=f"{size} (N={n:,.0f})")
+        ax.plot(d_line, fit.predict(n, d_line), color=color, lw=1)
+    lo_hi = held_out.get("predicted_interval")
+    ax.scatter([held_out["D"]], [held_out["loss"]], marker="*", s=160, color="k", zorder=4,
+               label="held out (measured)")
+    yerr = None
+    if lo_hi:
+        yerr = [[held_out["predicted"] - lo_hi[0]], [lo_hi[1] - held_out["predicted"]]]
+    ax.errorbar([held_out["D"]], [held_out["predicted"]], yerr=yerr, fmt="o", mfc="none",
+                color="k", capsize=4, label=f"predicted ({held_out['error']:+.2%})")
+    ax.set(xscale="log", xlabel="tokens D", ylabel="final eval loss (nats/byte)",
+           title=f"L(N, D) = {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3f} + "
+                 f"{fit.B:.3g}/D^{fit.beta:.3f}")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
+def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
+    """curves.png: training loss (a running mean over `smooth` logged steps) against tokens of
+    each stable run and its decays, and the final eval loss of each decay."""
+    from lab.metrics import read_json, read_metrics
+
+    fig, ax = _figure()
+    for i, run_dir in enumerate(run_dirs):
+        color = f"C{i % 10}"
+        runs = [Path(run_dir)] + sorted((Path(run_dir) / "branches").glob("*"))
+        for j, r in enumerate(runs):
+            m = pd.DataFrame([x for x in read_metrics(r) if "loss" in x and "tokens" in x])
+            if m.empty:
+                continue
+            loss = m["loss"].rolling(smooth, min_periods=1).mean()
+            ax.plot(m["tokens"], loss, color=color, lw=1.2 if j == 0 else 0.8,
+                    ls="-" if j == 0 else "--", label=Path(run_dir).name if j == 0 else None)
+            summary = read_json(r / "summary.json") or {}
+            if j and summary.get("final_eval_loss"):
+                ax.plot(summary["tokens"], summary["final_eval_loss"], "o", color=color, ms=4)
+    ax.set(xscale="log", xlabel="tokens", ylabel=f"training loss (mean of {smooth} logs)",
+           title="stable runs (solid), decays (dashed), eval loss after each decay (dots)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.{digits}g}"
+
+
+def _iv(result: dict, key: str) -> str:
+    iv = result.get("intervals", {}).get(key)
+    return f" [{_num(iv[0], 3)}, {_num(iv[1], 3)}]" if iv and None not in iv else ""
+
+
+def loss_table(result: dict) -> str:
+    """Final eval loss per size and budget; the held-out point marked with *."""
+    df = pd.DataFrame(result["points"])
+    budgets = sorted(df["budget"].unique())
+    rows = []
+    for size, g in sorted(df.groupby("size"), key=lambda kv: kv[1]["N"].min()):
+        row = [size, f"{int(g['N'].iloc[0]):,}"]
+        for b in budgets:
+            p = g[g["budget"] == b]
+            row.append("-" if p.empty else f"{p['loss'].iloc[0]:.4f}"
+                       + ("*" if bool(p["held_out"].iloc[0]) else ""))
+        rows.append(row)
+    heads = ["size", "N"] + [f"C≈{df[df['budget'] == b]['C'].median():.2g}" for b in budgets]
+    return format_table(heads, rows)
+
+
+def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
+    r, h, p = result, result["held_out"], result["prediction"]
+    level = f"{r.get('level', 0.95):.0%}"
+    lines = [
+        f"Approach 3 on {r['n_points']} points (N = non-embedding parameters, C = 6ND), "
+        f"{level} bootstrap intervals ({r.get('bootstrap_samples', 0)} resamples):",
+        f"  L(N, D) = E + A/N^alpha + B/D^beta: E {_num(r['E'])}{_iv(r, 'E')}, "
+        f"alpha {_num(r['alpha'], 3)}{_iv(r, 'alpha')}, beta {_num(r['beta'], 3)}{_iv(r, 'beta')}",
+        f"  N_opt ∝ C^{_num(r['a'], 3)}{_iv(r, 'a')}, D_opt ∝ C^{_num(r['b'], 3)}{_iv(r, 'b')}",
+    ]
+    iv = h.get("predicted_interval")
+    ivt = f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""
+    lines.append(f"held out: {h['size']} at {h['D']:,.0f} tokens: predicted {h['predicted']:.4f}"
+                 f"{ivt}, measured {h['loss']:.4f}: error {h['error']:+.2%}")
+    opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} tokens/"
+           f"param), loss {p['loss']:.4f}")
+    if p.get("loss_lo") is not None:
+        opt += f" [{p['loss_lo']:.4f}, {p['loss_hi']:.4f}]"
+    lines.append(f"compute-optimal at C = {p['C']:.3g} ({p['multiple_of_largest']:g}x the "
+                 f"largest run): {opt}")
+    iso = result["isoflop"]
+    if "error" in iso:
+        lines.append(f"IsoFLOP: not available ({iso['error']})")
+    else:
+        n_iv = iso["N_opt"]["exponent_interval"]
+        lines.append(f"IsoFLOP ({iso['n_budgets']} budgets): N_opt ∝ C^{_num(iso['a'], 3)} "
+                     f"[{_num(n_iv[0], 3)}, {_num(n_iv[1], 3)}], D_opt ∝ C^{_num(iso['b'], 3)}")
+    lines.append(f"compute: {compute['flops_branched']:.3g} FLOPs with branching against "
+                 f"{compute['flops_from_scratch']:.3g} from scratch "
+                 f"({compute['saving']:.0%} saved)")
+    if timing:
+        parts = [f"{timing['total_seconds'] / 60:.1f} min in all"]
+        if "runs_seconds" in timing:
+            parts.append(f"runs {timing['runs_seconds'] / 60:.1f} min")
+        if "cpu_seconds" in timing:
+            parts.append(f"CPU time {timing['cpu_seconds'] / 60:.1f} min")
+        lines.append("time: " + ", ".join(parts))
+    return lines
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def embed_png(path: str | Path) -> str:
+    data = Path(path).read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError(f"{path} is not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
+color:#222}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
+img{max-width:100%;border:1px solid #ddd;margin:.5em 0}figure{margin:1em 0}
+figcaption{color:#555;font-size:.9em}td,th{padding:.2em .6em;text-align:right}
+table{border-collapse:collapse}tr:nth-child(even){background:#f6f6f6}"""
+
+CAPTIONS = {
+    "law.png": "Final eval loss of every branch against its tokens, with the fitted law per "
+               "size; the star is the held-out point, the circle its prediction.",
+    "curves.png": "Training loss of each size's stable run and its decays.",
+    "contours.png": "The fitted law over N and D, with the compute-optimal allocation.",
+    "frontier.png": "Loss against compute, and the compute-optimal frontier with its band.",
+    "residuals.png": "Residuals of the fit (log loss minus log fit).",
+    "isoflop.png": "IsoFLOP profiles: loss against N at each budget, parabolas and minima.",
+    "allocation.png": "Optimal N and D per budget (IsoFLOP) and their power laws.",
+}
+
+
+def _table_html(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
+                title: str) -> str:
+    """A self-contained page: the summary, the law and its intervals, the held-out check,
+    compute, the figures (embedded) and the commands that reproduce every step."""
+    esc = html.escape
+    params = [[k, _num(result.get(k)), _iv(result, k).strip() or "-"]
+              for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+    h = result["held_out"]
+    iv = h.get("predicted_interval")
+    held_rows = [["size", h["size"]], ["N", f"{h['N']:,.0f}"], ["D (tokens)", f"{h['D']:,.0f}"],
+                 ["measured loss", f"{h['loss']:.4f}"], ["predicted loss", f"{h['predicted']:.4f}"
+                 + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")],
+                 ["error", f"{h['error']:+.2%}"]]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
+        "<h2>Summary</h2><pre>" + esc("\n".join(summary_lines(result, compute, timing)))
+        + "</pre>",
+        "<h2>Final eval loss per size and budget</h2><pre>" + esc(loss_table(result))
+        + "</pre><p>* held out of the fit.</p>",
+        "<h2>The fitted law</h2><p>L(N, D) = E + A/N<sup>α</sup> + B/D<sup>β</sup> (Hoffmann "
+        "et al. 2022, Approach 3: Huber loss on log loss, 4,500 starts), N the non-embedding "
+        f"parameters, D the tokens; {result.get('level', 0.95):.0%} percentile intervals from "
+        f"{result.get('bootstrap_samples', 0)} bootstrap resamples of the points.</p>",
+        _table_html(["parameter", "value", "interval"], params),
+    ]
+    if result.get("warnings"):
+        parts.append("<p>Warnings of the fit: " + esc("; ".join(result["warnings"])) + "</p>")
+    parts += ["<h2>Held-out check</h2><p>The largest model's longest branch is left out of the "
+              "fit, predicted by it, then compared.</p>",
+              _table_html(["", ""], held_rows)]
+    p = result["prediction"]
+    parts.append(f"<h2>Prediction at {p['multiple_of_largest']:g}x the largest budget</h2>"
+                 "<pre>" + esc(result["fit_text"]) + "</pre>")
+    iso = result["isoflop"]
+    parts.append("<h2>IsoFLOP view (Approach 2)</h2>")
+    parts.append("<pre>" + esc(result["isoflop_text"] or iso.get("error", "")) + "</pre>")
+    parts.append("<h2>Compute</h2>" + _table_html(["", ""], [
+        ["FLOPs with branching", f"{compute['flops_branched']:.3g}"],
+        ["FLOPs training each point from scratch", f"{compute['flops_from_scratch']:.3g}"],
+        ["saved by branching", f"{compute['saving']:.0%}"],
+        *[[k.replace("_", " "), f"{v:.0f}"] for k, v in timing.items()]]))
+    parts.append("<h2>Figures</h2>")
+    for fig in result["figures"]:
+        name = Path(fig).name
+        parts.append(f"<figure><img alt='{esc(name)}' src='{embed_png(fig)}'>"
+                     f"<figcaption>{esc(name)}: {esc(CAPTIONS.get(name, ''))}</figcaption>"
+                     "</figure>")
+    parts.append("<h2>Reproduce</h2><p>Each size's stable run (its branch plan is in the "
+                 "overrides), its branches, then the fits:</p><pre>"
+                 + esc("\n".join([*commands.get("train", []), *commands.get("branch", []),
+                                  *result["commands"]["fit"]])) + "</pre>")
+    parts.append("<p>TensorBoard logs of every run: <code>tensorboard --logdir "
+                 f"{esc(commands.get('logdir', 'runs'))}</code></p></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | Path, result: dict, *, compute: dict, commands: dict,
+                 timing: dict, title: str) -> dict:
+    """Write fit.json and report.html; returns the fit.json content."""
+    out = Path(out_dir)
+    data = {**result, "compute": compute, "timing": timing,
+            "commands": {**commands, **result["commands"]}}
+    (out / "fit.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    page = render_html(result, compute=compute, commands=commands, timing=timing, title=title)
+    (out / "report.html").write_text(page)
+    return data

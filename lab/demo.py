@@ -1,0 +1,499 @@
+"""`lab demo [--out DIR] [--quick] [--optim muon|adamw]`: a whole scaling study on this machine.
+
+The study file (configs/demo.yaml; --quick: configs/demo-quick.yaml) names a base lab config, a
+ladder of model sizes and a list of compute budgets. Each size gets one stable WSD run whose
+declared branch plan (branch.at_steps, branch.decay_fractions) puts one branch at every budget;
+the branches decay from the kept checkpoints (lab.branch), and analysis.report fits the laws,
+checks a held-out point and writes DIR/report.html and DIR/fit.json.
+
+Every step is an ordinary `lab train` / `lab branch` / `lab fit` command, run in-process, so a
+rerun continues where an interrupted one stopped: finished runs are skipped and an unfinished
+one resumes from its last checkpoint. One live line shows the run, step, loss and the ETA of the
+whole study; what the runs print goes to DIR/demo.log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from lab.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "configs" / "demo.yaml"
+QUICK_STUDY = ROOT / "configs" / "demo-quick.yaml"
+EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------- the study file
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A study file: the base config, the ladder, the budgets and the analysis settings."""
+
+    path: Path
+    base: Path  # a lab config every run starts from
+    sizes: tuple[dict, ...]  # model overrides, smallest first
+    budgets: tuple[float, ...]  # training FLOPs of each branch (lab.model.flops_per_token)
+    decay_fraction: float  # decay steps / branch step
+    lr: dict  # peak learning rate per optimizer name
+    bootstrap: int = 200
+    extrapolate: float = 10.0
+    overrides: tuple[str, ...] = ()  # key=value words for every run
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; relative paths in it are relative to the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study file {path} does not exist; pass one like configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"study file {path} is not valid YAML; fix its syntax") from None
+    known = {f.name for f in dataclasses.fields(Study)} - {"path"}
+    unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
+    if unknown:
+        raise UserError(f"unknown key {unknown[0]!r} in study file {path}; known keys: "
+                        f"{', '.join(sorted(known))}")
+    missing = [k for k in ("base", "sizes", "budgets", "decay_fraction", "lr") if k not in raw]
+    if missing:
+        raise UserError(f"study file {path} lacks {missing[0]!r}; see configs/demo.yaml")
+    sizes = raw["sizes"]
+    if not isinstance(sizes, list) or not all(isinstance(s, dict) for s in sizes):
+        raise UserError(f"sizes in {path} must be a list of model overrides such as "
+                        "{d_model: 32, n_layers: 1, n_heads: 2}")
+    budgets = tuple(float(b) for b in raw["budgets"])
+    if len(sizes) < 2 or len(budgets) < 2:
+        raise UserError(f"{path} needs two or more sizes and budgets (it has {len(sizes)} and "
+                        f"{len(budgets)})")
+    if any(b <= 0 for b in budgets) or list(budgets) != sorted(set(budgets)):
+        raise UserError(f"budgets in {path} must be positive and increasing, got {budgets}")
+    fraction = float(raw["decay_fraction"])
+    if not 0 < fraction <= 1:
+        raise UserError(f"decay_fraction in {path} must lie in (0, 1], got {fraction}")
+    lr = {str(k): float(v) for k, v in dict(raw["lr"]).items()}
+    return Study(path=path, base=(path.parent / raw["base"]).resolve(), sizes=tuple(sizes),
+                 budgets=budgets, decay_fraction=fraction, lr=lr,
+                 bootstrap=int(raw.get("bootstrap", 200)),
+                 extrapolate=float(raw.get("extrapolate", 10.0)),
+                 overrides=tuple(str(w) for w in raw.get("overrides", ())))
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    """One size of the ladder: its stable run (the `lab train` words) and its branches."""
+
+    name: str
+    words: tuple[str, ...]  # overrides after the base config
+    run_dir: Path
+    pairs: tuple[tuple[int, int], ...]  # (branch step, decay steps), one per budget
+    budgets: tuple[float, ...]  # the budget each pair stands for
+    flops_per_step: int
+    non_embedding_params: int
+
+
+def _word(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = "[" + ",".join(str(v) for v in value) + "]"
+    return f"{key}={value}"
+
+
+def _size_name(size: dict) -> str:
+    return f"d{size.get('d_model', '')}-l{size.get('n_layers', '')}"
+
+
+def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan]:
+    """Branch steps per size: a branch at step S decays for round(f S) steps, so it trains
+    S (1 + f) steps in all; S is chosen so those steps spend the budget."""
+    from lab.branch import check_plan, planned_pairs
+    from lab.config import load_config
+    from lab.model import flops_per_token, param_counts, with_vocab
+
+    if optim not in study.lr:
+        raise UserError(f"the study {study.path} gives no learning rate for {optim!r}; add it "
+                        "under lr:")
+    plans = []
+    for size in study.sizes:
+        name = _size_name(size)
+        model = [_word(f"model.{k}", v) for k, v in size.items()]
+        common = [*study.overrides, *model, f"optim.name={optim}", f"optim.lr={study.lr[optim]}"]
+        cfg = load_config(study.base, common)
+        model_cfg = with_vocab(cfg.model, vocab)
+        per_step = flops_per_token(model_cfg, cfg.train.seq_len) * cfg.train.batch_size \
+            * cfg.train.seq_len
+        steps = [max(1, round(b / per_step / (1 + study.decay_fraction))) for b in study.budgets]
+        if len(set(steps)) < len(steps) or steps[0] < cfg.schedule.warmup_steps:
+            raise UserError(f"size {name}: the budgets {study.budgets} give branch steps "
+                            f"{steps}, which must be distinct and at least the warmup "
+                            f"({cfg.schedule.warmup_steps}); raise the budgets")
+        run_dir = out / "runs" / name
+        words = (f"run.dir={run_dir}", *common, f"train.steps={steps[-1]}",
+                 "schedule.decay_steps=0", _word("branch.at_steps", steps),
+                 _word("branch.decay_fractions", [study.decay_fraction]))
+        cfg = load_config(study.base, list(words))
+        pairs = planned_pairs(cfg, param_counts(model_cfg)["params"])
+        check_plan(cfg, pairs)
+        plans.append(SizePlan(name, words, run_dir, tuple(pairs), study.budgets, per_step,
+                              param_counts(model_cfg)["non_embedding_params"]))
+    return plans
+
+
+def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
+    """The plan as JSON: a rerun into the same directory must find the same plan."""
+    return {"study": str(study.path), "base": str(study.base), "optim": optim,
+            "sizes": [{"name": p.name, "words": list(p.words), "pairs": [list(x) for x in p.pairs]}
+                      for p in plans]}
+
+
+def check_same_plan(out: Path, plan: dict) -> None:
+    path = out / "study.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != plan:
+            raise UserError(f"{out} holds a demo with other settings (see {path}); use the same "
+                            "options to continue it, or another --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _shown(path: Path | str) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def train_command(study: Study, plan: SizePlan) -> str:
+    words = [f"run.dir={_shown(plan.run_dir)}", *plan.words[1:]]
+    return shlex.join(["lab", "train", _shown(study.base), *words])
+
+
+def branch_command(plan: SizePlan) -> str:
+    return shlex.join(["lab", "branch", _shown(plan.run_dir)])
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class StudyProgress:
+    """One live line for the whole study: which run, its step and loss, and the ETA.
+
+    On a terminal the line is redrawn in place (carriage return); otherwise a line is printed
+    at most every `every` seconds. Each run's own display is replaced by this one (train's
+    `progress` argument). The ETA is the FLOPs left over the rate measured on the latest run,
+    plus a measured overhead (compilation, restore, evaluation) per run left, plus the analysis.
+    """
+
+    ANALYSIS_SECONDS = 30.0
+
+    def __init__(self, runs: list[tuple[str, int, int, int]], stream: TextIO,
+                 tty: bool | None = None, every: float = 10.0):
+        # runs: (label, first step, last step, FLOPs per step) in the order they will train
+        self.runs = runs
+        self.stream = stream
+        self.tty = stream.isatty() if tty is None else tty
+        self.every = every
+        self.index = -1
+        self.done_flops = 0.0  # runs finished before the current one
+        self.rate = 0.0  # FLOPs per second of training, from the latest measurement
+        self.overhead = 8.0  # seconds per run outside training steps, measured as runs finish
+        self.overheads: list[float] = []
+        self.run_started = time.perf_counter()
+        self.shows = 0
+        self.since = (self.run_started, 0)  # (time, step) the rate is measured from
+        self.step = 0
+        self.last_print = 0.0
+        self.width = 0
+
+    def total_flops(self) -> float:
+        return float(sum((last - first) * fps for _, first, last, fps in self.runs))
+
+    def start(self, index: int) -> None:
+        self.index = index
+        self.run_started = time.perf_counter()
+        self.shows = 0
+        self.since = (self.run_started, self.runs[index][1])
+        self.step = self.runs[index][1]
+        self._draw(f"{self._where()} | starting", force=True)
+
+    def finish(self, message: str, trained_steps: int = 0) -> None:
+        """The current run is over: a permanent line, and the per-run overhead (its time
+        beyond `trained_steps` at the measured rate) folded into the estimate."""
+        _, first, last, fps = self.runs[self.index]
+        self.done_flops += (last - first) * fps
+        if trained_steps and self.rate > 0:
+            wall = time.perf_counter() - self.run_started
+            self.overheads.append(max(wall - trained_steps * fps / self.rate, 0.0))
+            self.overhead = sum(self.overheads) / len(self.overheads)
+        self.line(message)
+
+    def show(self, step: int, metrics: dict, seconds_per_step: float) -> None:
+        """Called by the training loop at every logged step."""
+        _, first, last, fps = self.runs[self.index]
+        now = time.perf_counter()
+        if self.shows == 0:  # the first interval holds the compilation: measure from here
+            self.since = (now, step)
+        elif step > self.since[1]:
+            self.rate = fps * (step - self.since[1]) / (now - self.since[0])
+        self.shows += 1
+        self.step = step
+        done = self.done_flops + (step - first) * fps
+        left_runs = len(self.runs) - self.index - 1
+        if self.rate > 0:
+            eta = ((self.total_flops() - done) / self.rate + left_runs * self.overhead
+                   + self.ANALYSIS_SECONDS)
+            eta_text = _clock(eta)
+        else:
+            eta_text = "?"
+        loss = f" | loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        self._draw(f"{self._where()} | step {step}/{last}{loss} | study "
+                   f"{done / max(self.total_flops(), 1):.0%} | ETA {eta_text}")
+
+    def line(self, message: str) -> None:
+        """A permanent line above the live one."""
+        if self.tty:
+            self.stream.write("\r" + " " * self.width + "\r")
+        self.stream.write(message + "\n")
+        self.stream.flush()
+        self.width = 0
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.width = 0
+
+    def _where(self) -> str:
+        return f"[run {self.index + 1}/{len(self.runs)}] {self.runs[self.index][0]}"
+
+    def _draw(self, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        elif force or now - self.last_print >= self.every:
+            self.stream.write(text + "\n")
+        else:
+            return
+        self.last_print = now
+        self.stream.flush()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _child_configs(plan: SizePlan) -> list:
+    """The branches of a finished stable run, as `lab branch RUN_DIR` makes them."""
+    from lab.branch import child_config
+    from lab.config import load_config
+
+    parent = load_config(plan.run_dir / "config.yaml")
+    shape = parent.branch.shape or parent.schedule.decay_shape
+    ratio = (parent.branch.final_ratio if parent.branch.final_ratio >= 0
+             else parent.schedule.final_ratio)
+    return [child_config(parent, plan.run_dir, s, d, shape, ratio) for s, d in plan.pairs]
+
+
+def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
+    runs = []
+    for p in plans:
+        runs.append((f"{p.name} stable", 0, max(s for s, _ in p.pairs), p.flops_per_step))
+        runs += [(f"{p.name} branch {s}+{d}", s, s + d, p.flops_per_step) for s, d in p.pairs]
+    return runs
+
+
+def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log: TextIO) -> str:
+    """Train every stable run and its branches in order; 'finished' or the status that
+    stopped it ('preempted' after Ctrl-C / SIGTERM, 'diverged', ...)."""
+    from lab.branch import compute_report
+    from lab.config import dump_config, load_config
+    from lab.metrics import read_json, write_json_atomic
+    from lab.train import train
+
+    index = 0
+    for plan in plans:
+        cfg = load_config(study.base, list(plan.words))
+        jobs = [(cfg, None)]
+        for i in range(len(plan.pairs) + 1):
+            if i == 1:  # the stable run is done: its children exist only now
+                write_json_atomic(plan.run_dir / "branches.json",
+                                  compute_report(load_config(plan.run_dir / "config.yaml"),
+                                                 list(plan.pairs)))
+                jobs += [(child, plan.run_dir) for child in _child_configs(plan)]
+            run_cfg, parent = jobs[i]
+            run_dir = Path(run_cfg.run.dir)
+            progress.start(index)
+            label = progress.runs[index][0]
+            index += 1
+            done = read_json(run_dir / "summary.json")
+            if done and done.get("status") == "finished":
+                progress.finish(f"{label}: finished already (eval loss "
+                                f"{done['final_eval_loss']:.4f})")
+                continue
+            if parent is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if not (run_dir / "config.yaml").exists():
+                    (run_dir / "config.yaml").write_text(dump_config(run_cfg))
+            print(f"--- {label}: {run_dir}", file=log, flush=True)
+            with contextlib.redirect_stdout(log):
+                summary = train(run_cfg, progress=progress)
+            if summary["status"] != "finished":
+                progress.finish(f"{label}: {summary['status']} at step {summary.get('steps')}")
+                return summary["status"]
+            progress.finish(f"{label}: eval loss {summary['final_eval_loss']:.4f} "
+                            f"({summary['tokens']:,} tokens, {summary['train_seconds']:.0f} s)",
+                            trained_steps=progress.step - progress.runs[progress.index][1])
+    return "finished"
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def collect_points(plans: list[SizePlan]) -> list[dict]:
+    """One point per branch: N (non-embedding parameters), D (tokens), C = 6 N D, the lab's
+    own FLOP count, the final eval loss, and which budget and size it belongs to."""
+    from lab.branch import branch_name
+    from lab.config import load_config
+    from lab.metrics import read_json
+
+    points = []
+    for plan in plans:
+        parent = load_config(plan.run_dir / "config.yaml")
+        shape = parent.branch.shape or parent.schedule.decay_shape
+        for k, ((s, d), budget) in enumerate(zip(plan.pairs, plan.budgets, strict=True)):
+            run_dir = plan.run_dir / "branches" / branch_name(s, d, shape)
+            summary = read_json(run_dir / "summary.json")
+            if not summary or summary.get("status") != "finished":
+                raise UserError(f"{run_dir} is not finished; run `lab demo` again to finish it")
+            n, tokens = summary["non_embedding_params"], summary["tokens"]
+            points.append({"run": str(run_dir), "size": plan.name, "N": n, "D": tokens,
+                           "C": 6.0 * n * tokens, "flops": summary["flops"],
+                           "loss": summary["final_eval_loss"], "budget": k,
+                           "budget_flops": budget, "params": summary["params"],
+                           "branch_step": s, "decay_steps": d,
+                           "train_seconds": summary.get("train_seconds", 0.0)})
+    return points
+
+
+def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
+    """FLOPs of the study with branching against training every point from scratch."""
+    from lab.branch import compute_report
+    from lab.config import load_config
+
+    branched = scratch = 0.0
+    for plan in plans:
+        report = compute_report(load_config(plan.run_dir / "config.yaml"), list(plan.pairs))
+        branched += report["flops_branched"]
+        scratch += report["flops_from_scratch"]
+    return {"flops_branched": branched, "flops_from_scratch": scratch,
+            "saving": 1 - branched / scratch if scratch else 0.0}
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def build_parser():
+    from lab.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="lab demo", description=(
+        "Run a whole scaling study on this machine: a ladder of model sizes, one stable WSD "
+        "run each branched into decays, the scaling-law fits with a held-out check; writes "
+        "DIR/report.html and DIR/fit.json. Rerun the same command to continue an interrupted "
+        "demo."))
+    parser.add_argument("--out", help="output directory (default runs/demo, or runs/demo-quick "
+                        "with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller ladder with short runs (about a minute)")
+    parser.add_argument("--optim", choices=("muon", "adamw"), default="muon",
+                        help="optimizer of every run (default muon)")
+    parser.add_argument("--study", help="a study file instead of configs/demo.yaml")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    study = load_study(args.study or (QUICK_STUDY if args.quick else STUDY))
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    started, cpu0 = time.perf_counter(), _cpu_seconds()
+    stream = sys.stdout
+
+    from lab import data as labdata
+
+    vocab = labdata.open_dataset(labdata.default_data_path()).vocab_size
+    plans = plan_study(study, out, args.optim, vocab)
+    check_same_plan(out, describe_plan(study, plans, args.optim))
+    n_points = sum(len(p.pairs) for p in plans)
+    print(f"lab demo: {len(plans)} sizes ({plans[0].non_embedding_params:,} to "
+          f"{plans[-1].non_embedding_params:,} non-embedding parameters), {n_points} branches, "
+          f"{args.optim} + muP; output in {out} (runs log to {out / 'demo.log'})", flush=True)
+
+    progress = StudyProgress(_run_list(plans), stream)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with open(out / "demo.log", "a") as log:
+            status = run_study(study, plans, progress, log)
+    except KeyboardInterrupt:  # outside a training loop (one checkpoints and returns instead)
+        status = "interrupted"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        progress.close()
+    if status != "finished":
+        rerun = shlex.join(["lab", "demo", *argv])
+        print(f"the demo stopped ({status}); `{rerun}` continues where it stopped", flush=True)
+        return EXIT_INTERRUPTED if status in ("preempted", "interrupted") else 1
+    runs_seconds = time.perf_counter() - started
+
+    from analysis.report import analyse_study, loss_table, summary_lines, write_report
+
+    print("analysis: the fits, the held-out check, figures and the report", flush=True)
+    result = analyse_study(collect_points(plans), out, bootstrap=study.bootstrap,
+                           extrapolate=study.extrapolate,
+                           curves=[str(p.run_dir) for p in plans])
+    commands = {"train": [train_command(study, p) for p in plans],
+                "branch": [branch_command(p) for p in plans],
+                "logdir": _shown(out / "runs")}
+    compute = compute_spent(study, plans)
+    timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,
+              "cpu_seconds": _cpu_seconds() - cpu0}
+    write_report(out, result, compute=compute, commands=commands, timing=timing,
+                 title=f"lab demo: {study.path.name}, {args.optim} + muP")
+    print(loss_table(result))
+    print("\n".join(summary_lines(result, compute, timing)))
+    print(f"report: {out / 'report.html'} (fit: {out / 'fit.json'})")
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM outside a training loop stops like Ctrl-C (a loop checkpoints first)."""
+    raise KeyboardInterrupt

@@ -1,0 +1,286 @@
+"""The demo: its ladder meets the issue's terms, the report builder on points from a known law,
+the live progress line, and `lab demo --quick` through the real command (slow): report, fit.json,
+the held-out check, TensorBoard logs, and an interrupted demo that continues to the same result."""
+
+import base64
+import io
+import json
+import re
+import shlex
+import signal
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.approach3 import optimal_allocation
+from analysis.report import PNG_SIGNATURE, analyse_study, write_report
+from helpers import ROOT, lab_command, lab_env, run_lab
+from lab.demo import (
+    QUICK_STUDY,
+    STUDY,
+    StudyProgress,
+    check_same_plan,
+    load_study,
+    plan_study,
+)
+from lab.errors import UserError
+from lab.model import flops_per_token, with_vocab
+
+BYTE_VOCAB = 257
+
+
+def png_images(page: str) -> list[bytes]:
+    """Every <img> of a page: each must be an embedded base64 PNG, returned decoded."""
+    sources = re.findall(r"<img [^>]*src='([^']*)'", page)
+    images = []
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        images.append(base64.b64decode(src.split(",", 1)[1], validate=True))
+    return images
+
+
+def check_png(data: bytes) -> None:
+    """A whole PNG: the signature, an IHDR of a plausible size, and the IEND chunk last."""
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert 200 <= width <= 4000 and 200 <= height <= 4000, (width, height)
+    assert data[-8:-4] == b"IEND"
+
+
+# ----------------------------------------------------------------------------- the ladder
+
+
+@pytest.mark.parametrize("path", [STUDY, QUICK_STUDY], ids=["full", "quick"])
+def test_plan_spends_each_budget(path, tmp_path):
+    study = load_study(path)
+    plans = plan_study(study, tmp_path, "muon", BYTE_VOCAB)
+    from lab.config import load_config
+
+    for plan in plans:
+        cfg = load_config(study.base, list(plan.words))
+        # Recomputed from the config the stable run will train with, not from the plan.
+        per_step = (flops_per_token(with_vocab(cfg.model, BYTE_VOCAB), cfg.train.seq_len)
+                    * cfg.train.batch_size * cfg.train.seq_len)
+        assert cfg.train.steps == max(s for s, _ in plan.pairs)
+        assert cfg.schedule.decay_steps == 0 and cfg.optim.name == "muon"
+        assert cfg.model.parameterization == "mup"
+        assert len(plan.pairs) == len(study.budgets) >= 3
+        for (s, d), budget in zip(plan.pairs, study.budgets, strict=True):
+            assert d == round(study.decay_fraction * s)
+            assert (s + d) * per_step == pytest.approx(budget, rel=0.02)
+    if path == STUDY:  # the issue's terms: 4+ sizes spanning 8x+ in non-embedding parameters
+        n = [p.non_embedding_params for p in plans]
+        assert len(n) >= 4 and n == sorted(n) and n[-1] / n[0] >= 8
+
+
+def test_adamw_flag_takes_its_learning_rate(tmp_path):
+    from lab.config import load_config
+
+    study = load_study(STUDY)
+    plan = plan_study(study, tmp_path, "adamw", BYTE_VOCAB)[0]
+    cfg = load_config(study.base, list(plan.words))
+    assert cfg.optim.name == "adamw" and cfg.optim.lr == study.lr["adamw"]
+
+
+def test_study_mistakes_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: demo-base.yaml\nsizes: []\nbudgets: [1]\ndecay_fraction: 0.2\n"
+                   "lr: {muon: 0.01}\nsteps: 3\n")
+    with pytest.raises(UserError, match="unknown key 'steps'"):
+        load_study(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_study(tmp_path / "missing.yaml")
+    check_same_plan(tmp_path / "out", {"optim": "muon"})
+    check_same_plan(tmp_path / "out", {"optim": "muon"})  # the same plan continues
+    with pytest.raises(UserError, match="other settings"):
+        check_same_plan(tmp_path / "out", {"optim": "adamw"})
+
+
+# ----------------------------------------------------------------------------- the report
+
+TRUE = {"E": 1.0, "A": 50.0, "B": 500.0, "alpha": 0.3, "beta": 0.5}
+
+
+def synthetic_points() -> pd.DataFrame:
+    """4 sizes x 3 budgets from a known law with 0.1% noise; each budget is chosen so that its
+    optimal size (closed form) is 5e4, 7e4 or 1e5, inside the sizes 2.5e4 to 2e5."""
+    rng = np.random.default_rng(0)
+    E, A, B, alpha, beta = TRUE.values()
+    G = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
+    rows = []
+    for k, n_opt in enumerate([5e4, 7e4, 1e5]):
+        C = 6 * (n_opt / G) ** ((alpha + beta) / beta)  # N_opt = G (C/6)^(beta/(alpha+beta))
+        for i, N in enumerate([2.5e4, 5e4, 1e5, 2e5]):
+            D = C / (6 * N)
+            loss = E + A / N**alpha + B / D**beta
+            rows.append({"run": f"s{i}/b{k}", "size": f"s{i}", "N": N, "D": D, "C": C,
+                         "loss": loss * (1 + 1e-3 * rng.standard_normal()), "budget": k})
+    return pd.DataFrame(rows)
+
+
+def test_report_on_a_known_law(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    points = synthetic_points()
+    result = analyse_study(points, tmp_path, bootstrap=30, extrapolate=10)
+    compute = {"flops_branched": 6e12, "flops_from_scratch": 1e13, "saving": 0.4}
+    commands = {"train": ["lab train x"], "branch": ["lab branch y"], "logdir": "runs"}
+    data = write_report(tmp_path, result, compute=compute, commands=commands,
+                        timing={"total_seconds": 1.0}, title="synthetic")
+
+    # The held-out point is the largest model's longest run, and it is not in the fit.
+    held = data["held_out"]
+    assert held["N"] == 2e5 and held["D"] == points["D"][points["N"] == 2e5].max()
+    assert data["n_points"] == len(points) - 1
+    assert len(pd.read_csv(tmp_path / "fit_points.csv")) == len(points) - 1
+    true_loss = TRUE["E"] + TRUE["A"] / held["N"] ** 0.3 + TRUE["B"] / held["D"] ** 0.5
+    assert held["predicted"] == pytest.approx(true_loss, rel=5e-3)
+    assert abs(held["error"]) < 5e-3
+    lo, hi = held["predicted_interval"]
+    assert lo <= held["predicted"] <= hi
+    for key in ("alpha", "beta"):
+        assert data[key] == pytest.approx(TRUE[key], abs=0.08)
+        lo, hi = data["intervals"][key]
+        assert lo <= data[key] <= hi
+    # The allocation at 10x the largest budget, against the law's closed form.
+    pred = data["prediction"]
+    assert pred["C"] == pytest.approx(10 * points["C"].max(), rel=5e-3)
+    n_opt, d_opt, loss = optimal_allocation(pred["C"], *TRUE.values())
+    assert pred["N_opt"] == pytest.approx(float(n_opt), rel=0.25)
+    assert pred["loss"] == pytest.approx(float(loss), rel=5e-3)
+    # IsoFLOP: three budgets with their minima inside; N_opt grows as C^(5/8) in truth.
+    assert data["isoflop"]["n_budgets"] == 3
+    assert data["isoflop"]["a"] == pytest.approx(0.625, abs=0.1)
+
+    page = (tmp_path / "report.html").read_text()
+    images = png_images(page)
+    names = {"law.png", "contours.png", "frontier.png", "residuals.png", "isoflop.png",
+             "allocation.png"}
+    assert len(images) == len(data["figures"]) == len(names)
+    assert {p.rsplit("/", 1)[-1] for p in data["figures"]} == names
+    for img in images:
+        check_png(img)
+    assert "src='http" not in page and "<script" not in page  # self-contained
+    assert f"{held['error']:+.2%}" in page
+    assert data["commands"]["fit"][0].startswith("lab fit fit_points.csv --bootstrap 30")
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_progress_one_live_line_on_a_terminal():
+    out = io.StringIO()
+    runs = [("a stable", 0, 100, 10), ("a branch 50+10", 50, 60, 10)]
+    p = StudyProgress(runs, out, tty=True)
+    assert p.total_flops() == 100 * 10 + 10 * 10
+    p.start(0)
+    p.show(20, {"loss": 2.5}, 0.1)
+    time.sleep(0.01)
+    p.show(40, {"loss": 2.0}, 0.1)
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r") == 3
+    last = text.rsplit("\r", 1)[1]
+    assert "[run 1/2] a stable" in last and "step 40/100" in last and "loss 2.0000" in last
+    assert re.search(r"study 36% \| ETA \d+:\d\d:\d\d", last)  # 400 of 1,100 FLOPs
+    p.finish("a stable: done", trained_steps=100)
+    assert out.getvalue().endswith("a stable: done\n")
+
+
+def test_progress_plain_lines_when_not_a_terminal():
+    out = io.StringIO()
+    p = StudyProgress([("a stable", 0, 1000, 1)], out, tty=False, every=3600)
+    p.start(0)
+    for step in range(10, 100, 10):
+        p.show(step, {"loss": 1.0}, 0.01)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 1 and lines[0].endswith("starting")  # later updates throttled
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def check_outputs(out, stdout: str) -> dict:
+    assert re.search(r"held out: .* error [+-]\d+\.\d\d%", stdout), stdout[-2000:]
+    fit = json.loads((out / "fit.json").read_text())
+    for key in ("E", "A", "B", "alpha", "beta", "a", "b", "n_points", "intervals"):
+        assert key in fit, key
+    for key in ("alpha", "beta"):
+        assert np.isfinite(fit[key]) and len(fit["intervals"][key]) == 2
+    held = fit["held_out"]
+    assert held["error"] == pytest.approx(held["predicted"] / held["loss"] - 1)
+    assert {"C", "N_opt", "D_opt", "loss"} <= set(fit["prediction"])
+    assert fit["compute"]["flops_branched"] < fit["compute"]["flops_from_scratch"]
+    page = (out / "report.html").read_text()
+    images = png_images(page)
+    assert len(images) >= 5
+    for img in images:
+        check_png(img)
+    for cmd in ("lab train configs/demo-base.yaml", "lab branch", "lab fit"):
+        assert cmd in page
+    run_dirs = [p.parent for p in (out / "runs").rglob("summary.json")]
+    assert len(run_dirs) == 12
+    for run_dir in run_dirs:
+        assert list((run_dir / "tb").glob("events.out.tfevents.*")), run_dir
+    return fit
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    started = time.perf_counter()
+    result = run_lab(["demo", "--quick", "--out", str(out)], timeout=900)
+    return out, result.stdout, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_the_report(quick_demo):
+    out, stdout, seconds = quick_demo
+    check_outputs(out, stdout)
+    assert "report:" in stdout
+    before = json.loads((out / "fit.json").read_text())
+    # The printed `lab fit` command, run as printed, gives the fit of fit.json.
+    cmd = shlex.split(before["commands"]["fit"][0])
+    refit = run_lab([*cmd[1:], "--json", str(out / "refit.json")])
+    assert "Approach 3" in refit.stdout
+    for key in ("E", "alpha", "beta"):
+        assert json.loads((out / "refit.json").read_text())[key] == pytest.approx(before[key])
+    # A rerun finds every run finished and rebuilds the same analysis.
+    again = run_lab(["demo", "--quick", "--out", str(out)])
+    assert again.stdout.count("finished already") == 12
+    after = json.loads((out / "fit.json").read_text())
+    assert after["held_out"] == pytest.approx(before["held_out"])
+    assert after["alpha"] == pytest.approx(before["alpha"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_interrupted_demo_continues_to_the_same_result(quick_demo, tmp_path):
+    ref_out, _, _ = quick_demo
+    out = tmp_path / "quick"
+    args = ["demo", "--quick", "--out", str(out)]
+    proc = subprocess.Popen(lab_command(args), cwd=ROOT, env=lab_env(1), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = []
+    for line in proc.stdout:  # stop it while the second size's stable run trains
+        seen.append(line)
+        if "[run 5/12] d48-l1 stable | starting" in line:
+            time.sleep(8)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, "".join(seen) + rest
+    assert "continues where it stopped" in rest
+    assert not (out / "report.html").exists()
+
+    again = run_lab(args, timeout=900)
+    assert again.stdout.count("finished already") >= 4  # the first size and its branches
+    check_outputs(out, again.stdout)
+    # Interrupted and continued, every point equals the uninterrupted demo's.
+    ref = pd.read_csv(ref_out / "points.csv").sort_values(["N", "budget"])
+    got = pd.read_csv(out / "points.csv").sort_values(["N", "budget"])
+    assert len(got) == len(ref) == 9
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
