@@ -43,7 +43,22 @@ def _matmul(a: jax.Array, b: jax.Array, spec: str, dtype: jnp.dtype) -> jax.Arra
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _row_major(x: jax.Array) -> jax.Array:
+    """x itself, materialised in row-major order before a matmul reads it.
+
+    XLA gives a transposed array a permuted layout instead of moving data; a bfloat16 matmul
+    that reads such an operand is then run in float32 by XLA's CPU backend (half the speed),
+    and a transpose it can see is folded back into the matmul (a slow form). Going through a
+    unit axis and an optimisation barrier makes XLA copy the data once, in row-major order.
+    """
+    return jax.lax.optimization_barrier(x[..., None])[..., 0]
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """x with its last two axes swapped, as a real row-major copy."""
+    return _row_major(x.swapaxes(-1, -2))
+
+
 def dense(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """x @ w with operands in `dtype` and a float32 result.
 
@@ -51,31 +66,36 @@ def dense(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     the form XLA's CPU backend sends to its fast kernels: the weight gradient x^T @ dy would
     otherwise contract over the leading axis of both operands and run at half speed (and XLA
     may transpose the large operand to get there). We transpose the narrower of x and dy
-    ourselves; the optimisation barrier stops XLA folding that transpose back into the dot.
+    ourselves. The operands are kept for the backward pass already cast to `dtype`, so they
+    are cast once, not twice.
     """
+    return _dense(x, w, jnp.dtype(dtype), x.dtype, w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense(x, w, dtype, x_dtype, w_dtype):
     return _matmul(x, w, "...d,df->...f", dtype)
 
 
-def _dense_fwd(x, w, dtype):
-    return dense(x, w, dtype), (x, w)
+def _dense_fwd(x, w, dtype, x_dtype, w_dtype):
+    x_lo, w_lo = x.astype(dtype), w.astype(dtype)
+    return _matmul(x_lo, w_lo, "...d,df->...f", dtype), (x_lo, w_lo)
 
 
-def _dense_bwd(dtype, residuals, dy):
-    x, w = residuals
-    d_in, d_out = w.shape
-    x_NxD = x.reshape(-1, d_in).astype(dtype)
+def _dense_bwd(dtype, x_dtype, w_dtype, residuals, dy):
+    x_lo, w_lo = residuals
+    d_in, d_out = w_lo.shape
+    x_NxD = x_lo.reshape(-1, d_in)
     dy_NxF = dy.reshape(-1, d_out).astype(dtype)
-    dx = _matmul(dy_NxF, w, "nf,df->nd", dtype).reshape(x.shape).astype(x.dtype)
+    dx = _matmul(dy_NxF, w_lo, "nf,df->nd", dtype).reshape(x_lo.shape).astype(x_dtype)
     if d_in <= d_out:
-        x_DxN = jax.lax.optimization_barrier(x_NxD.T)
-        dw_DxF = _matmul(x_DxN, dy_NxF, "dn,nf->df", dtype)
+        dw_DxF = _matmul(_transposed(x_NxD), dy_NxF, "dn,nf->df", dtype)
     else:  # transpose the narrower dy, and the small result back
-        dy_FxN = jax.lax.optimization_barrier(dy_NxF.T)
-        dw_DxF = jax.lax.optimization_barrier(_matmul(dy_FxN, x_NxD, "fn,nd->fd", dtype)).T
-    return dx, dw_DxF.astype(w.dtype)
+        dw_DxF = _row_major(_matmul(_transposed(dy_NxF), x_NxD, "fn,nd->fd", dtype)).T
+    return dx, dw_DxF.astype(w_dtype)
 
 
-dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -130,9 +150,10 @@ class Attention(nnx.Module):
         # μP scales logits by 1/E (Yang et al. 2022), SP by 1/sqrt(E).
         scale = 1.0 / E if cfg.parameterization == "mup" else 1.0 / math.sqrt(E)
         # Heads first: (B, K, G, L, E), so each key/value head is one batched matmul.
-        q_BxKxGxLxE = (q_BxLxHxE * scale).reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4)
-        k_BxKxLxE = k_BxLxKxE.transpose(0, 2, 1, 3)
-        v_BxKxLxE = v_BxLxKxE.transpose(0, 2, 1, 3)
+        q_BxKxGxLxE = _row_major((q_BxLxHxE * scale).reshape(B, L, K, G, E)
+                                 .transpose(0, 2, 3, 1, 4))
+        k_BxKxLxE = _row_major(k_BxLxKxE.transpose(0, 2, 1, 3))
+        v_BxKxLxE = _row_major(v_BxLxKxE.transpose(0, 2, 1, 3))
         out_BxKxGxLxE = causal_attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype)
         out_BxLxHE = out_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H * E)
         return dense(out_BxLxHE, self.wo[...], dtype)
@@ -159,7 +180,6 @@ def _masked_logits(q_BxKxRxE, k_BxKxSxE, s: int, e: int, G: int, dtype) -> jax.A
     return jnp.where(causal_RxS, logits_BxKxRxS, -1e30)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def causal_attention(q_BxKxGxLxE: jax.Array, k_BxKxLxE: jax.Array, v_BxKxLxE: jax.Array,
                      dtype: jnp.dtype, block: int = ATTENTION_BLOCK) -> jax.Array:
     """softmax(q k^T + causal mask) v with float32 scores, in query blocks of `block` rows.
@@ -169,18 +189,23 @@ def causal_attention(q_BxKxGxLxE: jax.Array, k_BxKxLxE: jax.Array, v_BxKxLxE: ja
     Matmul operands are cast to `dtype`; the softmax stays float32. The backward pass
     recomputes each block's probabilities from the saved log-sum-exp instead of keeping
     them (as flash attention does): on a CPU the (L, L) slabs cost more in memory traffic
-    than the extra q k^T costs in FLOPs.
+    than the extra q k^T costs in FLOPs. q, k and v share one dtype, as do their gradients.
     """
-    return _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block)[0]
+    return _attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, jnp.dtype(dtype), block,
+                      q_BxKxGxLxE.dtype)
 
 
-def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
+    return _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype)[0]
+
+
+def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
     B, K, G, L, E = q_BxKxGxLxE.shape
-    k_lo, v_lo = k_BxKxLxE.astype(dtype), v_BxKxLxE.astype(dtype)
+    q_lo, k_lo, v_lo = (x.astype(dtype) for x in (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE))
     outs, lses = [], []
     for s, e in _query_blocks(L, block):
-        logits_BxKxRxS = _masked_logits(_block_rows(q_BxKxGxLxE, s, e), k_lo[:, :, :e], s, e,
-                                        G, dtype)
+        logits_BxKxRxS = _masked_logits(_block_rows(q_lo, s, e), k_lo[:, :, :e], s, e, G, dtype)
         max_BxKxRx1 = jnp.max(logits_BxKxRxS, axis=-1, keepdims=True)
         exp_BxKxRxS = jnp.exp(logits_BxKxRxS - max_BxKxRx1)
         sum_BxKxRx1 = jnp.sum(exp_BxKxRxS, axis=-1, keepdims=True)
@@ -189,43 +214,40 @@ def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block):
         outs.append((out_BxKxRxE / sum_BxKxRx1).reshape(B, K, G, e - s, E))
         lses.append(max_BxKxRx1 + jnp.log(sum_BxKxRx1))
     out_BxKxGxLxE = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    return out_BxKxGxLxE, (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, out_BxKxGxLxE, lses)
+    # The operands are kept already cast: the backward pass needs them in `dtype` anyway.
+    return out_BxKxGxLxE, (q_lo, k_lo, v_lo, out_BxKxGxLxE, lses)
 
 
-def _attention_bwd(dtype, block, residuals, dout_BxKxGxLxE):
-    q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, out_BxKxGxLxE, lses = residuals
-    B, K, G, L, E = q_BxKxGxLxE.shape
-    k_lo, v_lo = k_BxKxLxE.astype(dtype), v_BxKxLxE.astype(dtype)
+def _attention_bwd(dtype, block, in_dtype, residuals, dout_BxKxGxLxE):
+    q_lo, k_lo, v_lo, out_BxKxGxLxE, lses = residuals
+    B, K, G, L, E = q_lo.shape
+    dout_lo = dout_BxKxGxLxE.astype(dtype)
     dqs, dk_parts, dv_parts = [], [], []
     for (s, e), lse_BxKxRx1 in zip(_query_blocks(L, block), lses, strict=True):
-        q_BxKxRxE = _block_rows(q_BxKxGxLxE, s, e)
-        dout_BxKxRxE = _block_rows(dout_BxKxGxLxE, s, e)
+        q_BxKxRxE = _block_rows(q_lo, s, e)
+        dout_BxKxRxE = _block_rows(dout_lo, s, e)
         logits_BxKxRxS = _masked_logits(q_BxKxRxE, k_lo[:, :, :e], s, e, G, dtype)
         probs_BxKxRxS = jnp.exp(logits_BxKxRxS - lse_BxKxRx1)
         dprobs_BxKxRxS = _matmul(dout_BxKxRxE, v_lo[:, :, :e], "bkre,bkse->bkrs", dtype)
-        delta_BxKxRx1 = jnp.sum(dout_BxKxRxE * _block_rows(out_BxKxGxLxE, s, e), axis=-1,
-                                keepdims=True)
+        delta_BxKxRx1 = jnp.sum(_block_rows(dout_BxKxGxLxE, s, e)
+                                * _block_rows(out_BxKxGxLxE, s, e), axis=-1, keepdims=True)
         dlogits_BxKxRxS = probs_BxKxRxS * (dprobs_BxKxRxS - delta_BxKxRx1)
         dqs.append(_matmul(dlogits_BxKxRxS, k_lo[:, :, :e], "bkrs,bkse->bkre", dtype)
                    .reshape(B, K, G, e - s, E))
         # dk = dlogits^T q and dv = probs^T dout contract over the block's rows, the form the
         # CPU kernels handle badly; transpose the small (R, E) operands instead and compute
-        # dk^T and dv^T as plain products (the barrier keeps XLA from undoing it).
-        q_BxKxExR, dout_BxKxExR = jax.lax.optimization_barrier(
-            (q_BxKxRxE.astype(dtype).swapaxes(-1, -2), dout_BxKxRxE.astype(dtype).swapaxes(-1, -2)))
+        # dk^T and dv^T as plain products.
         pad = ((0, 0), (0, 0), (0, 0), (0, L - e))
-        dk_parts.append(jnp.pad(_matmul(q_BxKxExR, dlogits_BxKxRxS, "bker,bkrs->bkes", dtype),
-                                pad))
-        dv_parts.append(jnp.pad(_matmul(dout_BxKxExR, probs_BxKxRxS, "bker,bkrs->bkes", dtype),
-                                pad))
-    dk_BxKxExL, dv_BxKxExL = jax.lax.optimization_barrier((sum(dk_parts), sum(dv_parts)))
+        dk_parts.append(jnp.pad(_matmul(_transposed(q_BxKxRxE), dlogits_BxKxRxS,
+                                        "bker,bkrs->bkes", dtype), pad))
+        dv_parts.append(jnp.pad(_matmul(_transposed(dout_BxKxRxE), probs_BxKxRxS,
+                                        "bker,bkrs->bkes", dtype), pad))
     dq_BxKxGxLxE = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
-    return (dq_BxKxGxLxE.astype(q_BxKxGxLxE.dtype),
-            dk_BxKxExL.swapaxes(-1, -2).astype(k_BxKxLxE.dtype),
-            dv_BxKxExL.swapaxes(-1, -2).astype(v_BxKxLxE.dtype))
+    return (dq_BxKxGxLxE.astype(in_dtype), _transposed(sum(dk_parts)).astype(in_dtype),
+            _transposed(sum(dv_parts)).astype(in_dtype))
 
 
-causal_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class MLP(nnx.Module):
