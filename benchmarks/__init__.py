@@ -1,0 +1,1 @@
+"""Performance and scientific-validity benchmarks; `python -m benchmarks` runs them all."""

@@ -1,0 +1,248 @@
+"""Training-speed benchmarks on the benchmark model of DESIGN.md.
+
+d_model 512, 8 layers, 8 heads, SwiGLU 1536, vocabulary 256 (bytes), seq 512, 8 sequences a step,
+AdamW, one process on whatever devices JAX finds. Figures:
+
+- tokens/s of the jitted train step in float32 and in bfloat16 compute, against the tokens/s the
+  matmul peak of the same dtype would give (`lab.mfu.probe_matmul_peak`, measured in this run,
+  before and after; the higher is used): the ratio is the MFU, with the model FLOPs of
+  `lab.model.flops_per_token`;
+- compile time of the step for 4 and 16 layers, scanned and unrolled;
+- the checkpoint cost: how long the loop is blocked per asynchronous orbax save of the full
+  state, against the training time between two saves (target < 5%);
+- the train loop (`lab.train.run_loop`, fed by `lab.data.TrainStream`) beside the step alone,
+  and the trainer's consumption beside the loader's production in tokens/s;
+- peak memory.
+
+The CPU of the lab's machine is shared, so every time is the best of several repeats, and the
+load average is written in the notes.
+
+    .venv/bin/python benchmarks/bench_train.py [--quick]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lab import sharding
+from lab.checkpoint import Checkpointer
+from lab.config import Config, load_config
+from lab.metrics import MetricsLogger
+from lab.mfu import probe_matmul_peak
+from lab.model import flops_per_token, param_counts
+from lab.train import build_trainer, run_loop
+
+SEQ, BATCH, VOCAB = 512, 8, 256
+MODEL = ["model.vocab_size=256", "model.d_model=512", "model.n_layers=8", "model.n_heads=8",
+         "model.d_ff=1536", f"train.seq_len={SEQ}", f"train.batch_size={BATCH}"]
+# Peers on this model and machine (DESIGN.md), tokens/s.
+PEERS = {"float32": "MaxText ~750, PyTorch ~835 eager / ~895 compiled; lab target >= 1,000",
+         "bfloat16": "PyTorch autocast ~2,100 eager / ~2,200 compiled; lab target >= 2,200"}
+
+
+def _row(figure, value, unit, reference, reference_value, notes=""):
+    ratio = value / reference_value if reference_value else None
+    return {"figure": figure, "value": float(value), "unit": unit, "reference": reference,
+            "reference_value": reference_value, "ratio": ratio, "notes": notes}
+
+
+def bench_config(overrides: list[str] = ()) -> Config:
+    """The benchmark model's config with `overrides` (dotted key=value words) on top."""
+    return load_config(None, MODEL + ["train.steps=1000000", "train.log_every=1000000",
+                                      *overrides])
+
+
+def _tokens(seed: int, mesh) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    return sharding.global_batch(rng.integers(0, VOCAB, (BATCH, SEQ + 1), dtype=np.int32), mesh)
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} {five:.1f} {fifteen:.1f} (1/5/15 min, {os.cpu_count()} CPUs)"
+
+
+def time_steps(trainer, state: dict, n: int) -> tuple[list[float], dict]:
+    """Wall seconds of `n` train steps, each waited for; the first (compiling) call excluded."""
+    batches = [_tokens(i, trainer.mesh) for i in range(2)]
+    times = []
+    with jax.set_mesh(trainer.mesh):
+        state, metrics = trainer.train_step(state, batches[0])
+        jax.block_until_ready(metrics)
+        for i in range(n):
+            started = time.perf_counter()
+            state, metrics = trainer.train_step(state, batches[i % 2])
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - started)
+    if not np.isfinite(float(metrics["loss"])):
+        raise RuntimeError(f"the benchmark step produced a non-finite loss {metrics['loss']}")
+    return times, state
+
+
+def _throughput(dtype: str, steps: int) -> tuple[list[dict], dict]:
+    cfg = bench_config([f"model.compute_dtype={dtype}"])
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    peak_before = probe_matmul_peak(dtype)
+    times, state = time_steps(trainer, trainer.init_state(), steps)
+    peak = max(peak_before, probe_matmul_peak(dtype))
+    tokens = BATCH * SEQ
+    best, median = min(times), statistics.median(times)
+    flops_tok = flops_per_token(cfg.model, SEQ)
+    limit = peak / flops_tok
+    rows = [
+        _row(f"matmul peak, {dtype} operands (2048^3)", peak / 1e9, "GFLOP/s", "", None,
+             f"lab.mfu.probe_matmul_peak, best of before/after the steps; DESIGN.md measured "
+             f"{'370' if dtype == 'float32' else '780'} on the idle machine"),
+        _row(f"train step, {dtype} compute", tokens / best, "tokens/s",
+             f"tokens/s at the {dtype} matmul peak of this run", limit,
+             f"ratio = MFU; best of {steps} steps ({best:.2f} s), median {tokens / median:,.0f} "
+             f"tokens/s; {flops_tok * tokens / 1e9:.1f} model GFLOP a step; peers: "
+             f"{PEERS[dtype]}; {_load()}"),
+        _row(f"train step MFU, {dtype} compute", 100 * tokens / best / limit, "%",
+             "lab target: 40% of the measured peak", 40.0,
+             "model FLOPs (causal attention counted once) over the same-run peak"),
+    ]
+    return rows, {"trainer": trainer, "state": state, "tokens_per_s": tokens / best,
+                  "step_s": best}
+
+
+def _compile_seconds(layers: int, scan: bool) -> float:
+    cfg = bench_config([f"model.n_layers={layers}", f"model.scan_layers={str(scan).lower()}"])
+    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+    with jax.set_mesh(trainer.mesh):
+        abstract = jax.eval_shape(trainer.init_fn)
+        batch = jax.ShapeDtypeStruct((BATCH, SEQ + 1), np.int32)
+        started = time.perf_counter()
+        trainer.train_step.lower(abstract, batch).compile()
+    return time.perf_counter() - started
+
+
+def _compile_rows(quick: bool) -> list[dict]:
+    rows = []
+    for layers in (4,) if quick else (4, 16):
+        scanned = _compile_seconds(layers, True)
+        unrolled = _compile_seconds(layers, False)
+        rows.append(_row(f"compile train step, {layers} layers, scanned", scanned, "s",
+                         "", None, f"lower + compile, float32; {_load()}"))
+        rows.append(_row(f"compile train step, {layers} layers, unrolled", unrolled, "s",
+                         f"{layers} layers scanned", scanned, ""))
+    return rows
+
+
+def _state_bytes(state: dict) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _checkpoint_rows(trainer, state: dict, every: int, saves: int) -> list[dict]:
+    """Train with an asynchronous save every `every` steps; time what each save blocks."""
+    batches = [_tokens(i, trainer.mesh) for i in range(2)]
+    blocked, step_times = [], []
+    with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(trainer.mesh):
+        ckpt = Checkpointer(str(Path(tmp) / "checkpoints"), keep_last=2)
+        for step in range(1, every * saves + 1):
+            started = time.perf_counter()
+            state, metrics = trainer.train_step(state, batches[step % 2])
+            jax.block_until_ready(metrics)
+            step_times.append(time.perf_counter() - started)
+            if step % every == 0:
+                started = time.perf_counter()
+                ckpt.save(step, state)
+                blocked.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ckpt.close()  # the last save finishing in the background
+        drain = time.perf_counter() - started
+    between = every * statistics.median(step_times)
+    per_save = statistics.median(blocked)
+    size_mb = _state_bytes(state) / 2**20
+    return [_row("checkpoint: loop blocked per async save", per_save, "s",
+                 f"training time between saves ({every} steps)", between,
+                 f"target ratio < 0.05; {size_mb:,.0f} MiB state (params + AdamW moments), "
+                 f"float32; saves blocked {', '.join(f'{b:.2f}' for b in blocked)} s; the "
+                 f"last save finished {drain:.2f} s after the loop; {_load()}")]
+
+
+def _loop_rows(trainer, state: dict, step_alone: float, steps: int) -> list[dict]:
+    """lab.train.run_loop fed by a TrainStream over a small byte corpus, beside the step alone
+    and beside the loader's own tokens/s for the same batches."""
+    from lab.data import TrainStream, open_dataset, prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        rng = np.random.default_rng(0)
+        letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz \n", np.uint8)
+        (src / "a.txt").write_bytes(rng.choice(letters, 4_000_000).tobytes())
+        prepare(str(src), str(Path(tmp) / "data"), tokenizer="byte")
+        stream = TrainStream(open_dataset(str(Path(tmp) / "data")), SEQ, BATCH, seed=0)
+        stream.batch(0)
+        started = time.perf_counter()
+        n_load = 200
+        for step in range(n_load):
+            stream.batch(step)
+        loader = n_load * BATCH * SEQ / (time.perf_counter() - started)
+
+        # The byte tokenizer's end-of-document id is 256; the model's vocabulary is 256.
+        batches = (np.minimum(b, VOCAB - 1) for b in stream.iterator(0))
+        cfg = trainer.cfg
+        start = int(jax.device_get(state["step"]))
+        cfg = load_config(None, MODEL + [f"model.compute_dtype={cfg.model.compute_dtype}",
+                                         f"train.steps={start + steps}", "train.log_every=1"])
+        (Path(tmp) / "run").mkdir()
+        logger = MetricsLogger(Path(tmp) / "run", enabled=True)
+        eval_data = [_tokens(0, trainer.mesh)]
+        with contextlib.redirect_stdout(io.StringIO()):  # the loop's progress lines
+            result = run_loop(cfg, trainer, state, batches, eval_data, logger, None, 0.0,
+                              flops_per_token(cfg.model, SEQ))
+        logger.close()
+    loop = steps * BATCH * SEQ / result.train_seconds
+    dtype = cfg.model.compute_dtype
+    return [
+        _row(f"train loop (run_loop + TrainStream), {dtype}", loop, "tokens/s",
+             "the jitted step alone, best step", BATCH * SEQ / step_alone,
+             f"{steps} steps, mean over the loop (not best-of); {_load()}"),
+        _row(f"trainer consumption, {dtype}", loop, "tokens/s",
+             "loader production, TrainStream.batch, same shape", loader,
+             "ratio << 1: the loader is not what limits training (bench_data has the loader "
+             "figures)"),
+    ]
+
+
+def run(quick: bool = False) -> list[dict]:
+    steps = 3 if quick else 6
+    rows = []
+    f32_rows, f32 = _throughput("float32", steps)
+    rows += f32_rows
+    rows += _checkpoint_rows(f32["trainer"], f32["state"], every=2 if quick else 4,
+                             saves=2 if quick else 3)
+    del f32
+    bf16_rows, bf16 = _throughput("bfloat16", steps)
+    rows += bf16_rows
+    rows += _loop_rows(bf16["trainer"], bf16["state"], bf16["step_s"], 3 if quick else 8)
+    del bf16
+    rows += _compile_rows(quick)
+    counts = param_counts(bench_config().model)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows.append(_row("peak memory (maxrss) of the train benchmark", peak, "MiB",
+                     "model state: params + 2 AdamW moments, float32 (MiB)",
+                     3 * counts["params"] * 4 / 2**20,
+                     f"{counts['params']:,} parameters; includes activations, XLA buffers, "
+                     "the orbax save and the imports"))
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(quick="--quick" in sys.argv):
+        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+        print(f"{r['figure']:<50} {r['value']:>12,.2f} {r['unit']:<9} ratio {ratio:>7}  "
+              f"{r['notes']}")
