@@ -59,6 +59,20 @@ def _transposed(x: jax.Array) -> jax.Array:
     return _row_major(x.swapaxes(-1, -2))
 
 
+def _stash(x: jax.Array) -> jax.Array:
+    """A residual kept for the backward pass; bfloat16 as its uint16 bit pattern.
+
+    Under `scan_layers` the residuals of every layer are stacked by the loop, and XLA's CPU
+    backend converts a stacked bfloat16 array to float32 and back (a full copy each way, and
+    twice the memory); an integer array passes through untouched.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _unstash(x: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(x, jnp.bfloat16) if x.dtype == jnp.uint16 else x
+
+
 def dense(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """x @ w with operands in `dtype` and a float32 result.
 
@@ -79,11 +93,11 @@ def _dense(x, w, dtype, x_dtype, w_dtype):
 
 def _dense_fwd(x, w, dtype, x_dtype, w_dtype):
     x_lo, w_lo = x.astype(dtype), w.astype(dtype)
-    return _matmul(x_lo, w_lo, "...d,df->...f", dtype), (x_lo, w_lo)
+    return _matmul(x_lo, w_lo, "...d,df->...f", dtype), (_stash(x_lo), _stash(w_lo))
 
 
 def _dense_bwd(dtype, x_dtype, w_dtype, residuals, dy):
-    x_lo, w_lo = residuals
+    x_lo, w_lo = (_unstash(r) for r in residuals)
     d_in, d_out = w_lo.shape
     x_NxD = x_lo.reshape(-1, d_in)
     dy_NxF = dy.reshape(-1, d_out).astype(dtype)
@@ -215,11 +229,12 @@ def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
         lses.append(max_BxKxRx1 + jnp.log(sum_BxKxRx1))
     out_BxKxGxLxE = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
     # The operands are kept already cast: the backward pass needs them in `dtype` anyway.
-    return out_BxKxGxLxE, (q_lo, k_lo, v_lo, out_BxKxGxLxE, lses)
+    return out_BxKxGxLxE, (_stash(q_lo), _stash(k_lo), _stash(v_lo), out_BxKxGxLxE, lses)
 
 
 def _attention_bwd(dtype, block, in_dtype, residuals, dout_BxKxGxLxE):
     q_lo, k_lo, v_lo, out_BxKxGxLxE, lses = residuals
+    q_lo, k_lo, v_lo = _unstash(q_lo), _unstash(k_lo), _unstash(v_lo)
     B, K, G, L, E = q_lo.shape
     dout_lo = dout_BxKxGxLxE.astype(dtype)
     dqs, dk_parts, dv_parts = [], [], []
