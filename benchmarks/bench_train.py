@@ -6,7 +6,8 @@ AdamW, one process on whatever devices JAX finds. Figures:
 - tokens/s of the jitted train step in float32 and in bfloat16 compute, against the tokens/s the
   matmul peak of the same dtype would give (`lab.mfu.probe_matmul_peak`, measured in this run,
   before and after; the higher is used): the ratio is the MFU, with the model FLOPs of
-  `lab.model.flops_per_token`;
+  `lab.model.flops_per_token`; and bfloat16 with layers unrolled, remat=dots and remat=full
+  beside the default (scanned, no remat), with XLA's working memory for each step;
 - compile time of the step for 4 and 16 layers, scanned and unrolled;
 - the checkpoint cost: how long the loop is blocked per asynchronous orbax save of the full
   state, against the training time between two saves (target < 5%);
@@ -14,8 +15,8 @@ AdamW, one process on whatever devices JAX finds. Figures:
   and the trainer's consumption beside the loader's production in tokens/s;
 - peak memory.
 
-The CPU of the lab's machine is shared, so every time is the best of several repeats, and the
-load average is written in the notes.
+The CPU of the lab's machine is shared, so the variants are timed in turns (one step of each,
+round after round), every time is the best of several, and the load average is in the notes.
 
     .venv/bin/python benchmarks/bench_train.py [--quick]
 """
@@ -73,48 +74,86 @@ def _load() -> str:
     return f"load average {one:.1f} {five:.1f} {fifteen:.1f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
-def time_steps(trainer, state: dict, n: int) -> tuple[list[float], dict]:
-    """Wall seconds of `n` train steps, each waited for; the first (compiling) call excluded."""
-    batches = [_tokens(i, trainer.mesh) for i in range(2)]
-    times = []
-    with jax.set_mesh(trainer.mesh):
-        state, metrics = trainer.train_step(state, batches[0])
-        jax.block_until_ready(metrics)
-        for i in range(n):
+# (label, dtype, config overrides); the first two are the headline figures, the others are
+# compared with the bfloat16 one. All are timed in turns, so the machine's load falls on each.
+VARIANTS = [
+    ("float32", "float32", []),
+    ("bfloat16", "bfloat16", []),
+    ("bfloat16, layers unrolled", "bfloat16", ["model.scan_layers=false"]),
+    ("bfloat16, remat=dots", "bfloat16", ["model.remat=dots"]),
+    ("bfloat16, remat=full", "bfloat16", ["model.remat=full"]),
+]
+
+
+def time_steps(variants: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, dict]:
+    """Build, compile and time the train step of each variant, one step of each in turn for
+    `rounds` rounds, each step waited for. Returns per variant: trainer, state, times, the
+    first call's seconds (compile included) and XLA's working memory for the step."""
+    runs = {}
+    for label, dtype, overrides in variants:
+        cfg = bench_config([f"model.compute_dtype={dtype}", *overrides])
+        trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+        batches = [_tokens(i, trainer.mesh) for i in range(2)]
+        with jax.set_mesh(trainer.mesh):
+            abstract = jax.eval_shape(trainer.init_fn)
+            memory = trainer.train_step.lower(abstract, jax.ShapeDtypeStruct(
+                (BATCH, SEQ + 1), np.int32)).compile().memory_analysis()
+            state = trainer.init_state()
             started = time.perf_counter()
-            state, metrics = trainer.train_step(state, batches[i % 2])
+            state, metrics = trainer.train_step(state, batches[0])
             jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - started)
-    if not np.isfinite(float(metrics["loss"])):
-        raise RuntimeError(f"the benchmark step produced a non-finite loss {metrics['loss']}")
-    return times, state
+        runs[label] = {"trainer": trainer, "state": state, "batches": batches, "times": [],
+                       "first_s": time.perf_counter() - started,
+                       "temp_mib": getattr(memory, "temp_size_in_bytes", 0) / 2**20}
+    for i in range(rounds):
+        for run in runs.values():
+            with jax.set_mesh(run["trainer"].mesh):
+                started = time.perf_counter()
+                run["state"], metrics = run["trainer"].train_step(run["state"],
+                                                                  run["batches"][i % 2])
+                jax.block_until_ready(metrics)
+            run["times"].append(time.perf_counter() - started)
+            if not np.isfinite(float(metrics["loss"])):
+                raise RuntimeError(f"non-finite loss {float(metrics['loss'])} in the benchmark")
+    return runs
 
 
-def _throughput(dtype: str, steps: int) -> tuple[list[dict], dict]:
-    cfg = bench_config([f"model.compute_dtype={dtype}"])
-    trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
-    peak_before = probe_matmul_peak(dtype)
-    times, state = time_steps(trainer, trainer.init_state(), steps)
-    peak = max(peak_before, probe_matmul_peak(dtype))
+def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
+    variants = VARIANTS[:2] if quick else VARIANTS
+    dtypes = ("float32", "bfloat16")
+    peaks = {d: [probe_matmul_peak(d)] for d in dtypes}
+    load = _load()
+    runs = time_steps(variants, rounds=3 if quick else 6)
+    for d in dtypes:
+        peaks[d].append(probe_matmul_peak(d))
     tokens = BATCH * SEQ
-    best, median = min(times), statistics.median(times)
-    flops_tok = flops_per_token(cfg.model, SEQ)
-    limit = peak / flops_tok
-    rows = [
-        _row(f"matmul peak, {dtype} operands (2048^3)", peak / 1e9, "GFLOP/s", "", None,
-             f"lab.mfu.probe_matmul_peak, best of before/after the steps; DESIGN.md measured "
-             f"{'370' if dtype == 'float32' else '780'} on the idle machine"),
-        _row(f"train step, {dtype} compute", tokens / best, "tokens/s",
-             f"tokens/s at the {dtype} matmul peak of this run", limit,
-             f"ratio = MFU; best of {steps} steps ({best:.2f} s), median {tokens / median:,.0f} "
-             f"tokens/s; {flops_tok * tokens / 1e9:.1f} model GFLOP a step; peers: "
-             f"{PEERS[dtype]}; {_load()}"),
-        _row(f"train step MFU, {dtype} compute", 100 * tokens / best / limit, "%",
-             "lab target: 40% of the measured peak", 40.0,
-             "model FLOPs (causal attention counted once) over the same-run peak"),
-    ]
-    return rows, {"trainer": trainer, "state": state, "tokens_per_s": tokens / best,
-                  "step_s": best}
+    flops_tok = flops_per_token(bench_config().model, SEQ)
+    rows = []
+    for d in dtypes:
+        rows.append(_row(f"matmul peak, {d} operands (2048^3)", max(peaks[d]) / 1e9, "GFLOP/s",
+                         "", None, "lab.mfu.probe_matmul_peak before and after the steps: "
+                         f"{', '.join(f'{p / 1e9:.0f}' for p in peaks[d])}; DESIGN.md measured "
+                         f"{'370' if d == 'float32' else '780'} on the idle machine"))
+    for label, dtype, _ in variants:
+        run = runs[label]
+        best, median = min(run["times"]), statistics.median(run["times"])
+        notes = (f"best of {len(run['times'])} steps ({best:.2f} s), median "
+                 f"{tokens / median:,.0f} tokens/s; first call (compile) {run['first_s']:.0f} s; "
+                 f"XLA working memory {run['temp_mib']:,.0f} MiB")
+        if label in dtypes:
+            limit = max(peaks[dtype]) / flops_tok
+            rows.append(_row(f"train step, {label} compute", tokens / best, "tokens/s",
+                             f"tokens/s at the {dtype} matmul peak of this run", limit,
+                             f"ratio = MFU; {notes}; {flops_tok * tokens / 1e9:.1f} model GFLOP "
+                             f"a step; peers: {PEERS[dtype]}; {load}"))
+            rows.append(_row(f"train step MFU, {label} compute", 100 * tokens / best / limit,
+                             "%", "lab target: 40% of the measured peak", 40.0,
+                             "model FLOPs (causal attention counted once) over the same-run peak"))
+        else:
+            ref = min(runs["bfloat16"]["times"])
+            rows.append(_row(f"train step, {label}", tokens / best, "tokens/s",
+                             "bfloat16, scanned, no remat (same rounds)", tokens / ref, notes))
+    return rows, runs
 
 
 def _compile_seconds(layers: int, scan: bool) -> float:
@@ -172,7 +211,7 @@ def _checkpoint_rows(trainer, state: dict, every: int, saves: int) -> list[dict]
                  f"last save finished {drain:.2f} s after the loop; {_load()}")]
 
 
-def _loop_rows(trainer, state: dict, step_alone: float, steps: int) -> list[dict]:
+def _loop_rows(trainer, state: dict, step_times: list[float], steps: int) -> list[dict]:
     """lab.train.run_loop fed by a TrainStream over a small byte corpus, beside the step alone
     and beside the loader's own tokens/s for the same batches."""
     from lab.data import TrainStream, open_dataset, prepare
@@ -197,7 +236,8 @@ def _loop_rows(trainer, state: dict, step_alone: float, steps: int) -> list[dict
         cfg = trainer.cfg
         start = int(jax.device_get(state["step"]))
         cfg = load_config(None, MODEL + [f"model.compute_dtype={cfg.model.compute_dtype}",
-                                         f"train.steps={start + steps}", "train.log_every=1"])
+                                         f"train.steps={start + steps}",
+                                         f"train.log_every={steps}"])
         (Path(tmp) / "run").mkdir()
         logger = MetricsLogger(Path(tmp) / "run", enabled=True)
         eval_data = [_tokens(0, trainer.mesh)]
@@ -209,8 +249,9 @@ def _loop_rows(trainer, state: dict, step_alone: float, steps: int) -> list[dict
     dtype = cfg.model.compute_dtype
     return [
         _row(f"train loop (run_loop + TrainStream), {dtype}", loop, "tokens/s",
-             "the jitted step alone, best step", BATCH * SEQ / step_alone,
-             f"{steps} steps, mean over the loop (not best-of); {_load()}"),
+             "the jitted step alone, median step", BATCH * SEQ / statistics.median(step_times),
+             f"{steps} steps, the loop's own clock (dispatch, data, metrics fetch, logging); "
+             f"timed after the step, so the load may differ; {_load()}"),
         _row(f"trainer consumption, {dtype}", loop, "tokens/s",
              "loader production, TrainStream.batch, same shape", loader,
              "ratio << 1: the loader is not what limits training (bench_data has the loader "
@@ -219,16 +260,13 @@ def _loop_rows(trainer, state: dict, step_alone: float, steps: int) -> list[dict
 
 
 def run(quick: bool = False) -> list[dict]:
-    steps = 3 if quick else 6
-    rows = []
-    f32_rows, f32 = _throughput("float32", steps)
-    rows += f32_rows
+    rows, runs = _throughput_rows(quick)
+    f32, bf16 = runs.pop("float32"), runs.pop("bfloat16")
+    runs.clear()  # free the other variants' states
     rows += _checkpoint_rows(f32["trainer"], f32["state"], every=2 if quick else 4,
                              saves=2 if quick else 3)
     del f32
-    bf16_rows, bf16 = _throughput("bfloat16", steps)
-    rows += bf16_rows
-    rows += _loop_rows(bf16["trainer"], bf16["state"], bf16["step_s"], 3 if quick else 8)
+    rows += _loop_rows(bf16["trainer"], bf16["state"], bf16["times"], 3 if quick else 8)
     del bf16
     rows += _compile_rows(quick)
     counts = param_counts(bench_config().model)
@@ -236,8 +274,9 @@ def run(quick: bool = False) -> list[dict]:
     rows.append(_row("peak memory (maxrss) of the train benchmark", peak, "MiB",
                      "model state: params + 2 AdamW moments, float32 (MiB)",
                      3 * counts["params"] * 4 / 2**20,
-                     f"{counts['params']:,} parameters; includes activations, XLA buffers, "
-                     "the orbax save and the imports"))
+                     f"{counts['params']:,} parameters; {'2' if quick else len(VARIANTS)} "
+                     "variants' states alive at once, plus activations, XLA buffers, the orbax "
+                     "save and the imports"))
     return rows
 
 
