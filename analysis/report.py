@@ -255,6 +255,8 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
             parts.append(f"runs {timing['runs_seconds'] / 60:.1f} min")
         if "cpu_seconds" in timing:
             parts.append(f"CPU time {timing['cpu_seconds'] / 60:.1f} min")
+        if "peak_memory_gb" in timing:
+            parts.append(f"peak memory {timing['peak_memory_gb']:.1f} GB")
         lines.append("time: " + ", ".join(parts))
     return lines
 
@@ -335,7 +337,7 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
         ["FLOPs with branching", f"{compute['flops_branched']:.3g}"],
         ["FLOPs training each point from scratch", f"{compute['flops_from_scratch']:.3g}"],
         ["saved by branching", f"{compute['saving']:.0%}"],
-        *[[k.replace("_", " "), f"{v:.0f}"] for k, v in timing.items()]]))
+        *[[k.replace("_", " "), f"{v:.1f}"] for k, v in timing.items()]]))
     parts.append("<h2>Figures</h2>")
     for fig in result["figures"]:
         name = Path(fig).name

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import signal
 import sys
@@ -485,7 +486,8 @@ def main(argv: list[str]) -> int:
                 "logdir": _shown(out / "runs")}
     compute = compute_spent(study, plans)
     timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,
-              "cpu_seconds": _cpu_seconds() - cpu0}
+              "cpu_seconds": _cpu_seconds() - cpu0,
+              "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     write_report(out, result, compute=compute, commands=commands, timing=timing,
                  title=f"lab demo: {study.path.name}, {args.optim} + muP")
     print(loss_table(result))
