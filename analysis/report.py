@@ -25,17 +25,10 @@ import pandas as pd
 
 from analysis.approach3 import law
 from analysis.cli import _jsonable, build_parser, format_table, run_fit
+from lab.demo import shown_path
 from lab.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _shown(path: Path | str) -> str:
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def held_out_index(points: pd.DataFrame) -> int:
@@ -46,12 +39,12 @@ def held_out_index(points: pd.DataFrame) -> int:
 
 def fit_words(csv: Path, plots: Path, bootstrap: int, budget: float, method: str) -> list[str]:
     """The `lab fit` arguments of one analysis step (printed in the report as they run)."""
-    words = [_shown(csv)]
+    words = [shown_path(csv)]
     if method != "approach3":
         words += ["--method", method]
     if bootstrap:
         words += ["--bootstrap", str(bootstrap)]
-    return words + ["--budgets", f"{budget:g}", "--plots", _shown(plots)]
+    return words + ["--budgets", f"{budget:g}", "--plots", shown_path(plots)]
 
 
 def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,

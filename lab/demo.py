@@ -176,7 +176,7 @@ def check_same_plan(out: Path, plan: dict) -> None:
 # ----------------------------------------------------------------------------- the commands
 
 
-def _shown(path: Path | str) -> str:
+def shown_path(path: Path | str) -> str:
     """A path as the user would type it: relative to the working directory when inside it."""
     path = Path(path)
     try:
@@ -186,12 +186,12 @@ def _shown(path: Path | str) -> str:
 
 
 def train_command(study: Study, plan: SizePlan) -> str:
-    words = [f"run.dir={_shown(plan.run_dir)}", *plan.words[1:]]
-    return shlex.join(["lab", "train", _shown(study.base), *words])
+    words = [f"run.dir={shown_path(plan.run_dir)}", *plan.words[1:]]
+    return shlex.join(["lab", "train", shown_path(study.base), *words])
 
 
 def branch_command(plan: SizePlan) -> str:
-    return shlex.join(["lab", "branch", _shown(plan.run_dir)])
+    return shlex.join(["lab", "branch", shown_path(plan.run_dir)])
 
 
 # ----------------------------------------------------------------------------- progress
@@ -483,7 +483,7 @@ def main(argv: list[str]) -> int:
                            curves=[str(p.run_dir) for p in plans])
     commands = {"train": [train_command(study, p) for p in plans],
                 "branch": [branch_command(p) for p in plans],
-                "logdir": _shown(out / "runs")}
+                "logdir": shown_path(out / "runs")}
     compute = compute_spent(study, plans)
     timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,
               "cpu_seconds": _cpu_seconds() - cpu0,
