@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from lab import paths
 from lab.config import Config, dump_config, load_config, replace
 from lab.errors import UserError
 from lab.metrics import read_json, write_json_atomic
@@ -66,13 +67,13 @@ def branch_name(step: int, decay: int, shape: str) -> str:
     return f"step{step}-decay{decay}-{shape}"
 
 
-def child_config(parent: Config, parent_dir: Path, step: int, decay: int, shape: str,
+def child_config(parent: Config, parent_dir: str | Path, step: int, decay: int, shape: str,
                  final_ratio: float) -> Config:
     name = branch_name(step, decay, shape)
     return replace(
         parent,
-        run={"dir": str(parent_dir / "branches" / name),
-             "name": f"{parent.run.name or parent_dir.name}/{name}",
+        run={"dir": paths.join(parent_dir, "branches", name),
+             "name": f"{parent.run.name or paths.name(parent_dir)}/{name}",
              "parent": str(parent_dir), "parent_step": step},
         train={"steps": step + decay},
         schedule={"decay_steps": decay, "decay_shape": shape, "final_ratio": final_ratio},
@@ -133,11 +134,11 @@ def main(argv: list[str]) -> int:
                         help="create nothing; print the children and the compute report")
     args = parser.parse_args(argv)
 
-    parent_dir = Path(args.run_dir)
-    if not (parent_dir / "config.yaml").is_file():
+    parent_dir = args.run_dir if paths.is_remote(args.run_dir) else str(Path(args.run_dir))
+    if not paths.is_file(paths.join(parent_dir, "config.yaml")):
         raise UserError(f"{parent_dir} is not a run directory (no config.yaml); pass the "
                         "directory of a `lab train` run")
-    parent = load_config(parent_dir / "config.yaml")
+    parent = load_config(paths.join(parent_dir, "config.yaml"))
     if parent.run.parent:
         raise UserError(f"{parent_dir} is itself a branch; branch its parent {parent.run.parent}")
     params = param_counts(with_vocab(parent.model, 257))["params"]
@@ -155,9 +156,9 @@ def main(argv: list[str]) -> int:
                             "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
                             "LENGTHS")
     check_plan(parent, pairs)
-    from lab.checkpoint import Checkpointer
+    from lab.checkpoint import Checkpointer, checkpoint_dir
 
-    saved = Checkpointer(str((parent_dir / "checkpoints").absolute()), read_only=True).steps()
+    saved = Checkpointer(checkpoint_dir(parent_dir), read_only=True).steps()
     missing = sorted({s for s, _ in pairs} - set(saved))
     if missing:
         raise UserError(f"{parent_dir} has no checkpoint at step {missing[0]} (it has "
@@ -178,23 +179,23 @@ def main(argv: list[str]) -> int:
         for child in children:
             print(f"{child.run.dir}: lab train {child.run.dir}/config.yaml")
         return 0
-    write_json_atomic(parent_dir / "branches.json", report)
+    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
 
     from lab.train import train
 
     statuses = {}
     for child in children:
-        child_dir = Path(child.run.dir)
-        child_dir.mkdir(parents=True, exist_ok=True)
-        if not (child_dir / "config.yaml").exists():
-            (child_dir / "config.yaml").write_text(dump_config(child))
-        done = read_json(child_dir / "summary.json")
+        child_dir, name = child.run.dir, paths.name(child.run.dir)
+        paths.makedirs(child_dir)
+        if not paths.exists(paths.join(child_dir, "config.yaml")):
+            paths.write_text(paths.join(child_dir, "config.yaml"), dump_config(child))
+        done = read_json(paths.join(child_dir, "summary.json"))
         if done and done.get("status") == "finished":
-            print(f"{child_dir.name}: finished already, skipped")
-            statuses[child_dir.name] = "finished"
+            print(f"{name}: finished already, skipped")
+            statuses[name] = "finished"
             continue
-        print(f"--- branch {child_dir.name}")
-        statuses[child_dir.name] = train(child)["status"]
+        print(f"--- branch {name}")
+        statuses[name] = train(child)["status"]
     failed = {k: v for k, v in statuses.items() if v != "finished"}
     print(f"{len(statuses) - len(failed)} of {len(statuses)} branches finished"
           + (f"; not finished: {failed}" if failed else ""))

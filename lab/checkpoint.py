@@ -17,7 +17,20 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lab import paths
 from lab.errors import UserError
+
+# URL schemes orbax can write checkpoints to: etils.epath handles the files and tensorstore
+# the arrays, and both know Cloud Storage (and S3), not fsspec's other filesystems.
+CHECKPOINT_SCHEMES = ("gs://", "s3://")
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    """Where orbax keeps a run's checkpoints: RUN_DIR/checkpoints, absolute if local."""
+    if paths.is_remote(run_dir) and not str(run_dir).startswith(CHECKPOINT_SCHEMES):
+        raise UserError(f"checkpoints cannot be written to {run_dir} (orbax supports local "
+                        "paths and gs://); use a local or gs:// run.dir")
+    return paths.absolute(paths.join(run_dir, "checkpoints"))
 
 
 class Checkpointer:

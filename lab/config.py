@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lab import paths
 from lab.errors import UserError
 
 
@@ -151,12 +152,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, and validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
+        # A run's saved config may be on gs://.
+        path = str(path) if paths.is_remote(path) else Path(path)
+        if not paths.is_file(path):
             raise UserError(f"config file {path} does not exist; pass a YAML file such as "
                             "configs/tiny.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(paths.read_text(path)) or {}
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""

@@ -2,29 +2,43 @@
 
 Only process 0 writes; the other processes of a multi-host run get a logger that drops
 everything, so every host can run the same program.
+
+The run directory may be local or on an object store (`gs://`, see `lab/paths.py`). Object
+stores cannot append, so for a remote run directory the logger keeps the lines in memory and
+rewrites `metrics.jsonl` whole, and uploads the TensorBoard event file it writes to a local
+temporary directory, on each flush: at every evaluation, before every checkpoint save (so a
+checkpoint never gets ahead of the metrics it covers), every `FLUSH_RECORDS` records or
+`FLUSH_SECONDS` seconds, whichever comes first, and at the end. A local run directory is
+appended to and flushed at every record, as before.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from tensorboard.summary import Writer
 
+from lab import paths
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+# A remote run directory is rewritten at least this often (records, seconds).
+FLUSH_RECORDS = 100
+FLUSH_SECONDS = 60.0
 
 
-def read_json(path: Path) -> dict | None:
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON so that readers never see half a file (local or remote)."""
+    paths.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict | None:
+    """A JSON file's object, or None if it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(paths.read_text(path))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -39,40 +53,76 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step and mirrors the scalars to TensorBoard."""
+    """Writes one JSON object per logged step and mirrors the scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.enabled = enabled
         if not enabled:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
-        self.tb = Writer(str(Path(run_dir) / "tb"))
+        self.path = paths.join(run_dir, "metrics.jsonl")
+        self.remote = paths.is_remote(run_dir)
+        if self.remote:
+            # The records so far (a resumed run's, already truncated) are rewritten with ours.
+            self.lines = paths.read_text(self.path).splitlines(keepends=True) \
+                if paths.exists(self.path) else []
+            self.unflushed, self.last_flush = 0, time.monotonic()
+            self.tb_local = tempfile.TemporaryDirectory(prefix="lab-tb-")
+            self.tb_remote = paths.join(run_dir, "tb")
+            self.tb = Writer(self.tb_local.name)
+        else:
+            self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+            self.tb = Writer(str(Path(run_dir) / "tb"))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = json.dumps(record) + "\n"
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, float(value), int(step))
+        if not self.remote:
+            self.file.write(line)
+            self.file.flush()
+            self.tb.flush()
+            return
+        self.lines.append(line)
+        self.unflushed += 1
+        if ("eval_loss" in record or self.unflushed >= FLUSH_RECORDS
+                or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
+            self.flush()
+
+    def flush(self) -> None:
+        """Make everything logged so far durable (for a remote run: rewrite and upload)."""
+        if not self.enabled:
+            return
         self.tb.flush()
+        if not self.remote:
+            self.file.flush()
+            return
+        paths.write_text(self.path, "".join(self.lines))
+        for event_file in sorted(Path(self.tb_local.name).iterdir()):
+            paths.put(event_file, paths.join(self.tb_remote, event_file.name))
+        self.unflushed, self.last_flush = 0, time.monotonic()
 
     def close(self) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        self.flush()
+        self.tb.close()
+        if self.remote:
+            self.tb_local.cleanup()
+        else:
             self.file.close()
-            self.tb.close()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order (a torn last line is ignored)."""
     records = []
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    path = paths.join(run_dir, "metrics.jsonl")
+    if not paths.exists(path):
         return records
-    for line in path.read_text().splitlines():
+    for line in paths.read_text(path).splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:

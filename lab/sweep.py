@@ -495,23 +495,21 @@ def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[
 
 def run_status(run: Run) -> str | None:
     """The status in the run directory's summary.json, or None if it has none yet."""
+    from lab import paths
     from lab.metrics import read_json
 
-    summary = read_json(Path(run.dir) / "summary.json")
+    summary = read_json(paths.join(run.dir, "summary.json"))
     return summary.get("status") if summary else None
 
 
 def run_sweep(sweep: Sweep) -> int:
     """Run every unfinished run, one after another; a finished one is skipped, an unfinished
     one resumes. A user error (exit 2) stops the sweep, since every run would repeat it."""
-    if sweep.out.startswith("gs://"):
-        raise UserError("a local sweep writes to a local directory; run sweeps with gs:// "
-                        "outputs on their pod with `python -m launch.tpu sweep`")
+    from lab import paths
     from lab.metrics import write_json_atomic
 
-    out = Path(sweep.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "sweep.json", manifest(sweep))
+    paths.makedirs(sweep.out)
+    write_json_atomic(paths.join(sweep.out, "sweep.json"), manifest(sweep))
     failed, diverged = [], []
     for i, run in enumerate(sweep.runs, 1):
         head = f"[{i}/{len(sweep.runs)}] {run.name}"

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lab import sharding
+from lab import checkpoint, paths, sharding
 from lab.branch import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
@@ -291,6 +289,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         progress.show(done, values, per_step)
 
     def save(done: int) -> None:
+        logger.flush()  # a remote log must not fall behind the checkpoint that covers it
         if checkpointer is None:
             return
         t = time.perf_counter()
@@ -390,15 +389,13 @@ def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = R
                 "use the same value, or another run.dir")
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
+def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drop records after the restored step, so a resumed run's log reads as one run."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    path = paths.join(run_dir, "metrics.jsonl")
+    if not paths.exists(path):
         return
     keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= step]
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    paths.write_text(path, "".join(line + "\n" for line in keep))
 
 
 def train(cfg: Config, progress: Progress | None = None) -> dict:
@@ -411,8 +408,8 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     from lab import data as labdata
     from lab.model import with_vocab
 
-    run_dir = Path(cfg.run.dir)
-    summary_path = run_dir / "summary.json"
+    run_dir = cfg.run.dir  # a local path or a URL (gs://): files go through lab.paths
+    summary_path = paths.join(run_dir, "summary.json")
     existing = read_json(summary_path)
     if existing and existing.get("status") == "finished":
         print(f"{run_dir} is already finished (status 'finished'); nothing to do. "
@@ -423,19 +420,19 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     dataset = labdata.open_dataset(data_path)
     cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
     labdata.check_vocab(dataset, cfg.model.vocab_size)
-    saved_cfg_path = run_dir / "config.yaml"
+    saved_cfg_path = paths.join(run_dir, "config.yaml")
     counts = param_counts(cfg.model)
     branch_points = planned_steps(cfg, counts["params"])
     check_plan(cfg, planned_pairs(cfg, counts["params"]), branch_points)
     keep_steps = tuple(sorted(set(cfg.checkpoint.keep_steps) | set(branch_points)))
-    checkpointer = Checkpointer(str((run_dir / "checkpoints").absolute()),
-                                cfg.checkpoint.keep_last, keep_steps)
+    checkpointer = Checkpointer(checkpoint.checkpoint_dir(run_dir), cfg.checkpoint.keep_last,
+                                keep_steps)
     resuming = bool(checkpointer.steps())
     if resuming:
         check_resumable(load_config(saved_cfg_path), cfg)
-    parent_dir = Path(cfg.run.parent) if cfg.run.parent else None
+    parent_dir = paths.join(cfg.run.parent) if cfg.run.parent else None  # normalised
     if parent_dir is not None and not resuming:
-        check_resumable(load_config(parent_dir / "config.yaml"), cfg, BRANCH_CHANGES,
+        check_resumable(load_config(paths.join(parent_dir, "config.yaml")), cfg, BRANCH_CHANGES,
                         what=f"the parent run {parent_dir}")
 
     mesh = sharding.make_mesh(cfg.mesh)
@@ -455,15 +452,15 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     elif parent_dir is not None:
         target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
                                          trainer.state_shardings)
-        parent_ckpt = Checkpointer(str((parent_dir / "checkpoints").absolute()), read_only=True)
+        parent_ckpt = Checkpointer(checkpoint.checkpoint_dir(parent_dir), read_only=True)
         step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step)
         parent_ckpt.close()
     is_main = jax.process_index() == 0
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_cfg_path.write_text(dump_config(cfg))
+        paths.makedirs(run_dir)
+        paths.write_text(saved_cfg_path, dump_config(cfg))
         if state is None:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            paths.remove(paths.join(run_dir, "metrics.jsonl"))
         else:
             _truncate_metrics(run_dir, step)
         where = "starting"
@@ -482,7 +479,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
         "params": counts["params"],
         "non_embedding_params": counts["non_embedding_params"],
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
-        "name": cfg.run.name or run_dir.name,
+        "name": cfg.run.name or paths.name(run_dir),
         "data": str(data_path),
         "status": "running",
         "tokens": 0,
@@ -490,7 +487,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
         "final_eval_loss": None,
     }
     if parent_dir is not None:
-        summary.update(parent=str(parent_dir), branch_step=cfg.run.parent_step,
+        summary.update(parent=parent_dir, branch_step=cfg.run.parent_step,
                        decay_steps=cfg.schedule.decay_steps,
                        decay_shape=cfg.schedule.decay_shape)
     if is_main:
@@ -502,7 +499,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     try:
         result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
                           summary["flops_per_token"], keep_steps, progress,
-                          StepProfiler(default_dir=str(run_dir / "profile")))
+                          StepProfiler(default_dir=paths.join(run_dir, "profile")))
     except BaseException:
         if is_main:
             write_json_atomic(summary_path, {**summary, "status": "failed"})

@@ -125,7 +125,8 @@ def setup_steps(t: Target, repo: str, ref: str, jax_version: str | None,
         "git fetch --quiet origin",
         f"git checkout --quiet --detach {q(ref)}",
         f"(test -x .venv/bin/python || uv venv --quiet --python {q(python)} .venv)",
-        f"uv pip install --quiet --python .venv/bin/python -e . {q(jax_req)}",
+        # the gcs extra: gcsfs, through which run directories on gs:// are read and written
+        f"uv pip install --quiet --python .venv/bin/python -e {q('.[gcs]')} {q(jax_req)}",
         'echo "$(hostname): $(git rev-parse HEAD)"',  # every host must show the same commit
     ])
     return [Step(f"install the lab at {ref} on every worker", ssh(t, remote))]

@@ -66,6 +66,7 @@ def test_v5e_32_sweep_dry_run_is_the_whole_plan(tmp_path, capsys):
     assert "git clone --quiet https://example.com/lab.git scaling-lab" in script
     assert "git checkout --quiet --detach 0123abc" in script  # one commit on every host
     assert "'jax[tpu]==" in script
+    assert "-e '.[gcs]'" in script  # gcsfs on the workers: run directories are on gs://
 
     jobs = commands[3:-1]
     sweep = expand_sweep(sweep_file, ["data.path=gs://bkt/data"], out="gs://bkt/sweeps/three")

@@ -1,0 +1,158 @@
+"""Files of a run directory wherever it lives: a local path, or an fsspec URL (`gs://...`;
+`memory://...` in tests).
+
+A Cloud TPU pod's hosts share no disk, so run directories live on Cloud Storage there. Local
+paths keep the plain pathlib code path (atomic writes by a temporary file and a rename);
+a URL goes through `fsspec.core.url_to_fs`, where one put of a whole object is already atomic.
+Object stores cannot append, and have no directories: `makedirs` is a no-op there.
+`gs://` needs gcsfs (`pip install -e '.[gcs]'`); without it every helper raises a one-line
+UserError.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lab.errors import UserError
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    """True for URLs such as gs://bucket/dir."""
+    return "://" in str(path)
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem of a URL and the path inside it; a missing backend is the
+    user's to install."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as err:
+        if url.startswith(("gs://", "gcs://")):
+            raise UserError(f"{url} is on Cloud Storage but gcsfs is missing; install gcsfs: "
+                            "pip install -e '.[gcs]'") from None
+        raise UserError(f"cannot use {url}: {err}") from None
+    except ValueError as err:  # an unknown protocol
+        raise UserError(f"cannot use {url}: {err}; use a local path or gs://") from None
+
+
+def join(path: PathLike, *names: str) -> str:
+    """Path joining that keeps a URL's scheme (pathlib would turn gs:// into gs:/)."""
+    if is_remote(path):
+        return "/".join([str(path).rstrip("/"), *names])
+    return str(Path(path, *names))
+
+
+def parent(path: PathLike) -> str:
+    """The directory holding `path`."""
+    if is_remote(path):
+        return str(path).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(path).parent)
+
+
+def name(path: PathLike) -> str:
+    """The last component of `path`."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else Path(path).name
+
+
+def absolute(path: PathLike) -> str:
+    """An absolute local path, or the URL unchanged."""
+    return str(path) if is_remote(path) else str(Path(path).absolute())
+
+
+def exists(path: PathLike) -> bool:
+    """Whether a file or directory exists."""
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        return fs.exists(p)
+    return os.path.exists(path)
+
+
+def is_file(path: PathLike) -> bool:
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        return fs.isfile(p)
+    return os.path.isfile(path)
+
+
+def is_dir(path: PathLike) -> bool:
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        return fs.isdir(p)
+    return os.path.isdir(path)
+
+
+def read_text(path: PathLike) -> str:
+    """The text of one file (FileNotFoundError if there is none)."""
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        return fs.cat_file(p).decode()
+    return Path(path).read_text()
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Replace a file's text atomically: readers see the old text or the new, never half."""
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        fs.pipe_file(p, text.encode())  # one put of a whole object
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def put(local: PathLike, path: PathLike) -> None:
+    """Copy a local file to `path` (local or remote), replacing it."""
+    data = Path(local).read_bytes()
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        fs.pipe_file(p, data)
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def makedirs(path: PathLike) -> None:
+    """Create a directory and its parents; object stores have no directories to create."""
+    if not is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def remove(path: PathLike) -> None:
+    """Delete a file if it exists."""
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        if fs.exists(p):
+            fs.rm_file(p)
+        return
+    Path(path).unlink(missing_ok=True)
+
+
+def find(root: PathLike, filename: str) -> list[str]:
+    """Every file called `filename` under `root` (recursively, `root` included), sorted."""
+    if is_remote(root):
+        fs, p = _fs(str(root))
+        base, url = p.rstrip("/"), str(root).rstrip("/")
+        # fsspec lists bare paths (bucket/dir/file): spell them as the URL given
+        return sorted(url + f[len(base):] for f in fs.find(p)
+                      if f.startswith(base) and f.rsplit("/", 1)[-1] == filename)
+    return sorted(str(f) for f in Path(root).rglob(filename) if f.is_file())
+
+
+def listdir(path: PathLike) -> list[str]:
+    """The names of the entries directly in a directory (empty if it does not exist)."""
+    if is_remote(path):
+        fs, p = _fs(str(path))
+        if not fs.isdir(p):
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
