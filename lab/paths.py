@@ -146,13 +146,3 @@ def find(root: PathLike, filename: str) -> list[str]:
                       if f.startswith(base) and f.rsplit("/", 1)[-1] == filename)
     return sorted(str(f) for f in Path(root).rglob(filename) if f.is_file())
 
-
-def listdir(path: PathLike) -> list[str]:
-    """The names of the entries directly in a directory (empty if it does not exist)."""
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        if not fs.isdir(p):
-            return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False))
-    return sorted(os.listdir(path)) if os.path.isdir(path) else []
-
