@@ -26,8 +26,9 @@ test-all: install
 demo: install
 	$(BIN)/lab demo
 
+# `make bench ONLY=train,muon` runs some topics; `make bench QUICK=1` fewer repeats and sizes.
 bench: install
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(if $(ONLY),--only $(ONLY)) $(if $(QUICK),--quick)
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,6 +1,6 @@
 """Data benchmarks: stdlib prep speed, loader tokens/s beside grain's own MapDataset, memory.
 
-    .venv/bin/python benchmarks/bench_data.py [--quick]
+    .venv/bin/python -m benchmarks.bench_data [--quick]
 """
 
 from __future__ import annotations
@@ -15,16 +15,11 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from benchmarks.common import row
 from lab.data import TrainStream, open_dataset, prepare
 from lab.data.sources import open_source
 
 LOADER_CONFIGS = [(256, 32, "demo-like"), (512, 8, "benchmark model")]
-
-
-def _row(figure, value, unit, reference, reference_value, notes=""):
-    ratio = value / reference_value if reference_value else None
-    return {"figure": figure, "value": float(value), "unit": unit, "reference": reference,
-            "reference_value": reference_value, "ratio": ratio, "notes": notes}
 
 
 def _rss_anon_mb() -> float:
@@ -71,10 +66,10 @@ def run(quick: bool = False) -> list[dict]:
         meta = prepare("stdlib", os.path.join(tmp, "stdlib"))
         seconds = time.perf_counter() - started
         total = meta["splits"]["train"]["n_tokens"] + meta["splits"]["val"]["n_tokens"]
-        rows.append(_row("data prep: stdlib, byte tokenizer", total / seconds, "tokens/s",
-                         "reading the same files only (bytes/s)", raw,
-                         f"{total:,} tokens, {meta['source']['n_documents']} files, "
-                         f"{seconds:.2f} s"))
+        rows.append(row("data prep: stdlib, byte tokenizer", total / seconds, "tokens/s",
+                        "reading the same files only (bytes/s)", raw,
+                        f"{total:,} tokens, {meta['source']['n_documents']} files, "
+                        f"{seconds:.2f} s"))
 
         ds = open_dataset(os.path.join(tmp, "stdlib"))
         anon_before = _rss_anon_mb()
@@ -86,20 +81,20 @@ def run(quick: bool = False) -> list[dict]:
                 stream.batch(step)
             per_s = steps * batch * seq_len / (time.perf_counter() - started)
             ref = _grain_reference(ds, seq_len, batch, steps)
-            rows.append(_row(f"loader batch(step), seq {seq_len} x batch {batch} ({what})",
-                             per_s, "tokens/s", "grain MapDataset source.shuffle.repeat.batch, "
-                             "same windows", ref, f"{steps} steps, 1 process, int32 out"))
+            rows.append(row(f"loader batch(step), seq {seq_len} x batch {batch} ({what})",
+                            per_s, "tokens/s", "grain MapDataset source.shuffle.repeat.batch, "
+                            "same windows", ref, f"{steps} steps, 1 process, int32 out"))
         # Touch every window once: the maps page in, but anonymous memory must not grow with it.
         stream = TrainStream(ds, 512, 64, seed=1, process_index=0, process_count=1)
         for step in range(0, stream.n_windows // 64 + 1, 4 if quick else 1):
             stream.batch(step)
         corpus_mb = ds.n_tokens["train"] * ds.dtype.itemsize / 2**20
-        rows.append(_row("loader anonymous memory growth over an epoch", _rss_anon_mb()
-                         - anon_before, "MiB", "train split size on disk (MiB)", corpus_mb,
-                         "RssAnon after minus before; the shards are memory-mapped, not loaded"))
+        rows.append(row("loader anonymous memory growth over an epoch", _rss_anon_mb()
+                        - anon_before, "MiB", "train split size on disk (MiB)", corpus_mb,
+                        "RssAnon after minus before; the shards are memory-mapped, not loaded"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows.append(_row("peak memory (maxrss) of this process", peak, "MiB", "", None,
-                     "includes mapped shard pages and the jax/grain imports"))
+    rows.append(row("peak memory (maxrss) of this process", peak, "MiB", "", None,
+                    "includes mapped shard pages and the jax/grain imports"))
     return rows
 
 

@@ -7,7 +7,7 @@ runs it (finite-difference gradients), timed in the same process. In quick mode 
 runs on a random twentieth of the starts (bootstrap: 10 resamples) and the time is scaled up, as
 the reference column says.
 
-    .venv/bin/python benchmarks/bench_fit.py [--quick]
+    .venv/bin/python -m benchmarks.bench_fit [--quick]
 """
 
 from __future__ import annotations
@@ -29,24 +29,12 @@ from analysis.approach3 import (
     huber_objective,
     law,
 )
+from benchmarks.common import row
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/chinchilla_epoch.csv"
 # Besiroglu et al. 2024 (arXiv:2404.10102), unrounded as their notebook prints them.
 PUBLISHED = {"E": 1.81686, "A": 482.00572, "B": 2085.43420, "alpha": 0.34781, "beta": 0.36585}
 NOTEBOOK_OBJECTIVE = 1.0182740346e-3  # their L-BFGS-B grid search, same objective and points
-
-
-def _row(figure, value, unit, reference, reference_value, notes=""):
-    ratio = value / reference_value if reference_value else None
-    return {
-        "figure": figure,
-        "value": float(value),
-        "unit": unit,
-        "reference": reference,
-        "reference_value": reference_value,
-        "ratio": ratio,
-        "notes": notes,
-    }
 
 
 def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -92,7 +80,7 @@ def run(quick: bool = False) -> list[dict]:
     ref = "scipy L-BFGS-B loop over the same 4,500 starts"
     ref += f" ({len(subset)} timed, x{scale:.0f})" if quick else ""
     rows.append(
-        _row(
+        row(
             "Approach 3 fit, full grid, first call",
             cold,
             "s",
@@ -102,7 +90,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     rows.append(
-        _row(
+        row(
             "Approach 3 fit, full grid, warm",
             warm,
             "s",
@@ -113,7 +101,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     rows.append(
-        _row(
+        row(
             "Approach 3 best Huber objective",
             fit.objective,
             "",
@@ -124,7 +112,7 @@ def run(quick: bool = False) -> list[dict]:
     )
     for k in NAMES:
         rows.append(
-            _row(
+            row(
                 f"Approach 3 {k}",
                 getattr(fit, k),
                 "",
@@ -151,7 +139,7 @@ def run(quick: bool = False) -> list[dict]:
     ref = f"scipy L-BFGS-B from the optimum per resample ({n_ref} timed, x{k / n_ref:.0f})"
     lo, hi = boot.intervals["alpha"]
     rows.append(
-        _row(
+        row(
             f"Approach 3 bootstrap, {k} resamples, first call",
             boot_s,
             "s",
@@ -161,7 +149,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     rows.append(
-        _row(
+        row(
             f"Approach 3 bootstrap, {k} resamples, warm",
             warm_s,
             "s",
@@ -172,7 +160,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows.append(_row("peak memory (maxrss)", peak, "MiB", "", None, "whole benchmark process"))
+    rows.append(row("peak memory (maxrss)", peak, "MiB", "", None, "whole benchmark process"))
     return rows
 
 

@@ -4,7 +4,7 @@ The shapes are the benchmark model's hidden matrices (d_model 512, 8 layers, 8 h
 1536): per layer wq wk wv wo (512, 512), w_gate w_up (512, 1536), w_down (1536, 512), either
 stacked (8, in, out) as scanned layers keep them or as 56 separate matrices.
 
-    .venv/bin/python benchmarks/bench_muon.py [--quick]
+    .venv/bin/python -m benchmarks.bench_muon [--quick]
 """
 
 from __future__ import annotations
@@ -20,18 +20,13 @@ import numpy as np
 import optax
 from optax.contrib import _muon as optax_muon
 
+from benchmarks.common import row
 from lab.muon import muon, newton_schulz
 
 D, F, LAYERS = 512, 1536, 8
 SHAPES = {"wq": (D, D), "wk": (D, D), "wv": (D, D), "wo": (D, D),
           "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
 LR, WD = 0.02, 0.1
-
-
-def _row(figure, value, unit, reference, reference_value, notes=""):
-    ratio = value / reference_value if reference_value else None
-    return {"figure": figure, "value": float(value), "unit": unit, "reference": reference,
-            "reference_value": reference_value, "ratio": ratio, "notes": notes}
 
 
 def _median_seconds(*calls, repeats: int) -> list[float]:
@@ -132,11 +127,11 @@ def run(quick: bool = False) -> list[dict]:
         ours_call, ours_mib = _update_call(muon(LR, weight_decay=WD), params, grads)
         theirs_call, theirs_mib = _update_call(_optax_muon(stacked), params, grads)
         ours, theirs = _median_seconds(ours_call, theirs_call, repeats=repeats)
-        rows.append(_row(f"muon update, {layout}", ours * 1e3, "ms",
-                         "optax.contrib.muon, same shapes and settings", theirs * 1e3,
-                         "jitted tx.update; Nesterov 0.95, 5 NS steps, Moonlight scaling"))
-        rows.append(_row(f"muon update temp buffers, {layout}", ours_mib, "MiB",
-                         "optax.contrib.muon", theirs_mib, "XLA memory_analysis temp size"))
+        rows.append(row(f"muon update, {layout}", ours * 1e3, "ms",
+                        "optax.contrib.muon, same shapes and settings", theirs * 1e3,
+                        "jitted tx.update; Nesterov 0.95, 5 NS steps, Moonlight scaling"))
+        rows.append(row(f"muon update temp buffers, {layout}", ours_mib, "MiB",
+                        "optax.contrib.muon", theirs_mib, "XLA memory_analysis temp size"))
 
     params = _params(stacked=True)
     leaves = list(params.values())
@@ -156,27 +151,27 @@ def run(quick: bool = False) -> list[dict]:
     floor_auto = sum(MATMUL_COUNTS[kind][name] * s
                      for (kind, name, _), s in zip(products, product_s, strict=True))
     flops_std, flops_auto = _ns_flops(leaves, "standard"), _ns_flops(leaves, "auto")
-    rows.append(_row("newton_schulz, all hidden matrices", auto_s * 1e3, "ms",
-                     "its matmuls timed alone", floor_auto * 1e3,
-                     f"float32, Gram form on the 512x1536 ones; {flops_auto / 1e9:.0f} GFLOP; "
-                     "target ratio <= 1.3"))
-    rows.append(_row("newton_schulz, standard iteration", std_s * 1e3, "ms",
-                     "its matmuls timed alone", floor_std * 1e3,
-                     f"method='standard'; {flops_std / 1e9:.0f} GFLOP; target ratio <= 1.3"))
-    rows.append(_row("newton_schulz, default vs standard iteration", auto_s * 1e3, "ms",
-                     "method='standard'", std_s * 1e3,
-                     f"FLOP ratio {flops_auto / flops_std:.3f}"))
+    rows.append(row("newton_schulz, all hidden matrices", auto_s * 1e3, "ms",
+                    "its matmuls timed alone", floor_auto * 1e3,
+                    f"float32, Gram form on the 512x1536 ones; {flops_auto / 1e9:.0f} GFLOP; "
+                    "target ratio <= 1.3"))
+    rows.append(row("newton_schulz, standard iteration", std_s * 1e3, "ms",
+                    "its matmuls timed alone", floor_std * 1e3,
+                    f"method='standard'; {flops_std / 1e9:.0f} GFLOP; target ratio <= 1.3"))
+    rows.append(row("newton_schulz, default vs standard iteration", auto_s * 1e3, "ms",
+                    "method='standard'", std_s * 1e3,
+                    f"FLOP ratio {flops_auto / flops_std:.3f}"))
     peak = 2 * 2048**3 / peak_s
-    rows.append(_row("newton_schulz matmul throughput", flops_std / std_s / 1e9, "GFLOP/s",
-                     "2048^3 float32 matmul, same run", peak / 1e9,
-                     "standard iteration; ratio = fraction of that peak"))
-    rows.append(_row("newton_schulz, bfloat16 matmul operands", ns16_s * 1e3, "ms",
-                     "method='standard', float32", std_s * 1e3,
-                     "compute_dtype=jnp.bfloat16 (standard iteration)"))
+    rows.append(row("newton_schulz matmul throughput", flops_std / std_s / 1e9, "GFLOP/s",
+                    "2048^3 float32 matmul, same run", peak / 1e9,
+                    "standard iteration; ratio = fraction of that peak"))
+    rows.append(row("newton_schulz, bfloat16 matmul operands", ns16_s * 1e3, "ms",
+                    "method='standard', float32", std_s * 1e3,
+                    "compute_dtype=jnp.bfloat16 (standard iteration)"))
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     param_mib = sum(p.size for p in params.values()) * 4 / 2**20
-    rows.append(_row("peak resident memory (whole benchmark)", rss_mib, "MiB", "", None,
-                     f"getrusage maxrss; one copy of the parameters is {param_mib:.0f} MiB"))
+    rows.append(row("peak resident memory (whole benchmark)", rss_mib, "MiB", "", None,
+                    f"getrusage maxrss; one copy of the parameters is {param_mib:.0f} MiB"))
     return rows
 
 

@@ -1,7 +1,7 @@
 """WSD with a 20% 1-sqrt cooldown against cosine at equal steps (Hägele et al. 2024 found the
 final losses equal), on the default stdlib corpus with configs/tiny.yaml.
 
-    .venv/bin/python benchmarks/bench_schedules.py [--quick]
+    .venv/bin/python -m benchmarks.bench_schedules [--quick]
 """
 
 from __future__ import annotations
@@ -11,23 +11,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lab.config import load_config
-from lab.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, final_eval_loss, row
 
 
-class _Quiet:
-    def show(self, step, metrics, seconds_per_step) -> None:
-        pass
-
-
-def final_eval_loss(run_dir: Path, steps: int, schedule: list[str], seed: int) -> float:
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [
-        f"run.dir={run_dir}", f"run.seed={seed}", f"train.steps={steps}", "train.eval_every=0",
-        "train.eval_batches=16", "checkpoint.every_steps=0", "schedule.warmup_steps=20",
-        "schedule.final_ratio=0", *schedule])
-    return train(cfg, progress=_Quiet())["final_eval_loss"]
+def _final_loss(run_dir: Path, steps: int, schedule: list[str], seed: int) -> float:
+    return final_eval_loss(ROOT / "configs" / "tiny.yaml", [
+        f"run.seed={seed}", f"train.steps={steps}", "train.eval_every=0",
+        "train.eval_batches=16", "schedule.warmup_steps=20", "schedule.final_ratio=0",
+        *schedule], run_dir)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -36,11 +27,11 @@ def run(quick: bool = False) -> list[dict]:
     wsd_losses, cos_losses = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            wsd_losses.append(final_eval_loss(
+            wsd_losses.append(_final_loss(
                 Path(tmp) / f"wsd{seed}", steps, ["schedule.name=wsd",
                                                   f"schedule.decay_steps={steps // 5}",
                                                   "schedule.decay_shape=1-sqrt"], seed))
-            cos_losses.append(final_eval_loss(
+            cos_losses.append(_final_loss(
                 Path(tmp) / f"cos{seed}", steps, ["schedule.name=cosine"], seed))
     wsd, cos = sum(wsd_losses) / len(seeds), sum(cos_losses) / len(seeds)
     notes = (f"configs/tiny.yaml, {steps} steps, peak lr 3e-3, warmup 20, final lr 0; "
@@ -48,14 +39,12 @@ def run(quick: bool = False) -> list[dict]:
              f"cosine {[round(x, 4) for x in cos_losses]}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return [
-        {"figure": "final eval loss, WSD 20% 1-sqrt cooldown", "value": wsd, "unit": "nats/byte",
-         "reference": "cosine, same steps and peak", "reference_value": cos, "ratio": wsd / cos,
-         "notes": notes},
-        {"figure": "peak resident memory (schedules benchmark)", "value": rss, "unit": "MiB",
-         "reference": "", "reference_value": None, "ratio": None, "notes": "ru_maxrss"},
+        row("final eval loss, WSD 20% 1-sqrt cooldown", wsd, "nats/byte",
+            "cosine, same steps and peak", cos, notes),
+        row("peak resident memory (schedules benchmark)", rss, "MiB", "", None, "ru_maxrss"),
     ]
 
 
 if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv):
-        print(row)
+    for r in run(quick="--quick" in sys.argv):
+        print(r)
