@@ -133,17 +133,70 @@ def orthogonalize(
     eps: float = 1e-7,
     compute_dtype: jnp.dtype = jnp.float32,
     method: str = "auto",
+    split_axes: tuple[str, ...] = ("data",),
 ) -> optax.GradientTransformation:
-    """A stateless transformation applying `newton_schulz` to every leaf (all must be matrices)."""
+    """A stateless transformation applying `newton_schulz` to every leaf (all must be matrices).
+
+    ``split_axes``: mesh axes along which the parameters are replicated (the lab's data axis).
+    Under a mesh (``jax.set_mesh``) where they have more than one device, every device would
+    repeat the same Newton-Schulz; instead the matrices are dealt out among those devices
+    (`split_newton_schulz`). Other axes (FSDP, tensor) keep the compiler's partitioning.
+    """
+
+    def ns(x: jax.Array) -> jax.Array:
+        return newton_schulz(x, ns_steps, eps, compute_dtype, method)
 
     def update_fn(updates, state, params=None):
         del params
-        out = jax.tree.map(
-            lambda u: newton_schulz(u, ns_steps, eps, compute_dtype, method), updates
-        )
-        return out, state
+        leaves, treedef = jax.tree.flatten(updates)
+        axes = _present_axes(split_axes)
+        if axes:
+            leaves = split_newton_schulz(leaves, ns, axes)
+        else:
+            leaves = [ns(u) for u in leaves]
+        return jax.tree.unflatten(treedef, leaves), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _present_axes(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Those of `names` that are axes of more than one device in the current mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def split_newton_schulz(leaves: list[jax.Array], ns, axes: tuple[str, ...]) -> list[jax.Array]:
+    """`ns` of every leaf, with the matrices dealt out among the devices of mesh `axes`.
+
+    Matrices of one shape and dtype (the layers of a stacked leaf, and same-shaped leaves) are
+    stacked, padded with zero matrices to a multiple of the axes' size, and the stack's leading
+    axis is sharded over `axes` (its matrix axes keep whatever sharding they have): each
+    replica orthogonalises its share, a slice of what it holds, and the results are gathered
+    once. Zero matrices stay zero (the normalisation divides by norm + eps), and every leaf
+    gets exactly its own `ns`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    replicas = math.prod(mesh.shape[a] for a in axes)
+    free = jax.sharding.PartitionSpec.UNCONSTRAINED
+    spec = jax.sharding.PartitionSpec(axes, free, free)
+    groups: dict[tuple, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        groups.setdefault((leaf.shape[-2:], leaf.dtype), []).append(i)
+    out: list[jax.Array | None] = [None] * len(leaves)
+    for (matrix_shape, _), members in groups.items():
+        stack_KxMxN = jnp.concatenate([leaves[i].reshape(-1, *matrix_shape) for i in members])
+        count = stack_KxMxN.shape[0]
+        padded = -(-count // replicas) * replicas
+        stack_KxMxN = jnp.pad(stack_KxMxN, ((0, padded - count), (0, 0), (0, 0)))
+        stack_KxMxN = ns(jax.lax.with_sharding_constraint(stack_KxMxN, spec))
+        start = 0
+        for i in members:
+            size = math.prod(leaves[i].shape[:-2])
+            out[i] = stack_KxMxN[start:start + size].reshape(leaves[i].shape)
+            start += size
+    return out
 
 
 def shape_scale(shape: tuple[int, ...], scaling: str) -> float:
@@ -192,6 +245,7 @@ def muon(
     mu_dtype: jnp.dtype | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     ns_method: str = "auto",
+    split_axes: tuple[str, ...] = ("data",),
 ) -> optax.GradientTransformation:
     """Muon for a tree of matrices (route everything else elsewhere, see `lab.optim`).
 
@@ -199,7 +253,7 @@ def muon(
     scheduled learning rate, as in ``optax.adamw``: ``W <- W - lr * (scale * O + wd * W)``.
     ``weight_decay_mask`` is passed to ``optax.add_decayed_weights``; ``mu_dtype`` is the
     momentum's dtype (default: the gradient's); ``compute_dtype`` and ``ns_method`` go to
-    `newton_schulz`.
+    `newton_schulz`; ``split_axes`` to `orthogonalize`.
     """
     if not 0.0 <= momentum < 1.0:
         raise UserError(f"Muon momentum {momentum} must be in [0, 1); fix optim.muon_momentum")
@@ -209,7 +263,7 @@ def muon(
         raise UserError(f"weight decay {weight_decay} must be >= 0; fix optim.weight_decay")
     return optax.chain(
         optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-        orthogonalize(ns_steps, eps, compute_dtype, ns_method),
+        orthogonalize(ns_steps, eps, compute_dtype, ns_method, split_axes),
         scale_by_shape(scaling),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),

@@ -185,3 +185,47 @@ def test_muon_rejects_bad_settings():
         muon(0.1, momentum=1.0)
     with pytest.raises(UserError):
         muon(0.1, ns_steps=-1)
+
+
+
+def _muon_update(mesh, split_axes, params, grads, specs):
+    """One jitted Muon update (params sharded by `specs` on `mesh`, or on one device when
+    `mesh` is None) and the compiled FLOPs per device."""
+    tx = muon(0.02, weight_decay=0.1, split_axes=split_axes)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
+    if mesh is None:
+        args = (grads, tx.init(params), params)
+        return step(*args), step.lower(*args).compile().cost_analysis()["flops"]
+    with jax.set_mesh(mesh):
+        put = {k: NamedSharding(mesh, specs[k]) for k in params}
+        params = {k: jax.device_put(v, put[k]) for k, v in params.items()}
+        grads = {k: jax.device_put(v, put[k]) for k, v in grads.items()}
+        args = (grads, tx.init(params), params)
+        return step(*args), step.lower(*args).compile().cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_newton_schulz_is_split_among_data_replicas(mesh_shape):
+    """Parameters are replicated along the data axis, so without the split every replica
+    repeats the same Newton-Schulz. With it each replica orthogonalises its share of the
+    matrices (the layers of a stacked leaf and same-shaped leaves, padded to a multiple): the
+    update still equals the one-device update, at a fraction of the FLOPs per device."""
+    keys = jax.random.split(jax.random.key(5), 8)
+    shapes = {"stacked": (4, 64, 192), "wide": (64, 192), "tall": (192, 64), "same": (64, 192)}
+    specs = {"stacked": P(None, "fsdp", "tensor"), "wide": P("fsdp", "tensor"),
+             "tall": P("fsdp", None), "same": P(None, "tensor")}
+    params = {k: jax.random.normal(keys[i], s) for i, (k, s) in enumerate(shapes.items())}
+    grads = {k: jax.random.normal(keys[4 + i], s) for i, (k, s) in enumerate(shapes.items())}
+    want, _ = _muon_update(None, (), params, grads, specs)
+    mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
+                         axis_types=(AxisType.Auto,) * 3)
+    got, flops_split = _muon_update(mesh, ("data",), params, grads, specs)
+    _, flops_repeated = _muon_update(mesh, (), params, grads, specs)
+    for k in params:
+        assert got[k].shape == want[k].shape
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=2e-6, rtol=0)
+    # 6 matrices of one shape and 1 of the other: with 8 replicas each does 1 + 1 of the 7
+    # (2/7 of the work); with 2 replicas 3 + 1 (4/7), each on its fsdp x tensor quarter.
+    data = mesh_shape[0]
+    share = (-(-6 // data) + 1) / 7
+    assert flops_split < (share + 0.1) * flops_repeated, (flops_split, flops_repeated)

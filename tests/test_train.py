@@ -44,6 +44,21 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
     assert len(read_metrics(run)) == len(eight)
 
 
+def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small_data):
+    """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out between the two
+    data replicas (lab.muon.split_newton_schulz); the run's losses equal one device's."""
+    common = [str(TINY), f"data.path={small_data}", *SHORT, "optim.name=muon", "optim.lr=1e-2",
+              "train.eval_every=0", "checkpoint.every_steps=0"]
+    run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
+    run_lab(["train", *common, f"run.dir={tmp_path / 'eight'}", "mesh.data=2", "mesh.fsdp=2",
+             "mesh.tensor=2"], devices=8)
+    one, eight = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
+    assert len(one) == len(eight) == 6
+    for a, b in zip(one, eight, strict=True):
+        assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
+    assert one[-1]["loss"] < one[0]["loss"] - 0.3
+
+
 def test_grad_accumulation_equals_one_batch(small_data, tmp_path):
     from lab import data as labdata
     from lab.model import with_vocab
