@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import resource
 import statistics
 import sys
@@ -36,11 +35,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks.common import load_note, row
 from lab import sharding
 from lab.checkpoint import Checkpointer
 from lab.config import Config, load_config
 from lab.metrics import MetricsLogger
-from lab.mfu import probe_matmul_peak
+from lab.mfu import accelerator_peak_flops, probe_matmul_peak
 from lab.model import flops_per_token, param_counts
 from lab.train import build_trainer, run_loop
 
@@ -52,12 +52,6 @@ PEERS = {"float32": "MaxText ~750, PyTorch ~835 eager / ~895 compiled; lab targe
          "bfloat16": "PyTorch autocast ~2,100 eager / ~2,200 compiled; lab target >= 2,200"}
 
 
-def _row(figure, value, unit, reference, reference_value, notes=""):
-    ratio = value / reference_value if reference_value else None
-    return {"figure": figure, "value": float(value), "unit": unit, "reference": reference,
-            "reference_value": reference_value, "ratio": ratio, "notes": notes}
-
-
 def bench_config(overrides: list[str] = ()) -> Config:
     """The benchmark model's config with `overrides` (dotted key=value words) on top."""
     return load_config(None, MODEL + ["train.steps=1000000", "train.log_every=1000000",
@@ -67,11 +61,6 @@ def bench_config(overrides: list[str] = ()) -> Config:
 def _tokens(seed: int, mesh) -> jax.Array:
     rng = np.random.default_rng(seed)
     return sharding.global_batch(rng.integers(0, VOCAB, (BATCH, SEQ + 1), dtype=np.int32), mesh)
-
-
-def _load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.1f} {five:.1f} {fifteen:.1f} (1/5/15 min, {os.cpu_count()} CPUs)"
 
 
 # (label, dtype, config overrides); the first two are the headline figures, the others are
@@ -122,7 +111,7 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
     variants = VARIANTS[:2] if quick else VARIANTS
     dtypes = ("float32", "bfloat16")
     peaks = {d: [probe_matmul_peak(d)] for d in dtypes}
-    load = _load()
+    load = load_note()
     runs = time_steps(variants, rounds=3 if quick else 6)
     for d in dtypes:
         peaks[d].append(probe_matmul_peak(d))
@@ -130,10 +119,10 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
     flops_tok = flops_per_token(bench_config().model, SEQ)
     rows = []
     for d in dtypes:
-        rows.append(_row(f"matmul peak, {d} operands (2048^3)", max(peaks[d]) / 1e9, "GFLOP/s",
-                         "", None, "lab.mfu.probe_matmul_peak before and after the steps: "
-                         f"{', '.join(f'{p / 1e9:.0f}' for p in peaks[d])}; DESIGN.md measured "
-                         f"{'370' if d == 'float32' else '780'} on the idle machine"))
+        rows.append(row(f"matmul peak, {d} operands (2048^3)", max(peaks[d]) / 1e9, "GFLOP/s",
+                        "", None, "lab.mfu.probe_matmul_peak before and after the steps: "
+                        f"{', '.join(f'{p / 1e9:.0f}' for p in peaks[d])}; DESIGN.md measured "
+                        f"{'370' if d == 'float32' else '780'} on the idle machine"))
     for label, dtype, _ in variants:
         run = runs[label]
         best, median = min(run["times"]), statistics.median(run["times"])
@@ -142,17 +131,25 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
                  f"XLA working memory {run['temp_mib']:,.0f} MiB")
         if label in dtypes:
             limit = max(peaks[dtype]) / flops_tok
-            rows.append(_row(f"train step, {label} compute", tokens / best, "tokens/s",
-                             f"tokens/s at the {dtype} matmul peak of this run", limit,
-                             f"ratio = MFU; {notes}; {flops_tok * tokens / 1e9:.1f} model GFLOP "
-                             f"a step; peers: {PEERS[dtype]}; {load}"))
-            rows.append(_row(f"train step MFU, {label} compute", 100 * tokens / best / limit,
-                             "%", "lab target: 40% of the measured peak", 40.0,
-                             "model FLOPs (causal attention counted once) over the same-run peak"))
+            rows.append(row(f"train step, {label} compute", tokens / best, "tokens/s",
+                            f"tokens/s at the {dtype} matmul peak of this run", limit,
+                            f"ratio = MFU; {notes}; {flops_tok * tokens / 1e9:.1f} model GFLOP "
+                            f"a step; peers: {PEERS[dtype]}; {load}"))
+            rows.append(row(f"train step MFU, {label} compute", 100 * tokens / best / limit,
+                            "%", "lab target: 40% of the measured peak", 40.0,
+                            "model FLOPs (causal attention counted once) over the same-run peak"))
+            device = jax.devices()[0]
+            table = accelerator_peak_flops(device.device_kind)
+            if device.platform != "cpu" and table:
+                rows.append(row(f"train step MFU, {label} compute, of the dense bf16 peak",
+                                100 * tokens * flops_tok / best / table, "%",
+                                f"{device.device_kind}: {table / 1e12:.0f} TFLOP/s (lab.mfu)",
+                                None, "the MFU the field quotes: model FLOPs over the data "
+                                "sheet's dense bfloat16 peak of one chip"))
         else:
             ref = min(runs["bfloat16"]["times"])
-            rows.append(_row(f"train step, {label}", tokens / best, "tokens/s",
-                             "bfloat16, scanned, no remat (same rounds)", tokens / ref, notes))
+            rows.append(row(f"train step, {label}", tokens / best, "tokens/s",
+                            "bfloat16, scanned, no remat (same rounds)", tokens / ref, notes))
     return rows, runs
 
 
@@ -172,10 +169,10 @@ def _compile_rows(quick: bool) -> list[dict]:
     for layers in (4,) if quick else (4, 16):
         scanned = _compile_seconds(layers, True)
         unrolled = _compile_seconds(layers, False)
-        rows.append(_row(f"compile train step, {layers} layers, scanned", scanned, "s",
-                         "", None, f"lower + compile, float32; {_load()}"))
-        rows.append(_row(f"compile train step, {layers} layers, unrolled", unrolled, "s",
-                         f"{layers} layers scanned", scanned, ""))
+        rows.append(row(f"compile train step, {layers} layers, scanned", scanned, "s",
+                        "", None, f"lower + compile, float32; {load_note()}"))
+        rows.append(row(f"compile train step, {layers} layers, unrolled", unrolled, "s",
+                        f"{layers} layers scanned", scanned, ""))
     return rows
 
 
@@ -204,11 +201,11 @@ def _checkpoint_rows(trainer, state: dict, every: int, saves: int) -> list[dict]
     between = every * statistics.median(step_times)
     per_save = statistics.median(blocked)
     size_mb = _state_bytes(state) / 2**20
-    return [_row("checkpoint: loop blocked per async save", per_save, "s",
-                 f"training time between saves ({every} steps)", between,
-                 f"target ratio < 0.05; {size_mb:,.0f} MiB state (params + AdamW moments), "
-                 f"float32; saves blocked {', '.join(f'{b:.2f}' for b in blocked)} s; the "
-                 f"last save finished {drain:.2f} s after the loop; {_load()}")]
+    return [row("checkpoint: loop blocked per async save", per_save, "s",
+                f"training time between saves ({every} steps)", between,
+                f"target ratio < 0.05; {size_mb:,.0f} MiB state (params + AdamW moments), "
+                f"float32; saves blocked {', '.join(f'{b:.2f}' for b in blocked)} s; the "
+                f"last save finished {drain:.2f} s after the loop; {load_note()}")]
 
 
 def _loop_rows(trainer, state: dict, step_times: list[float], steps: int) -> list[dict]:
@@ -248,14 +245,14 @@ def _loop_rows(trainer, state: dict, step_times: list[float], steps: int) -> lis
     loop = steps * BATCH * SEQ / result.train_seconds
     dtype = cfg.model.compute_dtype
     return [
-        _row(f"train loop (run_loop + TrainStream), {dtype}", loop, "tokens/s",
-             "the jitted step alone, median step", BATCH * SEQ / statistics.median(step_times),
-             f"{steps} steps, the loop's own clock (dispatch, data, metrics fetch, logging); "
-             f"timed after the step, so the load may differ; {_load()}"),
-        _row(f"trainer consumption, {dtype}", loop, "tokens/s",
-             "loader production, TrainStream.batch, same shape", loader,
-             "ratio << 1: the loader is not what limits training (bench_data has the loader "
-             "figures)"),
+        row(f"train loop (run_loop + TrainStream), {dtype}", loop, "tokens/s",
+            "the jitted step alone, median step", BATCH * SEQ / statistics.median(step_times),
+            f"{steps} steps, the loop's own clock (dispatch, data, metrics fetch, logging); "
+            f"timed after the step, so the load may differ; {load_note()}"),
+        row(f"trainer consumption, {dtype}", loop, "tokens/s",
+            "loader production, TrainStream.batch, same shape", loader,
+            "ratio << 1: the loader is not what limits training (bench_data has the loader "
+            "figures)"),
     ]
 
 
@@ -271,12 +268,12 @@ def run(quick: bool = False) -> list[dict]:
     rows += _compile_rows(quick)
     counts = param_counts(bench_config().model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows.append(_row("peak memory (maxrss) of the train benchmark", peak, "MiB",
-                     "model state: params + 2 AdamW moments, float32 (MiB)",
-                     3 * counts["params"] * 4 / 2**20,
-                     f"{counts['params']:,} parameters; {'2' if quick else len(VARIANTS)} "
-                     "variants' states alive at once, plus activations, XLA buffers, the orbax "
-                     "save and the imports"))
+    rows.append(row("peak memory (maxrss) of the train benchmark", peak, "MiB",
+                    "model state: params + 2 AdamW moments, float32 (MiB)",
+                    3 * counts["params"] * 4 / 2**20,
+                    f"{counts['params']:,} parameters; {'2' if quick else len(VARIANTS)} "
+                    "variants' states alive at once, plus activations, XLA buffers, the orbax "
+                    "save and the imports"))
     return rows
 
 
