@@ -237,7 +237,6 @@ def quick_demo(tmp_path_factory):
     return out, result.stdout, time.perf_counter() - started
 
 
-@pytest.mark.slow
 def test_quick_demo_writes_the_report(quick_demo):
     out, stdout, seconds = quick_demo
     check_outputs(out, stdout)
