@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.points import check_points
-from analysis.powerlaw import PowerLaw, fit_power_law, loglog_line, with_bootstrap
+from analysis.powerlaw import Allocation, PowerLaw, fit_power_law, loglog_line, with_bootstrap
 from lab.errors import UserError
 
 
 @dataclass
-class EnvelopeFit:
+class EnvelopeFit(Allocation):
     """The loss-compute frontier and the power laws through it."""
 
     frontier: pd.DataFrame  # per bin: C, loss, N, D, run
@@ -29,19 +29,6 @@ class EnvelopeFit:
     n_points: int
     n_runs: int
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def a(self) -> float:
-        return self.N_opt.exponent
-
-    @property
-    def b(self) -> float:
-        return self.D_opt.exponent
-
-    def compute_optimal(self, C) -> pd.DataFrame:
-        """N_opt and D_opt from the fitted power laws at budgets C."""
-        C = np.atleast_1d(np.asarray(C, dtype=np.float64))
-        return pd.DataFrame({"C": C, "N_opt": self.N_opt(C), "D_opt": self.D_opt(C)})
 
     def to_dict(self) -> dict:
         return {

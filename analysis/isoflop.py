@@ -13,12 +13,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.points import check_points, group_budgets
-from analysis.powerlaw import PowerLaw, fit_power_law, loglog_line, with_bootstrap
+from analysis.powerlaw import Allocation, PowerLaw, fit_power_law, loglog_line, with_bootstrap
 from lab.errors import UserError
 
 
 @dataclass
-class IsoflopFit:
+class IsoflopFit(Allocation):
     """Per-budget optima and the power laws through them."""
 
     budgets: pd.DataFrame  # C, N_opt, D_opt, loss_opt, n_runs, N_min, N_max, c0, c1, c2
@@ -26,21 +26,6 @@ class IsoflopFit:
     D_opt: PowerLaw
     points: pd.DataFrame = field(repr=False)  # the input with a `budget` label column
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def a(self) -> float:
-        """N_opt is proportional to C^a."""
-        return self.N_opt.exponent
-
-    @property
-    def b(self) -> float:
-        """D_opt is proportional to C^b."""
-        return self.D_opt.exponent
-
-    def compute_optimal(self, C) -> pd.DataFrame:
-        """N_opt and D_opt from the fitted power laws at budgets C."""
-        C = np.atleast_1d(np.asarray(C, dtype=np.float64))
-        return pd.DataFrame({"C": C, "N_opt": self.N_opt(C), "D_opt": self.D_opt(C)})
 
     def to_dict(self) -> dict:
         return {

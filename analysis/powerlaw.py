@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from lab.errors import UserError
@@ -39,6 +40,29 @@ class PowerLaw:
             "level": self.level,
             "interval_method": self.interval_method,
         }
+
+
+class Allocation:
+    """N_opt ∝ C^a and D_opt ∝ C^b from two fitted power laws, the attributes `N_opt` and
+    `D_opt` of the fits that mix this in (Approaches 1 and 2)."""
+
+    N_opt: PowerLaw
+    D_opt: PowerLaw
+
+    @property
+    def a(self) -> float:
+        """N_opt is proportional to C^a."""
+        return self.N_opt.exponent
+
+    @property
+    def b(self) -> float:
+        """D_opt is proportional to C^b."""
+        return self.D_opt.exponent
+
+    def compute_optimal(self, C) -> pd.DataFrame:
+        """N_opt and D_opt from the fitted power laws at budgets C."""
+        C = np.atleast_1d(np.asarray(C, dtype=np.float64))
+        return pd.DataFrame({"C": C, "N_opt": self.N_opt(C), "D_opt": self.D_opt(C)})
 
 
 def _loglog(x, y) -> tuple[np.ndarray, np.ndarray]:
