@@ -205,7 +205,7 @@ def run(quick: bool = False) -> list[dict]:
         worst = max(slopes, key=lambda k: abs(slopes[k]))
         rows.append(row(
             f"coordinate check {param.upper()}: steepest width slope after {steps} steps",
-            slopes[worst], "d log|x| / d log width", "flat: 0", None,
+            slopes[worst], "log-log slope", "flat: 0", None,
             f"{worst}; logits {slopes['logits']:+.2f}, last residual "
             f"{slopes[f'block{1}.residual']:+.2f}, embedding {slopes['embedding']:+.2f}; widths "
             f"{widths[0]}-{widths[-1]}; AdamW lr {COORD_LR:g}; {coord_seconds:.0f} s for both"))
