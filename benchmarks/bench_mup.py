@@ -12,7 +12,8 @@
   under SP; the rows give each width's best learning rate, interpolated in log lr by a parabola
   through the best grid point and its neighbours.
 
-Both use the default stdlib corpus (byte tokens). Figures go to benchmarks/results/mup-*.png.
+Both use the default stdlib corpus (byte tokens). Figures go to benchmarks/results/mup-*.png,
+the numbers to mup-raw.json (`-quick` in their names with --quick).
 
     .venv/bin/python -m benchmarks.bench_mup [--quick]     (or: make bench ONLY=mup)
 """
@@ -209,7 +210,8 @@ def run(quick: bool = False) -> list[dict]:
             f"{worst}; logits {slopes['logits']:+.2f}, last residual "
             f"{slopes[f'block{1}.residual']:+.2f}, embedding {slopes['embedding']:+.2f}; widths "
             f"{widths[0]}-{widths[-1]}; AdamW lr {COORD_LR:g}; {coord_seconds:.0f} s for both"))
-    plot_coordinates(coords, RESULTS / "mup-coord-check.png")
+    suffix = "-quick" if quick else ""  # a quick run leaves the full run's files alone
+    plot_coordinates(coords, RESULTS / f"mup-coord-check{suffix}.png")
 
     widths = [64, 256] if quick else [64, 128, 256]
     lrs = ([2e-3, 8e-3, 3.2e-2] if quick else [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2])
@@ -218,7 +220,7 @@ def run(quick: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         sweeps = {p: lr_sweep(p, widths, lrs, steps, Path(tmp)) for p in ("sp", "mup")}
     sweep_seconds = time.perf_counter() - started
-    plot_sweep(sweeps, RESULTS / "mup-lr-sweep.png")
+    plot_sweep(sweeps, RESULTS / f"mup-lr-sweep{suffix}.png")
     for param, by_width in sweeps.items():
         best = {w: best_lr(by_width[w]) for w in widths}
         shift = math.log2(best[widths[-1]] / best[widths[0]])
@@ -232,7 +234,7 @@ def run(quick: bool = False) -> list[dict]:
     rows.append(row("μP benchmark time", coord_seconds + sweep_seconds, "s", "", None,
                     f"coordinate check {coord_seconds:.0f} s, lr sweeps {sweep_seconds:.0f} s; "
                     + load_note()))
-    (RESULTS / "mup-raw.json").write_text(json.dumps(
+    (RESULTS / f"mup-raw{suffix}.json").write_text(json.dumps(
         {"coordinates": coords, "sweeps": {p: {str(w): {str(lr): v for lr, v in d.items()}
                                                for w, d in s.items()} for p, s in sweeps.items()}},
         indent=1))
