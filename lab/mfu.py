@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from lab import paths
+
 # Dense bf16 peak per chip, TFLOP/s (vendor figures; DESIGN.md).
 ACCELERATOR_PEAK_TFLOPS = {
     "h100": 989.0,
@@ -64,9 +66,7 @@ def cpu_peak_flops(dtype: str) -> float:
     if key not in cached:
         cached[key] = probe_matmul_peak(dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
+        paths.write_text(path, json.dumps(cached, indent=1))
     return cached[key]
 
 

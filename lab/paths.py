@@ -95,29 +95,28 @@ def read_text(path: PathLike) -> str:
     return Path(path).read_text()
 
 
-def write_text(path: PathLike, text: str) -> None:
-    """Replace a file's text atomically: readers see the old text or the new, never half."""
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Replace a file's contents atomically: readers see the old contents or the new, never
+    half."""
     if is_remote(path):
         fs, p = _fs(str(path))
-        fs.pipe_file(p, text.encode())  # one put of a whole object
+        fs.pipe_file(p, data)  # one put of a whole object
         return
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    # A temporary name per process, so concurrent writers never share one.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_text(path: PathLike, text: str) -> None:
+    """Replace a file's text atomically (UTF-8)."""
+    write_bytes(path, text.encode())
 
 
 def put(local: PathLike, path: PathLike) -> None:
     """Copy a local file to `path` (local or remote), replacing it."""
-    data = Path(local).read_bytes()
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        fs.pipe_file(p, data)
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes(path, Path(local).read_bytes())
 
 
 def makedirs(path: PathLike) -> None:
