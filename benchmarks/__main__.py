@@ -24,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from benchmarks.common import table_head, table_line
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COLUMNS = ("figure", "value", "unit", "reference", "reference_value", "ratio", "notes")
@@ -144,22 +146,9 @@ def _memory_gib() -> float | None:
     return None
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        if x != x:  # nan
-            return "nan"
-        if abs(x) >= 100:
-            return f"{x:,.0f}"
-        return f"{x:.4g}"
-    return str(x)
-
-
 def table(results: dict[str, dict]) -> str:
     """One Markdown table of every topic's rows; a failed topic is one row saying why."""
-    head = ["topic", "figure", "value", "unit", "reference", "ref value", "ratio", "notes"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head()
     for topic, result in results.items():
         rows = list(result["rows"])
         if result["status"] != "ok":
@@ -172,10 +161,7 @@ def table(results: dict[str, dict]) -> str:
                      "notes": (f"peak RSS {peak:,.0f} MiB; " if peak else "")
                      + "load average before/after {:.1f}/{:.1f}".format(
                          result["load_before"][0], result["load_after"][0])})
-        for r in rows:
-            cells = [topic, r["figure"], _fmt(r["value"]), r["unit"], r["reference"],
-                     _fmt(r["reference_value"]), _fmt(r["ratio"]), r["notes"]]
-            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+        lines += [table_line(topic, r) for r in rows]
     return "\n".join(lines)
 
 

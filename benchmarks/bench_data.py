@@ -15,7 +15,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from benchmarks.common import row
+from benchmarks.common import print_rows, row
 from lab.data import TrainStream, open_dataset, prepare
 from lab.data.sources import open_source
 
@@ -99,7 +99,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] is not None else "-"
-        print(f"{r['figure']:<62} {r['value']:>14,.1f} {r['unit']:<9} ratio {ratio:>6}  "
-              f"{r['notes']}")
+    print_rows("data", run(quick="--quick" in sys.argv))

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, load_note, row
+from benchmarks.common import ROOT, load_note, print_rows, row
 
 BUDGET_SECONDS = 15 * 60
 
@@ -62,5 +62,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(f"{r['figure']}: {r['value']:.1f} {r['unit']}  ({r['notes']})")
+    print_rows("demo", run(quick="--quick" in sys.argv))

@@ -29,7 +29,7 @@ from analysis.approach3 import (
     huber_objective,
     law,
 )
-from benchmarks.common import row
+from benchmarks.common import print_rows, row
 
 DATA = Path(__file__).resolve().parents[2] / "shared/data/chinchilla_epoch.csv"
 # Besiroglu et al. 2024 (arXiv:2404.10102), unrounded as their notebook prints them.
@@ -165,10 +165,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.3g}"
-        ref = "" if r["reference_value"] is None else f"  vs {r['reference_value']:.6g}"
-        print(
-            f"{r['figure']}: {r['value']:.6g} {r['unit']}{ref}{ratio}  ({r['reference']}) "
-            f"{r['notes']}"
-        )
+    print_rows("fit", run(quick="--quick" in sys.argv))

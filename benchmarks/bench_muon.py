@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from optax.contrib import _muon as optax_muon
 
-from benchmarks.common import row
+from benchmarks.common import print_rows, row
 from lab.muon import muon, newton_schulz
 
 D, F, LAYERS = 512, 1536, 8
@@ -176,8 +176,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for row in run(quick="--quick" in sys.argv):
-        ratio = "" if row["ratio"] is None else f"  ratio {row['ratio']:.3f}"
-        ref = "" if row["reference_value"] is None else f"  vs {row['reference_value']:.4g}"
-        print(f"{row['figure']:<48} {row['value']:>10.4g} {row['unit']:<8}{ref}{ratio}"
-              f"  [{row['reference']}] {row['notes']}")
+    print_rows("muon", run(quick="--quick" in sys.argv))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import RESULTS, final_eval_loss, load_note, row
+from benchmarks.common import RESULTS, final_eval_loss, load_note, print_rows, row
 from lab import sharding
 from lab.config import load_config
 from lab.data import TrainStream, open_dataset
@@ -242,5 +242,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(f"{r['figure']}: {r['value']:.3g} {r['unit']}  ({r['notes']})")
+    print_rows("mup", run(quick="--quick" in sys.argv))

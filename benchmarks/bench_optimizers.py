@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, final_eval_loss, load_note, row
+from benchmarks.common import ROOT, final_eval_loss, load_note, print_rows, row
 
 TINY = ROOT / "configs" / "tiny.yaml"
 LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
@@ -57,5 +57,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(f"{r['figure']}: {r['value']:.4f} {r['unit']}  ratio {r['ratio']}  ({r['notes']})")
+    print_rows("optimizers", run(quick="--quick" in sys.argv))

@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, final_eval_loss, row
+from benchmarks.common import ROOT, final_eval_loss, print_rows, row
 
 
 def _final_loss(run_dir: Path, steps: int, schedule: list[str], seed: int) -> float:
@@ -46,5 +46,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        print(r)
+    print_rows("schedules", run(quick="--quick" in sys.argv))

@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks.common import load_note, row
+from benchmarks.common import load_note, print_rows, row
 from lab import sharding
 from lab.checkpoint import Checkpointer
 from lab.config import Config, load_config
@@ -278,7 +278,4 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    for r in run(quick="--quick" in sys.argv):
-        ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
-        print(f"{r['figure']:<50} {r['value']:>12,.2f} {r['unit']:<9} ratio {ratio:>7}  "
-              f"{r['notes']}")
+    print_rows("train", run(quick="--quick" in sys.argv))

@@ -1,12 +1,10 @@
-"""What the benchmark topics share: the row convention, a quiet progress sink, short runs."""
+"""What the benchmark topics share: the row convention and its table, a quiet progress sink,
+short runs. Light to import (the runner imports it; lab and jax load only for a run)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-from lab.config import load_config
-from lab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -18,6 +16,38 @@ def row(figure: str, value: float, unit: str, reference: str, reference_value: f
     ratio = value / reference_value if reference_value else None
     return {"figure": figure, "value": float(value), "unit": unit, "reference": reference,
             "reference_value": reference_value, "ratio": ratio, "notes": notes}
+
+
+HEAD = ("topic", "figure", "value", "unit", "reference", "ref value", "ratio", "notes")
+
+
+def fmt(x) -> str:
+    """A table cell for a number (None: '-')."""
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != x:  # nan
+            return "nan"
+        if abs(x) >= 100:
+            return f"{x:,.0f}"
+        return f"{x:.4g}"
+    return str(x)
+
+
+def table_head() -> list[str]:
+    return ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+
+
+def table_line(topic: str, r: dict) -> str:
+    """One Markdown table line for a row of `topic`."""
+    cells = [topic, r["figure"], fmt(r["value"]), r["unit"], r["reference"],
+             fmt(r["reference_value"]), fmt(r["ratio"]), r["notes"]]
+    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+
+def print_rows(topic: str, rows: list[dict]) -> None:
+    """Print one topic's rows as the runner's table does (a topic run on its own)."""
+    print("\n".join([*table_head(), *(table_line(topic, r) for r in rows)]))
 
 
 def load_note() -> str:
@@ -35,6 +65,9 @@ class Quiet:
 def final_eval_loss(config: str | Path | None, overrides: list[str], run_dir: Path) -> float:
     """Train `config` with `overrides` into `run_dir` (no checkpoints) and return the final
     eval loss; a diverged run returns inf."""
+    from lab.config import load_config
+    from lab.train import train
+
     cfg = load_config(config, [f"run.dir={run_dir}", "checkpoint.every_steps=0", *overrides])
     summary = train(cfg, progress=Quiet())
     loss = summary.get("final_eval_loss")
