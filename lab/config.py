@@ -8,6 +8,7 @@ and validates values; any mistake raises `UserError` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- reading
 
+INT64_MAX = 2**63 - 1
+# Step counts reach jitted code (optax schedules, the step counter) as int32.
+INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**32  # JAX keys keep 32 bits of a seed: larger seeds repeat smaller ones
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, and validate."""
@@ -159,6 +165,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                             "configs/tiny.yaml")
         try:
             raw = yaml.safe_load(paths.read_text(path)) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} cannot be "
+                            "decoded); save it as UTF-8") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -208,7 +217,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         raise UserError(f"{section} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints as well
     if unknown:
         raise UserError(f"unknown config key '{prefix}{unknown[0]}'; known keys in {section}: "
                         f"{', '.join(fields)}")
@@ -244,15 +253,23 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64_MAX <= value <= INT64_MAX:
+                raise UserError(f"config key {key} is {value}, beyond a 64-bit integer; give a "
+                                "smaller number")
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads "1e-3" (no dot) as a string
+                number = float(value)  # YAML reads "1e-3" (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"config key {key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -312,6 +329,15 @@ def validate(config: Config) -> None:
                        ("schedule.decay_steps", s.decay_steps),
                        ("checkpoint.every_steps", config.checkpoint.every_steps)]:
         _require(value >= 0, f"{key} must be zero or positive, got {value}")
+    for key, value in [("train.steps", t.steps), ("train.eval_every", t.eval_every),
+                       ("train.log_every", t.log_every), ("schedule.warmup_steps", s.warmup_steps),
+                       ("schedule.decay_steps", s.decay_steps),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("run.parent_step", config.run.parent_step)]:
+        _require(value <= INT32_MAX, f"{key} is {value}, more steps than a 32-bit step counter "
+                 f"holds; give at most {INT32_MAX}")
+    _require(0 <= config.run.seed < SEED_LIMIT,
+             f"run.seed must lie in [0, 2**32) (JAX keeps 32 bits of it), got {config.run.seed}")
     _require(config.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
     _require(m.d_model % m.n_heads == 0,
