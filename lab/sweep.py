@@ -175,11 +175,61 @@ def load_sweep(path: str | Path) -> dict:
         raise UserError(f"sweep file {path} is not valid YAML; fix its syntax") from None
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
-    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
     if unknown:
         raise UserError(f"sweep file {path}: unknown key {unknown[0]!r}; known keys: "
                         f"{', '.join(SWEEP_KEYS)}")
+    _check_numbers(spec, f"sweep file {path}")
     return spec
+
+
+# The sweep file's numeric keys: (lowest, highest, whether the lowest is allowed).
+NUMBER_RANGES = {"tokens": (0, math.inf, False), "tokens_per_param": (0, math.inf, False),
+                 "warmup_fraction": (0, 1, True), "decay_fraction": (0, 1, True),
+                 "flops_tolerance": (0, math.inf, False)}
+SHAPE_INTS = ("head_dim", "min_heads", "multiple", "tensor")
+
+
+def _check_numbers(spec: dict, where: str) -> None:
+    """Every number of the sweep file is a finite number in its range, before any expansion."""
+    def bad(key: str, rule: str) -> UserError:
+        return UserError(f"{where}: {key} must be {rule}, got {_get(spec, key)!r}")
+
+    for key, (lo, hi, closed) in NUMBER_RANGES.items():
+        if key in spec:
+            v = _finite(spec[key])
+            if v is None or not (lo <= v if closed else lo < v) or not v <= hi:
+                raise bad(key, f"a number in [{lo:g}, {hi:g}]" if closed
+                          else f"a finite number above {lo:g}")
+    for key in ("sizes", "budgets"):
+        items = spec.get(key)
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) and (_finite(item) is None or _finite(item) <= 0):
+                raise UserError(f"{where}: every entry of {key} must be a finite positive "
+                                f"number{' or a mapping of model keys' if key == 'sizes' else ''}"
+                                f", got {item!r}")
+    shape = spec.get("shape")
+    if isinstance(shape, dict):
+        for key, value in shape.items():
+            if key in SHAPE_INTS and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value > 0):
+                raise bad(f"shape.{key}", "a positive integer")
+            if key in ("aspect_ratio", "tolerance") and not (_finite(value) or 0) > 0:
+                raise bad(f"shape.{key}", "a finite positive number")
+
+
+def _get(spec: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        spec = spec.get(part) if isinstance(spec, dict) else None
+    return spec
+
+
+def _finite(value: Any) -> float | None:
+    """The value as a finite float, or None (YAML reads 1e10 without a dot as a string)."""
+    if not _is_number(value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Sweep:
@@ -220,6 +270,9 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     base_cfg = load_config(base, common)
     tensor = base_cfg.mesh.tensor if base_cfg.mesh.tensor > 0 else 1
     shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
+    for key in ("aspect_ratio", "tolerance"):
+        if key in shape_opts:
+            shape_opts[key] = float(shape_opts[key])  # checked by _check_numbers
     bad = sorted(set(shape_opts) - set(SHAPE_KEYS))
     if bad:
         raise UserError(f"{where}: unknown shape option {bad[0]!r}; known: {', '.join(SHAPE_KEYS)}")
