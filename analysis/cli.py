@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -97,9 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--params",
-        choices=("total", "non_embedding"),
-        default="total",
-        help="which parameter count of a run is N (default: total, as Chinchilla)",
+        choices=("non_embedding", "total"),
+        default="non_embedding",
+        help="which parameter count of a run is N (default: non_embedding, as sweeps and the "
+        "demo count it; total as Chinchilla). A CSV's N is taken as it is",
+    )
+    p.add_argument(
+        "--include-stable-parents",
+        action="store_true",
+        help="keep an undecayed stable run whose branches are among the inputs (left out by "
+        "default: its loss is not that of a finished schedule)",
     )
     p.add_argument(
         "--budget-tolerance",
@@ -132,10 +140,38 @@ class Inputs:
     runs: pd.DataFrame
     csv: pd.DataFrame
     skipped: list
+    n_label: str = "N"  # what N counts, for table headers and axes
+
+
+def n_label(params: str, runs: bool, csv: bool) -> str:
+    """What N counts, as table headers and axes name it."""
+    kinds = ([f"{params.replace('_', '-')} parameters"] if runs else []) + (
+        ["as in the CSV"] if csv else [])
+    return f"N ({', '.join(kinds)})"
+
+
+def _key(path: str) -> str:
+    """A run directory's path in one spelling, to match a branch's `parent` with its run."""
+    return path.rstrip("/") if paths.is_remote(path) else os.path.realpath(path)
+
+
+def drop_stable_parents(runs: pd.DataFrame) -> tuple[pd.DataFrame, list]:
+    """Leave out undecayed stable runs whose branches are in the table: their final loss is
+    taken at a constant learning rate, so it sits above the law the decayed branches follow."""
+    parents = {_key(str(p)) for p in runs["parent"].dropna()}
+    stable = runs["stable"].fillna(False).astype(bool)
+    drop = stable & runs["run"].map(lambda r: _key(str(r)) in parents)
+    skipped = [(r, "an undecayed stable run whose branches are fitted instead")
+               for r in runs.loc[drop, "run"]]
+    return runs[~drop].reset_index(drop=True), skipped
 
 
 def load_inputs(
-    inputs: list[str], *, include_unfinished: bool = False, params: str = "total"
+    inputs: list[str],
+    *,
+    include_unfinished: bool = False,
+    params: str = "non_embedding",
+    include_stable_parents: bool = False,
 ) -> Inputs:
     """Read run directories and CSV files into one points table."""
     run_frames, csv_frames, skipped = [], [], []
@@ -153,6 +189,9 @@ def load_inputs(
         else:
             csv_frames.append(read_points_csv(item))
     runs = pd.concat(run_frames, ignore_index=True) if run_frames else pd.DataFrame()
+    if not runs.empty and not include_stable_parents:
+        runs, left = drop_stable_parents(runs)
+        skipped += left
     csv = pd.concat(csv_frames, ignore_index=True) if csv_frames else pd.DataFrame()
     parts = [f for f in (runs, csv) if not f.empty]
     if not parts:
@@ -160,7 +199,8 @@ def load_inputs(
             "no finished runs in the inputs; pass --include-unfinished or check the paths"
         )
     points = pd.concat(parts, ignore_index=True)
-    return Inputs(points=points, runs=runs, csv=csv, skipped=skipped)
+    label = n_label(params, not runs.empty, not csv.empty)
+    return Inputs(points=points, runs=runs, csv=csv, skipped=skipped, n_label=label)
 
 
 def _curves(inputs: Inputs, loss: str) -> pd.DataFrame:
@@ -214,22 +254,41 @@ def _law_rows(name: str, law) -> list[list]:
     ]
 
 
-def _allocation_table(opt: pd.DataFrame) -> str:
-    headers = ["C (FLOPs)", "N_opt", "D_opt", "tokens/param"]
-    with_loss = "loss" in opt.columns
-    if with_loss:
-        headers.append("loss")
+def _allocation_table(opt: pd.DataFrame, label: str = "N", level: float | None = None) -> str:
+    """The compute-optimal table; with bootstrap bounds (*_lo, *_hi) an interval column
+    follows each quantity."""
+    names = ["N_opt", "D_opt"] + (["loss"] if "loss" in opt.columns else [])
+    ivs = level is not None and all(f"{n}_lo" in opt.columns for n in names)
+    headers = ["C (FLOPs)"]
+    for name in names:
+        head = {"N_opt": f"N_opt, {label}", "D_opt": "D_opt (tokens)"}.get(name, name)
+        headers += [head] + ([f"{level:.0%} interval"] if ivs else [])
+        if name == "D_opt":
+            headers.append("tokens/param")
     rows = []
     for _, r in opt.iterrows():
-        row = [r["C"], r["N_opt"], r["D_opt"], r["D_opt"] / r["N_opt"]]
-        if with_loss:
-            row.append(r["loss"])
+        row = [r["C"]]
+        for name in names:
+            row.append(r[name])
+            if ivs:
+                row.append(_interval((r[f"{name}_lo"], r[f"{name}_hi"])))
+            if name == "D_opt":
+                row.append(r["D_opt"] / r["N_opt"])
         rows.append(row)
     return format_table(headers, rows)
 
 
-def _report(method: str, fit, budgets: list[float]) -> str:
-    out = []
+def warning_banner(warnings: list[str]) -> list[str]:
+    """The fit's warnings as the first lines of a report: visible before any number."""
+    if not warnings:
+        return []
+    rule = "!" * 78
+    head = f"WARNING: {len(warnings)} problem(s) with this fit; read its numbers with care"
+    return [rule, head, *(f"  - {w}" for w in warnings), rule, ""]
+
+
+def _report(method: str, fit, budgets: list[float], label: str = "N") -> str:
+    out = warning_banner(fit.warnings)
     if method == "approach3":
         out.append(
             f"Approach 3 (parametric): {fit.n_points} points, {fit.n_starts} starts "
@@ -254,9 +313,13 @@ def _report(method: str, fit, budgets: list[float]) -> str:
         out.append(f"{title}: {n} {what}")
         rows = _law_rows("N_opt", fit.N_opt) + _law_rows("D_opt", fit.D_opt)
         out.append(format_table(["quantity", "value", f"{fit.N_opt.level:.0%} interval"], rows))
-    if method != "hparams":
+    if method == "approach3" and fit.degenerate:
+        out.append("\nCompute-optimal allocation: not shown, the fit is degenerate")
+    elif method != "hparams":
         out.append("\nCompute-optimal allocation:")
-        out.append(_allocation_table(fit.compute_optimal(budgets)))
+        level = getattr(fit, "level", None) if getattr(fit, "samples", None) is not None \
+            else None
+        out.append(_allocation_table(fit.compute_optimal(budgets), label, level))
     else:
         out.append(
             f"Hyperparameter laws: {len(fit.band)} runs within {fit.tolerance:.2%} of the best "
@@ -268,8 +331,6 @@ def _report(method: str, fit, budgets: list[float]) -> str:
             ["DeepSeek LLM batch", "0.2920·C^0.3271", ""],
         ]
         out.append(format_table(["quantity", "value", f"{fit.lr.level:.0%} interval"], rows))
-    for w in fit.warnings:
-        out.append(f"warning: {w}")
     return "\n".join(out)
 
 
@@ -295,8 +356,12 @@ def run_fit(args: argparse.Namespace) -> tuple[object, dict, str]:
         raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
     if not 0 < args.level < 1:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
+    check_outputs(args.json, args.plots)  # before the work, not after it
     inputs = load_inputs(
-        args.inputs, include_unfinished=args.include_unfinished, params=args.params
+        args.inputs,
+        include_unfinished=args.include_unfinished,
+        params=args.params,
+        include_stable_parents=args.include_stable_parents,
     )
     points = drop_highest_loss(inputs.points, args.drop_highest_loss)
     kw = {"bootstrap": args.bootstrap, "seed": args.seed, "level": args.level}
@@ -318,22 +383,46 @@ def run_fit(args: argparse.Namespace) -> tuple[object, dict, str]:
     result = fit.to_dict()
     if args.method != "hparams":
         result["compute_optimal"] = fit.compute_optimal(budgets).to_dict(orient="records")
+    result["N_definition"] = inputs.n_label
     result["inputs"] = list(args.inputs)
     result["skipped_runs"] = [{"run": r, "reason": why} for r, why in inputs.skipped]
     if args.plots:
-        result["plots"] = _plot(args.method, fit, data, args.plots)
-    return fit, _jsonable(result), _report(args.method, fit, budgets)
+        result["plots"] = _plot(args.method, fit, data, args.plots, inputs.n_label)
+    return fit, _jsonable(result), _report(args.method, fit, budgets, inputs.n_label)
 
 
-def _plot(method: str, fit, data: pd.DataFrame, out_dir: str) -> list[str]:
+def check_outputs(json_path: str | None, plots_dir: str | None) -> None:
+    """Refuse outputs that cannot be written before any fitting: --json must name a file in an
+    existing directory, --plots a directory (made if missing) under an existing one."""
+    if json_path:
+        parent = os.path.dirname(os.path.abspath(json_path))
+        if os.path.isdir(json_path):
+            raise UserError(f"--json {json_path} is a directory; give a file name such as "
+                            "fit.json")
+        if not os.path.isdir(parent):
+            raise UserError(f"--json {json_path}: the folder {parent} does not exist; create "
+                            "it or write elsewhere")
+    if plots_dir:
+        if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
+            raise UserError(f"--plots {plots_dir} is a file, not a directory; give a directory "
+                            "for the figures")
+        ancestor = os.path.abspath(plots_dir)
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if not os.path.isdir(ancestor) or not os.access(ancestor, os.W_OK):
+            raise UserError(f"--plots {plots_dir}: cannot create it under {ancestor}; give a "
+                            "writable directory")
+
+
+def _plot(method: str, fit, data: pd.DataFrame, out_dir: str, label: str) -> list[str]:
     from analysis import plots  # matplotlib only when asked for
 
     if method == "approach3":
-        return plots.plot_approach3(fit, data, out_dir)
+        return plots.plot_approach3(fit, data, out_dir, label)
     if method == "isoflop":
-        return plots.plot_isoflop(fit, out_dir)
+        return plots.plot_isoflop(fit, out_dir, label)
     if method == "envelope":
-        return plots.plot_envelope(fit, data, out_dir)
+        return plots.plot_envelope(fit, data, out_dir, label)
     return plots.plot_hparams(fit, data, out_dir)
 
 
@@ -346,7 +435,8 @@ def main(argv: list[str]) -> int:
         return int(exc.code or 0)
     _, result, report = run_fit(args)
     for run, why in (tuple(s.values()) for s in result["skipped_runs"]):
-        print(f"left out {run} ({why}); pass --include-unfinished to keep it", file=sys.stderr)
+        flag = "--include-stable-parents" if "stable" in why else "--include-unfinished"
+        print(f"left out {run} ({why}); pass {flag} to keep it", file=sys.stderr)
     print(report)
     if args.json:
         try:

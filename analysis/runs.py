@@ -40,6 +40,7 @@ COLUMNS = [
     "parent",
     "branch_step",
     "decay_steps",
+    "stable",
     "status",
 ]
 
@@ -110,6 +111,9 @@ def read_run(run_dir: str) -> dict:
         "parent": s.get("parent"),
         "branch_step": _number(s.get("branch_step")),
         "decay_steps": _number(s.get("decay_steps")),
+        # A WSD run without a decay ends at its peak learning rate: a branch point, not a law point.
+        "stable": _get(cfg, "schedule.name") == "wsd"
+        and _number(_get(cfg, "schedule.decay_steps")) == 0,
         "status": s.get("status", "unknown"),
     }
 
