@@ -363,6 +363,17 @@ def run_fit(args: argparse.Namespace) -> tuple[object, dict, str]:
         params=args.params,
         include_stable_parents=args.include_stable_parents,
     )
+    try:
+        return _fit_inputs(args, inputs)
+    except UserError as err:
+        parents = sum("stable" in why for _, why in inputs.skipped)
+        if not parents:
+            raise
+        raise UserError(f"{err} ({parents} undecayed stable run(s) with branches were left "
+                        "out; --include-stable-parents keeps them)") from None
+
+
+def _fit_inputs(args: argparse.Namespace, inputs: Inputs) -> tuple[object, dict, str]:
     points = drop_highest_loss(inputs.points, args.drop_highest_loss)
     kw = {"bootstrap": args.bootstrap, "seed": args.seed, "level": args.level}
     if args.method == "approach3":
