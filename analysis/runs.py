@@ -41,6 +41,9 @@ COLUMNS = [
     "branch_step",
     "decay_steps",
     "status",
+    "predicted_loss",
+    "predicted_lo",
+    "predicted_hi",
 ]
 
 
@@ -94,6 +97,7 @@ def read_run(run_dir: str) -> dict:
     s = _load_json(paths.join(run_dir, SUMMARY))
     cfg = _config(run_dir)
     batch, seq = _number(_get(cfg, "train.batch_size")), _number(_get(cfg, "train.seq_len"))
+    interval = s.get("predicted_interval") or [None, None]  # a run `lab plan` wrote
     return {
         "run": run_dir,
         "N": _number(s.get("params")),
@@ -111,6 +115,9 @@ def read_run(run_dir: str) -> dict:
         "branch_step": _number(s.get("branch_step")),
         "decay_steps": _number(s.get("decay_steps")),
         "status": s.get("status", "unknown"),
+        "predicted_loss": _number(s.get("predicted_loss")),
+        "predicted_lo": _number(interval[0]),
+        "predicted_hi": _number(interval[-1]),
     }
 
 
