@@ -227,10 +227,14 @@ def shape_for(target: float, cfg: Config, params: str, aspect_ratio: float) -> d
     for _ in range(4):
         try:
             shape = shape_for_params(aim, cfg.model, aspect_ratio=aspect_ratio, tensor=tensor)
-        except UserError as err:
-            if tried:
-                break
-            raise UserError(f"no model shape for N={target:.3g}: {err}") from None
+        except UserError:
+            try:  # near the smallest shapes the widths step coarsely: take the nearest there
+                shape = shape_for_params(aim, cfg.model, aspect_ratio=aspect_ratio,
+                                         tensor=tensor, tolerance=0.5)
+            except UserError as err:
+                if tried:
+                    break
+                raise UserError(f"no model shape for N={target:.3g}: {err}") from None
         n = _n_of(_counts(cfg, shape)[0], params)
         tried.append((abs(math.log(n / target)), shape))
         if params != "total" or n == target:
@@ -321,6 +325,9 @@ def make_plan(args: argparse.Namespace) -> dict:
     D = steps * tokens_per_step
     N = n_by[law.params]
     pred, lo, hi = law.predict(N, D, args.level)
+    if law.interval_method == "residual":
+        warns.append("the interval is residual-based, too narrow far beyond the fitted runs; "
+                     "fit with --bootstrap K for a bootstrap interval")
     frac = {k: getattr(cfg.schedule, k) / cfg.train.steps for k in ("warmup_steps",
                                                                      "decay_steps")}
     sched = {k: min(steps - 1, round(f * steps)) if f else 0 for k, f in frac.items()}

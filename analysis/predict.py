@@ -7,9 +7,11 @@ scatter of runs around the law to the uncertainty of the law itself.
   and each prediction is multiplied by a log residual of the full fit drawn at random (inflated
   by sqrt(n / (n - 5)), since fitted residuals understate the scatter); the interval is the
   percentiles of those outcomes.
-- "residual": without bootstrap samples, the prediction times exp(± t s), with s the standard
-  deviation of the log residuals on n - 5 degrees of freedom and t Student's quantile. It leaves
-  out the law's own uncertainty, so it is too narrow far outside the fitted range.
+- "residual": without bootstrap samples, the least-squares prediction interval in log space,
+  the prediction times exp(± t s sqrt(1 + g' (J'J)^-1 g)): s the standard deviation of the log
+  residuals on n - 5 degrees of freedom, t Student's quantile, J the gradient of the log law
+  in (log A, log B, log E, alpha, beta) at the fitted points and g at the new one (the delta
+  method; linear in the parameters, so it can still be narrow far outside the fitted range).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class LossLaw:
     beta: float
     residuals: np.ndarray  # log(loss) - log(law) at the fitted points
     samples: np.ndarray | None = None  # K x 5 (E, A, B, alpha, beta) bootstrap refits
+    points: np.ndarray | None = None  # n x 2: the fitted points' N and D
     params: str = "total"  # which parameter count N is: total or non_embedding
 
     @property
@@ -78,7 +81,21 @@ class LossLaw:
             )
         s = float(np.sqrt(np.sum(r * r) / dof))
         t = float(stats.t.ppf(q[1], dof))
-        return pred, pred * float(np.exp(-t * s)), pred * float(np.exp(t * s))
+        leverage = 0.0
+        if self.points is not None:
+            J = self.gradient(self.points[:, 0], self.points[:, 1])
+            g = self.gradient(np.atleast_1d(N), np.atleast_1d(D))[0]
+            leverage = float(g @ np.linalg.pinv(J.T @ J) @ g)
+        half = t * s * np.sqrt(1.0 + leverage)
+        return pred, pred * float(np.exp(-half)), pred * float(np.exp(half))
+
+    def gradient(self, N, D) -> np.ndarray:
+        """d log L / d (log A, log B, log E, alpha, beta) at each (N, D): rows of J."""
+        x, z = np.log(np.asarray(N, np.float64)), np.log(np.asarray(D, np.float64))
+        terms = np.stack([self.A * np.exp(-self.alpha * x), self.B * np.exp(-self.beta * z),
+                          np.full_like(x, self.E)], axis=1)
+        p = terms / terms.sum(axis=1, keepdims=True)  # softmax weights of the three terms
+        return np.column_stack([p[:, 0], p[:, 1], p[:, 2], -x * p[:, 0], -z * p[:, 1]])
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "the fit") -> LossLaw:
@@ -99,14 +116,16 @@ class LossLaw:
             residuals=np.asarray(d["residuals"], dtype=np.float64),
             samples=None if not samples else np.asarray(samples, dtype=np.float64),
             params=str(d.get("params", "total")),
+            points=None if not d.get("points") else np.asarray(d["points"], dtype=np.float64),
         )
 
 
 def fit_record(fit, N, D, loss) -> dict:
-    """What a loss law needs beyond Approach3Fit.to_dict(): the log residuals at the fitted
-    points and the bootstrap refits (K x 5: E, A, B, alpha, beta), for predictive intervals."""
+    """What a loss law needs beyond Approach3Fit.to_dict(): the fitted points (N, D) and their
+    log residuals, and the bootstrap refits (K x 5: E, A, B, alpha, beta): predictive intervals."""
     resid = np.log(np.asarray(loss, dtype=np.float64)) - np.log(fit.predict(N, D))
-    out = {"residuals": resid.tolist()}
+    points = np.column_stack([np.asarray(N, np.float64), np.asarray(D, np.float64)])
+    out = {"residuals": resid.tolist(), "points": points.tolist()}
     if fit.samples is not None:
         out["bootstrap_params"] = np.asarray(fit.samples).tolist()
     return out
