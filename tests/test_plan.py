@@ -62,6 +62,7 @@ def first_sweep(tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # four Approach 3 fits with bootstrap: about 80 s on 2 cores
 def test_three_rounds_find_the_optimum_and_cover_outcomes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
