@@ -268,6 +268,13 @@ def minimise(
         weights = np.ones((1, n))
     if sample is None:
         sample = np.zeros(n_starts, dtype=np.int32)
+    # Pad the points to a multiple of 32 with zero weight (they add nothing to the objective),
+    # so a data set that grows by a few runs, round after round, reuses the compiled program.
+    n_pad = -(-n // 32) * 32 - n
+    weights = np.concatenate([np.asarray(weights, dtype=np.float64),
+                              np.zeros((len(weights), n_pad))], axis=1)
+    N, D, loss = (np.concatenate([np.asarray(v, dtype=np.float64).ravel(), np.ones(n_pad)])
+                  for v in (N, D, loss))
     # Pad the starts to a multiple of the slots: one compiled program serves many sizes.
     padded = -(-n_starts // slots) * slots
     starts = np.concatenate([starts, np.zeros((padded - n_starts, 5))])

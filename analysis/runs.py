@@ -42,6 +42,9 @@ COLUMNS = [
     "decay_steps",
     "stable",
     "status",
+    "predicted_loss",
+    "predicted_lo",
+    "predicted_hi",
 ]
 
 
@@ -95,6 +98,7 @@ def read_run(run_dir: str) -> dict:
     s = _load_json(paths.join(run_dir, SUMMARY))
     cfg = _config(run_dir)
     batch, seq = _number(_get(cfg, "train.batch_size")), _number(_get(cfg, "train.seq_len"))
+    interval = s.get("predicted_interval") or [None, None]  # a run `lab plan` wrote
     return {
         "run": run_dir,
         "N": _number(s.get("params")),
@@ -115,6 +119,9 @@ def read_run(run_dir: str) -> dict:
         "stable": _get(cfg, "schedule.name") == "wsd"
         and _number(_get(cfg, "schedule.decay_steps")) == 0,
         "status": s.get("status", "unknown"),
+        "predicted_loss": _number(s.get("predicted_loss")),
+        "predicted_lo": _number(interval[0]),
+        "predicted_hi": _number(interval[-1]),
     }
 
 

@@ -1,5 +1,5 @@
-"""`lab`: the one command-line entry point, with subcommands data, train, branch, sweep, fit
-and demo. A user's mistake exits with status 2 and one line; bugs keep their traceback."""
+"""`lab`: the one command-line entry point, with subcommands data, train, branch, sweep, fit,
+plan and demo. A user's mistake exits with status 2 and one line; bugs keep their traceback."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def build_parser() -> ArgumentParser:
     for name, text in [
         ("data", "prepare a corpus into token shards (lab data prep --help)"),
         ("fit", "fit scaling laws to run directories or a CSV"),
+        ("plan", "plan the compute-optimal run and the next sweep at a budget from a fit"),
         ("sweep", "expand a sweep file into runs, and run them (--dry-run)"),
         ("branch", "branch a stable WSD run's checkpoints into decays"),
         ("demo", "a whole scaling study on this machine, with a report"),
@@ -65,7 +66,8 @@ def build_parser() -> ArgumentParser:
 
 
 # Subcommands that parse their own arguments: the rest of the command line goes to them as is.
-DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "sweep": "lab.sweep",
+DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "plan": "analysis.plan",
+             "sweep": "lab.sweep",
              "branch": "lab.branch", "demo": "lab.demo"}
 
 

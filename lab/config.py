@@ -29,6 +29,18 @@ class RunConfig:
     peak_tflops: float = 0.0  # hardware peak for MFU; 0 = a table (GPU/TPU) or a probe (CPU)
     parent: str = ""  # a branch: the run directory whose checkpoint this run starts from
     parent_step: int = 0  # ... and the step of that checkpoint
+    # Written by `lab plan`: the final eval loss the fitted law predicts for this run, and its
+    # interval (lo, hi); train copies them into summary.json so `lab fit` can score them.
+    predicted_loss: float = 0.0  # 0 = no prediction
+    predicted_interval: tuple[float, ...] = ()
+
+    def prediction(self) -> dict:
+        """The summary fields of a planned run's prediction; none for a branch, whose
+        schedule the prediction was not made for."""
+        if not self.predicted_loss or self.parent:
+            return {}
+        return {"predicted_loss": self.predicted_loss,
+                "predicted_interval": list(self.predicted_interval)}
 
 
 @dataclass(frozen=True)
@@ -378,6 +390,11 @@ def validate(config: Config) -> None:
              "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _require(bool(config.run.dir), "run.dir must name the run's output directory")
     _require(config.run.parent_step >= 0, "run.parent_step must be zero or positive")
+    r = config.run
+    _require(r.predicted_loss >= 0, "run.predicted_loss must be positive (or 0: none)")
+    _require(not r.predicted_interval or (len(r.predicted_interval) == 2
+                                          and r.predicted_interval[0] <= r.predicted_interval[1]),
+             "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
     b = config.branch
     if b.shape:
         _choice("branch.shape", b.shape, ("linear", "cosine", "1-sqrt"))

@@ -278,19 +278,23 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
         raise UserError(f"{where}: unknown shape option {bad[0]!r}; known: {', '.join(SHAPE_KEYS)}")
     tolerance = float(spec.get("flops_tolerance", 0.05))
 
+    # `tokens:` may be a list: one more axis of the product (a grid over N and D).
+    token_list = spec.get("tokens") if isinstance(spec.get("tokens"), list) else [None]
     runs = []
-    for (size_name, size), budget, values in itertools.product(
-            sizes, budgets, itertools.product(*grid.values())):
+    for (size_name, size), budget, tokens, values in itertools.product(
+            sizes, budgets, token_list, itertools.product(*grid.values())):
         if not isinstance(size, dict):
             size = shape_for_params(float(size), base_cfg.model, **shape_opts)
             size_name = size_name or _shape_name(size)
         words = [f"model.{k}={_yaml_word(v)}" for k, v in size.items()]
         words += [f"{k}={_yaml_word(v)}" for k, v in zip(grid, values, strict=True)]
-        parts = [f"C{_short(budget)}" if budget else "", size_name]
+        parts = [f"C{_short(budget)}" if budget else "", size_name,
+                 f"T{_short(float(tokens))}" if tokens else ""]
         parts += [f"{LABELS.get(k, k.rsplit('.', 1)[-1])}{_label(v)}"
                   for k, v in zip(grid, values, strict=True)]
         run_name = "-".join(p for p in parts if p) or name
-        runs.append(_make_run(base, common, words, run_name, budget, branch, spec, out,
+        run_spec = {**spec, "tokens": tokens} if tokens else spec
+        runs.append(_make_run(base, common, words, run_name, budget, branch, run_spec, out,
                               tolerance))
     _check_unique(runs, where)
     return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs))

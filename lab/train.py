@@ -485,6 +485,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
         "tokens": 0,
         "flops": 0,
         "final_eval_loss": None,
+        **cfg.run.prediction(),  # a planned run's predicted loss (lab plan), for lab fit
     }
     if parent_dir is not None:
         summary.update(parent=parent_dir, branch_step=cfg.run.parent_step,
