@@ -158,7 +158,7 @@ def test_hparam_laws_feed_the_plan(tmp_path, monkeypatch):
     run_sweep(first_sweep(tmp_path), rng, tmp_path, out="runs/round0")
     assert fit_cli.main(["runs", "--json", "fit.json"]) == 0
     hp = {"method": "hparams", "stepfun": {
-        "params": "total",
+        "params": "non_embedding",  # as the fit counts N
         "lr": {"variables": ["N", "D"], "coef": 2.0, "exponents": {"N": -0.5, "D": 0.1},
                "coef_interval": [1, 3], "exponent_intervals": {"N": [-1, 0], "D": [0, 1]}},
         "batch_tokens": {"variables": ["D"], "coef": 0.5, "exponents": {"D": 0.5},
