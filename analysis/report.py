@@ -4,11 +4,13 @@
     write_report(out_dir, result, compute=..., commands=..., timing=..., title=...)
 
 `points` has one row per branch: size, N (non-embedding parameters), D (tokens), C = 6 N D,
-loss (final eval loss), budget (its compute budget's index). The largest size's longest branch
-is held out; Approach 3 is fitted to the rest by the very `lab fit` command the report prints
-(with bootstrap intervals), then predicts the held-out loss. The IsoFLOP view (Approach 2) uses
-every point. Outputs under out_dir: points.csv, fit_points.csv, plots/*.png, fit.json and a
-self-contained report.html (figures embedded as base64 PNG).
+loss (final eval loss), budget (its compute budget's index), and optionally held_out (True on
+exactly one row: the demo's held-out run, larger in N and C than every fitted point); without
+it the largest size's longest branch is held out. Approach 3 is fitted to the rest by the very
+`lab fit` command the report prints (with bootstrap intervals), then predicts the held-out loss;
+the report gives how far beyond the fitted points that prediction reaches. The IsoFLOP view
+(Approach 2) uses the fitted points (and a held-out branch, which sits on a fitted budget). Outputs under out_dir: points.csv, fit_points.csv,
+plots/*.png, fit.json and a self-contained report.html (figures embedded as base64 PNG).
 """
 
 from __future__ import annotations
@@ -59,7 +61,13 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     for col in ("size", "N", "D", "C", "loss", "budget"):
         if col not in df.columns:
             raise UserError(f"the study's points lack column {col!r}")
-    held = held_out_index(df)
+    explicit = "held_out" in df.columns
+    if explicit:
+        if int(df["held_out"].astype(bool).sum()) != 1:
+            raise UserError("the study's points must mark exactly one row held_out")
+        held = int(df.index[df["held_out"].astype(bool)][0])
+    else:
+        held = held_out_index(df)
     df["held_out"] = df.index == held
     df.to_csv(out / "points.csv", index=False)
     df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
@@ -75,6 +83,9 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     held_out = {"run": h.get("run", ""), "size": h["size"], "N": float(h["N"]),
                 "D": float(h["D"]), "loss": float(h["loss"]), "predicted": predicted,
                 "error": predicted / float(h["loss"]) - 1.0}
+    fitted = df[~df["held_out"]]
+    # How far the prediction reaches beyond the fitted points (> 1: an extrapolation).
+    held_out["extrapolation"] = {k: float(h[k]) / float(fitted[k].max()) for k in ("N", "D", "C")}
     if fit.samples is not None:
         s = fit.samples
         preds = law(h["N"], h["D"], *(s[:, i] for i in range(5)))
@@ -82,7 +93,10 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
         held_out["predicted_interval"] = [float(lo), float(hi)]
 
     # Approach 2 on every point; a budget without an interior minimum is reported, not fatal.
-    iso_words = fit_words(out / "points.csv", plots, bootstrap, target, "isoflop")
+    # An explicit held-out run is a budget of its own and stays out; a held-out branch is one
+    # point of a fitted budget's profile (as before), so that profile keeps it.
+    iso_csv = out / ("fit_points.csv" if explicit else "points.csv")
+    iso_words = fit_words(iso_csv, plots, bootstrap, target, "isoflop")
     commands["fit"].append(shlex.join(["lab", "fit", *iso_words]))
     try:
         iso, iso_json, iso_text = run_fit(build_parser().parse_args(iso_words))
@@ -248,6 +262,10 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
     ivt = f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""
     lines.append(f"held out: {h['size']} at {h['D']:,.0f} tokens: predicted {h['predicted']:.4f}"
                  f"{ivt}, measured {h['loss']:.4f}: error {h['error']:+.2%}")
+    x = h.get("extrapolation")
+    if x:
+        lines.append(f"  extrapolation beyond the largest fitted point: N x{x['N']:.2f}, "
+                     f"C x{x['C']:.2f}, D x{x['D']:.2f}")
     opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} tokens/"
            f"param), loss {p['loss']:.4f}")
     if p.get("loss_lo") is not None:
@@ -338,6 +356,9 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
                  ["measured loss", f"{h['loss']:.4f}"], ["predicted loss", f"{h['predicted']:.4f}"
                  + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")],
                  ["error", f"{h['error']:+.2%}"]]
+    x = h.get("extrapolation")
+    if x:
+        held_rows += [[f"{k} / largest fitted {k}", f"{x[k]:.2f}x"] for k in ("N", "C", "D")]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
@@ -352,8 +373,11 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
         f"{result.get('bootstrap_samples', 0)} bootstrap resamples of the points.</p>",
         _table_html(["parameter", "value", "interval"], params),
     ]
-    parts += ["<h2>Held-out check</h2><p>The largest model's longest branch is left out of the "
-              "fit, predicted by it, then compared.</p>",
+    which = ("A run beyond the ladder (a wider model at a larger budget, its learning rate "
+             "chosen at the smaller widths) is" if x and x["N"] > 1 else
+             "The largest model's longest branch is")
+    parts += [f"<h2>Held-out check</h2><p>{which} left out of the fit, predicted by it, then "
+              "compared.</p>",
               _table_html(["", ""], held_rows)]
     p = result["prediction"]
     parts.append(f"<h2>Prediction at {p['multiple_of_largest']:g}x the largest budget</h2>"

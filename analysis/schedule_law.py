@@ -22,12 +22,13 @@ price is that Tissue's law is a cruder description of very long decays; the held
 docs/planning.md measures what that costs on the lab's runs.
 
 Identifiability: on a stable run S2 is zero after the warmup, so C (and lam) cannot be fitted
-from it; the fit refuses unless some fitted curve anneals. The law is fitted to the training
-loss of every logged step past the fitting window's start, each curve weighted equally (a decay
-has far fewer logged steps than its stable run, yet carries all the information on C). The
-training loss is on training batches; a run's final eval loss is on the validation split, so
-the predicted end eval loss adds the mean gap (final eval loss minus the law's training loss at
-the end) of the fitted runs.
+from it; the fit refuses unless some fitted curve anneals. The law is fitted to every logged
+point past the fitting window's start, each curve weighted equally (a decay has far fewer points
+than its stable run, yet carries all the information on C). The points are the eval losses
+along the runs when the stable run logged some (train.eval_every: a fixed validation set, far
+quieter than one training batch), otherwise the training losses; the predicted end eval loss
+adds the mean gap (final eval loss minus the law's loss at the end) of the fitted runs, which
+is the validation-minus-training offset in the second case and about zero in the first.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from lab.errors import UserError
 
 # The momentum grid of the annealing area: from no lag (0) to Tissue et al.'s 0.999.
 LAMBDAS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
-ALPHAS = np.linspace(0.02, 2.0, 100)
+ALPHAS = np.linspace(0.02, 3.0, 150)
+MIN_EVALS = 4  # eval losses along a stable run needed to fit them instead of training losses
 
 
 def areas(lr_T: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -172,36 +174,51 @@ def lr_sequence(cfg) -> np.ndarray:
     return np.asarray(fn(np.arange(steps)), dtype=np.float64)
 
 
-def load_curve(run_dir: str) -> Curve:
-    """A run directory's curve. A logged row at `step` k holds the loss of the batch seen by
-    update k, on the parameters after k - 1 updates (lab.train logs before updating)."""
+def load_curve(run_dir: str, use_eval: bool = False) -> Curve:
+    """A run directory's curve: its training losses, or with `use_eval` its eval losses.
+
+    A logged row at `step` k holds the training loss of the batch seen by update k, on the
+    parameters after k - 1 updates (lab.train logs before updating), and an `eval_loss` measured
+    after update k; the final eval loss (summary.json) is after every update of the run."""
     from lab import paths
     from lab.config import load_config
     from lab.metrics import read_json, read_metrics
 
     cfg = load_config(paths.join(run_dir, "config.yaml"))
-    rows = [m for m in read_metrics(run_dir) if isinstance(m.get("loss"), (int, float))]
-    n = np.array([int(m["step"]) - 1 for m in rows], dtype=np.int64)
-    loss = np.array([float(m["loss"]) for m in rows])
+    key, shift = ("eval_loss", 0) if use_eval else ("loss", 1)
+    rows = [m for m in read_metrics(run_dir) if isinstance(m.get(key), (int, float))]
+    n = np.array([int(m["step"]) - shift for m in rows], dtype=np.int64)
+    loss = np.array([float(m[key]) for m in rows])
     summary = read_json(paths.join(run_dir, "summary.json")) or {}
     final = summary.get("final_eval_loss") if summary.get("status") == "finished" else None
     return Curve(paths.name(run_dir), lr_sequence(cfg), n, loss,
                  None if final is None else float(final))
 
 
+def eval_points(run_dir: str) -> int:
+    """How many eval losses a run logged along its curve."""
+    from lab.metrics import read_metrics
+
+    return sum(isinstance(m.get("eval_loss"), (int, float)) for m in read_metrics(run_dir))
+
+
 def run_curves(run_dir: str) -> list[Curve]:
-    """A stable run's curve and those of its finished branches (under RUN_DIR/branches/)."""
+    """A stable run's curve and those of its finished branches (under RUN_DIR/branches/).
+    Eval losses are used when the stable run logged at least MIN_EVALS of them
+    (train.eval_every): on a fixed validation set they are far quieter than the training loss
+    of one batch; otherwise every curve is the training loss."""
     from lab import paths
     from lab.metrics import read_json
 
-    curves = [load_curve(run_dir)]
+    runs = [run_dir]
     branches = paths.join(run_dir, "branches")
     if paths.is_dir(branches):
         for child in sorted(paths.parent(p) for p in paths.find(branches, "summary.json")):
             done = read_json(paths.join(child, "summary.json")) or {}
             if done.get("status") == "finished":
-                curves.append(load_curve(child))
-    return curves
+                runs.append(child)
+    use_eval = eval_points(run_dir) >= MIN_EVALS
+    return [load_curve(r, use_eval) for r in runs]
 
 
 def default_start(cfg) -> int:

@@ -132,6 +132,9 @@ def main(argv: list[str]) -> int:
                         "the run's schedule.final_ratio)")
     parser.add_argument("--dry-run", action="store_true",
                         help="create nothing; print the children and the compute report")
+    parser.add_argument("--predict", action="store_true",
+                        help="train nothing; print each branch's final eval loss predicted by "
+                        "the schedule law fitted on this run and its finished branches")
     args = parser.parse_args(argv)
 
     parent_dir = args.run_dir if paths.is_remote(args.run_dir) else str(Path(args.run_dir))
@@ -172,6 +175,11 @@ def main(argv: list[str]) -> int:
     if not 0 <= final_ratio <= 1:
         raise UserError(f"--final-ratio must lie in [0, 1], got {final_ratio}")
 
+    if args.predict:  # fitting needs a finished decay; analysis.schedule_law says so if none
+        from analysis.schedule_law import format_predictions, predict_branches
+
+        print(format_predictions(*predict_branches(parent_dir, pairs, shape, final_ratio)))
+        return 0
     report = compute_report(parent, pairs)
     children = [child_config(parent, parent_dir, s, d, shape, final_ratio) for s, d in pairs]
     print(format_report(report))

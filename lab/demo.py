@@ -3,8 +3,11 @@
 The study file (configs/demo.yaml; --quick: configs/demo-quick.yaml) names a base lab config, a
 ladder of model sizes and a list of compute budgets. Each size gets one stable WSD run whose
 declared branch plan (branch.at_steps, branch.decay_fractions) puts one branch at every budget;
-the branches decay from the kept checkpoints (lab.branch), and analysis.report fits the laws,
-checks a held-out point and writes DIR/report.html and DIR/fit.json.
+the branches decay from the kept checkpoints (lab.branch). The study's `held_out` run is one
+more width at a larger budget, trained straight through with the same decay and the learning
+rate chosen at the smaller widths; analysis.report fits the laws on the ladder alone, predicts
+the held-out run's loss (an extrapolation in N and C) and writes DIR/report.html and
+DIR/fit.json.
 
 Every step is an ordinary `lab train` / `lab branch` / `lab fit` command, run in-process, so a
 rerun continues where an interrupted one stopped: finished runs are skipped and an unfinished
@@ -52,6 +55,7 @@ class Study:
     bootstrap: int = 200
     extrapolate: float = 10.0
     overrides: tuple[str, ...] = ()  # key=value words for every run
+    held_out: dict | None = None  # {size: model overrides, budget: FLOPs}, beyond the ladder
 
 
 def load_study(path: str | Path) -> Study:
@@ -85,11 +89,22 @@ def load_study(path: str | Path) -> Study:
     if not 0 < fraction <= 1:
         raise UserError(f"decay_fraction in {path} must lie in (0, 1], got {fraction}")
     lr = {str(k): float(v) for k, v in dict(raw["lr"]).items()}
+    held_out = raw.get("held_out")
+    if held_out is not None:
+        if (not isinstance(held_out, dict) or set(held_out) != {"size", "budget"}
+                or not isinstance(held_out["size"], dict)):
+            raise UserError(f"held_out in {path} must be {{size: {{d_model: ...}}, budget: "
+                            "FLOPs}}")
+        held_out = {"size": dict(held_out["size"]), "budget": float(held_out["budget"])}
+        if held_out["budget"] <= budgets[-1]:
+            raise UserError(f"the held-out budget in {path} ({held_out['budget']:g}) must exceed "
+                            f"the largest fitted one ({budgets[-1]:g}): it is an extrapolation")
     return Study(path=path, base=(path.parent / raw["base"]).resolve(), sizes=tuple(sizes),
                  budgets=budgets, decay_fraction=fraction, lr=lr,
                  bootstrap=int(raw.get("bootstrap", 200)),
                  extrapolate=float(raw.get("extrapolate", 10.0)),
-                 overrides=tuple(str(w) for w in raw.get("overrides", ())))
+                 overrides=tuple(str(w) for w in raw.get("overrides", ())),
+                 held_out=held_out)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -106,6 +121,7 @@ class SizePlan:
     budgets: tuple[float, ...]  # the budget each pair stands for
     flops_per_step: int
     non_embedding_params: int
+    held_out: bool = False  # one straight WSD run (S + D steps), not a stable run with branches
 
 
 def _word(key: str, value: Any) -> str:
@@ -129,14 +145,20 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
         raise UserError(f"the study {study.path} gives no learning rate for {optim!r}; add it "
                         "under lr:")
     plans = []
-    for size in study.sizes:
-        name = _size_name(size)
+
+    def common_words(size: dict) -> tuple[list[str], int, Any]:
         model = [_word(f"model.{k}", v) for k, v in size.items()]
         common = [*study.overrides, *model, f"optim.name={optim}", f"optim.lr={study.lr[optim]}"]
         cfg = load_config(study.base, common)
         model_cfg = with_vocab(cfg.model, vocab)
         per_step = flops_per_token(model_cfg, cfg.train.seq_len) * cfg.train.batch_size \
             * cfg.train.seq_len
+        return common, per_step, model_cfg
+
+    for size in study.sizes:
+        name = _size_name(size)
+        common, per_step, model_cfg = common_words(size)
+        cfg = load_config(study.base, common)
         steps = [max(1, round(b / per_step / (1 + study.decay_fraction))) for b in study.budgets]
         if len(set(steps)) < len(steps) or steps[0] < cfg.schedule.warmup_steps:
             raise UserError(f"size {name}: the budgets {study.budgets} give branch steps "
@@ -151,14 +173,39 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
         check_plan(cfg, pairs)
         plans.append(SizePlan(name, words, run_dir, tuple(pairs), study.budgets, per_step,
                               param_counts(model_cfg)["non_embedding_params"]))
+    if study.held_out:
+        plans.append(plan_held_out(study, out, common_words, plans))
     return plans
+
+
+def plan_held_out(study: Study, out: Path, common_words, ladder: list[SizePlan]) -> SizePlan:
+    """The held-out run: a wider model than every rung, trained straight through for S + D
+    steps (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
+    from lab.config import load_config
+    from lab.model import param_counts
+
+    size, budget = study.held_out["size"], study.held_out["budget"]
+    name = _size_name(size)
+    common, per_step, model_cfg = common_words(size)
+    n = param_counts(model_cfg)["non_embedding_params"]
+    if n <= max(p.non_embedding_params for p in ladder):
+        raise UserError(f"the held-out size {name} ({n:,} non-embedding parameters) must be "
+                        "larger than every size of the ladder; give it a larger d_model")
+    step = max(1, round(budget / per_step / (1 + study.decay_fraction)))
+    decay = round(study.decay_fraction * step)
+    run_dir = out / "runs" / f"held-out-{name}"
+    words = (f"run.dir={run_dir}", *common, f"train.steps={step + decay}",
+             f"schedule.decay_steps={decay}")
+    load_config(study.base, list(words))  # checked now, before anything trains
+    return SizePlan(name, words, run_dir, ((step, decay),), (budget,), per_step, n,
+                    held_out=True)
 
 
 def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
     """The plan as JSON: a rerun into the same directory must find the same plan."""
     return {"study": str(study.path), "base": str(study.base), "optim": optim,
-            "sizes": [{"name": p.name, "words": list(p.words), "pairs": [list(x) for x in p.pairs]}
-                      for p in plans]}
+            "sizes": [{"name": p.name, "words": list(p.words), "pairs": [list(x) for x in p.pairs],
+                       **({"held_out": True} if p.held_out else {})} for p in plans]}
 
 
 def check_same_plan(out: Path, plan: dict) -> None:
@@ -190,7 +237,9 @@ def train_command(study: Study, plan: SizePlan) -> str:
     return shlex.join(["lab", "train", shown_path(study.base), *words])
 
 
-def branch_command(plan: SizePlan) -> str:
+def branch_command(plan: SizePlan) -> str | None:
+    if plan.held_out:
+        return None
     return shlex.join(["lab", "branch", shown_path(plan.run_dir)])
 
 
@@ -324,6 +373,10 @@ def _child_configs(plan: SizePlan) -> list:
 def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
     runs = []
     for p in plans:
+        if p.held_out:
+            (s, d), = p.pairs
+            runs.append((f"{p.name} held out", 0, s + d, p.flops_per_step))
+            continue
         runs.append((f"{p.name} stable", 0, max(s for s, _ in p.pairs), p.flops_per_step))
         runs += [(f"{p.name} branch {s}+{d}", s, s + d, p.flops_per_step) for s, d in p.pairs]
     return runs
@@ -341,7 +394,7 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
     for plan in plans:
         cfg = load_config(study.base, list(plan.words))
         jobs = [(cfg, None)]
-        for i in range(len(plan.pairs) + 1):
+        for i in range(1 if plan.held_out else len(plan.pairs) + 1):
             if i == 1:  # the stable run is done: its children exist only now
                 write_json_atomic(plan.run_dir / "branches.json",
                                   compute_report(load_config(plan.run_dir / "config.yaml"),
@@ -381,25 +434,34 @@ def collect_points(plans: list[SizePlan]) -> list[dict]:
     own FLOP count, the final eval loss, and which budget and size it belongs to."""
     from lab.branch import branch_name
     from lab.config import load_config
-    from lab.metrics import read_json
 
     points = []
     for plan in plans:
+        if plan.held_out:
+            points.append(_point(plan, plan.run_dir, *plan.pairs[0], len(plans[0].budgets),
+                                 plan.budgets[0]))
+            continue
         parent = load_config(plan.run_dir / "config.yaml")
         shape = parent.branch.shape or parent.schedule.decay_shape
         for k, ((s, d), budget) in enumerate(zip(plan.pairs, plan.budgets, strict=True)):
             run_dir = plan.run_dir / "branches" / branch_name(s, d, shape)
-            summary = read_json(run_dir / "summary.json")
-            if not summary or summary.get("status") != "finished":
-                raise UserError(f"{run_dir} is not finished; run `lab demo` again to finish it")
-            n, tokens = summary["non_embedding_params"], summary["tokens"]
-            points.append({"run": str(run_dir), "size": plan.name, "N": n, "D": tokens,
-                           "C": 6.0 * n * tokens, "flops": summary["flops"],
-                           "loss": summary["final_eval_loss"], "budget": k,
-                           "budget_flops": budget, "params": summary["params"],
-                           "branch_step": s, "decay_steps": d,
-                           "train_seconds": summary.get("train_seconds", 0.0)})
+            points.append(_point(plan, run_dir, s, d, k, budget))
     return points
+
+
+def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float) -> dict:
+    from lab.metrics import read_json
+
+    summary = read_json(run_dir / "summary.json")
+    if not summary or summary.get("status") != "finished":
+        raise UserError(f"{run_dir} is not finished; run `lab demo` again to finish it")
+    n, tokens = summary["non_embedding_params"], summary["tokens"]
+    return {"run": str(run_dir), "size": plan.name, "N": n, "D": tokens,
+            "C": 6.0 * n * tokens, "flops": summary["flops"],
+            "loss": summary["final_eval_loss"], "budget": k,
+            "budget_flops": budget, "params": summary["params"],
+            "branch_step": s, "decay_steps": d, "held_out": plan.held_out,
+            "train_seconds": summary.get("train_seconds", 0.0)}
 
 
 def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
@@ -409,6 +471,11 @@ def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
 
     branched = scratch = 0.0
     for plan in plans:
+        if plan.held_out:  # trained from scratch either way
+            (s, d), = plan.pairs
+            branched += (s + d) * plan.flops_per_step
+            scratch += (s + d) * plan.flops_per_step
+            continue
         report = compute_report(load_config(plan.run_dir / "config.yaml"), list(plan.pairs))
         branched += report["flops_branched"]
         scratch += report["flops_from_scratch"]
@@ -454,10 +521,14 @@ def main(argv: list[str]) -> int:
     vocab = labdata.open_dataset(labdata.default_data_path()).vocab_size
     plans = plan_study(study, out, args.optim, vocab)
     check_same_plan(out, describe_plan(study, plans, args.optim))
-    n_points = sum(len(p.pairs) for p in plans)
-    print(f"lab demo: {len(plans)} sizes ({plans[0].non_embedding_params:,} to "
-          f"{plans[-1].non_embedding_params:,} non-embedding parameters), {n_points} branches, "
-          f"{args.optim} + muP; output in {out} (runs log to {out / 'demo.log'})", flush=True)
+    ladder = [p for p in plans if not p.held_out]
+    held = [p for p in plans if p.held_out]
+    print(f"lab demo: {len(ladder)} sizes ({ladder[0].non_embedding_params:,} to "
+          f"{ladder[-1].non_embedding_params:,} non-embedding parameters), "
+          f"{sum(len(p.pairs) for p in ladder)} branches"
+          + (f", a held-out run at {held[0].non_embedding_params:,}" if held else "")
+          + f", {args.optim} + muP; output in {out} (runs log to {out / 'demo.log'})",
+          flush=True)
 
     progress = StudyProgress(_run_list(plans), stream)
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -482,7 +553,7 @@ def main(argv: list[str]) -> int:
                            extrapolate=study.extrapolate,
                            curves=[str(p.run_dir) for p in plans])
     commands = {"train": [train_command(study, p) for p in plans],
-                "branch": [branch_command(p) for p in plans],
+                "branch": [c for c in map(branch_command, plans) if c],
                 "logdir": shown_path(out / "runs")}
     compute = compute_spent(study, plans)
     timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,

@@ -61,11 +61,20 @@ def test_plan_spends_each_budget(path, tmp_path):
     plans = plan_study(study, tmp_path, "muon", BYTE_VOCAB)
     from lab.config import load_config
 
+    ladder, held = plans[:-1], plans[-1]
     for plan in plans:
         cfg = load_config(study.base, list(plan.words))
         # Recomputed from the config the stable run will train with, not from the plan.
         per_step = (flops_per_token(with_vocab(cfg.model, BYTE_VOCAB), cfg.train.seq_len)
                     * cfg.train.batch_size * cfg.train.seq_len)
+        if plan.held_out:  # one straight WSD run with the branches' decay, its own budget
+            (s, d), = plan.pairs
+            assert plan is held and d == round(study.decay_fraction * s)
+            assert cfg.train.steps == s + d and cfg.schedule.decay_steps == d
+            assert cfg.schedule.decay_shape == "1-sqrt" and cfg.branch.at_steps == ()
+            assert (s + d) * per_step == pytest.approx(study.held_out["budget"], rel=0.02)
+            assert cfg.optim.lr == study.lr["muon"] and cfg.model.parameterization == "mup"
+            continue
         assert cfg.train.steps == max(s for s, _ in plan.pairs)
         assert cfg.schedule.decay_steps == 0 and cfg.optim.name == "muon"
         assert cfg.model.parameterization == "mup"
@@ -73,8 +82,12 @@ def test_plan_spends_each_budget(path, tmp_path):
         for (s, d), budget in zip(plan.pairs, study.budgets, strict=True):
             assert d == round(study.decay_fraction * s)
             assert (s + d) * per_step == pytest.approx(budget, rel=0.02)
+    # The held-out run extrapolates: larger in N and in compute than every fitted point.
+    assert held.held_out and not any(p.held_out for p in ladder)
+    assert held.non_embedding_params > max(p.non_embedding_params for p in ladder)
+    assert held.budgets[0] > max(study.budgets)
     if path == STUDY:  # the issue's terms: 4+ sizes spanning 8x+ in non-embedding parameters
-        n = [p.non_embedding_params for p in plans]
+        n = [p.non_embedding_params for p in ladder]
         assert len(n) >= 4 and n == sorted(n) and n[-1] / n[0] >= 8
 
 
@@ -95,6 +108,15 @@ def test_study_mistakes_are_user_errors(tmp_path):
         load_study(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
+    inside = tmp_path / "inside.yaml"
+    inside.write_text(QUICK_STUDY.read_text().replace("budget: 1.6e+11", "budget: 8.0e+10"))
+    inside.with_name("demo-base.yaml").write_text((ROOT / "configs/demo-base.yaml").read_text())
+    with pytest.raises(UserError, match="must exceed the largest fitted one"):
+        load_study(inside)
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(QUICK_STUDY.read_text().replace("d_model: 80", "d_model: 48"))
+    with pytest.raises(UserError, match="must be larger than every size"):
+        plan_study(load_study(narrow), tmp_path, "muon", BYTE_VOCAB)
     check_same_plan(tmp_path / "out", {"optim": "muon"})
     check_same_plan(tmp_path / "out", {"optim": "muon"})  # the same plan continues
     with pytest.raises(UserError, match="other settings"):
@@ -169,6 +191,27 @@ def test_report_on_a_known_law(tmp_path, monkeypatch):
     assert data["commands"]["fit"][0].startswith("lab fit fit_points.csv --bootstrap 30")
 
 
+def test_report_on_an_explicit_held_out_run(tmp_path, monkeypatch):
+    """A held-out row beyond the fitted points (the demo's): it is the one predicted, and the
+    extrapolation distances are its N, D and C over the largest fitted ones."""
+    monkeypatch.chdir(tmp_path)
+    points = synthetic_points()
+    E, A, B, alpha, beta = TRUE.values()
+    N, D = 4e5, 1.5 * points["D"].max()
+    extra = {"run": "big", "size": "s4", "N": N, "D": D, "C": 6 * N * D,
+             "loss": E + A / N**alpha + B / D**beta, "budget": 3}
+    points = pd.concat([points, pd.DataFrame([extra])], ignore_index=True)
+    points["held_out"] = points["run"] == "big"
+    result = analyse_study(points, tmp_path, bootstrap=0)
+    held = result["held_out"]
+    assert held["run"] == "big" and result["n_points"] == len(points) - 1
+    assert held["extrapolation"]["N"] == pytest.approx(2.0)
+    assert held["extrapolation"]["D"] == pytest.approx(1.5)
+    assert held["extrapolation"]["C"] == pytest.approx(N * D / (points["C"][:-1].max() / 6))
+    assert abs(held["error"]) < 1e-2  # the law, fitted on 0.1% noise, extrapolates 2x in N
+    assert len(pd.read_csv(tmp_path / "fit_points.csv")) == len(points) - 1
+
+
 # ----------------------------------------------------------------------------- progress
 
 
@@ -223,7 +266,9 @@ def check_outputs(out, stdout: str) -> dict:
     for cmd in ("lab train configs/demo-base.yaml", "lab branch", "lab fit"):
         assert cmd in page
     run_dirs = [p.parent for p in (out / "runs").rglob("summary.json")]
-    assert len(run_dirs) == 12
+    assert len(run_dirs) == 13  # 3 stable runs, 9 branches, the held-out run
+    x = fit["held_out"]["extrapolation"]
+    assert x["N"] > 1 and x["C"] > 1 and "held-out" in fit["held_out"]["run"]
     for run_dir in run_dirs:
         assert list((run_dir / "tb").glob("events.out.tfevents.*")), run_dir
     return fit
@@ -250,7 +295,7 @@ def test_quick_demo_writes_the_report(quick_demo):
         assert json.loads((out / "refit.json").read_text())[key] == pytest.approx(before[key])
     # A rerun finds every run finished and rebuilds the same analysis.
     again = run_lab(["demo", "--quick", "--out", str(out)])
-    assert again.stdout.count("finished already") == 12
+    assert again.stdout.count("finished already") == 13
     after = json.loads((out / "fit.json").read_text())
     for key in ("predicted", "error", "predicted_interval"):
         assert after["held_out"][key] == pytest.approx(before["held_out"][key], rel=1e-9)
@@ -267,7 +312,7 @@ def test_interrupted_demo_continues_to_the_same_result(quick_demo, tmp_path):
     seen = []
     for line in proc.stdout:  # stop it while the second size's stable run trains
         seen.append(line)
-        if "[run 5/12] d48-l1 stable | starting" in line:
+        if "[run 5/13] d48-l1 stable | starting" in line:
             time.sleep(8)
             proc.send_signal(signal.SIGTERM)
             break
@@ -282,5 +327,5 @@ def test_interrupted_demo_continues_to_the_same_result(quick_demo, tmp_path):
     # Interrupted and continued, every point equals the uninterrupted demo's.
     ref = pd.read_csv(ref_out / "points.csv").sort_values(["N", "budget"])
     got = pd.read_csv(out / "points.csv").sort_values(["N", "budget"])
-    assert len(got) == len(ref) == 9
+    assert len(got) == len(ref) == 10
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
