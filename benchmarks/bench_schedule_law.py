@@ -8,6 +8,8 @@ corpus with the demo's base config (Muon + μP, one layer):
 3. then the held-back runs: 1-sqrt decays of 10%, 20% and 40% of S2 at S2, a linear decay of
    20%, and a cosine run from scratch as long as the 20% branch. Error = predicted / measured
    final eval loss - 1.
+4. B: the same runs, the law fitted on the stable curve and one decay at each branch point
+   (40% at S1, 20% at S2), predicting the other four branches and the cosine run.
 
     .venv/bin/python -m benchmarks.bench_schedule_law [--quick]
 
@@ -17,6 +19,7 @@ The full run writes benchmarks/results/schedule-law.json and schedule-law.txt (w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -39,8 +42,35 @@ def _branch(argv: list[str], log: io.StringIO) -> str:
     return out.getvalue()
 
 
+def _child(stable: Path, step: int, decay: int, shape: str) -> Path:
+    """A branch's directory (its name may carry more than step, decay and shape)."""
+    found = sorted((stable / "branches").glob(f"step{step}-decay{decay}-{shape}*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _table(title: str, checks: list[tuple[str, float, float]]) -> tuple[str, dict]:
+    errors = [p / m - 1 for _, p, m in checks]
+    lines = [title, f"{'held-back run':<34} {'predicted':>9} {'measured':>9} {'error':>8}"]
+    lines += [f"{n:<34} {p:>9.4f} {m:>9.4f} {e:>+8.2%}"
+              for (n, p, m), e in zip(checks, errors, strict=True)]
+    worst = max(abs(e) for e in errors)
+    mean_abs = sum(abs(e) for e in errors) / len(errors)
+    lines.append(f"mean |error| {mean_abs:.2%}, worst {worst:.2%}")
+    data = {"checks": [{"run": n, "predicted": p, "measured": m, "error": e}
+                       for (n, p, m), e in zip(checks, errors, strict=True)],
+            "mean_abs_error": mean_abs, "worst_abs_error": worst}
+    return "\n".join(lines), data
+
+
 def run(quick: bool = False) -> list[dict]:
-    from analysis.schedule_law import load_curve, predict_branches, run_curves
+    from analysis.schedule_law import (
+        default_start,
+        fit_schedule_law,
+        lr_sequence,
+        predict_branches,
+        run_curves,
+    )
     from lab.config import load_config
     from lab.metrics import read_json
     from lab.train import train
@@ -53,6 +83,7 @@ def run(quick: bool = False) -> list[dict]:
     started = time.perf_counter()
     log = io.StringIO()
     printed: list[str] = []
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         stable = Path(tmp) / "stable"
         cfg = load_config(BASE, [f"run.dir={stable}", *common, f"train.steps={s2}",
@@ -65,11 +96,11 @@ def run(quick: bool = False) -> list[dict]:
         held = [round(0.1 * s2), round(0.2 * s2), round(0.4 * s2)]
         words = [str(stable), "--at", str(s2), "--decay-steps", ",".join(map(str, held)),
                  "--predict"]
-        printed.append("$ lab branch " + " ".join(["RUN", *words[1:]]))
+        printed.append("$ lab branch RUN " + " ".join(words[1:]))
         printed.append(_branch(words, log).rstrip())
         law, rows = predict_branches(str(stable), [(s2, d) for d in held], "1-sqrt", 0.0)
         _, linear = predict_branches(str(stable), [(s2, held[1])], "linear", 0.0)
-        assert len(run_curves(str(stable))) == 3  # the fit saw the stable run and 2 decays
+        assert len(law.curves) == 3  # the stable run and the 2 decays at s1
 
         # Only now the held-back runs.
         _branch(words[:-1], log)
@@ -81,53 +112,56 @@ def run(quick: bool = False) -> list[dict]:
         with contextlib.redirect_stdout(log):
             train(cos_cfg, progress=Quiet())
 
-        from lab.branch import branch_name
-
         def measured(run_dir: Path) -> float:
             return float(read_json(run_dir / "summary.json")["final_eval_loss"])
 
-        checks = []
-        for r in rows:
-            name = branch_name(s2, r["decay_steps"], "1-sqrt")
-            checks.append((f"branch {s2}+{r['decay_steps']} 1-sqrt", r["predicted"],
-                           measured(stable / "branches" / name)))
-        name = branch_name(s2, held[1], "linear")
+        runs = {(s, d, sh): _child(stable, s, d, sh) for s, d, sh in
+                [(s1, fit_decays[0], "1-sqrt"), (s1, fit_decays[1], "1-sqrt"),
+                 *[(s2, d, "1-sqrt") for d in held], (s2, held[1], "linear")]}
+        checks = [(f"branch {s2}+{r['decay_steps']} 1-sqrt", r["predicted"],
+                   measured(runs[(s2, r["decay_steps"], "1-sqrt")])) for r in rows]
         checks.append((f"branch {s2}+{held[1]} linear", linear[0]["predicted"],
-                       measured(stable / "branches" / name)))
+                       measured(runs[(s2, held[1], "linear")])))
         checks.append((f"cosine, {s2 + held[1]} steps from scratch",
                        rows[1]["cosine_predicted"], measured(cos_dir)))
-        assert load_curve(str(cos_dir)).final_eval == checks[-1][2]
-    seconds = time.perf_counter() - started
+        text_a, results["A"] = _table(
+            f"A. fitted on the stable run and the decays {fit_decays} at step {s1} "
+            f"(as printed above); predicting at step {s2}:", checks)
+        results["A"]["law"] = dataclasses.asdict(law)
 
-    errors = [p / m - 1 for _, p, m in checks]
-    lines = [f"{'held-back run':<34} {'predicted':>9} {'measured':>9} {'error':>8}"]
-    lines += [f"{n:<34} {p:>9.4f} {m:>9.4f} {e:>+8.2%}"
-              for (n, p, m), e in zip(checks, errors, strict=True)]
-    worst = max(abs(e) for e in errors)
-    mean_abs = sum(abs(e) for e in errors) / len(errors)
-    lines.append(f"mean |error| {mean_abs:.2%}, worst {worst:.2%} "
-                 f"({seconds:.0f} s; {load_note()})")
-    printed.append("\n".join(lines))
+        # B: the same runs, fitted on one decay at each branch point, predicting the others.
+        curves = {c.name: c for c in run_curves(str(stable))}
+        fit_on = [(s1, fit_decays[1], "1-sqrt"), (s2, held[1], "1-sqrt")]
+        chosen = [curves[stable.name]] + [curves[runs[k].name] for k in fit_on]
+        law_b = fit_schedule_law(chosen, start=default_start(cfg))
+        checks_b = []
+        for key, run_dir in runs.items():
+            if key not in fit_on:
+                lr = lr_sequence(load_config(run_dir / "config.yaml"))
+                checks_b.append((f"branch {key[0]}+{key[1]} {key[2]}", law_b.final(lr),
+                                 measured(run_dir)))
+        cos_lr = lr_sequence(cos_cfg)
+        checks_b.append((f"cosine, {s2 + held[1]} steps from scratch", law_b.final(cos_lr),
+                         measured(cos_dir)))
+        text_b, results["B"] = _table(
+            f"B. fitted on the stable run, {s1}+{fit_decays[1]} and {s2}+{held[1]}: "
+            f"{law_b.describe()}", checks_b)
+        results["B"]["law"] = dataclasses.asdict(law_b)
+    seconds = time.perf_counter() - started
+    printed += [text_a, text_b, f"{seconds:.0f} s; {load_note()}"]
     text = "\n\n".join(printed)
     print(text)
-    notes = (f"configs/demo-base.yaml d48 Muon+μP; fitted on the stable run to {s2} and decays "
-             f"{fit_decays} at {s1}; held back: {len(checks)} runs")
+    notes = (f"configs/demo-base.yaml d48 Muon+μP, stable to {s2}, decays at {s1} and {s2}; "
+             "A: fitted at the first point only, B: one decay at each point")
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "schedule-law.txt").write_text(
             "$ .venv/bin/python -m benchmarks.bench_schedule_law\n\n" + text + "\n")
-        (RESULTS / "schedule-law.json").write_text(json.dumps({
-            "law": {k: getattr(law, k) for k in ("L0", "A", "alpha", "C", "lam", "gap", "rms",
-                                                 "n_points")},
-            "fitted_on": list(law.curves), "checks": [
-                {"run": n, "predicted": p, "measured": m, "error": e}
-                for (n, p, m), e in zip(checks, errors, strict=True)],
-            "mean_abs_error": mean_abs, "worst_abs_error": worst, "seconds": seconds},
-            indent=2) + "\n")
-    return [row("schedule law: worst |error| on held-back runs", 100 * worst, "%",
-                "goal", 1.0, notes),
-            row("schedule law: mean |error| on held-back runs", 100 * mean_abs, "%", "goal",
-                1.0, notes)]
+        (RESULTS / "schedule-law.json").write_text(
+            json.dumps({**results, "seconds": seconds}, indent=2, default=str) + "\n")
+    return [row(f"schedule law {k}: {what} |error| on held-back runs",
+                100 * results[k][f"{what}_abs_error"], "%", "goal", 1.0, notes)
+            for k in ("A", "B") for what in ("mean", "worst")]
 
 
 if __name__ == "__main__":

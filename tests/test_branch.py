@@ -152,3 +152,28 @@ def test_tokens_per_param_plan():
     cfg = load_config(TINY, ["branch.at_tokens_per_param=[1,2]", "branch.decay_steps=[3]"])
     # 16 x 128 = 2048 tokens a step; 1 token/param of 20,480 params = 10 steps.
     assert planned_pairs(cfg, 20_480) == [(10, 3), (20, 3)]
+
+
+def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
+    from analysis.schedule_law import predict_branches
+
+    run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4"])  # one finished decay
+    before = sorted(p.name for p in (stable / "branches").iterdir())
+    out = run_lab(["branch", str(stable), "--at", "4,6", "--decay-steps", "3", "--predict"])
+    assert sorted(p.name for p in (stable / "branches").iterdir()) == before  # nothing made
+    assert "schedule law (Tissue et al. 2024) fitted on run, step8-decay4-1-sqrt" in out.stdout
+    law, rows = predict_branches(str(stable), [(4, 3), (6, 3)], "1-sqrt", 0.0)
+    for r in rows:  # the printed rows are the analysis function's numbers
+        line = (f"{r['branch_step']:>11} {3:>6} {'1-sqrt':>7} {r['steps']:>6} "
+                f"{r['predicted']:>19.4f} {r['cosine_predicted']:>18.4f}")
+        assert line in out.stdout, out.stdout
+
+    # A stable run alone cannot fix the annealing term: refused, one line, nothing touched.
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(stable, bare, ignore=shutil.ignore_patterns("branches"))
+    result = run_lab(["branch", str(bare), "--at", "4", "--decay-steps", "3", "--predict"],
+                     expect=2)
+    assert "annealing term is unidentified" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (bare / "branches").exists()
