@@ -3,7 +3,8 @@
 Saves are asynchronous (the loop goes on while the arrays are written); orbax writes each step
 into a temporary directory and renames it when complete, so a killed save is never listed.
 A latest checkpoint that exists but cannot be read (truncated, corrupt) is skipped with a
-warning and the one before it restored. Restoring onto a target that carries NamedShardings of
+warning and the one before it restored; when the resumed run reaches that step again, its save
+replaces the unreadable one. Restoring onto a target that carries NamedShardings of
 the current mesh re-shards exactly, so a run saved on one mesh resumes on another.
 """
 
@@ -37,7 +38,7 @@ class Checkpointer:
     """The checkpoints of one run directory (`RUN_DIR/checkpoints`, local or gs://)."""
 
     def __init__(self, directory: str, keep_last: int = 2, keep_steps: tuple[int, ...] = (),
-                 read_only: bool = False):
+                 read_only: bool = False, unreadable: set[int] | frozenset[int] = frozenset()):
         keep = [policies.LatestN(keep_last)]
         if keep_steps:
             keep.append(policies.CustomSteps(list(keep_steps)))
@@ -48,6 +49,8 @@ class Checkpointer:
             create=not read_only,
         )
         self.directory = directory
+        # Steps found unreadable (by this restore, or by the caller's): saving one replaces it.
+        self.unreadable = set(unreadable)
         self.manager = ocp.CheckpointManager(directory, options=options,
                                              item_names=("state", "data"))
 
@@ -57,9 +60,14 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
-        """Start an asynchronous save; returns False if this step is already saved."""
+        """Start an asynchronous save; returns False if this step is already saved (and
+        readable: an unreadable one is deleted and saved again)."""
         if step in self.manager.all_steps():
-            return False
+            if step not in self.unreadable:
+                return False
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
+            self.unreadable.discard(step)
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -91,6 +99,7 @@ class Checkpointer:
                 if step is not None:
                     raise UserError(f"checkpoint {candidate} in {self.directory} cannot be read "
                                     f"({type(e).__name__}); choose another step") from None
+                self.unreadable.add(candidate)
                 print(f"warning: checkpoint {candidate} in {self.directory} cannot be read "
                       f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
                       file=sys.stderr)

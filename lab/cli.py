@@ -19,6 +19,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lab.preemption import PREEMPTION
+
+    PREEMPTION.install()  # from here to the end, SIGTERM stops the run cleanly (exit 0)
     from lab.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before JAX is imported

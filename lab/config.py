@@ -77,6 +77,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
     eval_batches: int = 4  # validation batches of batch_size sequences per evaluation
+    spike_factor: float = 2.0  # stop (diverged) if the loss tops this x its recent median; 0 = off
+    spike_window: int = 50  # the recent losses that median is taken over
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,9 @@ def validate(config: Config) -> None:
                        ("schedule.decay_steps", s.decay_steps),
                        ("checkpoint.every_steps", config.checkpoint.every_steps)]:
         _require(value >= 0, f"{key} must be zero or positive, got {value}")
+    _require(t.spike_factor == 0 or t.spike_factor > 1,
+             f"train.spike_factor must be 0 (off) or above 1, got {t.spike_factor}")
+    _require(t.spike_window >= 1, f"train.spike_window must be positive, got {t.spike_window}")
     _require(config.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
     _require(m.d_model % m.n_heads == 0,
