@@ -336,8 +336,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         saved = result.last_checkpoint
         kept = (f"its last checkpoint (step {saved}) is intact" if saved is not None
                 else "no checkpoint was saved before it")
-        result.message = (f"{problem} at step {done}; the run stopped (status 'diverged') and "
-                          f"{kept}. Lower optim.lr or raise schedule.warmup_steps")
+        result.message = (f"{problem}; the run stopped (status 'diverged') and {kept}. Lower "
+                          "optim.lr or raise schedule.warmup_steps")
         logger.log(done, values)
 
     def fetch(done: int, metrics: dict) -> dict | None:
@@ -346,13 +346,13 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         for key in ("loss", "grad_norm"):
             if not math.isfinite(values[key]):
-                stop_diverged(done, values, f"the {key} is {values[key]}")
+                stop_diverged(done, values, f"the {key} is {values[key]} at step {done}")
                 return None
         median = spikes.spike(values["loss"])
         if median is not None:
-            stop_diverged(done, values, f"the loss jumped to {values['loss']:.4g}, over "
-                          f"train.spike_factor={tcfg.spike_factor:g} times the median "
-                          f"{median:.4g} of the steps before it")
+            stop_diverged(done, values, f"the loss jumped to {values['loss']:.4g} at step {done}, "
+                          f"over {tcfg.spike_factor:g} times the median {median:.4g} of the "
+                          "steps before it (train.spike_factor; 0 turns this check off)")
             return None
         return values
 
@@ -406,7 +406,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                     break
                 tokens = sharding.global_batch(next(batches), trainer.mesh)
                 if step_fn is None:
-                    other_lap()
+                    train_lap()  # the batch so far
                     progress_call(progress, "compiling")
                     step_fn = trainer.train_step.lower(result.state, tokens).compile()
                     result.compile_seconds = other_lap()
