@@ -10,7 +10,11 @@ the current mesh re-shards exactly, so a run saved on one mesh resumes on anothe
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -32,6 +36,29 @@ def checkpoint_dir(run_dir: str) -> str:
         raise UserError(f"checkpoints cannot be written to {run_dir} (orbax supports local "
                         "paths and gs://); use a local or gs:// run.dir")
     return paths.absolute(paths.join(run_dir, "checkpoints"))
+
+
+# How long a failed restore waits for orbax's worker threads to finish failing.
+FAILED_RESTORE_SETTLE_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is printed to stderr while a restore runs: on success it is passed on; when a
+    restore of an unreadable checkpoint fails, orbax's tensorstore callbacks still running
+    print 'Event loop is closed' tracebacks from other threads, which are noise after the
+    one-line message that explains the failure, so they are dropped."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except BaseException:
+        time.sleep(FAILED_RESTORE_SETTLE_SECONDS)
+        raise
+    else:
+        real.write(held.getvalue())
+    finally:
+        sys.stderr = real
 
 
 class Checkpointer:
@@ -92,7 +119,9 @@ class Checkpointer:
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+                with _held_stderr():
+                    restored = self.manager.restore(candidate,
+                                                    args=ocp.args.Composite(**items))
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the previous)
