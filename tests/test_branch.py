@@ -152,3 +152,22 @@ def test_tokens_per_param_plan():
     cfg = load_config(TINY, ["branch.at_tokens_per_param=[1,2]", "branch.decay_steps=[3]"])
     # 16 x 128 = 2048 tokens a step; 1 token/param of 20,480 params = 10 steps.
     assert planned_pairs(cfg, 20_480) == [(10, 3), (20, 3)]
+
+
+def test_final_ratio_is_part_of_the_child(stable):
+    """A branch with another final ratio is another child, not one 'finished already'; a child
+    whose saved config differs from what the command asks is refused."""
+    run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1"])
+    out = run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1", "--final-ratio",
+                   "0.5"])
+    assert "finished already" not in out.stdout and "1 of 1 branches finished" in out.stdout
+    half = stable / "branches" / "step4-decay1-1-sqrt-final0.5"
+    assert load_config(half / "config.yaml").schedule.final_ratio == 0.5
+    assert load_config(stable / "branches" / "step4-decay1-1-sqrt" / "config.yaml"
+                       ).schedule.final_ratio == 0.0
+    text = (half / "config.yaml").read_text()
+    (half / "config.yaml").write_text(text.replace("final_ratio: 0.5", "final_ratio: 0.25"))
+    refused = run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1",
+                       "--final-ratio", "0.5"], expect=2)
+    assert "schedule.final_ratio" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
