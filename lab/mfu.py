@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lab import paths
 
-# Dense bf16 peak per chip, TFLOP/s (vendor figures; DESIGN.md).
+# Dense bf16 peak per chip, TFLOP/s (vendor data sheets, without sparsity).
 ACCELERATOR_PEAK_TFLOPS = {
     "h100": 989.0,
     "h200": 989.0,

@@ -94,7 +94,7 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(cfg, len(devices))
-    # Auto axis types: under Explicit ones the embedding gather fails (DESIGN.md).
+    # Auto axis types: under Explicit ones (jax.make_mesh's default) nnx.Embed's gather fails.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
