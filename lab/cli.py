@@ -74,6 +74,9 @@ DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "plan": "analysis.plan",
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet_absl()
+    from lab import compile_cache
+
+    compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
     try:
         if argv and argv[0] in DELEGATED:
             import importlib
