@@ -69,7 +69,8 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
         raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
                         f"processes ({jax.process_count()})")
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    platform = mesh.devices.flat[0].platform  # the target's kernels, even when compiling ahead
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
@@ -84,7 +85,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
                          lr_scales=lr_scales)
 
     def init_fn() -> dict:
-        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed))
+        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
