@@ -175,3 +175,96 @@ def compile_only(cfg: Config, topology: str | None) -> int:
             "train.grad_accum, set model.remat=full, model.activation_dtype=bfloat16 or "
             "model.loss_chunk, or use more chips")
     return 0
+
+
+def _short(n: int) -> str:
+    """Bytes as one word for a table column."""
+    from lab.memory import gib
+
+    return gib(n).replace(" ", "")
+
+
+def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]], str]:
+    """`lab sweep --dry-run [--topology T]`: each run's estimated memory per chip and, for a
+    topology, the compiler's figure; and a one-line problem when a run cannot fit (or cannot
+    be laid out on those chips), else ""."""
+    import jax
+
+    from lab import memory, sharding
+    from lab.config import load_config
+    from lab.train import build_trainer
+
+    devices = topology_devices(topology) if topology else jax.devices()
+    limit, chip = memory.capacity(devices[0])
+    estimated, compiled, too_big, unplaced = [], [], [], []
+    for run in sweep.runs:
+        cfg, _ = with_known_vocab(load_config(sweep.base, list(run.overrides)))
+        try:
+            trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
+        except UserError as e:
+            estimated.append("-")
+            compiled.append("-")
+            unplaced.append(f"{run.name} ({e})")
+            continue
+        needed = memory.estimate(trainer).total
+        estimated.append(_short(needed))
+        if topology:
+            needed = CompiledMemory.of(lower_train_step(trainer).compile()).total
+            compiled.append(_short(needed))
+        if limit is not None and needed > limit:
+            too_big.append(run.name)
+    columns = {"mem/chip": estimated}
+    if topology:
+        columns["XLA/chip"] = compiled
+    where = f"{len(devices)} x {chip}" + (f" ({topology})" if topology else "")
+    problem = ""
+    if too_big:
+        from lab.memory import gib
+
+        problem = (f"{', '.join(too_big)} cannot fit a {chip} chip's {gib(limit)} on {where}; "
+                   "lower their batch per chip, raise train.grad_accum, or use model.remat, "
+                   "model.activation_dtype=bfloat16 or model.loss_chunk")
+    elif unplaced and topology:
+        problem = f"cannot lay out on {where}: {unplaced[0]}"
+    return columns, problem
+
+
+# jax.Device.platform names -> jax.export platform names
+_EXPORT_PLATFORMS = {"tpu": "tpu", "gpu": "cuda", "cuda": "cuda", "rocm": "rocm", "cpu": "cpu"}
+
+
+def abstract_mesh(cfg: Config, n_devices: int, platform: str, device_kind: str = "") -> Any:
+    """An AbstractMesh of the config's mesh axes over `n_devices` devices of `platform` (tpu |
+    gpu | cpu), for tracing and exporting without such devices."""
+    import jax
+    from jax._src.mesh import AbstractDevice  # no public constructor yet (jax 0.10)
+    from jax.sharding import AxisType
+
+    from lab import sharding
+
+    shape = sharding.mesh_shape(cfg.mesh, n_devices)
+    device = AbstractDevice(device_kind=device_kind or platform, num_cores=None,
+                            platform=platform)
+    return jax.sharding.AbstractMesh(shape, sharding.MESH_AXES,
+                                     axis_types=(AxisType.Auto,) * len(shape),
+                                     abstract_device=device)
+
+
+def export_train_step(cfg: Config, platform: str, n_devices: int = 4) -> Any:
+    """The whole train step exported (jax.export) for `platform` (tpu | gpu) on an abstract
+    mesh of `n_devices`: StableHLO as that platform's compiler would receive it."""
+    import jax
+    import jax.numpy as jnp
+
+    from lab import sharding
+    from lab.checkpoint import abstract_with_shardings
+    from lab.train import build_trainer
+
+    mesh = abstract_mesh(cfg, n_devices, platform)
+    trainer = build_trainer(cfg, mesh)
+    state = abstract_with_shardings(jax.eval_shape(trainer.init_fn), trainer.state_shardings)
+    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.train.seq_len + 1), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    with sharding.mesh_context(mesh):
+        return jax.export.export(trainer.train_step,
+                                 platforms=(_EXPORT_PLATFORMS[platform],))(state, batch)

@@ -22,10 +22,6 @@ from lab.chips import GIB, chip_for
 from lab.config import Config
 from lab.errors import UserError
 
-# A run must leave this fraction of the chip free: XLA's own buffers, fragmentation and the
-# estimate's error need room.
-FIT_MARGIN = 0.10
-
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
@@ -134,10 +130,20 @@ def capacity(device: Any) -> tuple[int | None, str]:
 
 
 def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:
-    """Refuse a run whose `needed` bytes per chip leave less than FIT_MARGIN of `limit` free."""
-    if limit is None or needed <= limit * (1 - FIT_MARGIN):
+    """Refuse (UserError) a run whose `needed` bytes per chip exceed the chip's `limit`."""
+    if limit is None or needed <= limit:
         return
     raise UserError(
-        f"{what} needs {gib(needed)} per chip but a {chip} chip holds {gib(limit)} (keep "
-        f"{FIT_MARGIN:.0%} free); lower train.batch_size or raise train.grad_accum, set "
-        "model.remat=full, model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips")
+        f"{what} needs {gib(needed)} per chip but a {chip} chip holds {gib(limit)}; lower "
+        "train.batch_size or raise train.grad_accum, set model.remat=full, "
+        "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips")
+
+
+def preflight(trainer: Any) -> str:
+    """`lab train` before it touches the run directory: the estimate as one line, or a
+    UserError if the run cannot fit its chips."""
+    est = estimate(trainer)
+    limit, chip = capacity(trainer.mesh.devices.flat[0])
+    check_fits(est.total, limit, "this run (by lab.memory's estimate)", chip)
+    of = f" of {gib(limit)} ({chip})" if limit else ""
+    return f"memory: {est.describe()}{of}"

@@ -191,8 +191,10 @@ class Transformer(nnx.Module):
             return nnx.merge(graphdef, state)(x, sin, cos)
 
         if cfg.remat != "none":
+            # Under scan the loop already keeps XLA from merging the recomputation into the
+            # forward pass, so no optimization barrier is needed (it would block fusions).
             run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat],
-                                       static_argnums=(0,))
+                                       static_argnums=(0,), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             graphdef, state_N = nnx.split(self.blocks)
             x_BxLxD, _ = jax.lax.scan(lambda x, s: (run_block(graphdef, s, x), None),

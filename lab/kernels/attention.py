@@ -107,6 +107,13 @@ def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
         mask = masks.MultiHeadMask([masks.CausalMask((L, L))] * h)
         kernel = splash.make_splash_mha(mask, block_sizes=sizes_, head_shards=1, q_seq_shards=1,
                                         interpret=interpret)
+        # The causal mask's query positions are an L-long numpy constant, which would make the
+        # program grow with the sequence; an iota computes them instead.
+        positions = jax.lax.iota(jnp.int32, L)
+        for name in ("fwd_mask_info", "dq_mask_info", "dkv_mask_info"):
+            info = getattr(kernel, name, None)
+            if info is not None and info.q_sequence is not None:
+                setattr(kernel, name, info._replace(q_sequence=positions))
         return jax.vmap(kernel)(q_bxhxLxE, k_bxkxLxE, v_bxkxLxE)
 
     if batch_size * (tensor if heads_axis else 1) == 1:

@@ -53,7 +53,8 @@ def cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Arra
     x_nxBxCxD = x_BxLxD.reshape(B, n, C, D).swapaxes(0, 1)
     targets_nxBxC = targets_BxL.reshape(B, n, C).swapaxes(0, 1)
     weight_nxBxC = weight_BxL.reshape(B, n, C).swapaxes(0, 1)
-    piece = jax.checkpoint(lambda *chunk_: _sums(logits_fn, *chunk_))
+    # Inside the scan no optimization barrier is needed to keep the recomputation apart.
+    piece = jax.checkpoint(lambda *chunk_: _sums(logits_fn, *chunk_), prevent_cse=False)
 
     def step(total, chunk_):
         return total + piece(*chunk_), None
