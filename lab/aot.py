@@ -144,6 +144,7 @@ def compile_report(cfg: Config, topology: str | None = None) -> Report:
     import jax
 
     from lab import memory, sharding
+    from lab.memory import gib
     from lab.train import build_trainer
 
     devices = topology_devices(topology) if topology else jax.devices()
@@ -151,9 +152,19 @@ def compile_report(cfg: Config, topology: str | None = None) -> Report:
     trainer = build_trainer(cfg, mesh)
     estimate = memory.estimate(trainer)
     start = time.perf_counter()
-    compiled = lower_train_step(trainer).compile()
-    seconds = time.perf_counter() - start
     limit, chip = memory.capacity(devices[0])
+    try:
+        compiled = lower_train_step(trainer).compile()
+    except Exception as e:  # the TPU compiler refuses a program larger than HBM outright
+        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+            raise
+        where = topology or "the local devices"
+        raise UserError(
+            f"the train step needs more than the {gib(limit) if limit else 'available'} a "
+            f"{chip} chip holds per chip on {where} (the compiler ran out of memory); lower "
+            "train.batch_size or raise train.grad_accum, set model.remat=full, "
+            "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips") from None
+    seconds = time.perf_counter() - start
     return Report(len(devices), chip, limit, CompiledMemory.of(compiled), estimate, seconds)
 
 
