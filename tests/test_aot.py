@@ -63,7 +63,7 @@ def test_an_oversized_run_is_refused_with_one_line():
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "per chip on v5e:2x2" in lines[0], lines
-    assert "v5e chip holds 16.00 GiB" in lines[0]
+    assert "16.00 GiB a v5e chip holds" in lines[0] or "v5e chip holds 16.00 GiB" in lines[0]
 
 
 def test_a_bad_topology_is_one_line():
