@@ -250,3 +250,22 @@ def constrain_activations(x_BxLxD: jax.Array) -> jax.Array:
     if mesh.empty:
         return x_BxLxD
     return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH_AXES, None, None))
+
+
+def mesh_platform(mesh: Mesh | jax.sharding.AbstractMesh) -> str:
+    """cpu | gpu | tpu: the platform of a mesh's devices, real or abstract (an AbstractMesh
+    made with `abstract_device`, as for exporting to a platform this host lacks)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        device = mesh.abstract_device
+        platform = device.platform if device is not None else jax.default_backend()
+    else:
+        platform = mesh.devices.flat[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def mesh_context(mesh: Mesh | jax.sharding.AbstractMesh):
+    """The context that makes `mesh` current: set_mesh for real devices, use_abstract_mesh
+    for an AbstractMesh (tracing and exporting only)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.set_mesh(mesh)

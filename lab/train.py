@@ -27,6 +27,7 @@ from lab.branch import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
+from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
@@ -69,7 +70,8 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
         raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
                         f"processes ({jax.process_count()})")
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
@@ -84,7 +86,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
                          lr_scales=lr_scales)
 
     def init_fn() -> dict:
-        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed))
+        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -131,7 +133,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
         return model_loss(params, tokens_BxL1)[1]["ce"]
 
-    with jax.set_mesh(mesh):
+    with sharding.mesh_context(mesh):
         jit_init = jax.jit(init_fn, out_shardings=state_sh)
         jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                             out_shardings=(state_sh, repl), donate_argnums=0)
@@ -425,6 +427,9 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     branch_points = planned_steps(cfg, counts["params"])
     check_plan(cfg, planned_pairs(cfg, counts["params"]), branch_points)
     keep_steps = tuple(sorted(set(cfg.checkpoint.keep_steps) | set(branch_points)))
+    mesh = sharding.make_mesh(cfg.mesh)
+    trainer = build_trainer(cfg, mesh)
+    memory_line = preflight(trainer)  # a run that cannot fit stops before touching run_dir
     checkpointer = Checkpointer(checkpoint.checkpoint_dir(run_dir), cfg.checkpoint.keep_last,
                                 keep_steps)
     resuming = bool(checkpointer.steps())
@@ -435,8 +440,6 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
         check_resumable(load_config(paths.join(parent_dir, "config.yaml")), cfg, BRANCH_CHANGES,
                         what=f"the parent run {parent_dir}")
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    trainer = build_trainer(cfg, mesh)
     stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed)
     batches = stream.iterator(0)
     state = None
@@ -470,6 +473,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
             where = f"branching from {parent_dir} at step {step}"
         print(f"run {run_dir} ({where}): mesh {dict(mesh.shape)}, {counts['params']:,} "
               f"parameters, data {data_path}")
+        print(memory_line)
         if cfg.optim.name == "muon":
             print(describe_routing(trainer.abstract_params))
     if state is None:
