@@ -52,8 +52,8 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
 
 
 def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small_data):
-    """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out between the two
-    data replicas (lab.muon.split_newton_schulz); the run's losses equal one device's."""
+    """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out among the four
+    data x fsdp devices (lab.muon.split_newton_schulz); the run's losses equal one device's."""
     common = [str(TINY), f"data.path={small_data}", *SHORT, "optim.name=muon", "optim.lr=1e-2",
               "train.eval_every=0", "checkpoint.every_steps=24"]
     run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
