@@ -268,6 +268,13 @@ def minimise(
         weights = np.ones((1, n))
     if sample is None:
         sample = np.zeros(n_starts, dtype=np.int32)
+    # Pad the points to a multiple of 32 with zero weight (they add nothing to the objective),
+    # so a data set that grows by a few runs, round after round, reuses the compiled program.
+    n_pad = -(-n // 32) * 32 - n
+    weights = np.concatenate([np.asarray(weights, dtype=np.float64),
+                              np.zeros((len(weights), n_pad))], axis=1)
+    N, D, loss = (np.concatenate([np.asarray(v, dtype=np.float64).ravel(), np.ones(n_pad)])
+                  for v in (N, D, loss))
     # Pad the starts to a multiple of the slots: one compiled program serves many sizes.
     padded = -(-n_starts // slots) * slots
     starts = np.concatenate([starts, np.zeros((padded - n_starts, 5))])
@@ -322,6 +329,23 @@ class Approach3Fit:
         return np.array([np.log(self.A), np.log(self.B), np.log(self.E), self.alpha, self.beta])
 
     @property
+    def degenerate(self) -> bool:
+        """An optimum no law could mean: a non-finite parameter, an exponent at zero or beyond
+        the grid of starts, or a coefficient beyond e^50 (e.g. A = 9.7e116)."""
+        values = (self.E, self.A, self.B, self.alpha, self.beta)
+        if not all(np.isfinite(v) for v in values):
+            return True
+        return not (0.01 <= self.alpha <= 2.0 and 0.01 <= self.beta <= 2.0) or max(
+            abs(np.log(self.A)), abs(np.log(self.B))) > 50
+
+    def describe(self) -> str:
+        """The law as text, or "degenerate fit" when its numbers mean nothing."""
+        if self.degenerate:
+            return "degenerate fit (see its warnings)"
+        return (f"L(N, D) = {self.E:.3g} + {self.A:.3g}/N^{self.alpha:.3f} + "
+                f"{self.B:.3g}/D^{self.beta:.3f}")
+
+    @property
     def a(self) -> float:
         """Allocation exponent of N: N_opt is proportional to C^a, a = beta / (alpha + beta)."""
         return self.beta / (self.alpha + self.beta)
@@ -364,6 +388,7 @@ class Approach3Fit:
             "n_converged": self.n_converged,
             "max_iterations": self.max_iterations,
             "warnings": list(self.warnings),
+            "degenerate": self.degenerate,
         }
         if self.samples is not None:
             out["bootstrap_samples"] = len(self.samples)
@@ -455,6 +480,42 @@ def _diagnose(theta, f, it, conv, best, x, z, y, max_iter) -> list[str]:
     return warns
 
 
+COLLINEAR = 1e-3  # below this, log N and log D are one variable: the law cannot be fitted
+NEARLY_COLLINEAR = 0.05  # below this, say loudly that N and D are hard to separate
+
+
+def check_design(N: np.ndarray, D: np.ndarray) -> list[str]:
+    """Refuse a design Approach 3 cannot fit; return warnings about a weak one.
+
+    The law needs N and D to vary independently: with a single N (or D) one of its terms is a
+    constant absorbed by E, and with log D an affine function of log N (D = 20 N at every size)
+    the two terms cannot be told apart. The second is measured by the smaller singular value of
+    the standardised (log N, log D) cloud, relative to the larger.
+    """
+    for name, v in (("N", N), ("D", D)):
+        distinct = len(np.unique(v))
+        if distinct < 2:
+            raise UserError(
+                f"Approach 3 needs at least 2 distinct {name} values and got {distinct}: "
+                f"L(N, D) cannot be fitted; add runs at other {name}"
+            )
+    xz = np.stack([np.log(N), np.log(D)], axis=1)
+    xz = (xz - xz.mean(0)) / xz.std(0)
+    sv = np.linalg.svd(xz, compute_uv=False)
+    ratio = sv[-1] / sv[0]
+    if ratio < COLLINEAR:
+        slope = np.polyfit(np.log(N), np.log(D), 1)[0]
+        raise UserError(
+            f"Approach 3 cannot separate N from D: log D is an affine function of log N in "
+            f"every point (D ∝ N^{slope:.3g}), so A/N^alpha and B/D^beta are one term; add runs "
+            "with other tokens per parameter at the same N"
+        )
+    if ratio < NEARLY_COLLINEAR:
+        return [f"N and D are nearly collinear (singular value ratio {ratio:.2g}): the fit "
+                "cannot tell their terms apart well; add other tokens per parameter"]
+    return []
+
+
 def _distinct_optima(theta, f, conv, limit=4, within=1.5) -> np.ndarray:
     """Distinct converged optima whose objective is within `within` times the best, best first."""
     rows = []
@@ -489,6 +550,7 @@ def fit_approach3(
     check_points(df, ("N", "D", "loss"), min_points=len(PARAMS), what="Approach 3 (5 parameters)")
     starts = chinchilla_grid() if grid is None else np.asarray(grid, dtype=np.float64)
     N, D, loss = (df[c].to_numpy(np.float64) for c in ("N", "D", "loss"))
+    design_warnings = check_design(N, D)
     theta, iters = starts, 0
     for delta in (*CONTINUATION, HUBER_DELTA):
         theta, f, it, conv = minimise(theta, N, D, loss, delta=delta, max_iter=max_iter)
@@ -498,7 +560,9 @@ def fit_approach3(
     if not np.isfinite(f[best]):
         raise UserError("Approach 3 found no finite fit from any start; check N, D and loss")
     a, b, e, alpha, beta = theta[best]
-    warns = _diagnose(theta, f, it, conv, best, np.log(N), np.log(D), np.log(loss), max_iter)
+    warns = design_warnings + _diagnose(
+        theta, f, it, conv, best, np.log(N), np.log(D), np.log(loss), max_iter
+    )
     fit = Approach3Fit(
         E=float(np.exp(e)),
         A=float(np.exp(a)),

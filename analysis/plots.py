@@ -39,7 +39,9 @@ def _compute_range(C) -> np.ndarray:
     return np.logspace(np.log10(C.min()), np.log10(C.max() * EXTRAPOLATE), 200)
 
 
-def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> list[str]:
+def plot_approach3(
+    fit: Approach3Fit, points: pd.DataFrame, out_dir: str, label: str = "N (parameters)"
+) -> list[str]:
     """contours.png (the law over N, D with the optimal allocation), frontier.png (loss against
     compute with the compute-optimal loss and its band) and residuals.png."""
     N, D, loss = (points[c].to_numpy(np.float64) for c in ("N", "D", "loss"))
@@ -54,7 +56,8 @@ def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> lis
     fig.colorbar(cs, ax=ax, label="log predicted loss")
     cline = _compute_range(C)
     n_opt, d_opt, _ = optimal_allocation(cline, fit.E, fit.A, fit.B, fit.alpha, fit.beta)
-    ax.plot(n_opt, d_opt, "r-", label=f"optimal allocation, N ∝ C^{fit.a:.3f}")
+    if not fit.degenerate:
+        ax.plot(n_opt, d_opt, "r-", label=f"optimal allocation, N ∝ C^{fit.a:.3f}")
     for c in np.logspace(np.log10(C.min()), np.log10(C.max()), 4):
         ax.plot(gn, c / (6 * gn), "w:", lw=0.8)
     ax.scatter(N, D, c="k", s=8, label="runs")
@@ -63,16 +66,17 @@ def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> lis
         yscale="log",
         xlim=(gn[0], gn[-1]),
         ylim=(gd[0], gd[-1]),
-        xlabel="parameters N",
+        xlabel=label,
         ylabel="tokens D",
-        title="L(N, D) and the optimal allocation",
+        title="degenerate fit: no allocation shown" if fit.degenerate
+        else "L(N, D) and the optimal allocation",
     )
     ax.legend(loc="upper left", fontsize=8)
     written.append(_save(fig, out_dir, "contours.png"))
 
     fig, (ax,) = _figure()
     sc = ax.scatter(C, loss, c=np.log10(N), s=10, cmap="plasma")
-    fig.colorbar(sc, ax=ax, label="log10 N")
+    fig.colorbar(sc, ax=ax, label=f"log10 {label}")
     opt = fit.compute_optimal(cline)
     inside = cline <= C.max()
     ax.plot(cline[inside], opt["loss"][inside], "k-", label="compute-optimal loss (fit)")
@@ -91,7 +95,7 @@ def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> lis
         yscale="log",
         xlabel="compute C (FLOPs)",
         ylabel="loss",
-        title="loss-compute frontier",
+        title="loss-compute frontier" + (" (degenerate fit)" if fit.degenerate else ""),
     )
     ax.legend(fontsize=8)
     written.append(_save(fig, out_dir, "frontier.png"))
@@ -99,7 +103,7 @@ def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> lis
     fig, (ax,) = _figure()
     resid = np.log(loss) - np.log(fit.predict(N, D))
     sc = ax.scatter(C, resid, c=np.log10(N), s=10, cmap="plasma")
-    fig.colorbar(sc, ax=ax, label="log10 N")
+    fig.colorbar(sc, ax=ax, label=f"log10 {label}")
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set(
         xscale="log",
@@ -111,30 +115,34 @@ def plot_approach3(fit: Approach3Fit, points: pd.DataFrame, out_dir: str) -> lis
     return written
 
 
-def _allocation(ax, C, N_opt, D_opt, n_law, d_law) -> None:
+def _law_label(name: str, law) -> str:
+    """'N_opt ∝ C^0.321 [0.30, 0.34]', the interval left out where it is undefined (two
+    budgets leave no degree of freedom for one)."""
+    text = f"{name}_opt ∝ C^{law.exponent:.3f}"
+    lo, hi = law.exponent_interval
+    if np.isfinite(lo) and np.isfinite(hi):
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def _allocation(ax, C, N_opt, D_opt, n_law, d_law, label: str = "N (parameters)") -> None:
     cline = _compute_range(C)
     ax.scatter(C, N_opt, c="C0", s=14, label="N_opt")
     ax.scatter(C, D_opt, c="C1", s=14, label="D_opt")
     for law, color, name in ((n_law, "C0", "N"), (d_law, "C1", "D")):
-        lo, hi = law.exponent_interval
-        ax.plot(
-            cline,
-            law(cline),
-            color=color,
-            label=f"{name}_opt ∝ C^{law.exponent:.3f} [{lo:.3f}, {hi:.3f}]",
-        )
+        ax.plot(cline, law(cline), color=color, label=_law_label(name, law))
     ax.axvline(np.max(C), color="gray", lw=0.8, ls=":")
     ax.set(
         xscale="log",
         yscale="log",
         xlabel="compute C (FLOPs)",
-        ylabel="N or D",
+        ylabel=f"{label} or D (tokens)",
         title="optimal allocation (dotted: extrapolation starts)",
     )
     ax.legend(fontsize=8)
 
 
-def plot_isoflop(fit: IsoflopFit, out_dir: str) -> list[str]:
+def plot_isoflop(fit: IsoflopFit, out_dir: str, label: str = "N (parameters)") -> list[str]:
     """isoflop.png (loss against N per budget, parabolas and their minima) and
     allocation.png (N_opt(C), D_opt(C))."""
     fig, (ax,) = _figure()
@@ -147,17 +155,19 @@ def plot_isoflop(fit: IsoflopFit, out_dir: str) -> list[str]:
             np.exp(x), b["c0"] + b["c1"] * x + b["c2"] * x * x, color=color, label=f"C={b['C']:.2g}"
         )
         ax.plot(b["N_opt"], b["loss_opt"], "k*", ms=8)
-    ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="IsoFLOP profiles")
+    ax.set(xscale="log", xlabel=label, ylabel="loss", title="IsoFLOP profiles")
     ax.legend(fontsize=7, ncol=2)
     written = [_save(fig, out_dir, "isoflop.png")]
     fig, (ax,) = _figure()
     bud = fit.budgets
-    _allocation(ax, bud["C"], bud["N_opt"], bud["D_opt"], fit.N_opt, fit.D_opt)
+    _allocation(ax, bud["C"], bud["N_opt"], bud["D_opt"], fit.N_opt, fit.D_opt, label)
     written.append(_save(fig, out_dir, "allocation.png"))
     return written
 
 
-def plot_envelope(fit: EnvelopeFit, curves: pd.DataFrame, out_dir: str) -> list[str]:
+def plot_envelope(
+    fit: EnvelopeFit, curves: pd.DataFrame, out_dir: str, label: str = "N (parameters)"
+) -> list[str]:
     """frontier.png (all training curves against compute, the envelope marked) and
     allocation.png (N_opt(C), D_opt(C) through the envelope)."""
     fig, (ax,) = _figure()
@@ -165,7 +175,7 @@ def plot_envelope(fit: EnvelopeFit, curves: pd.DataFrame, out_dir: str) -> list[
         ax.plot(g["C"], g["loss"], color="gray", lw=0.6, alpha=0.6)
     f = fit.frontier
     sc = ax.scatter(f["C"], f["loss"], c=np.log10(f["N"]), cmap="plasma", s=18, zorder=3)
-    fig.colorbar(sc, ax=ax, label="log10 N of the best run")
+    fig.colorbar(sc, ax=ax, label=f"log10 {label} of the best run")
     ax.set(
         xscale="log",
         yscale="log",
@@ -175,7 +185,7 @@ def plot_envelope(fit: EnvelopeFit, curves: pd.DataFrame, out_dir: str) -> list[
     )
     written = [_save(fig, out_dir, "frontier.png")]
     fig, (ax,) = _figure()
-    _allocation(ax, f["C"], f["N"], f["D"], fit.N_opt, fit.D_opt)
+    _allocation(ax, f["C"], f["N"], f["D"], fit.N_opt, fit.D_opt, label)
     written.append(_save(fig, out_dir, "allocation.png"))
     return written
 

@@ -36,8 +36,9 @@ def read_points_csv(path: str) -> pd.DataFrame:
     try:
         df = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        reason = " ".join(str(err).split())  # pandas's messages end in a newline
         raise UserError(
-            f"{path} is not a readable CSV ({err}); give a CSV with a header row"
+            f"{path} is not a readable CSV ({reason}); give a CSV with a header row"
         ) from None
     df = df.rename(columns={k: v for k, v in ALIASES.items() if v not in df.columns})
     missing = [c for c in ("N", "loss") if c not in df.columns]

@@ -138,7 +138,7 @@ def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
         n = float(g["N"].iloc[0])
         fitted = g[~g["held_out"]]
         ax.scatter(fitted["D"], fitted["loss"], color=color, s=22,
-                   label=f"{size} (N={n:,.0f})")
+                   label=f"{size} (N={n:,.0f} non-embedding)")
         ax.plot(d_line, fit.predict(n, d_line), color=color, lw=1)
     lo_hi = held_out.get("predicted_interval")
     ax.scatter([held_out["D"]], [held_out["loss"]], marker="*", s=160, color="k", zorder=4,
@@ -149,8 +149,7 @@ def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
     ax.errorbar([held_out["D"]], [held_out["predicted"]], yerr=yerr, fmt="o", mfc="none",
                 color="k", capsize=4, label=f"predicted ({held_out['error']:+.2%})")
     ax.set(xscale="log", xlabel="tokens D", ylabel="final eval loss (nats/byte)",
-           title=f"L(N, D) = {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3f} + "
-                 f"{fit.B:.3g}/D^{fit.beta:.3f}")
+           title=fit.describe())
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return str(path)
@@ -208,11 +207,34 @@ def loss_table(result: dict) -> str:
             row.append("-" if p.empty else f"{p['loss'].iloc[0]:.4f}"
                        + ("*" if bool(p["held_out"].iloc[0]) else ""))
         rows.append(row)
-    heads = ["size", "N"] + [f"C≈{df[df['budget'] == b]['C'].median():.2g}" for b in budgets]
+    heads = ["size", "N (non-embedding)"]
+    heads += [f"C≈{df[df['budget'] == b]['C'].median():.2g}" for b in budgets]
     return format_table(heads, rows)
 
 
+SMOKE_TEST = ("SMOKE TEST: this quick study checks that every step runs; its models are too "
+              "small and its runs too short for the fitted law, the held-out error or the "
+              "compute-optimal numbers below to mean anything. Run `lab demo` (without "
+              "--quick) for a study whose law can be read.")
+
+
+def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
+    """What must be read before any number: a smoke test's notice, then the fit's warnings."""
+    lines = [SMOKE_TEST] if smoke_test else []
+    warnings = result.get("warnings") or []
+    iso_warnings = (result.get("isoflop") or {}).get("warnings") or []
+    if warnings or iso_warnings:
+        lines.append(f"WARNING: {len(warnings) + len(iso_warnings)} problem(s) with the fits; "
+                     "read their numbers with care:")
+        lines += [f"  - Approach 3: {w}" for w in warnings]
+        lines += [f"  - IsoFLOP: {w}" for w in iso_warnings]
+    if result.get("degenerate"):
+        lines.append("The Approach 3 fit is degenerate: its parameters are not shown as a law.")
+    return lines
+
+
 def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
+    """The study's numbers (banner_lines come before them)."""
     r, h, p = result, result["held_out"], result["prediction"]
     level = f"{r.get('level', 0.95):.0%}"
     lines = [
@@ -265,7 +287,9 @@ def embed_png(path: str | Path) -> str:
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
-color:#222}pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
+color:#222}.banner{border:3px solid #b00;background:#fee;padding:.6em 1em;margin:1em 0;
+font-weight:600}.banner li{font-weight:400}
+pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
 img{max-width:100%;border:1px solid #ddd;margin:.5em 0}figure{margin:1em 0}
 figcaption{color:#555;font-size:.9em}td,th{padding:.2em .6em;text-align:right}
 table{border-collapse:collapse}tr:nth-child(even){background:#f6f6f6}"""
@@ -289,8 +313,20 @@ def _table_html(headers: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _banner_html(result: dict, smoke_test: bool) -> str:
+    lines = banner_lines(result, smoke_test)
+    if not lines:
+        return ""
+    items = [html.escape(x) for x in lines if not x.startswith("  - ")]
+    points = [html.escape(x[4:]) for x in lines if x.startswith("  - ")]
+    body = "".join(f"<p>{x}</p>" for x in items)
+    if points:
+        body += "<ul>" + "".join(f"<li>{x}</li>" for x in points) + "</ul>"
+    return f"<div class='banner'>{body}</div>"
+
+
 def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
-                title: str) -> str:
+                title: str, smoke_test: bool = False) -> str:
     """A self-contained page: the summary, the law and its intervals, the held-out check,
     compute, the figures (embedded) and the commands that reproduce every step."""
     esc = html.escape
@@ -305,6 +341,7 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
+        _banner_html(result, smoke_test),
         "<h2>Summary</h2><pre>" + esc("\n".join(summary_lines(result, compute, timing)))
         + "</pre>",
         "<h2>Final eval loss per size and budget</h2><pre>" + esc(loss_table(result))
@@ -315,8 +352,6 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
         f"{result.get('bootstrap_samples', 0)} bootstrap resamples of the points.</p>",
         _table_html(["parameter", "value", "interval"], params),
     ]
-    if result.get("warnings"):
-        parts.append("<p>Warnings of the fit: " + esc("; ".join(result["warnings"])) + "</p>")
     parts += ["<h2>Held-out check</h2><p>The largest model's longest branch is left out of the "
               "fit, predicted by it, then compared.</p>",
               _table_html(["", ""], held_rows)]
@@ -347,12 +382,14 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
 
 
 def write_report(out_dir: str | Path, result: dict, *, compute: dict, commands: dict,
-                 timing: dict, title: str) -> dict:
-    """Write fit.json and report.html; returns the fit.json content."""
+                 timing: dict, title: str, smoke_test: bool = False) -> dict:
+    """Write fit.json and report.html; returns the fit.json content. A smoke test (the quick
+    demo) says at the top of the page that its law means nothing."""
     out = Path(out_dir)
-    data = {**result, "compute": compute, "timing": timing,
+    data = {**result, "compute": compute, "timing": timing, "smoke_test": smoke_test,
             "commands": {**commands, **result["commands"]}}
     (out / "fit.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    page = render_html(result, compute=compute, commands=commands, timing=timing, title=title)
+    page = render_html(result, compute=compute, commands=commands, timing=timing, title=title,
+                       smoke_test=smoke_test)
     (out / "report.html").write_text(page)
     return data

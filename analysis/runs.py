@@ -1,6 +1,6 @@
 """Collecting run directories into tables.
 
-A run directory (see DESIGN.md) holds `summary.json` (params, non_embedding_params, tokens,
+A run directory (docs/training.md) holds `summary.json` (params, non_embedding_params, tokens,
 flops, final_eval_loss, status; branches add parent, branch_step, decay_steps), the resolved
 `config.yaml`, and `metrics.jsonl` with one JSON object per logged step (step, loss, lr,
 tokens, sometimes eval_loss). Inputs are searched recursively for summary.json, so a sweep's
@@ -40,7 +40,11 @@ COLUMNS = [
     "parent",
     "branch_step",
     "decay_steps",
+    "stable",
     "status",
+    "predicted_loss",
+    "predicted_lo",
+    "predicted_hi",
 ]
 
 
@@ -94,6 +98,7 @@ def read_run(run_dir: str) -> dict:
     s = _load_json(paths.join(run_dir, SUMMARY))
     cfg = _config(run_dir)
     batch, seq = _number(_get(cfg, "train.batch_size")), _number(_get(cfg, "train.seq_len"))
+    interval = s.get("predicted_interval") or [None, None]  # a run `lab plan` wrote
     return {
         "run": run_dir,
         "N": _number(s.get("params")),
@@ -110,7 +115,13 @@ def read_run(run_dir: str) -> dict:
         "parent": s.get("parent"),
         "branch_step": _number(s.get("branch_step")),
         "decay_steps": _number(s.get("decay_steps")),
+        # A WSD run without a decay ends at its peak learning rate: a branch point, not a law point.
+        "stable": _get(cfg, "schedule.name") == "wsd"
+        and _number(_get(cfg, "schedule.decay_steps")) == 0,
         "status": s.get("status", "unknown"),
+        "predicted_loss": _number(s.get("predicted_loss")),
+        "predicted_lo": _number(interval[0]),
+        "predicted_hi": _number(interval[-1]),
     }
 
 

@@ -112,6 +112,15 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_plan(parent_dir: str, report: dict, children: list[Config]) -> None:
+    """branches.json and each child's config.yaml (kept if it exists: a rerun resumes it)."""
+    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
+    for child in children:
+        paths.makedirs(child.run.dir)
+        if not paths.exists(paths.join(child.run.dir, "config.yaml")):
+            paths.write_text(paths.join(child.run.dir, "config.yaml"), dump_config(child))
+
+
 def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -158,6 +167,9 @@ def main(argv: list[str]) -> int:
                             "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
                             "LENGTHS")
     check_plan(parent, pairs)
+    from lab.sharding import initialize_distributed, is_main_process
+
+    initialize_distributed()  # every host of a pod runs the branches together
     from lab.checkpoint import Checkpointer, checkpoint_dir
 
     reader = Checkpointer(checkpoint_dir(parent_dir), read_only=True)
@@ -185,7 +197,8 @@ def main(argv: list[str]) -> int:
         for child in children:
             print(f"{child.run.dir}: lab train {child.run.dir}/config.yaml")
         return 0
-    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
+    if is_main_process():  # one writer of the files every host would write alike
+        write_plan(parent_dir, report, children)
 
     from lab.train import RESUMABLE_CHANGES, check_resumable, train
 
@@ -203,9 +216,6 @@ def main(argv: list[str]) -> int:
     statuses = {}
     for child in children:
         child_dir, name = child.run.dir, paths.name(child.run.dir)
-        paths.makedirs(child_dir)
-        if not paths.exists(paths.join(child_dir, "config.yaml")):
-            paths.write_text(paths.join(child_dir, "config.yaml"), dump_config(child))
         done = read_json(paths.join(child_dir, "summary.json"))
         if done and done.get("status") == "finished":
             print(f"{name}: finished already, skipped")

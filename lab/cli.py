@@ -1,5 +1,5 @@
-"""`lab`: the one command-line entry point, with subcommands data, train, branch, sweep, fit
-and demo. A user's mistake exits with status 2 and one line; bugs keep their traceback."""
+"""`lab`: the one command-line entry point, with subcommands data, train, branch, sweep, fit,
+plan and demo. A user's mistake exits with status 2 and one line; bugs keep their traceback."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ def _train(args: argparse.Namespace) -> int:
     from lab.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before JAX is imported
+    if args.topology and not args.compile_only:
+        raise UserError("--topology needs --compile-only: a run trains on the local devices")
     from lab.sharding import initialize_distributed
 
     initialize_distributed()  # before anything starts the JAX backend
+    if args.compile_only:
+        from lab.aot import compile_only
+
+        return compile_only(cfg, args.topology)
     from lab.train import train
 
     summary = train(cfg)
@@ -53,12 +59,18 @@ def build_parser() -> ArgumentParser:
                                    "words, e.g. train.steps=200 optim.name=muon mesh.fsdp=4.")
     p.add_argument("config", help="a YAML file under configs/, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the train step and print each chip's memory, without training")
+    p.add_argument("--topology", metavar="GEN:SHAPE",
+                   help="with --compile-only: compile for a TPU slice from any host, e.g. "
+                        "v5e:16x16 (exit 2 if the step cannot fit a chip's HBM)")
     p.set_defaults(run=_train)
 
     # Listed for `lab --help`; main() hands their arguments to their own parsers.
     for name, text in [
         ("data", "prepare a corpus into token shards (lab data prep --help)"),
         ("fit", "fit scaling laws to run directories or a CSV"),
+        ("plan", "plan the compute-optimal run and the next sweep at a budget from a fit"),
         ("sweep", "expand a sweep file into runs, and run them (--dry-run)"),
         ("branch", "branch a stable WSD run's checkpoints into decays"),
         ("demo", "a whole scaling study on this machine, with a report"),
@@ -68,19 +80,32 @@ def build_parser() -> ArgumentParser:
 
 
 # Subcommands that parse their own arguments: the rest of the command line goes to them as is.
-DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "sweep": "lab.sweep",
+DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "plan": "analysis.plan",
+             "sweep": "lab.sweep",
              "branch": "lab.branch", "demo": "lab.demo"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from lab.backend import choose_platforms
+
+    choose_platforms()  # no TPU backend (nor its warnings) on a host without TPU chips
     _quiet_absl()
+    from lab import compile_cache
+
+    compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
     try:
         if argv and argv[0] in DELEGATED:
             import importlib
 
             return int(importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0)
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "overrides", None) is not None and not any(
+                word.startswith("-") for word in extra):
+            args.overrides += extra  # key=value words after an option (argparse stops there)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

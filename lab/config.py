@@ -8,6 +8,7 @@ and validates values; any mistake raises `UserError` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,18 @@ class RunConfig:
     peak_tflops: float = 0.0  # hardware peak for MFU; 0 = a table (GPU/TPU) or a probe (CPU)
     parent: str = ""  # a branch: the run directory whose checkpoint this run starts from
     parent_step: int = 0  # ... and the step of that checkpoint
+    # Written by `lab plan`: the final eval loss the fitted law predicts for this run, and its
+    # interval (lo, hi); train copies them into summary.json so `lab fit` can score them.
+    predicted_loss: float = 0.0  # 0 = no prediction
+    predicted_interval: tuple[float, ...] = ()
+
+    def prediction(self) -> dict:
+        """The summary fields of a planned run's prediction; none for a branch, whose
+        schedule the prediction was not made for."""
+        if not self.predicted_loss or self.parent:
+            return {}
+        return {"predicted_loss": self.predicted_loss,
+                "predicted_interval": list(self.predicted_interval)}
 
 
 @dataclass(frozen=True)
@@ -45,7 +58,21 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02  # embedding init; matrices use 1/sqrt(fan_in)
     compute_dtype: str = "float32"  # float32 | bfloat16 (matmul operands; params stay float32)
-    remat: str = "none"  # none | full | dots (what a block keeps for the backward pass)
+    # The residual stream and block outputs; norm and softmax statistics and the loss stay float32.
+    activation_dtype: str = "float32"  # float32 | bfloat16
+    # auto = blocked on CPU, cudnn on GPU, splash on TPU (by the mesh's platform); xla = plain
+    # einsums on any backend; cudnn = jax.nn.dot_product_attention's cuDNN kernel; splash = the
+    # Pallas TPU kernel (interpreted on CPU); blocked = the CPU-tuned blocked attention.
+    attention: str = "auto"  # auto | xla | cudnn | splash | blocked
+    # Tokens per cross-entropy chunk: the (B, L, V) float32 logits and their gradient are never
+    # whole, each chunk's logits are recomputed in the backward pass. 0 = one piece.
+    loss_chunk: int = 0
+    # What a block keeps for the backward pass (the rest is recomputed):
+    #   none = everything (no remat); full = only its input; dots = every matmul output without
+    #   batch dimensions (projections and MLP, not attention scores); save_qkv_proj = the q, k, v
+    #   projections; save_out_proj = the attention output projection; minimal = the q, k, v and
+    #   output projections and the MLP's matmul outputs (gate, up, down).
+    remat: str = "none"  # none | full | dots | save_qkv_proj | save_out_proj | minimal
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
     parameterization: str = "sp"  # sp | mup
     mup_base_width: int = 128  # the width at which μP equals SP
@@ -149,6 +176,11 @@ class Config:
 
 # ----------------------------------------------------------------------------- reading
 
+INT64_MAX = 2**63 - 1
+# Step counts reach jitted code (optax schedules, the step counter) as int32.
+INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**32  # JAX keys keep 32 bits of a seed: larger seeds repeat smaller ones
+
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `key=value` overrides, and validate."""
@@ -161,6 +193,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                             "configs/tiny.yaml")
         try:
             raw = yaml.safe_load(paths.read_text(path)) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} cannot be "
+                            "decoded); save it as UTF-8") from None
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -210,7 +245,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         raise UserError(f"{section} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints as well
     if unknown:
         raise UserError(f"unknown config key '{prefix}{unknown[0]}'; known keys in {section}: "
                         f"{', '.join(fields)}")
@@ -246,15 +281,23 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT64_MAX <= value <= INT64_MAX:
+                raise UserError(f"config key {key} is {value}, beyond a 64-bit integer; give a "
+                                "smaller number")
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads "1e-3" (no dot) as a string
+                number = float(value)  # YAML reads "1e-3" (no dot) as a string
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"config key {key} must be a finite number, got {value!r}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -317,6 +360,15 @@ def validate(config: Config) -> None:
     _require(t.spike_factor == 0 or t.spike_factor > 1,
              f"train.spike_factor must be 0 (off) or above 1, got {t.spike_factor}")
     _require(t.spike_window >= 1, f"train.spike_window must be positive, got {t.spike_window}")
+    for key, value in [("train.steps", t.steps), ("train.eval_every", t.eval_every),
+                       ("train.log_every", t.log_every), ("schedule.warmup_steps", s.warmup_steps),
+                       ("schedule.decay_steps", s.decay_steps),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("run.parent_step", config.run.parent_step)]:
+        _require(value <= INT32_MAX, f"{key} is {value}, more steps than a 32-bit step counter "
+                 f"holds; give at most {INT32_MAX}")
+    _require(0 <= config.run.seed < SEED_LIMIT,
+             f"run.seed must lie in [0, 2**32) (JAX keeps 32 bits of it), got {config.run.seed}")
     _require(config.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
     _require(m.d_model % m.n_heads == 0,
@@ -327,7 +379,12 @@ def validate(config: Config) -> None:
     _require(m.n_heads % m.kv_heads == 0,
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-    _choice("model.remat", m.remat, ("none", "full", "dots"))
+    _choice("model.activation_dtype", m.activation_dtype, ("float32", "bfloat16"))
+    _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
+    _choice("model.remat", m.remat,
+            ("none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"))
+    _require(m.loss_chunk >= 0, f"model.loss_chunk must be zero (no chunking) or a positive "
+             f"number of tokens, got {m.loss_chunk}")
     _choice("model.parameterization", m.parameterization, ("sp", "mup"))
     _require(m.mup_base_width > 0, "model.mup_base_width must be positive")
     _require(m.z_loss >= 0, f"model.z_loss must be zero or positive, got {m.z_loss}")
@@ -357,6 +414,11 @@ def validate(config: Config) -> None:
              "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     _require(bool(config.run.dir), "run.dir must name the run's output directory")
     _require(config.run.parent_step >= 0, "run.parent_step must be zero or positive")
+    r = config.run
+    _require(r.predicted_loss >= 0, "run.predicted_loss must be positive (or 0: none)")
+    _require(not r.predicted_interval or (len(r.predicted_interval) == 2
+                                          and r.predicted_interval[0] <= r.predicted_interval[1]),
+             "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
     b = config.branch
     if b.shape:
         _choice("branch.shape", b.shape, ("linear", "cosine", "1-sqrt"))

@@ -444,6 +444,14 @@ def build_parser():
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from lab.sharding import initialize_distributed
+
+    initialize_distributed()  # under a multi-host launcher, to see that it is one
+    import jax
+
+    if jax.process_count() > 1:
+        raise UserError(f"lab demo runs as one process ({jax.process_count()} were launched); "
+                        "for several hosts, train with lab sweep or lab train")
     study = load_study(args.study or (QUICK_STUDY if args.quick else STUDY))
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     started, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -475,7 +483,7 @@ def main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED if status in ("preempted", "interrupted") else 1
     runs_seconds = time.perf_counter() - started
 
-    from analysis.report import analyse_study, loss_table, summary_lines, write_report
+    from analysis.report import analyse_study, banner_lines, loss_table, summary_lines, write_report
 
     print("analysis: the fits, the held-out check, figures and the report", flush=True)
     result = analyse_study(collect_points(plans), out, bootstrap=study.bootstrap,
@@ -488,8 +496,10 @@ def main(argv: list[str]) -> int:
     timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,
               "cpu_seconds": _cpu_seconds() - cpu0,
               "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    smoke_test = study.path.resolve() == QUICK_STUDY.resolve()  # its law means nothing
     write_report(out, result, compute=compute, commands=commands, timing=timing,
-                 title=f"lab demo: {study.path.name}, {args.optim} + muP")
+                 title=f"lab demo: {study.path.name}, {args.optim} + muP", smoke_test=smoke_test)
+    print("\n".join(banner_lines(result, smoke_test)))
     print(loss_table(result))
     print("\n".join(summary_lines(result, compute, timing)))
     print(f"report: {out / 'report.html'} (fit: {out / 'fit.json'})")

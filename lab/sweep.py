@@ -175,11 +175,61 @@ def load_sweep(path: str | Path) -> dict:
         raise UserError(f"sweep file {path} is not valid YAML; fix its syntax") from None
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
-    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
     if unknown:
         raise UserError(f"sweep file {path}: unknown key {unknown[0]!r}; known keys: "
                         f"{', '.join(SWEEP_KEYS)}")
+    _check_numbers(spec, f"sweep file {path}")
     return spec
+
+
+# The sweep file's numeric keys: (lowest, highest, whether the lowest is allowed).
+NUMBER_RANGES = {"tokens": (0, math.inf, False), "tokens_per_param": (0, math.inf, False),
+                 "warmup_fraction": (0, 1, True), "decay_fraction": (0, 1, True),
+                 "flops_tolerance": (0, math.inf, False)}
+SHAPE_INTS = ("head_dim", "min_heads", "multiple", "tensor")
+
+
+def _check_numbers(spec: dict, where: str) -> None:
+    """Every number of the sweep file is a finite number in its range, before any expansion."""
+    def bad(key: str, rule: str) -> UserError:
+        return UserError(f"{where}: {key} must be {rule}, got {_get(spec, key)!r}")
+
+    for key, (lo, hi, closed) in NUMBER_RANGES.items():
+        if key in spec:
+            v = _finite(spec[key])
+            if v is None or not (lo <= v if closed else lo < v) or not v <= hi:
+                raise bad(key, f"a number in [{lo:g}, {hi:g}]" if closed
+                          else f"a finite number above {lo:g}")
+    for key in ("sizes", "budgets"):
+        items = spec.get(key)
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict) and (_finite(item) is None or _finite(item) <= 0):
+                raise UserError(f"{where}: every entry of {key} must be a finite positive "
+                                f"number{' or a mapping of model keys' if key == 'sizes' else ''}"
+                                f", got {item!r}")
+    shape = spec.get("shape")
+    if isinstance(shape, dict):
+        for key, value in shape.items():
+            if key in SHAPE_INTS and not (isinstance(value, int) and not isinstance(value, bool)
+                                          and value > 0):
+                raise bad(f"shape.{key}", "a positive integer")
+            if key in ("aspect_ratio", "tolerance") and not (_finite(value) or 0) > 0:
+                raise bad(f"shape.{key}", "a finite positive number")
+
+
+def _get(spec: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        spec = spec.get(part) if isinstance(spec, dict) else None
+    return spec
+
+
+def _finite(value: Any) -> float | None:
+    """The value as a finite float, or None (YAML reads 1e10 without a dot as a string)."""
+    if not _is_number(value):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Sweep:
@@ -220,24 +270,31 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     base_cfg = load_config(base, common)
     tensor = base_cfg.mesh.tensor if base_cfg.mesh.tensor > 0 else 1
     shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
+    for key in ("aspect_ratio", "tolerance"):
+        if key in shape_opts:
+            shape_opts[key] = float(shape_opts[key])  # checked by _check_numbers
     bad = sorted(set(shape_opts) - set(SHAPE_KEYS))
     if bad:
         raise UserError(f"{where}: unknown shape option {bad[0]!r}; known: {', '.join(SHAPE_KEYS)}")
     tolerance = float(spec.get("flops_tolerance", 0.05))
 
+    # `tokens:` may be a list: one more axis of the product (a grid over N and D).
+    token_list = spec.get("tokens") if isinstance(spec.get("tokens"), list) else [None]
     runs = []
-    for (size_name, size), budget, values in itertools.product(
-            sizes, budgets, itertools.product(*grid.values())):
+    for (size_name, size), budget, tokens, values in itertools.product(
+            sizes, budgets, token_list, itertools.product(*grid.values())):
         if not isinstance(size, dict):
             size = shape_for_params(float(size), base_cfg.model, **shape_opts)
             size_name = size_name or _shape_name(size)
         words = [f"model.{k}={_yaml_word(v)}" for k, v in size.items()]
         words += [f"{k}={_yaml_word(v)}" for k, v in zip(grid, values, strict=True)]
-        parts = [f"C{_short(budget)}" if budget else "", size_name]
+        parts = [f"C{_short(budget)}" if budget else "", size_name,
+                 f"T{_short(float(tokens))}" if tokens else ""]
         parts += [f"{LABELS.get(k, k.rsplit('.', 1)[-1])}{_label(v)}"
                   for k, v in zip(grid, values, strict=True)]
         run_name = "-".join(p for p in parts if p) or name
-        runs.append(_make_run(base, common, words, run_name, budget, branch, spec, out,
+        run_spec = {**spec, "tokens": tokens} if tokens else spec
+        runs.append(_make_run(base, common, words, run_name, budget, branch, run_spec, out,
                               tolerance))
     _check_unique(runs, where)
     return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs))
@@ -465,19 +522,25 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def describe(sweep: Sweep) -> str:
-    """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, overrides."""
+def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
+    """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, any extra
+    `columns` (one word per run, such as the memory per chip), overrides."""
+    columns = columns or {}
     width = max(len(r.name) for r in sweep.runs)
+    widths = {k: max(len(k), *(len(v) for v in vals)) for k, vals in columns.items()}
     lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
              f"{_shown_path(sweep.base)}, "
              f"output under {sweep.out}",
              f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
-             f"{'C/budget':>8}  {'steps':>7}  overrides"]
+             f"{'C/budget':>8}  {'steps':>7}  "
+             + "".join(f"{k:>{w}}  " for k, w in widths.items()) + "overrides"]
     for i, r in enumerate(sweep.runs, 1):
         budget = f"{r.budget:9.3e}" if r.budget else f"{'-':>9}"
         ratio = f"{r.C / r.budget:8.4f}" if r.budget else f"{'-':>8}"
         lines.append(f"{i:>3}  {r.name:<{width}}  {_count(r.N):>7}  {_count(r.D):>7}  "
-                     f"{r.C:9.3e}  {budget}  {ratio}  {r.steps:>7}  {' '.join(r.varied)}")
+                     f"{r.C:9.3e}  {budget}  {ratio}  {r.steps:>7}  "
+                     + "".join(f"{columns[k][i - 1]:>{w}}  " for k, w in widths.items())
+                     + " ".join(r.varied))
         if r.branch:
             tokens_per_step = r.D // r.steps
             children = ", ".join(f"{a}+{d} ({_count((a + d) * tokens_per_step)} tokens)"
@@ -590,13 +653,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the runs (name, N, D, FLOPs, overrides) without running")
     parser.add_argument("--out", help="the sweep's output directory (default: the file's "
                                       "'out:', else runs/sweeps/NAME)")
+    parser.add_argument("--topology", metavar="GEN:SHAPE",
+                        help="with --dry-run: compile every run's step for this TPU slice "
+                             "(e.g. v5e:16x16) and show each chip's memory; exit 2 if a run "
+                             "cannot fit")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.topology and not args.dry_run:
+        raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
     sweep = expand_sweep(args.file, args.overrides, out=args.out)
-    print(describe(sweep), flush=True)
-    if args.dry_run:
-        return 0
-    return run_sweep(sweep)
+    if not args.dry_run:
+        print(describe(sweep), flush=True)
+        return run_sweep(sweep)
+    from lab.aot import sweep_memory
+
+    columns, problem = sweep_memory(sweep, args.topology)
+    print(describe(sweep, columns), flush=True)
+    if problem:
+        raise UserError(problem)
+    return 0

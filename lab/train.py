@@ -27,6 +27,7 @@ from lab.branch import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
+from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
@@ -70,7 +71,8 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
         raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
                         f"processes ({jax.process_count()})")
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
@@ -85,7 +87,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
                          lr_scales=lr_scales)
 
     def init_fn() -> dict:
-        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed))
+        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -133,7 +135,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
         return model_loss(params, tokens_BxL1)[1]["ce"]
 
-    with jax.set_mesh(mesh):
+    with sharding.mesh_context(mesh):
         jit_init = jax.jit(init_fn, out_shardings=state_sh)
         jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                             out_shardings=(state_sh, repl), donate_argnums=0)
@@ -545,6 +547,7 @@ class Setup:
     restored_own: bool  # restored from this run directory's checkpoint
     parent_dir: str | None
     unreadable: set[int]  # this run's checkpoints that could not be read
+    memory_line: str  # the memory estimate against the devices'
 
 
 def prepare(cfg: Config) -> Setup:
@@ -577,6 +580,7 @@ def prepare(cfg: Config) -> Setup:
 
         mesh = sharding.make_mesh(cfg.mesh)
         trainer = build_trainer(cfg, mesh)
+        memory_line = preflight(trainer)  # a run that cannot fit stops here
         stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size,
                                      cfg.run.seed)
         eval_data = [sharding.global_batch(b, mesh) for b in labdata.eval_batches(
@@ -606,7 +610,7 @@ def prepare(cfg: Config) -> Setup:
         if reader is not None:
             reader.close()
     return Setup(cfg, str(data_path), counts, keep_steps, mesh, trainer, batches, eval_data,
-                 state, step, resuming, restored_own, parent_dir, unreadable)
+                 state, step, resuming, restored_own, parent_dir, unreadable, memory_line)
 
 
 def train(cfg: Config, progress: Progress | None = None) -> dict:
@@ -654,6 +658,7 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
             where = f"branching from {parent_dir} at step {step}"
         print(f"run {run_dir} ({where}): mesh {dict(setup.mesh.shape)}, "
               f"{setup.counts['params']:,} parameters, data {setup.data_path}")
+        print(setup.memory_line)
         if cfg.optim.name == "muon":
             print(describe_routing(setup.trainer.abstract_params))
 
@@ -667,6 +672,7 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
         "tokens": 0,
         "flops": 0,
         "final_eval_loss": None,
+        **cfg.run.prediction(),  # a planned run's predicted loss (lab plan), for lab fit
     }
     if parent_dir is not None:
         summary.update(parent=parent_dir, branch_step=cfg.run.parent_step,

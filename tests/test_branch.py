@@ -171,3 +171,32 @@ def test_final_ratio_is_part_of_the_child(stable):
                        "--final-ratio", "0.5"], expect=2)
     assert "schedule.final_ratio" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, monkeypatch,
+                                                             main_process):
+    """On a pod every host runs `lab branch`: all join the distributed runtime and train every
+    child (together), but only process 0 writes branches.json and the children's configs."""
+    import lab.sharding
+    import lab.train
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    for name in ("config.yaml", "checkpoints"):  # links: the shared run gets no branches
+        src = stable / name
+        (parent / name).symlink_to(src, target_is_directory=src.is_dir())
+    calls = {"joined": 0, "trained": []}
+    monkeypatch.setattr(lab.sharding, "initialize_distributed",
+                        lambda: calls.__setitem__("joined", calls["joined"] + 1))
+    monkeypatch.setattr(lab.sharding, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(lab.train, "train",
+                        lambda cfg: calls["trained"].append(cfg.run.dir) or {"status": "finished"})
+    from lab.branch import main
+
+    assert main([str(parent), "--at", "4,8", "--decay-steps", "2"]) == 0
+    children = [parent / "branches" / f"step{s}-decay2-1-sqrt" for s in (4, 8)]
+    assert calls["joined"] == 1 and calls["trained"] == [str(c) for c in children]
+    assert (parent / "branches.json").exists() == main_process
+    for child in children:
+        assert (child / "config.yaml").exists() == main_process

@@ -13,7 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY, lab_command, lab_env, run_lab
+from helpers import (
+    ROOT,
+    TINY,
+    assert_params_close,
+    checkpoint_params,
+    lab_command,
+    lab_env,
+    run_lab,
+)
 from lab.metrics import read_metrics
 
 # 24 steps, a checkpoint every 4, every step logged.
@@ -28,6 +36,21 @@ def args_for(run_dir: Path, data: str, *extra: str) -> list[str]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["grad_norm"] for m in read_metrics(run_dir)}
+
+
+def assert_same_run(got: Path, ref: Path, label) -> None:
+    """Every step's loss and grad norm, and the final parameters, equal the reference run's."""
+    got_loss, ref_loss = losses(got), losses(ref)
+    got_norm, ref_norm = grad_norms(got), grad_norms(ref)
+    for step in ref_loss:
+        assert got_loss[step] == pytest.approx(ref_loss[step], rel=1e-6, abs=0), (label, step)
+        assert got_norm[step] == pytest.approx(ref_norm[step], rel=1e-5), (label, step)
+    assert_params_close(checkpoint_params(got, 24), checkpoint_params(ref, 24), rtol=1e-5,
+                        atol=1e-7)
 
 
 def summary(run_dir: Path) -> dict:
@@ -72,12 +95,11 @@ def kill_and_resume(tmp_path: Path, data: str, kill_after: int) -> Path:
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, small_data):
-    kill_after = random.Random(16).randint(5, 20)  # after the first checkpoint (step 4)
+    # A step after the first checkpoint (step 4), seeded so a failure can be rerun as it was.
+    kill_after = random.Random(1234).randint(5, 20)
     run_dir = kill_and_resume(tmp_path, small_data, kill_after)
-    ref, got = losses(reference), losses(run_dir)
-    assert sorted(got) == list(range(1, 25)) == sorted(ref)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (kill_after, step)
+    assert sorted(losses(run_dir)) == list(range(1, 25)) == sorted(losses(reference))
+    assert_same_run(run_dir, reference, kill_after)
     assert summary(run_dir)["status"] == "finished"
     ref_eval = summary(reference)["final_eval_loss"]
     assert summary(run_dir)["final_eval_loss"] == pytest.approx(ref_eval, rel=1e-6)
@@ -87,9 +109,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference, tmp_path, small_data
 @pytest.mark.parametrize("kill_after", [6, 13, 22])
 def test_sigkill_at_several_points(reference, tmp_path, small_data, kill_after):
     run_dir = kill_and_resume(tmp_path, small_data, kill_after)
-    ref, got = losses(reference), losses(run_dir)
-    for step in ref:
-        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=0), (kill_after, step)
+    assert_same_run(run_dir, reference, kill_after)
 
 
 def test_resume_on_other_meshes(tmp_path, small_data):
@@ -97,7 +117,7 @@ def test_resume_on_other_meshes(tmp_path, small_data):
     saved = tmp_path / "eight"
     run_lab(args_for(saved, small_data, "mesh.fsdp=4", "mesh.tensor=2",
                      "checkpoint.every_steps=12"), devices=8)
-    ref = losses(saved)
+    ref, ref_norm, ref_params = losses(saved), grad_norms(saved), checkpoint_params(saved, 24)
     for name, devices, mesh in [("four", 4, ["mesh.data=2", "mesh.fsdp=2"]),
                                 ("one", 1, ["mesh.fsdp=1"])]:
         run_dir = tmp_path / name
@@ -108,9 +128,11 @@ def test_resume_on_other_meshes(tmp_path, small_data):
         out = run_lab(args_for(run_dir, small_data, "checkpoint.every_steps=12", *mesh),
                       devices=devices)
         assert "resuming at step 12" in out.stdout
-        got = losses(run_dir)
+        got, got_norm = losses(run_dir), grad_norms(run_dir)
         for step in range(13, 25):
             assert got[step] == pytest.approx(ref[step], rel=1e-5), (name, step)
+            assert got_norm[step] == pytest.approx(ref_norm[step], rel=1e-4), (name, step)
+        assert_params_close(checkpoint_params(run_dir, 24), ref_params, rtol=1e-4, atol=1e-5)
 
 
 def test_sigterm_preempts_with_a_checkpoint(tmp_path, small_data):

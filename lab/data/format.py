@@ -92,6 +92,7 @@ def open_dataset(path: str) -> TokenDataset:
             f"{path} has data format version {meta.get('format_version')}, this lab reads version "
             f"{FORMAT_VERSION}; prepare the data again with `lab data prep`"
         )
+    _check_meta(meta, meta_path)
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
         for shard in meta["splits"][split]["shards"]:
@@ -101,6 +102,47 @@ def open_dataset(path: str) -> TokenDataset:
                     f"shard {f} is missing or has the wrong size; prepare the data again"
                 )
     return TokenDataset(root, meta)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta(meta: dict, meta_path: Path) -> None:
+    """Every field the reader relies on, with the right type, before any of it is used."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{meta_path} is damaged: {what}; prepare the data again")
+
+    vocab = meta.get("vocab_size")
+    if not _is_count(vocab) or vocab < 1:
+        raise bad(f"vocab_size is {vocab!r}, not a positive integer")
+    eod = meta.get("eod_id")
+    if not _is_count(eod) or eod >= vocab:
+        raise bad(f"eod_id is {eod!r}, not a token id below vocab_size {vocab}")
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        raise bad(f"dtype is {meta.get('dtype')!r}, not uint16 or uint32")
+    if np.dtype(meta["dtype"]).itemsize < token_dtype(vocab).itemsize:
+        raise bad(f"dtype {meta['dtype']} cannot hold {vocab} token ids")
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or "kind" not in tokenizer:
+        raise bad("the tokenizer description is missing")
+    splits = meta.get("splits")
+    for split in SPLITS:
+        info = splits.get(split) if isinstance(splits, dict) else None
+        if not isinstance(info, dict):
+            raise bad(f"splits.{split} is missing")
+        for key in ("n_tokens", "n_documents"):
+            if not _is_count(info.get(key)):
+                raise bad(f"splits.{split}.{key} is {info.get(key)!r}, not a count")
+        if not isinstance(info.get("documents"), str):
+            raise bad(f"splits.{split}.documents is not a file name")
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(sh, dict) and isinstance(sh.get("file"), str)
+                and _is_count(sh.get("n_tokens")) for sh in shards):
+            raise bad(f"splits.{split}.shards is not a list of {{file, n_tokens}}")
+        if sum(sh["n_tokens"] for sh in shards) != info["n_tokens"]:
+            raise bad(f"the shards of {split} do not add up to its n_tokens")
 
 
 def check_vocab(dataset: TokenDataset, model_vocab_size: int) -> None:

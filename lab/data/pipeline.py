@@ -170,10 +170,14 @@ def eval_batches(
     windows = _Windows(dataset.shards("val"), seq_len)
     need = batch_size * n_batches
     if windows.n < need:
-        raise UserError(
-            f"evaluation needs {need} windows of {seq_len + 1} tokens but the val split of "
-            f"{dataset.path} has {windows.n}; evaluate fewer batches, or prepare the data "
-            "with a larger --val-fraction"
-        )
+        have = (f"evaluation needs train.eval_batches x train.batch_size = {n_batches} x "
+                f"{batch_size} = {need} windows of {seq_len + 1} tokens but the val split of "
+                f"{dataset.path} has {windows.n}")
+        if windows.n >= batch_size:
+            fix = f"set train.eval_batches={windows.n // batch_size} or fewer"
+        else:
+            fix = (f"not even one batch fits: lower train.batch_size to {windows.n} or less, "
+                   "or train.seq_len")
+        raise UserError(f"{have}; {fix}, or prepare the data with a larger --val-fraction")
     return [windows.read(np.arange(j * batch_size + rows.start, j * batch_size + rows.stop))
             for j in range(n_batches)]

@@ -58,7 +58,12 @@ class HFTokenizer:
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         # No post-processor specials (BOS/CLS): documents are delimited by eod_id alone.
-        encs = self._tok.encode_batch(texts, add_special_tokens=False)
+        try:
+            encs = self._tok.encode_batch(texts, add_special_tokens=False)
+        except Exception as e:  # the Rust side raises a generic Exception, e.g. no [UNK] token
+            raise UserError(f"tokenizer {self._spec!r} cannot encode this corpus ({e}); give a "
+                            "tokenizer that encodes any text (byte-level BPE, or one with an "
+                            "unknown token)") from None
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
     def decode(self, ids) -> str:
@@ -118,8 +123,13 @@ def load_tokenizer(meta: dict, dataset_dir: Path) -> Tokenizer:
         return ByteTokenizer()
     from tokenizers import Tokenizer as HFTok
 
-    tok = HFTok.from_file(str(dataset_dir / meta["file"]))
-    return HFTokenizer(tok, meta["spec"], {})
+    path = dataset_dir / str(meta.get("file", TOKENIZER_FILE))
+    try:
+        tok = HFTok.from_file(str(path))
+    except Exception as e:  # missing or unreadable: the Rust side raises a generic Exception
+        raise UserError(f"cannot load the dataset's tokenizer {path}: {e}; prepare the data "
+                        "again") from None
+    return HFTokenizer(tok, str(meta.get("spec", path)), {})
 
 
 def _train(spec: str, train_texts: Callable[[], Iterator[str]]) -> HFTokenizer:

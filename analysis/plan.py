@@ -1,0 +1,488 @@
+"""`lab plan`: from a fitted law to the next runs.
+
+    lab plan INPUT... --budget C --out DIR [--base CONFIG] [--bootstrap K]
+
+An INPUT is a fit JSON (`lab fit --json`: an approach3 fit gives the loss law; an hparams fit
+gives learning-rate and batch laws; a critical-batch fit gives B_crit(L)) or a run directory
+(Approach 3 is fitted on the runs under it first). At the budget C (FLOPs, C = 6 N D as in the
+fit) the law's optimum N_opt, D_opt becomes:
+
+- DIR/config.yaml, ready for `lab train`: the shape nearest N_opt (lab.sweep's shape search),
+  D_opt tokens as a step count, the learning rate and batch from the fitted laws (StepFun's
+  form first, then DeepSeek's, then the critical batch at the predicted loss) or else from the
+  base config (μP transfer when model.parameterization is mup), and the predicted final loss
+  with its interval in the header and in run.predicted_loss, which training copies into
+  summary.json so `lab fit` prints prediction against outcome;
+- DIR/sweep.yaml, ready for `lab sweep`: the next IsoFLOP sweep, sizes log-spaced across
+  ±0.5 decade around the planned N at the planned run's FLOPs, same recipe;
+- DIR/plan.json: N, D, C, predicted_loss, interval and the source of every choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import yaml
+
+from analysis import paths
+from analysis.hparams import LogLinearLaw
+from analysis.powerlaw import PowerLaw
+from analysis.predict import LossLaw, fit_record
+from lab import paths as lab_paths
+from lab.config import Config, dump_config, load_config
+from lab.errors import UserError
+
+BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"lab plan: {message}; see lab plan --help")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="lab plan",
+        description="Plan the compute-optimal run at a budget from a fitted law: writes "
+        "DIR/config.yaml (for lab train), DIR/sweep.yaml (the next IsoFLOP sweep, for lab "
+        "sweep) and DIR/plan.json (N, D, C, predicted_loss, interval, sources).",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="fit JSON from `lab fit --json` (approach3: the loss law; hparams or "
+                   "critical-batch: learning-rate and batch laws), or run directories to fit "
+                   "Approach 3 on")
+    p.add_argument("--budget", type=_positive, required=True, metavar="C",
+                   help="compute budget in FLOPs, counted as 6 N D like the fit, e.g. 1e15")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the plan files go")
+    p.add_argument("--base", metavar="CONFIG",
+                   help="the config the plan starts from (data, seq_len, optimizer, schedule "
+                   "fractions; its lr under μP); default: the best run's config.yaml among the "
+                   "inputs (or among the runs the fit JSON was fitted on)")
+    p.add_argument("--runs", metavar="DIR",
+                   help="where the planned runs will write (default runs/plan-C<budget>)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+                   help="with run directories: bootstrap the fit K times for the interval "
+                   "(default 0: a residual interval)")
+    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--sweep-sizes", type=int, default=5, metavar="K",
+                   help="model sizes in the next IsoFLOP sweep (default 5)")
+    p.add_argument("--sweep-span", type=_positive, default=0.5, metavar="DECADES",
+                   help="the sweep's sizes span N_plan x 10^(±DECADES) (default 0.5)")
+    p.add_argument("--aspect-ratio", type=_positive, default=64.0,
+                   help="d_model / n_layers the shape search aims at (default 64; 32 suits "
+                   "the tiny CPU models)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the inputs.
+
+
+@dataclasses.dataclass
+class Laws:
+    """What the inputs give: the loss law and whichever hyperparameter laws were fitted."""
+
+    loss: LossLaw
+    loss_source: str
+    stepfun: dict | None = None  # {"lr": LogLinearLaw, "batch": LogLinearLaw, "params": ...}
+    deepseek: dict | None = None  # {"lr": PowerLaw, "batch": PowerLaw} in C
+    critical: PowerLaw | None = None  # B_crit(L) in tokens
+    sources: dict = dataclasses.field(default_factory=dict)  # kind -> the input it came from
+    run_roots: list = dataclasses.field(default_factory=list)  # run directories behind the fit
+
+
+def _power_law(d: dict) -> PowerLaw:
+    return PowerLaw(coef=d["coef"], exponent=d["exponent"],
+                    coef_interval=tuple(d["coef_interval"]),
+                    exponent_interval=tuple(d["exponent_interval"]), n=d["n"],
+                    level=d.get("level", 0.95))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        data = json.loads(paths.read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err}); give a file `lab fit --json` "
+                        "wrote") from None
+    if not isinstance(data, dict) or "method" not in data:
+        raise UserError(f"{path} is not a fit JSON (no 'method'); give a file `lab fit --json` "
+                        "wrote")
+    return data
+
+
+def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> Laws:
+    """Read fit JSONs and fit Approach 3 on run directories; exactly one loss law."""
+    from analysis.cli import load_inputs
+
+    loss, loss_source, run_dirs, extra, run_roots = None, "", [], {}, []
+    for item in inputs:
+        if not paths.exists(item):
+            raise UserError(f"no such file or directory: {item}; give a fit JSON or run "
+                            "directories")
+        if paths.is_dir(item):
+            run_dirs.append(item)
+            continue
+        d = _read_json(item)
+        method = d["method"]
+        if method == "approach3":
+            if loss is not None:
+                raise UserError(f"two loss laws given ({loss_source} and {item}); give one")
+            loss, loss_source = LossLaw.from_dict(d, where=item), item
+            run_roots += [p for p in d.get("inputs", []) if paths.is_dir(p)]
+        elif method == "hparams":
+            if d.get("stepfun"):
+                s = d["stepfun"]
+                extra["stepfun"] = ({"lr": LogLinearLaw.from_dict(s["lr"]),
+                                     "batch": LogLinearLaw.from_dict(s["batch_tokens"]),
+                                     "params": s.get("params", "total")}, item)
+            if d.get("lr"):
+                extra["deepseek"] = ({"lr": _power_law(d["lr"]),
+                                      "batch": _power_law(d["batch_tokens"])}, item)
+        elif method == "critical-batch":
+            extra["critical"] = (_power_law(d["law"]), item)
+        else:
+            raise UserError(f"{item} is a {method} fit, which gives no loss or hyperparameter "
+                            "law to plan with; fit with --method approach3 or hparams")
+    if run_dirs:
+        if loss is not None:
+            raise UserError(f"both a loss law ({loss_source}) and run directories were given; "
+                            "give one of them")
+        from analysis.approach3 import fit_approach3
+
+        pts = load_inputs(run_dirs).points
+        fit = fit_approach3(pts["N"], pts["D"], pts["loss"], bootstrap=bootstrap, seed=seed,
+                            level=level)
+        loss = LossLaw.from_dict(fit.to_dict() | fit_record(fit, pts["N"], pts["D"], pts["loss"]))
+        loss_source = f"Approach 3 fitted on {len(pts)} runs under {', '.join(run_dirs)}"
+        run_roots += run_dirs
+    if loss is None:
+        raise UserError("no loss law among the inputs; give an approach3 fit JSON "
+                        "(`lab fit RUNS --json fit.json`) or run directories")
+    laws = Laws(loss=loss, loss_source=loss_source, run_roots=run_roots)
+    for kind, (value, item) in extra.items():
+        setattr(laws, kind, value)
+        laws.sources[kind] = item
+    return laws
+
+
+def _best_run_config(roots: list[str]) -> str | None:
+    """The config.yaml of the lowest-loss finished run under the given directories."""
+    from analysis.runs import collect_runs
+
+    best = None
+    for root in roots:
+        try:
+            runs = collect_runs(root)
+        except UserError:
+            continue
+        if len(runs):
+            row = runs.loc[runs["loss"].idxmin()]
+            if best is None or row["loss"] < best[0]:
+                best = (row["loss"], paths.join(row["run"], "config.yaml"))
+    return best[1] if best and paths.exists(best[1]) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# From N and D to a shape, a batch and steps.
+
+
+def _counts(cfg: Config, shape: dict) -> tuple[dict, int]:
+    """(param_counts, FLOPs per token) of the base model with `shape`, counted as lab sweep
+    counts (the byte tokenizer's padded vocabulary when the config leaves it to the data)."""
+    from lab.model import flops_per_token, param_counts
+    from lab.sweep import counting_model
+
+    model = dataclasses.replace(counting_model(cfg.model), **shape)
+    return param_counts(model), flops_per_token(model, cfg.train.seq_len)
+
+
+def _n_of(counts: dict, params: str) -> int:
+    return counts["params"] if params == "total" else counts["non_embedding_params"]
+
+
+def shape_for(target: float, cfg: Config, params: str, aspect_ratio: float) -> dict:
+    """The shape whose parameter count (total or non-embedding, as the law counts N) is nearest
+    `target`. The shape search aims at non-embedding N; for total N the target is corrected by
+    the embedding a few times and the closest shape kept."""
+    from lab.sweep import shape_for_params
+
+    tensor = cfg.mesh.tensor if cfg.mesh.tensor > 0 else 1
+    aim, tried = float(target), []
+    for _ in range(4):
+        try:
+            shape = shape_for_params(aim, cfg.model, aspect_ratio=aspect_ratio, tensor=tensor)
+        except UserError:
+            try:  # near the smallest shapes the widths step coarsely: take the nearest there
+                shape = shape_for_params(aim, cfg.model, aspect_ratio=aspect_ratio,
+                                         tensor=tensor, tolerance=0.5)
+            except UserError as err:
+                if tried:
+                    break
+                raise UserError(f"no model shape for N={target:.3g}: {err}") from None
+        n = _n_of(_counts(cfg, shape)[0], params)
+        tried.append((abs(math.log(n / target)), shape))
+        if params != "total" or n == target:
+            break
+        aim *= target / n
+        if aim <= 0:
+            break
+    return min(tried, key=lambda t: t[0])[1]
+
+
+def _round_batch(tokens: float, seq_len: int) -> int:
+    seqs = tokens / seq_len
+    return max(BATCH_MULTIPLE, BATCH_MULTIPLE * round(seqs / BATCH_MULTIPLE))
+
+
+def choose_hparams(laws: Laws, cfg: Config, n_by: dict, D: float, flops: float) -> tuple:
+    """(lr, batch tokens or None, lr source, batch source, warnings) for a run of N parameters
+    (n_by: {"total": ..., "non_embedding": ...}) and D tokens costing `flops`."""
+    warns = []
+    if laws.stepfun:
+        s = laws.stepfun
+        n = n_by[s["params"]]
+        lr = s["lr"](N=n, D=D)
+        src = laws.sources["stepfun"]
+        return (lr, s["batch"](D=D), f"StepFun law lr = {s['lr'].coef:.4g}·N^"
+                f"{s['lr'].exponents[0]:.3f}·D^{s['lr'].exponents[1]:.3f} ({src})",
+                f"StepFun law batch = {s['batch'].coef:.4g}·D^{s['batch'].exponents[0]:.3f} "
+                f"tokens ({src})", warns)
+    if laws.deepseek:
+        d, src = laws.deepseek, laws.sources["deepseek"]
+        return (float(d["lr"](flops)), float(d["batch"](flops)),
+                f"DeepSeek-form law lr = {d['lr'].coef:.4g}·C^{d['lr'].exponent:.4f} ({src})",
+                f"DeepSeek-form law batch = {d['batch'].coef:.4g}·C^{d['batch'].exponent:.4f} "
+                f"tokens ({src})", warns)
+    lr = cfg.optim.lr
+    if cfg.model.parameterization == "mup":
+        lr_src = "μP transfer: the base config's lr (model.parameterization=mup)"
+    else:
+        lr_src = "the base config's lr, not transferred (standard parameterization)"
+        warns.append("no learning-rate law and the base is not μP: the lr is the base config's "
+                     "as it is; fit `lab fit --method hparams` or use model.parameterization=mup")
+    return lr, None, lr_src, None, warns
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
+    if not 0 < args.level < 1:
+        raise UserError(f"--level must be between 0 and 1, got {args.level}")
+    if args.sweep_sizes < 1:
+        raise UserError(f"--sweep-sizes must be at least 1, got {args.sweep_sizes}")
+    if paths.exists(paths.join(args.out, "summary.json")):
+        raise UserError(f"{args.out} is a run directory; give --out a directory of its own")
+    laws = read_laws(args.inputs, args.bootstrap, level=args.level)
+    base = args.base or _best_run_config(laws.run_roots)
+    if base is None:
+        raise UserError("no base config: pass --base CONFIG (e.g. configs/tiny.yaml)")
+    cfg = load_config(base)
+    law, C = laws.loss, float(args.budget)
+    N_opt, D_opt, L_opt = law.optimum(C)
+    shape = shape_for(N_opt, cfg, law.params, args.aspect_ratio)
+    counts, fpt = _counts(cfg, shape)
+    n_by = {"total": counts["params"], "non_embedding": counts["non_embedding_params"]}
+    seq = cfg.train.seq_len
+    lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_opt,
+                                                                fpt * D_opt)
+    if batch_tokens is None and laws.critical is not None:
+        # No batch law: the critical batch at the loss the plan expects (McCandlish et al.).
+        batch_tokens = float(laws.critical(L_opt))
+        batch_src = (f"critical batch B_crit(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
+                     f"({laws.sources['critical']})")
+    batch = _round_batch(batch_tokens, seq) if batch_tokens else cfg.train.batch_size
+    batch_src = batch_src or "the base config's batch"
+    if laws.critical is not None:
+        b_crit = float(laws.critical(L_opt))
+        if batch * seq > 2 * b_crit:
+            warns.append(f"the batch ({batch * seq} tokens) is over twice the critical batch at "
+                         f"the predicted loss ({b_crit:.3g}): steps buy little there")
+    tokens_per_step = batch * seq
+    steps = max(1, round(D_opt / tokens_per_step))
+    D = steps * tokens_per_step
+    N = n_by[law.params]
+    pred, lo, hi = law.predict(N, D, args.level)
+    if law.interval_method == "residual":
+        warns.append("the interval is residual-based, too narrow far beyond the fitted runs; "
+                     "fit with --bootstrap K for a bootstrap interval")
+    frac = {k: getattr(cfg.schedule, k) / cfg.train.steps for k in ("warmup_steps",
+                                                                     "decay_steps")}
+    sched = {k: min(steps - 1, round(f * steps)) if f else 0 for k, f in frac.items()}
+    if sched["warmup_steps"] + sched["decay_steps"] > steps:
+        sched["decay_steps"] = steps - sched["warmup_steps"]
+    name = f"plan-C{C:.3g}".replace("+", "")
+    runs_root = (args.runs or f"runs/{name}").rstrip("/")
+    overrides = {
+        **{f"model.{k}": v for k, v in shape.items()},
+        "train.steps": steps,
+        "train.batch_size": batch,
+        "optim.lr": float(f"{lr:.4g}"),
+        **{f"schedule.{k}": v for k, v in sched.items()},
+        "run.dir": f"{runs_root}/opt",
+        "run.name": f"{name}/opt",
+        "run.predicted_loss": round(pred, 6),
+        "run.predicted_interval": [round(lo, 6), round(hi, 6)],
+    }
+    if cfg.train.eval_every > steps:
+        overrides["train.eval_every"] = 0
+    planned = load_config(base, [f"{k}={_word(v)}" for k, v in overrides.items()])
+    flops = fpt * D
+    header = [
+        f"Planned by `lab plan` at a budget of C = {C:.4g} FLOPs (6 N D) from",
+        f"  {laws.loss_source}",
+        f"N = {N:,} parameters ({law.params}; N_opt = {N_opt:.4g}), D = {D:,} tokens "
+        f"(D_opt = {D_opt:.4g}), {flops:.4g} FLOPs as the lab counts them.",
+        f"Predicted final eval loss {pred:.4f}, {args.level:.0%} interval [{lo:.4f}, {hi:.4f}] "
+        f"({law.interval_method}).",
+        f"lr {lr:.4g}: {lr_src}.",
+        f"batch {batch} x {seq} tokens: {batch_src}.",
+        f"  lab train {paths.join(args.out, 'config.yaml')}",
+    ]
+
+    # The next IsoFLOP sweep around the planned N, at the planned run's FLOPs.
+    sizes, seen = [], set()
+    for t in N * np.logspace(-args.sweep_span, args.sweep_span, args.sweep_sizes):
+        try:
+            s = shape_for(float(t), cfg, law.params, args.aspect_ratio)
+        except UserError:
+            continue  # too small (or large) for any shape near it; the others still bracket
+        key = tuple(sorted(s.items()))
+        if key not in seen:
+            seen.add(key)
+            sizes.append(s)
+    sweep_points = []
+    for s in sizes:
+        c, f = _counts(cfg, s)
+        st = max(1, round(flops / (f * tokens_per_step)))
+        n, d = _n_of(c, law.params), st * tokens_per_step
+        p, plo, phi = law.predict(n, d, args.level)
+        sweep_points.append({"name": f"d{s['d_model']}-l{s['n_layers']}", "shape": s, "N": n,
+                             "D": d, "steps": st, "predicted_loss": p, "interval": [plo, phi]})
+    sweep = {
+        "base": "config.yaml",
+        "kind": "isoflop",
+        "name": f"{name}-isoflop",
+        "out": f"{runs_root}/sweep",
+        "budgets": [float(f"{flops:.6g}")],
+        "sizes": [{"name": p["name"], **p["shape"]} for p in sweep_points],
+        "warmup_fraction": round(frac["warmup_steps"], 6),
+        "decay_fraction": round(frac["decay_steps"], 6),
+        "flops_tolerance": 0.1,
+        "set": {"run.predicted_loss": 0, "run.predicted_interval": []},
+    }
+    sweep_header = [
+        f"The next IsoFLOP sweep from `lab plan`: {len(sizes)} sizes across ±{args.sweep_span} "
+        f"decade around N = {N:,},",
+        f"each trained for {flops:.4g} FLOPs with the planned run's recipe (config.yaml).",
+        f"  lab sweep {paths.join(args.out, 'sweep.yaml')} --dry-run",
+    ]
+    plan = {
+        "C": C,
+        "budget_convention": "C = 6 N D (the fit's); flops is the lab's count of the run",
+        "N": N,
+        "D": D,
+        "N_opt": N_opt,
+        "D_opt": D_opt,
+        "params": law.params,
+        "flops": flops,
+        "steps": steps,
+        "batch_size": batch,
+        "seq_len": seq,
+        "lr": float(f"{lr:.4g}"),
+        "shape": shape,
+        "predicted_loss": pred,
+        "interval": [lo, hi],
+        "level": args.level,
+        "interval_method": law.interval_method,
+        "sources": {"loss_law": laws.loss_source, "lr": lr_src, "batch": batch_src,
+                    "base_config": str(base), "interval": law.interval_method},
+        "sweep": sweep_points,
+        "warnings": warns,
+    }
+
+    lab_paths.makedirs(args.out)
+    _write(paths.join(args.out, "config.yaml"), _comment(header) + dump_config(planned))
+    _write(paths.join(args.out, "sweep.yaml"),
+           _comment(sweep_header) + yaml.safe_dump(sweep, sort_keys=False))
+    from lab.sweep import expand_sweep
+
+    try:  # the sweep must expand as lab sweep will expand it
+        expand_sweep(paths.join(args.out, "sweep.yaml"))
+    except UserError as err:
+        raise UserError(f"the planned sweep does not expand: {err}") from None
+    _write(paths.join(args.out, "plan.json"), json.dumps(plan, indent=2) + "\n")
+    return plan
+
+
+def _word(value) -> str:
+    from lab.sweep import _yaml_word
+
+    return _yaml_word(value)
+
+
+def _comment(lines: list[str]) -> str:
+    return "".join(f"# {line}\n" for line in lines)
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        lab_paths.write_text(path, text)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror}; check --out") from None
+
+
+def report(plan: dict, out: str) -> str:
+    lo, hi = plan["interval"]
+    lines = [
+        f"budget C = {plan['C']:.4g} FLOPs: N_opt = {plan['N_opt']:.4g}, D_opt = "
+        f"{plan['D_opt']:.4g}",
+        f"planned run: N = {plan['N']:,} ({plan['params']}), D = {plan['D']:,} tokens, "
+        f"{plan['steps']} steps of {plan['batch_size']} x {plan['seq_len']}, lr {plan['lr']:.4g}",
+        f"predicted final eval loss {plan['predicted_loss']:.4f}, {plan['level']:.0%} interval "
+        f"[{lo:.4f}, {hi:.4f}] ({plan['interval_method']})",
+        f"lr: {plan['sources']['lr']}",
+        f"batch: {plan['sources']['batch']}",
+        f"next IsoFLOP sweep: {len(plan['sweep'])} sizes, N from "
+        f"{min(p['N'] for p in plan['sweep']):,} to {max(p['N'] for p in plan['sweep']):,}",
+    ]
+    lines += [f"warning: {w}" for w in plan["warnings"]]
+    lines += [f"wrote {os.path.join(out, f)}" for f in ("config.yaml", "sweep.yaml", "plan.json")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `lab plan`; returns the exit status. Raises UserError on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    plan = make_plan(args)
+    print(report(plan, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

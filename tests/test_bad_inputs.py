@@ -1,0 +1,185 @@
+"""The bad-input catalogue: every user mistake exits 2 with ONE line on stderr, no traceback,
+and leaves every file it was given as it was.
+
+Each row is (name, a function of the row's Setting giving the `lab` arguments, a fragment of the
+one-line message). The rows run `lab.cli.main` in this process (fast); a row's setup writes its
+inputs under tmp_path, and every file under tmp_path before the command is compared after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.approach3 import law
+from lab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+TRUTH = (1.82, 482.0, 2085.0, 0.348, 0.366)  # E, A, B, alpha, beta
+
+
+@dataclass
+class Setting:
+    tmp: Path
+    data: str  # a small prepared byte-level dataset (shared, read-only)
+
+    def write(self, name: str, text: str | bytes) -> str:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+        return str(path)
+
+    def train(self, *overrides: str) -> list[str]:
+        return ["train", TINY, f"run.dir={self.tmp / 'run'}", f"data.path={self.data}",
+                *overrides]
+
+    def metadata(self, edit) -> list[str]:
+        """`lab data info` on a copy of the dataset's metadata.json changed by `edit`."""
+        meta = json.loads((Path(self.data) / "metadata.json").read_text())
+        edit(meta)
+        self.write("data/metadata.json", json.dumps(meta))
+        return ["data", "info", str(self.tmp / "data")]
+
+    def sweep(self, body: str, *more: str) -> list[str]:
+        text = f"base: {TINY}\nkind: ladder\nsizes: [1.3e+5]\n{body}\n"
+        return ["sweep", self.write("sweep.yaml", text), "--dry-run", *more]
+
+    def points(self, N, D) -> str:
+        N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+        frame = pd.DataFrame({"N": N, "D": D, "loss": law(N, D, *TRUTH)})
+        path = self.tmp / "points.csv"
+        frame.to_csv(path, index=False)
+        return str(path)
+
+    def good_points(self) -> str:
+        rng = np.random.default_rng(0)
+        return self.points(np.exp(rng.uniform(16, 20, 12)), np.exp(rng.uniform(18, 24, 12)))
+
+
+def word_level_tokenizer(s: Setting) -> list[str]:
+    """A valid tokenizer.json that loads but cannot encode: WordLevel without [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"hello": 0, "world": 1}))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(s.tmp / "wordlevel.json"))
+    s.write("corpus/a.txt", "hello world and more\n")
+    return ["data", "prep", "--source", str(s.tmp / "corpus"), "--out", str(s.tmp / "out"),
+            "--tokenizer", str(s.tmp / "wordlevel.json")]
+
+
+def drop(key):
+    return lambda meta: meta.pop(key)
+
+
+CATALOGUE = [
+    # Configs.
+    ("config not UTF-8",
+     lambda s: ["train", s.write("latin.yaml", b"train:\n  steps: 5  # caf\xe9\n")],
+     "not UTF-8"),
+    ("config with int and str keys",
+     lambda s: ["train", s.write("mixed.yaml", "train:\n  1: 2\n  foo: 3\n")],
+     "unknown config key 'train.1'"),
+    ("steps beyond int64", lambda s: s.train("train.steps=99999999999999999999"),
+     "beyond a 64-bit integer"),
+    ("steps beyond int32", lambda s: s.train("train.steps=3000000000"), "32-bit step counter"),
+    ("warmup beyond int32",
+     lambda s: s.train("train.steps=2147483647", "schedule.warmup_steps=2147483648"),
+     "schedule.warmup_steps"),
+    ("negative seed", lambda s: s.train("run.seed=-1"), "run.seed must lie in [0, 2**32)"),
+    ("seed beyond 32 bits", lambda s: s.train("run.seed=4294967296"), "run.seed"),
+    ("infinite lr", lambda s: s.train("optim.lr=.inf"), "optim.lr must be a finite number"),
+    ("NaN weight decay", lambda s: s.train("optim.weight_decay=.nan"), "optim.weight_decay"),
+    # Data.
+    ("tokenizer that cannot encode", word_level_tokenizer, "cannot encode this corpus"),
+    ("metadata without dtype", lambda s: s.metadata(drop("dtype")), "dtype is None"),
+    ("metadata with a text vocab_size",
+     lambda s: s.metadata(lambda m: m.update(vocab_size="257")), "vocab_size is '257'"),
+    ("metadata without splits", lambda s: s.metadata(drop("splits")), "splits.train is missing"),
+    ("metadata with a bad shard list",
+     lambda s: s.metadata(lambda m: m["splits"]["val"].update(shards=[{"file": 3}])),
+     "splits.val.shards"),
+    ("metadata whose dtype cannot hold the vocabulary",
+     lambda s: s.metadata(lambda m: m.update(vocab_size=70000)), "cannot hold 70000"),
+    ("eval windows: too many batches", lambda s: s.train("train.eval_batches=100000"),
+     "train.eval_batches x train.batch_size"),
+    ("eval windows: not one batch",
+     lambda s: s.train("train.batch_size=4096", "train.eval_batches=1", "model.d_model=32",
+                       "model.n_layers=1", "model.n_heads=2", "train.seq_len=64"),
+     "lower train.batch_size to"),
+    # Sweeps.
+    ("sweep tokens: abc", lambda s: s.sweep("tokens: abc"), "tokens must be a finite number"),
+    ("sweep warmup_fraction: lots", lambda s: s.sweep("warmup_fraction: lots"),
+     "warmup_fraction must be a number in [0, 1]"),
+    ("sweep flops_tolerance: loose",
+     lambda s: s.sweep("flops_tolerance: loose"),
+     "flops_tolerance must be a finite number"),
+    ("sweep .inf size",
+     lambda s: ["sweep", s.write("inf.yaml", f"base: {TINY}\nkind: ladder\nsizes: [.inf]\n"),
+                "--dry-run"], "every entry of sizes"),
+    ("sweep .inf budget",
+     lambda s: ["sweep", s.write("b.yaml", f"base: {TINY}\nkind: isoflop\nsizes: [1.3e+5]\n"
+                                           "budgets: [1.0e+12, .inf]\n"), "--dry-run"],
+     "every entry of budgets"),
+    ("sweep aspect_ratio: wide", lambda s: s.sweep("shape: {aspect_ratio: wide}"),
+     "shape.aspect_ratio must be a finite positive number"),
+    ("sweep head_dim: 2.5", lambda s: s.sweep("shape: {head_dim: 2.5}"),
+     "shape.head_dim must be a positive integer"),
+    # Fits.
+    ("fit --plots at a file",
+     lambda s: ["fit", s.good_points(), "--plots", s.write("plots", "not a folder")],
+     "is a file, not a directory"),
+    ("fit --json into a missing folder",
+     lambda s: ["fit", s.good_points(), "--json", str(s.tmp / "nowhere" / "fit.json")],
+     "does not exist"),
+    ("fit a Markdown file", lambda s: ["fit", s.write("notes.md", "# Points\n\nN is 1e6, D 2e7."
+                                                      "\nthen, two, commas\n")],
+     "is not a readable CSV"),
+    ("fit one N", lambda s: ["fit", s.points([1e7] * 8, np.logspace(8, 10, 8))],
+     "at least 2 distinct N"),
+    ("fit one D", lambda s: ["fit", s.points(np.logspace(6, 8, 8), [1e9] * 8)],
+     "at least 2 distinct D"),
+    ("fit a collinear design (D = 20 N)",
+     lambda s: ["fit", s.points(np.logspace(6, 8, 8), 20 * np.logspace(6, 8, 8))],
+     "cannot separate N from D"),
+]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("name, argv_of, fragment", CATALOGUE, ids=[c[0] for c in CATALOGUE])
+def test_bad_input_exits_2_with_one_line(name, argv_of, fragment, tmp_path, small_data):
+    argv = argv_of(Setting(tmp_path, small_data))
+    before = snapshot(tmp_path)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's --help path; never expected here
+            code = e.code
+    text = err.getvalue()
+    assert code == 2, f"{name}: exit {code}\n{text}\n{out.getvalue()[-2000:]}"
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    assert "Traceback" not in text
+    assert fragment in lines[0], lines[0]
+    after = snapshot(tmp_path)
+    changed = [p for p, data in before.items() if after.get(p) != data]
+    assert not changed, f"{name} changed {changed}"
+
+
+def test_every_catalogue_row_is_distinct():
+    assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
