@@ -383,6 +383,9 @@ def validate(config: Config) -> None:
     _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
     _choice("model.remat", m.remat,
             ("none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"))
+    _require(m.attention != "splash" or t.seq_len % 128 == 0,
+             f"model.attention=splash needs train.seq_len divisible by 128, got {t.seq_len}; "
+             "change train.seq_len or set model.attention=xla")
     _require(m.loss_chunk >= 0, f"model.loss_chunk must be zero (no chunking) or a positive "
              f"number of tokens, got {m.loss_chunk}")
     _choice("model.parameterization", m.parameterization, ("sp", "mup"))

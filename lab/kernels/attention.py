@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from lab.errors import UserError
 from lab.kernels import cpu
 from lab.sharding import BATCH_AXES
 
@@ -59,10 +60,16 @@ def cudnn_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.A
     return out_BxLxHxE.astype(q_BxLxHxE.dtype)
 
 
+SPLASH_TILE = 128  # the kernel's key/value tiles are multiples of the TPU's 128 lanes
+
+
 def splash_block(L: int) -> int:
-    """The splash tile: the largest of 512, 256, 128 dividing L (the TPU kernel needs a
-    multiple of 128), else the whole sequence (fine in interpret mode)."""
-    return next((b for b in (512, 256, 128) if L % b == 0), L)
+    """The splash tile: the largest of 512, 256, 128 that divides L."""
+    block = next((b for b in (512, 256, 128) if L % b == 0), 0)
+    if not block:
+        raise UserError(f"splash attention needs a sequence length divisible by {SPLASH_TILE}, "
+                        f"got {L}; change train.seq_len or set model.attention=xla")
+    return block
 
 
 def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
@@ -73,7 +80,7 @@ def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
     Under a mesh (jax.set_mesh) the batch is split over data x fsdp and the heads over tensor,
     as the activations are; a key/value head count the tensor axis does not divide is repeated
     up to one per query head first. `interpret` runs the Pallas kernel on any backend (slow).
-    `block` (default `splash_block(L)`) must divide L.
+    `block` (default `splash_block(L)`) must divide L and be a multiple of 128.
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
