@@ -9,8 +9,9 @@ exactly one row: the demo's held-out run, larger in N and C than every fitted po
 it the largest size's longest branch is held out. Approach 3 is fitted to the rest by the very
 `lab fit` command the report prints (with bootstrap intervals), then predicts the held-out loss;
 the report gives how far beyond the fitted points that prediction reaches. The IsoFLOP view
-(Approach 2) uses the fitted points (and a held-out branch, which sits on a fitted budget). Outputs under out_dir: points.csv, fit_points.csv,
-plots/*.png, fit.json and a self-contained report.html (figures embedded as base64 PNG).
+(Approach 2) uses the fitted points (and a held-out branch, which sits on a fitted budget).
+Outputs under out_dir: points.csv, fit_points.csv, plots/*.png, fit.json and a self-contained
+report.html (figures embedded as base64 PNG).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Collecting run directories into tables.
 
-A run directory (see DESIGN.md) holds `summary.json` (params, non_embedding_params, tokens,
+A run directory (docs/training.md) holds `summary.json` (params, non_embedding_params, tokens,
 flops, final_eval_loss, status; branches add parent, branch_step, decay_steps), the resolved
 `config.yaml`, and `metrics.jsonl` with one JSON object per logged step (step, loss, lr,
 tokens, sometimes eval_loss). Inputs are searched recursively for summary.json, so a sweep's

@@ -1,7 +1,8 @@
 """Run the benchmarks and print one table: `python -m benchmarks [--quick] [--only TOPIC,...]`.
 
 Every benchmarks/bench_<topic>.py exposes `run(quick: bool = False) -> list[dict]`; each row has
-figure, value, unit, reference, reference_value, ratio and notes. Each topic runs in its own
+figure, value, unit, reference, reference_value, ratio and notes, and may have best (a timed
+figure's value is the median of its repeats, best the fastest). Each topic runs in its own
 Python process (fresh memory and XLA state, and its own peak RSS); a topic that fails or times
 out becomes a row saying so, and the others still run. The rows, the machine's description and
 each topic's time, peak memory and load average go to benchmarks/results/<host>-<time>.json.
@@ -61,7 +62,8 @@ def _clean(row: dict) -> dict:
     if missing:
         raise ValueError(f"benchmark row {row.get('figure')!r} lacks {missing}")
     out = {k: row[k] for k in COLUMNS}
-    for key in ("value", "reference_value", "ratio"):
+    out["best"] = row.get("best")
+    for key in ("value", "best", "reference_value", "ratio"):
         out[key] = None if out[key] is None else float(out[key])
     return out
 
@@ -152,11 +154,13 @@ def table(results: dict[str, dict]) -> str:
     for topic, result in results.items():
         rows = list(result["rows"])
         if result["status"] != "ok":
-            rows.append({"figure": "FAILED", "value": None, "unit": "", "reference": "",
+            rows.append({"figure": "FAILED", "value": None, "best": None, "unit": "",
+                         "reference": "",
                          "reference_value": None, "ratio": None, "notes": result["error"]})
         peak = result.get("peak_rss_mib")
         rows.append({"figure": "topic wall time (peak RSS of its process)",
-                     "value": result["wall_seconds"], "unit": "s", "reference": "",
+                     "value": result["wall_seconds"], "best": None, "unit": "s",
+                     "reference": "",
                      "reference_value": None, "ratio": None,
                      "notes": (f"peak RSS {peak:,.0f} MiB; " if peak else "")
                      + "load average before/after {:.1f}/{:.1f}".format(

@@ -1,7 +1,8 @@
 """Approach 3 benchmarks: the full-grid fit and the bootstrap beside a plain scipy loop.
 
-On the 240 points of ../shared/data/chinchilla_epoch.csv (the 5 highest-loss points dropped, as
-Besiroglu et al. 2024 do); synthetic points from their law when the file is absent. The
+On the 240 points of Epoch AI's chinchilla_epoch.csv (the 5 highest-loss points dropped, as
+Besiroglu et al. 2024 do), read from the path in LAB_CHINCHILLA_CSV (the file has no licence and
+is not in the repository); synthetic points from their law when it is not set. The
 reference is `scipy.optimize.minimize(method="L-BFGS-B")` run start by start, as their notebook
 runs it (finite-difference gradients), timed in the same process. In quick mode the scipy loop
 runs on a random twentieth of the starts (bootstrap: 10 resamples) and the time is scaled up, as
@@ -12,6 +13,7 @@ the reference column says.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -31,15 +33,16 @@ from analysis.approach3 import (
 )
 from benchmarks.common import print_rows, row
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/chinchilla_epoch.csv"
+CSV_ENV = "LAB_CHINCHILLA_CSV"
 # Besiroglu et al. 2024 (arXiv:2404.10102), unrounded as their notebook prints them.
 PUBLISHED = {"E": 1.81686, "A": 482.00572, "B": 2085.43420, "alpha": 0.34781, "beta": 0.36585}
 NOTEBOOK_OBJECTIVE = 1.0182740346e-3  # their L-BFGS-B grid search, same objective and points
 
 
 def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    if DATA.exists():
-        df = pd.read_csv(DATA)
+    path = os.environ.get(CSV_ENV, "")
+    if path and Path(path).is_file():
+        df = pd.read_csv(path)
         df = df.drop(index=df["loss"].nlargest(5).index)
         N = df["Model Size"].to_numpy()
         D = df["Training FLOP"].to_numpy() / (6 * N)
@@ -48,7 +51,7 @@ def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     N = np.exp(rng.uniform(np.log(5e7), np.log(1.6e10), 240))
     D = np.exp(rng.uniform(np.log(2e8), np.log(3e11), 240))
     L = law(N, D, *(PUBLISHED[k] for k in NAMES)) * np.exp(rng.normal(0, 0.02, 240))
-    return N, D, L, "synthetic (chinchilla_epoch.csv absent), 240 points"
+    return N, D, L, f"synthetic ({CSV_ENV} not set to chinchilla_epoch.csv), 240 points"
 
 
 def _timed(fn):

@@ -63,13 +63,15 @@ def check_plan(cfg: Config, pairs: list[tuple[int, int]],
                             "before it; use a shorter decay or a later branch point")
 
 
-def branch_name(step: int, decay: int, shape: str) -> str:
-    return f"step{step}-decay{decay}-{shape}"
+def branch_name(step: int, decay: int, shape: str, final_ratio: float = 0.0) -> str:
+    """The child's folder: every setting that makes one child differ from another (a final
+    ratio other than 0 is added as `-final0.1`)."""
+    return f"step{step}-decay{decay}-{shape}" + (f"-final{final_ratio:g}" if final_ratio else "")
 
 
 def child_config(parent: Config, parent_dir: str | Path, step: int, decay: int, shape: str,
                  final_ratio: float) -> Config:
-    name = branch_name(step, decay, shape)
+    name = branch_name(step, decay, shape, final_ratio)
     return replace(
         parent,
         run={"dir": paths.join(parent_dir, "branches", name),
@@ -108,6 +110,15 @@ def format_report(report: dict) -> str:
                  f"{report['flops_branched']:.3g} FLOPs, against {report['flops_from_scratch']:.3g}"
                  f" from scratch: {report['saving']:.0%} saved")
     return "\n".join(lines)
+
+
+def write_plan(parent_dir: str, report: dict, children: list[Config]) -> None:
+    """branches.json and each child's config.yaml (kept if it exists: a rerun resumes it)."""
+    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
+    for child in children:
+        paths.makedirs(child.run.dir)
+        if not paths.exists(paths.join(child.run.dir, "config.yaml")):
+            paths.write_text(paths.join(child.run.dir, "config.yaml"), dump_config(child))
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -159,9 +170,16 @@ def main(argv: list[str]) -> int:
                             "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
                             "LENGTHS")
     check_plan(parent, pairs)
+    from lab.sharding import initialize_distributed, is_main_process
+
+    initialize_distributed()  # every host of a pod runs the branches together
     from lab.checkpoint import Checkpointer, checkpoint_dir
 
-    saved = Checkpointer(checkpoint_dir(parent_dir), read_only=True).steps()
+    reader = Checkpointer(checkpoint_dir(parent_dir), read_only=True)
+    try:
+        saved = reader.steps()
+    finally:
+        reader.close()
     missing = sorted({s for s, _ in pairs} - set(saved))
     if missing:
         raise UserError(f"{parent_dir} has no checkpoint at step {missing[0]} (it has "
@@ -187,16 +205,25 @@ def main(argv: list[str]) -> int:
         for child in children:
             print(f"{child.run.dir}: lab train {child.run.dir}/config.yaml")
         return 0
-    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
+    if is_main_process():  # one writer of the files every host would write alike
+        write_plan(parent_dir, report, children)
 
-    from lab.train import train
+    from lab.train import RESUMABLE_CHANGES, check_resumable, train
+
+    # An existing child must be the same run: checked for all before any trains.
+    for child in children:
+        if paths.is_file(paths.join(child.run.dir, "config.yaml")):
+            saved_child = load_config(paths.join(child.run.dir, "config.yaml"))
+            if not child.model.vocab_size:  # resolved from the data when the child started
+                child_model = dataclasses.replace(child.model,
+                                                  vocab_size=saved_child.model.vocab_size)
+                child = dataclasses.replace(child, model=child_model)
+            check_resumable(saved_child, child, allowed=RESUMABLE_CHANGES + ("run.parent",),
+                            what=f"the existing branch {child.run.dir}")
 
     statuses = {}
     for child in children:
         child_dir, name = child.run.dir, paths.name(child.run.dir)
-        paths.makedirs(child_dir)
-        if not paths.exists(paths.join(child_dir, "config.yaml")):
-            paths.write_text(paths.join(child_dir, "config.yaml"), dump_config(child))
         done = read_json(paths.join(child_dir, "summary.json"))
         if done and done.get("status") == "finished":
             print(f"{name}: finished already, skipped")

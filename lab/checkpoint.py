@@ -3,13 +3,18 @@
 Saves are asynchronous (the loop goes on while the arrays are written); orbax writes each step
 into a temporary directory and renames it when complete, so a killed save is never listed.
 A latest checkpoint that exists but cannot be read (truncated, corrupt) is skipped with a
-warning and the one before it restored. Restoring onto a target that carries NamedShardings of
+warning and the one before it restored; when the resumed run reaches that step again, its save
+replaces the unreadable one. Restoring onto a target that carries NamedShardings of
 the current mesh re-shards exactly, so a run saved on one mesh resumes on another.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import grain
@@ -33,11 +38,34 @@ def checkpoint_dir(run_dir: str) -> str:
     return paths.absolute(paths.join(run_dir, "checkpoints"))
 
 
+# How long a failed restore waits for orbax's worker threads to finish failing.
+FAILED_RESTORE_SETTLE_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _held_stderr() -> Iterator[None]:
+    """Hold what is printed to stderr while a restore runs: on success it is passed on; when a
+    restore of an unreadable checkpoint fails, orbax's tensorstore callbacks still running
+    print 'Event loop is closed' tracebacks from other threads, which are noise after the
+    one-line message that explains the failure, so they are dropped."""
+    real, held = sys.stderr, io.StringIO()
+    sys.stderr = held
+    try:
+        yield
+    except BaseException:
+        time.sleep(FAILED_RESTORE_SETTLE_SECONDS)
+        raise
+    else:
+        real.write(held.getvalue())
+    finally:
+        sys.stderr = real
+
+
 class Checkpointer:
     """The checkpoints of one run directory (`RUN_DIR/checkpoints`, local or gs://)."""
 
     def __init__(self, directory: str, keep_last: int = 2, keep_steps: tuple[int, ...] = (),
-                 read_only: bool = False):
+                 read_only: bool = False, unreadable: set[int] | frozenset[int] = frozenset()):
         keep = [policies.LatestN(keep_last)]
         if keep_steps:
             keep.append(policies.CustomSteps(list(keep_steps)))
@@ -48,6 +76,8 @@ class Checkpointer:
             create=not read_only,
         )
         self.directory = directory
+        # Steps found unreadable (by this restore, or by the caller's): saving one replaces it.
+        self.unreadable = set(unreadable)
         self.manager = ocp.CheckpointManager(directory, options=options,
                                              item_names=("state", "data"))
 
@@ -57,9 +87,14 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
-        """Start an asynchronous save; returns False if this step is already saved."""
+        """Start an asynchronous save; returns False if this step is already saved (and
+        readable: an unreadable one is deleted and saved again)."""
         if step in self.manager.all_steps():
-            return False
+            if step not in self.unreadable:
+                return False
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
+            self.unreadable.discard(step)
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -84,13 +119,16 @@ class Checkpointer:
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(**items))
+                with _held_stderr():
+                    restored = self.manager.restore(candidate,
+                                                    args=ocp.args.Composite(**items))
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the previous)
                 if step is not None:
                     raise UserError(f"checkpoint {candidate} in {self.directory} cannot be read "
                                     f"({type(e).__name__}); choose another step") from None
+                self.unreadable.add(candidate)
                 print(f"warning: checkpoint {candidate} in {self.directory} cannot be read "
                       f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
                       file=sys.stderr)

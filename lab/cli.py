@@ -19,12 +19,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from lab.preemption import PREEMPTION
+
+    PREEMPTION.install()  # from here to the end, SIGTERM stops the run cleanly (exit 0)
     from lab.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # fails fast, before JAX is imported
+    if args.topology and not args.compile_only:
+        raise UserError("--topology needs --compile-only: a run trains on the local devices")
     from lab.sharding import initialize_distributed
 
     initialize_distributed()  # before anything starts the JAX backend
+    if args.compile_only:
+        from lab.aot import compile_only
+
+        return compile_only(cfg, args.topology)
     from lab.train import train
 
     summary = train(cfg)
@@ -50,6 +59,11 @@ def build_parser() -> ArgumentParser:
                                    "words, e.g. train.steps=200 optim.name=muon mesh.fsdp=4.")
     p.add_argument("config", help="a YAML file under configs/, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the train step and print each chip's memory, without training")
+    p.add_argument("--topology", metavar="GEN:SHAPE",
+                   help="with --compile-only: compile for a TPU slice from any host, e.g. "
+                        "v5e:16x16 (exit 2 if the step cannot fit a chip's HBM)")
     p.set_defaults(run=_train)
 
     # Listed for `lab --help`; main() hands their arguments to their own parsers.
@@ -73,13 +87,25 @@ DELEGATED = {"data": "lab.data", "fit": "analysis.cli", "plan": "analysis.plan",
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from lab.backend import choose_platforms
+
+    choose_platforms()  # no TPU backend (nor its warnings) on a host without TPU chips
     _quiet_absl()
+    from lab import compile_cache
+
+    compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
     try:
         if argv and argv[0] in DELEGATED:
             import importlib
 
             return int(importlib.import_module(DELEGATED[argv[0]]).main(argv[1:]) or 0)
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "overrides", None) is not None and not any(
+                word.startswith("-") for word in extra):
+            args.overrides += extra  # key=value words after an option (argparse stops there)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

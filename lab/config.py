@@ -58,7 +58,21 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02  # embedding init; matrices use 1/sqrt(fan_in)
     compute_dtype: str = "float32"  # float32 | bfloat16 (matmul operands; params stay float32)
-    remat: str = "none"  # none | full | dots (what a block keeps for the backward pass)
+    # The residual stream and block outputs; norm and softmax statistics and the loss stay float32.
+    activation_dtype: str = "float32"  # float32 | bfloat16
+    # auto = blocked on CPU, cudnn on GPU, splash on TPU (by the mesh's platform); xla = plain
+    # einsums on any backend; cudnn = jax.nn.dot_product_attention's cuDNN kernel; splash = the
+    # Pallas TPU kernel (interpreted on CPU); blocked = the CPU-tuned blocked attention.
+    attention: str = "auto"  # auto | xla | cudnn | splash | blocked
+    # Tokens per cross-entropy chunk: the (B, L, V) float32 logits and their gradient are never
+    # whole, each chunk's logits are recomputed in the backward pass. 0 = one piece.
+    loss_chunk: int = 0
+    # What a block keeps for the backward pass (the rest is recomputed):
+    #   none = everything (no remat); full = only its input; dots = every matmul output without
+    #   batch dimensions (projections and MLP, not attention scores); save_qkv_proj = the q, k, v
+    #   projections; save_out_proj = the attention output projection; minimal = the q, k, v and
+    #   output projections and the MLP's matmul outputs (gate, up, down).
+    remat: str = "none"  # none | full | dots | save_qkv_proj | save_out_proj | minimal
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
     parameterization: str = "sp"  # sp | mup
     mup_base_width: int = 128  # the width at which μP equals SP
@@ -90,6 +104,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = evaluate only at the end
     eval_batches: int = 4  # validation batches of batch_size sequences per evaluation
+    spike_factor: float = 2.0  # stop (diverged) if the loss tops this x its recent median; 0 = off
+    spike_window: int = 50  # the recent losses that median is taken over
 
 
 @dataclass(frozen=True)
@@ -341,6 +357,9 @@ def validate(config: Config) -> None:
                        ("schedule.decay_steps", s.decay_steps),
                        ("checkpoint.every_steps", config.checkpoint.every_steps)]:
         _require(value >= 0, f"{key} must be zero or positive, got {value}")
+    _require(t.spike_factor == 0 or t.spike_factor > 1,
+             f"train.spike_factor must be 0 (off) or above 1, got {t.spike_factor}")
+    _require(t.spike_window >= 1, f"train.spike_window must be positive, got {t.spike_window}")
     for key, value in [("train.steps", t.steps), ("train.eval_every", t.eval_every),
                        ("train.log_every", t.log_every), ("schedule.warmup_steps", s.warmup_steps),
                        ("schedule.decay_steps", s.decay_steps),
@@ -360,7 +379,15 @@ def validate(config: Config) -> None:
     _require(m.n_heads % m.kv_heads == 0,
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
     _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-    _choice("model.remat", m.remat, ("none", "full", "dots"))
+    _choice("model.activation_dtype", m.activation_dtype, ("float32", "bfloat16"))
+    _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
+    _choice("model.remat", m.remat,
+            ("none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"))
+    _require(m.attention != "splash" or t.seq_len % 128 == 0,
+             f"model.attention=splash needs train.seq_len divisible by 128, got {t.seq_len}; "
+             "change train.seq_len or set model.attention=xla")
+    _require(m.loss_chunk >= 0, f"model.loss_chunk must be zero (no chunking) or a positive "
+             f"number of tokens, got {m.loss_chunk}")
     _choice("model.parameterization", m.parameterization, ("sp", "mup"))
     _require(m.mup_base_width > 0, "model.mup_base_width must be positive")
     _require(m.z_loss >= 0, f"model.z_loss must be zero or positive, got {m.z_loss}")

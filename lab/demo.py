@@ -511,6 +511,14 @@ def build_parser():
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from lab.sharding import initialize_distributed
+
+    initialize_distributed()  # under a multi-host launcher, to see that it is one
+    import jax
+
+    if jax.process_count() > 1:
+        raise UserError(f"lab demo runs as one process ({jax.process_count()} were launched); "
+                        "for several hosts, train with lab sweep or lab train")
     study = load_study(args.study or (QUICK_STUDY if args.quick else STUDY))
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     started, cpu0 = time.perf_counter(), _cpu_seconds()

@@ -23,11 +23,43 @@ from typing import Any
 
 from tensorboard.summary import Writer
 
-from lab import paths
+from lab import paths, rundir
 
 # A remote run directory is rewritten at least this often (records, seconds).
 FLUSH_RECORDS = 100
 FLUSH_SECONDS = 60.0
+
+
+# TensorBoard groups scalars by the part of the tag before the slash.
+TB_GROUPS = {"loss": "train/loss", "ce": "train/ce", "eval_loss": "eval/loss",
+             "lr": "optim/lr", "grad_norm": "optim/grad_norm", "update_norm": "optim/update_norm",
+             "param_norm": "optim/param_norm", "tokens": "perf/tokens",
+             "tokens_per_second": "perf/tokens_per_second", "mfu": "perf/mfu"}
+
+
+def tb_tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key (`train/loss`, `perf/mfu`, ...)."""
+    return TB_GROUPS.get(key, f"train/{key}")
+
+
+def _config_events(config_yaml: str, hparams: dict[str, Any]) -> list:
+    """Two summary events: the resolved config as text (the Text tab) and its scalar values as
+    hyperparameters (the HParams tab), built from TensorBoard's own protos (no TensorFlow)."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+    from tensorboard.plugins.hparams import summary_v2 as hp
+    from tensorboard.plugins.text import metadata as text_metadata
+
+    text = tensor_pb2.TensorProto(
+        dtype=7, string_val=[f"```\n{config_yaml}```".encode()],  # 7 = DT_STRING
+        tensor_shape=tensor_shape_pb2.TensorShapeProto())
+    meta = text_metadata.create_summary_metadata(display_name="config", description="")
+    text_summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag="config/text_summary", metadata=meta, tensor=text)])
+    plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+             for k, v in hparams.items()}
+    now = time.time()
+    return [event_pb2.Event(wall_time=now, step=0, summary=text_summary),
+            event_pb2.Event(wall_time=now, step=0, summary=hp.hparams_pb(plain))]
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -59,7 +91,8 @@ class MetricsLogger:
         self.enabled = enabled
         if not enabled:
             return
-        self.path = paths.join(run_dir, "metrics.jsonl")
+        self.run_dir = run_dir
+        self.path = paths.join(run_dir, rundir.METRICS)
         self.remote = paths.is_remote(run_dir)
         if self.remote:
             # The records so far (a resumed run's, already truncated) are rewritten with ours.
@@ -80,7 +113,7 @@ class MetricsLogger:
         line = json.dumps(record) + "\n"
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, float(value), int(step))
+                self.tb.add_scalar(tb_tag(key), float(value), int(step))
         if not self.remote:
             self.file.write(line)
             self.file.flush()
@@ -91,6 +124,18 @@ class MetricsLogger:
         if ("eval_loss" in record or self.unflushed >= FLUSH_RECORDS
                 or time.monotonic() - self.last_flush >= FLUSH_SECONDS):
             self.flush()
+
+    def write_config(self, config_yaml: str, hparams: dict[str, Any]) -> None:
+        """Record the resolved config in TensorBoard, as text and as hyperparameters."""
+        if not self.enabled:
+            return
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        tb_dir = self.tb_local.name if self.remote else str(Path(self.run_dir) / "tb")
+        writer = EventFileWriter(tb_dir, filename_suffix=".config")
+        for event in _config_events(config_yaml, hparams):
+            writer.add_event(event)
+        writer.close()
 
     def flush(self) -> None:
         """Make everything logged so far durable (for a remote run: rewrite and upload)."""
@@ -119,7 +164,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order (a torn last line is ignored)."""
     records = []
-    path = paths.join(run_dir, "metrics.jsonl")
+    path = paths.join(run_dir, rundir.METRICS)
     if not paths.exists(path):
         return records
     for line in paths.read_text(path).splitlines():

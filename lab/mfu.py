@@ -1,8 +1,10 @@
 """Model FLOPs utilisation: model FLOPs per token x tokens/s over the hardware's peak.
 
-Accelerators use their dense bfloat16 peak from a table. A CPU has no published number that
-means anything, so its peak is measured once by a matrix-multiply probe (2048^3, the dtype the
-model's matmuls use) and cached; `run.peak_tflops` in the config overrides either.
+Accelerators use their dense bfloat16 peak from the table in `lab.chips`, matched by the
+exact device kind: MFU = global model FLOP/s / (devices x one chip's peak). A CPU has no
+published number that means anything, so its peak is measured once by a matrix-multiply probe
+(2048^3, the dtype the model's matmuls use) and cached; `run.peak_tflops` in the config
+overrides either.
 """
 
 from __future__ import annotations
@@ -17,26 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from lab import paths
-
-# Dense bf16 peak per chip, TFLOP/s (vendor figures; DESIGN.md).
-ACCELERATOR_PEAK_TFLOPS = {
-    "h100": 989.0,
-    "h200": 989.0,
-    "a100": 312.0,
-    "l4": 121.0,
-    "tpu v4": 275.0,
-    "tpu v5 lite": 197.0,  # v5e
-    "tpu v5e": 197.0,
-    "tpu v5p": 459.0,
-    "tpu v5": 459.0,
-    "tpu v6 lite": 918.0,  # v6e (Trillium)
-    "tpu v6e": 918.0,
-}
+from lab.chips import chip_for
 
 
 def _cache_file() -> Path:
-    root = Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "scaling-lab"))
-    return root / "matmul_peak.json"
+    return paths.cache_dir() / "matmul_peak.json"
 
 
 def probe_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
@@ -71,11 +58,16 @@ def cpu_peak_flops(dtype: str) -> float:
 
 
 def accelerator_peak_flops(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for name in sorted(ACCELERATOR_PEAK_TFLOPS, key=len, reverse=True):
-        if name in kind:
-            return ACCELERATOR_PEAK_TFLOPS[name] * 1e12
-    return None
+    """One chip's dense bf16 peak in FLOP/s, or None for a kind not in lab.chips."""
+    chip = chip_for(device_kind)
+    return chip.peak_flops if chip else None
+
+
+def mfu(model_flops_per_second: float, device_kind: str, n_devices: int) -> float | None:
+    """Global model FLOP/s over (devices x one chip's dense bf16 peak); None if the kind is
+    unknown."""
+    peak = accelerator_peak_flops(device_kind)
+    return model_flops_per_second / (n_devices * peak) if peak else None
 
 
 def total_peak_flops(compute_dtype: str, override_tflops: float = 0.0) -> tuple[float, str]:

@@ -22,13 +22,19 @@ import math
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from lab.errors import UserError
+from lab.sharding import BATCH_AXES
 
 # Keller Jordan's quintic: the largest slope at zero that still keeps every singular value in a
 # band around 1 after five steps (see `newton_schulz`).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 SCALINGS = ("moonlight", "shape")
+METHODS = ("auto", "standard", "gram")
+# Float32 matmuls at the backend's default precision are not float32: one bfloat16 pass on TPU,
+# TF32 on recent NVIDIA GPUs. Newton-Schulz asks for full float32 unless told otherwise.
+DEFAULT_PRECISION = jax.lax.Precision.HIGHEST
 
 
 def newton_schulz(
@@ -37,6 +43,7 @@ def newton_schulz(
     eps: float = 1e-7,
     compute_dtype: jnp.dtype = jnp.float32,
     method: str = "auto",
+    precision: jax.lax.Precision | str = DEFAULT_PRECISION,
 ) -> jax.Array:
     """Approximately orthogonalise the last two axes of `x` (batched over leading axes).
 
@@ -48,18 +55,27 @@ def newton_schulz(
     1.21; smaller ones stay below 0.68 (the map grows small values at most a^5 ~ 485 times).
 
     A tall matrix (rows > cols) is transposed first, so ``A`` is the smaller Gram matrix.
+    The iteration runs in float32 whatever the input dtype, and the result is cast back to it.
+
+    ``precision`` (a `jax.lax.Precision` or its name) is that of the float32 matrix products;
+    the default, HIGHEST, is true float32 on every backend, where the backend's own default
+    is one bfloat16 pass on TPU and TF32 on recent NVIDIA GPUs. ``compute_dtype=jnp.bfloat16``
+    feeds the products bfloat16 operands instead (float32 accumulation, elementwise work
+    still float32; ``precision`` then plays no part): faster, less exact.
+
     ``method``: "standard" runs the iteration as written; "gram" runs the same iteration on
     the small Gram matrices only (see `_gram_iterations`), fewer FLOPs when the long side is
-    well over 1.5 times the short one; "auto" takes "gram" from a ratio of 2 in float32.
-    The iteration runs in float32 whatever the input dtype, and the result is cast back to it.
-    ``compute_dtype=jnp.bfloat16`` feeds the matrix products bfloat16 operands (float32
-    accumulation, elementwise work still float32): faster where bf16 matmuls are, less exact.
+    well over 1.5 times the short one, but it carries rounding error from step to step, so it
+    holds its accuracy only with float32 products. "auto" takes "gram" when the long side is
+    at least twice the short one, the operands are float32 and ``precision`` is HIGHEST
+    (`uses_gram`); otherwise "standard".
     Jittable; sharded inputs are partitioned by the compiler like any other jnp code.
     """
     if x.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix (ndim >= 2), got shape {x.shape}")
-    if method not in ("auto", "standard", "gram"):
-        raise ValueError(f"unknown Newton-Schulz method {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown Newton-Schulz method {method!r}; use one of {METHODS}")
+    precision = jax.lax.Precision(precision)
     in_dtype = x.dtype
     tall = x.shape[-2] > x.shape[-1]
     x = x.astype(jnp.float32)
@@ -67,12 +83,15 @@ def newton_schulz(
         x = jnp.swapaxes(x, -1, -2)
     short, long = x.shape[-2:]
     if method == "auto":
-        wide = long >= 2 * short
-        method = "gram" if wide and jnp.dtype(compute_dtype) == jnp.float32 else "standard"
+        method = "gram" if uses_gram((short, long), compute_dtype, precision) else "standard"
+    float32_operands = jnp.dtype(compute_dtype) == jnp.float32
 
     def matmul(p, q):
         return jnp.matmul(
-            p.astype(compute_dtype), q.astype(compute_dtype), preferred_element_type=jnp.float32
+            p.astype(compute_dtype),
+            q.astype(compute_dtype),
+            precision=precision if float32_operands else None,
+            preferred_element_type=jnp.float32,
         )
 
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
@@ -84,6 +103,27 @@ def newton_schulz(
     if tall:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(in_dtype)
+
+
+def uses_gram(
+    shape: tuple[int, ...],
+    compute_dtype: jnp.dtype = jnp.float32,
+    precision: jax.lax.Precision | str = DEFAULT_PRECISION,
+) -> bool:
+    """Whether method="auto" runs the Gram form for matrices of this shape (last two axes).
+
+    Only where it saves FLOPs (long side >= 2 x short side: 8 S^2 L + 28 S^3 against
+    20 S^2 L + 10 S^3 over 5 steps) and keeps the standard loop's accuracy: with float32
+    operands at HIGHEST precision. With bfloat16 operands, or float32 at a lower precision
+    (TPU's one bfloat16 pass, TF32), its error is several times the standard loop's
+    (docs/optimization.md has the measurements, benchmarks/ns_accuracy.py makes them).
+    """
+    short, long = sorted(shape[-2:])
+    exact = (
+        jnp.dtype(compute_dtype) == jnp.float32
+        and jax.lax.Precision(precision) == jax.lax.Precision.HIGHEST
+    )
+    return exact and long >= 2 * short
 
 
 def _transpose(x: jax.Array) -> jax.Array:
@@ -133,18 +173,21 @@ def orthogonalize(
     eps: float = 1e-7,
     compute_dtype: jnp.dtype = jnp.float32,
     method: str = "auto",
-    split_axes: tuple[str, ...] = ("data",),
+    split_axes: tuple[str, ...] = BATCH_AXES,
+    precision: jax.lax.Precision | str = DEFAULT_PRECISION,
 ) -> optax.GradientTransformation:
     """A stateless transformation applying `newton_schulz` to every leaf (all must be matrices).
 
-    ``split_axes``: mesh axes along which the parameters are replicated (the lab's data axis).
-    Under a mesh (``jax.set_mesh``) where they have more than one device, every device would
-    repeat the same Newton-Schulz; instead the matrices are dealt out among those devices
-    (`split_newton_schulz`). Other axes (FSDP, tensor) keep the compiler's partitioning.
+    ``split_axes``: the mesh's batch-parallel axes (data and fsdp). Every device along them
+    would otherwise take part in the same Newton-Schulz: repeated on each data replica, and
+    under FSDP partitioned by the compiler with collectives inside every iteration. Under a
+    mesh (``jax.set_mesh``) where they hold more than one device, whole matrices are dealt out
+    among those devices instead (`split_newton_schulz`). The tensor axis keeps the compiler's
+    partitioning.
     """
 
     def ns(x: jax.Array) -> jax.Array:
-        return newton_schulz(x, ns_steps, eps, compute_dtype, method)
+        return newton_schulz(x, ns_steps, eps, compute_dtype, method, precision)
 
     def update_fn(updates, state, params=None):
         del params
@@ -168,19 +211,26 @@ def _present_axes(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def split_newton_schulz(leaves: list[jax.Array], ns, axes: tuple[str, ...]) -> list[jax.Array]:
-    """`ns` of every leaf, with the matrices dealt out among the devices of mesh `axes`.
+    """`ns` of every leaf, with whole matrices dealt out among the devices of mesh `axes`.
 
     Matrices of one shape and dtype (the layers of a stacked leaf, and same-shaped leaves) are
-    stacked, padded with zero matrices to a multiple of the axes' size, and the stack's leading
-    axis is sharded over `axes` (its matrix axes keep whatever sharding they have): each
-    replica orthogonalises its share, a slice of what it holds, and the results are gathered
-    once. Zero matrices stay zero (the normalisation divides by norm + eps), and every leaf
-    gets exactly its own `ns`.
+    stacked and padded with zero matrices to a multiple of R, the product of the axes' sizes.
+    The stack is viewed as (size of axes[0], ..., size of axes[-1], K / R, M, N), and its
+    leading axes are sharded over `axes` one at a time: along a data axis (parameters
+    replicated) that is a local slice, along fsdp (a matrix axis sharded) an all-to-all that
+    gathers whole matrices. One axis per step keeps each move one the compiler's partitioner
+    does directly; adding them all at once makes it fall back to replicating the whole stack
+    ("involuntary full rematerialization") on a data x fsdp mesh. Each device then
+    orthogonalises K / R whole matrices, and the same steps in reverse bring the results back
+    to the parameters' layout. Zero matrices stay zero (the normalisation divides by
+    norm + eps), and every leaf gets exactly its own `ns`.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    replicas = math.prod(mesh.shape[a] for a in axes)
-    free = jax.sharding.PartitionSpec.UNCONSTRAINED
-    spec = jax.sharding.PartitionSpec(axes, free, free)
+    sizes = tuple(mesh.shape[a] for a in axes)
+    replicas = math.prod(sizes)
+    free = P.UNCONSTRAINED
+    # specs[j]: the first j of `axes` shard the stack's leading axes; matrix axes left free.
+    specs = [P(*axes[:j], *[None] * (len(axes) - j + 1), free, free) for j in range(len(axes) + 1)]
     groups: dict[tuple, list[int]] = {}
     for i, leaf in enumerate(leaves):
         groups.setdefault((leaf.shape[-2:], leaf.dtype), []).append(i)
@@ -190,7 +240,13 @@ def split_newton_schulz(leaves: list[jax.Array], ns, axes: tuple[str, ...]) -> l
         count = stack_KxMxN.shape[0]
         padded = -(-count // replicas) * replicas
         stack_KxMxN = jnp.pad(stack_KxMxN, ((0, padded - count), (0, 0), (0, 0)))
-        stack_KxMxN = ns(jax.lax.with_sharding_constraint(stack_KxMxN, spec))
+        dealt = stack_KxMxN.reshape(*sizes, padded // replicas, *matrix_shape)
+        for spec in specs:
+            dealt = jax.lax.with_sharding_constraint(dealt, spec)
+        dealt = ns(dealt)
+        for spec in reversed(specs[:-1]):
+            dealt = jax.lax.with_sharding_constraint(dealt, spec)
+        stack_KxMxN = dealt.reshape(padded, *matrix_shape)
         start = 0
         for i in members:
             size = math.prod(leaves[i].shape[:-2])
@@ -245,15 +301,16 @@ def muon(
     mu_dtype: jnp.dtype | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
     ns_method: str = "auto",
-    split_axes: tuple[str, ...] = ("data",),
+    split_axes: tuple[str, ...] = BATCH_AXES,
+    ns_precision: jax.lax.Precision | str = DEFAULT_PRECISION,
 ) -> optax.GradientTransformation:
     """Muon for a tree of matrices (route everything else elsewhere, see `lab.optim`).
 
     ``learning_rate`` may be a schedule. Weight decay is decoupled and multiplied by the
     scheduled learning rate, as in ``optax.adamw``: ``W <- W - lr * (scale * O + wd * W)``.
     ``weight_decay_mask`` is passed to ``optax.add_decayed_weights``; ``mu_dtype`` is the
-    momentum's dtype (default: the gradient's); ``compute_dtype`` and ``ns_method`` go to
-    `newton_schulz`; ``split_axes`` to `orthogonalize`.
+    momentum's dtype (default: the gradient's); ``compute_dtype``, ``ns_method`` and
+    ``ns_precision`` go to `newton_schulz`; ``split_axes`` to `orthogonalize`.
     """
     if not 0.0 <= momentum < 1.0:
         raise UserError(f"Muon momentum {momentum} must be in [0, 1); fix optim.muon_momentum")
@@ -263,7 +320,7 @@ def muon(
         raise UserError(f"weight decay {weight_decay} must be >= 0; fix optim.weight_decay")
     return optax.chain(
         optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-        orthogonalize(ns_steps, eps, compute_dtype, ns_method, split_axes),
+        orthogonalize(ns_steps, eps, compute_dtype, ns_method, split_axes, ns_precision),
         scale_by_shape(scaling),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),

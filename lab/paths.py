@@ -20,6 +20,12 @@ from lab.errors import UserError
 PathLike = str | os.PathLike
 
 
+def cache_dir() -> Path:
+    """The lab's cache on this machine (prepared default corpus, compiled programs):
+    $LAB_CACHE_DIR, or ~/.cache/scaling-lab."""
+    return Path(os.environ.get("LAB_CACHE_DIR") or "~/.cache/scaling-lab").expanduser()
+
+
 def is_remote(path: PathLike) -> bool:
     """True for URLs such as gs://bucket/dir."""
     return "://" in str(path)

@@ -3,14 +3,21 @@
 The mesh has three axes: `data` (replicated parameters), `fsdp` (data parallel with parameters
 sharded) and `tensor` (heads and MLP width split across devices). Parameters get logical axes
 from their names; `RULES` maps logical axes to mesh axes. The batch is split over data x fsdp.
+When the devices span several TPU slices, `data` is the axis over the slices' network (DCN) and
+the others stay inside a slice (MaxText's hybrid mesh). A parameter dimension its mesh axis
+does not divide is an error, never silent replication; so is a tensor axis that leaves a host's
+fast interconnect.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,10 +61,10 @@ def initialize_distributed() -> None:
     launch.local sets LAB_COORDINATOR, LAB_NUM_PROCESSES, LAB_PROCESS_ID and LAB_LOCAL_DEVICES;
     on Cloud TPU, LAB_COORDINATOR=auto lets JAX discover the slice, and LAB_COORDINATOR=IP:PORT
     alone (launch.tpu --coordinator-port) fixes the address while JAX still finds the process
-    count and id. Must run before any computation starts the backend.
+    count and id. Must run before any computation starts the backend. Safe to call twice.
     """
     coordinator = os.environ.get("LAB_COORDINATOR")
-    if not coordinator:
+    if not coordinator or jax.distributed.is_initialized():
         return
     if os.environ.get("LAB_LOCAL_DEVICES"):
         jax.config.update("jax_num_cpu_devices", int(os.environ["LAB_LOCAL_DEVICES"]))
@@ -69,7 +76,25 @@ def initialize_distributed() -> None:
             coordinator_address=coordinator,
             num_processes=int(count) if count else None,  # None: the cluster tells JAX
             process_id=int(index) if index else None,
+            coordinator_bind_address=bind_address(coordinator),
         )
+
+
+def bind_address(coordinator: str) -> str | None:
+    """Where process 0's coordinator listens: the advertised address itself when it is an IP
+    (launch.local's 127.0.0.1:PORT stays on loopback instead of every interface); JAX's
+    default (all interfaces) for a host name."""
+    host, _, port = coordinator.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return coordinator if port else None
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the files every process would write alike (configs, reports)."""
+    return jax.process_index() == 0
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -91,23 +116,91 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def slice_count(devices: Sequence) -> int:
+    """How many TPU slices (joined by the data-centre network) the devices span."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def hybrid_shapes(shape: Sequence[int], slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(within a slice, across slices) shapes of a (data, fsdp, tensor) mesh: the data axis is
+    split over the slices, the other axes stay inside one."""
+    data, fsdp, tensor = shape
+    if data % slices:
+        raise UserError(
+            f"mesh: the devices span {slices} slices and the data axis runs across them, but "
+            f"mesh.data={data} does not divide by {slices}; set mesh.data to a multiple of "
+            f"{slices}, e.g. mesh.data={slices} mesh.fsdp=-1")
+    return (data // slices, fsdp, tensor), (slices, 1, 1)
+
+
+def interconnect(device) -> tuple[str, int]:
+    """The group of devices joined by a fast interconnect: a TPU slice (ICI spans its hosts),
+    else one process (its host's devices)."""
+    if getattr(device, "platform", "") == "tpu":
+        return "slice", getattr(device, "slice_index", 0)
+    return "process", device.process_index
+
+
+PLURAL = {"slice": "slices", "process": "processes"}
+
+
+def check_tensor_groups(grid: np.ndarray) -> None:
+    """Tensor parallelism communicates in every layer: each tensor group (a row along the last
+    mesh axis) must stay inside one interconnect group, never cross the network."""
+    for group in grid.reshape(-1, grid.shape[-1]):
+        where = {interconnect(d) for d in group}
+        if len(where) > 1:
+            kind = next(iter(where))[0]
+            raise UserError(
+                f"mesh: the tensor axis ({grid.shape[-1]} devices) spans {len(where)} "
+                f"{PLURAL[kind]} "
+                f"({', '.join(f'{k} {i}' for k, i in sorted(where))}), so tensor parallelism "
+                f"would run over the network; make mesh.tensor at most the devices of one "
+                f"{kind} ({len(group) // len(where)}) and use mesh.fsdp or mesh.data for the "
+                "rest")
+
+
+def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
+    """The devices laid out (data, fsdp, tensor), hybrid when they span several slices."""
+    shape = mesh_shape(cfg, len(devices))
+    # Off TPU the layout is the list's order: keep each process's devices next to each other.
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    slices = slice_count(devices)
+    if slices > 1:
+        ici, dcn = hybrid_shapes(shape, slices)
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                    allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    check_tensor_groups(grid)
+    return grid
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(cfg, len(devices))
-    # Auto axis types: under Explicit ones the embedding gather fails (DESIGN.md).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    # Auto axis types: under Explicit ones (jax.make_mesh's default) nnx.Embed's gather fails.
+    return Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
-def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    """PartitionSpec for logical axes; a dimension the mesh axis does not divide stays whole."""
+def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    name: str = "array") -> P:
+    """PartitionSpec for logical axes. A mesh axis of size 1 shards nothing; any other must
+    divide its dimension (no silent replication: a parameter meant to be split across devices
+    that stays whole on each of them can run out of memory only at scale)."""
     spec = []
     for axis, dim in zip(logical, shape, strict=True):
         mesh_axes = RULES.get(axis) if axis else None
         if mesh_axes is not None:
             names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
             size = int(np.prod([mesh.shape[n] for n in names]))
-            if size == 1 or dim % size:
+            if size == 1:
                 mesh_axes = None
+            elif dim % size:
+                where = " x ".join(f"mesh.{n}={mesh.shape[n]}" for n in names)
+                raise UserError(
+                    f"parameter {name}: its {axis!r} dimension ({dim}) does not divide by the "
+                    f"mesh axis it is split over ({where}); choose a mesh size that divides "
+                    f"{dim} or a model size that divides by {size}")
         spec.append(mesh_axes)
     return P(*spec)
 
@@ -128,7 +221,8 @@ def param_shardings(params_shape, mesh: Mesh):
     """A tree of NamedShardings matching a tree of parameters (or their ShapeDtypeStructs)."""
     def one(path, leaf):
         axes = param_logical_axes(path, len(leaf.shape))
-        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh))
+        name = "/".join(map(str, path_names(path)))
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, name))
     return jax.tree_util.tree_map_with_path(one, params_shape)
 
 
@@ -156,3 +250,22 @@ def constrain_activations(x_BxLxD: jax.Array) -> jax.Array:
     if mesh.empty:
         return x_BxLxD
     return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH_AXES, None, None))
+
+
+def mesh_platform(mesh: Mesh | jax.sharding.AbstractMesh) -> str:
+    """cpu | gpu | tpu: the platform of a mesh's devices, real or abstract (an AbstractMesh
+    made with `abstract_device`, as for exporting to a platform this host lacks)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        device = mesh.abstract_device
+        platform = device.platform if device is not None else jax.default_backend()
+    else:
+        platform = mesh.devices.flat[0].platform
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def mesh_context(mesh: Mesh | jax.sharding.AbstractMesh):
+    """The context that makes `mesh` current: set_mesh for real devices, use_abstract_mesh
+    for an AbstractMesh (tracing and exporting only)."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.set_mesh(mesh)

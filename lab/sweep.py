@@ -522,19 +522,25 @@ def _shown_path(path: Path) -> str:
         return str(path)
 
 
-def describe(sweep: Sweep) -> str:
-    """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, overrides."""
+def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
+    """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, any extra
+    `columns` (one word per run, such as the memory per chip), overrides."""
+    columns = columns or {}
     width = max(len(r.name) for r in sweep.runs)
+    widths = {k: max(len(k), *(len(v) for v in vals)) for k, vals in columns.items()}
     lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
              f"{_shown_path(sweep.base)}, "
              f"output under {sweep.out}",
              f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
-             f"{'C/budget':>8}  {'steps':>7}  overrides"]
+             f"{'C/budget':>8}  {'steps':>7}  "
+             + "".join(f"{k:>{w}}  " for k, w in widths.items()) + "overrides"]
     for i, r in enumerate(sweep.runs, 1):
         budget = f"{r.budget:9.3e}" if r.budget else f"{'-':>9}"
         ratio = f"{r.C / r.budget:8.4f}" if r.budget else f"{'-':>8}"
         lines.append(f"{i:>3}  {r.name:<{width}}  {_count(r.N):>7}  {_count(r.D):>7}  "
-                     f"{r.C:9.3e}  {budget}  {ratio}  {r.steps:>7}  {' '.join(r.varied)}")
+                     f"{r.C:9.3e}  {budget}  {ratio}  {r.steps:>7}  "
+                     + "".join(f"{columns[k][i - 1]:>{w}}  " for k, w in widths.items())
+                     + " ".join(r.varied))
         if r.branch:
             tokens_per_step = r.D // r.steps
             children = ", ".join(f"{a}+{d} ({_count((a + d) * tokens_per_step)} tokens)"
@@ -647,13 +653,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the runs (name, N, D, FLOPs, overrides) without running")
     parser.add_argument("--out", help="the sweep's output directory (default: the file's "
                                       "'out:', else runs/sweeps/NAME)")
+    parser.add_argument("--topology", metavar="GEN:SHAPE",
+                        help="with --dry-run: compile every run's step for this TPU slice "
+                             "(e.g. v5e:16x16) and show each chip's memory; exit 2 if a run "
+                             "cannot fit")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.topology and not args.dry_run:
+        raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
     sweep = expand_sweep(args.file, args.overrides, out=args.out)
-    print(describe(sweep), flush=True)
-    if args.dry_run:
-        return 0
-    return run_sweep(sweep)
+    if not args.dry_run:
+        print(describe(sweep), flush=True)
+        return run_sweep(sweep)
+    from lab.aot import sweep_memory
+
+    columns, problem = sweep_memory(sweep, args.topology)
+    print(describe(sweep, columns), flush=True)
+    if problem:
+        raise UserError(problem)
+    return 0

@@ -7,14 +7,14 @@ dispatched before the previous step's metrics are fetched, so logging never stal
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +22,17 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lab import checkpoint, paths, sharding
+from lab import checkpoint, paths, preemption, rundir, sharding
 from lab.branch import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
+from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
 from lab.optim import build_optimizer, describe_routing, lr_schedule, param_labels
+from lab.preemption import PREEMPTION
 from lab.profiling import StepProfiler
 from lab.tree import path_names
 
@@ -69,7 +71,8 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
         raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
                         f"processes ({jax.process_count()})")
 
-    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_params = nnx.split(abstract_model)
     abstract_params = nnx.to_pure_dict(abstract_params)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
@@ -84,7 +87,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
                          lr_scales=lr_scales)
 
     def init_fn() -> dict:
-        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed))
+        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
@@ -120,18 +123,19 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
         new_params = optax.apply_updates(params, updates)
         metrics = {
             "loss": loss,
-            "ce": ce,
             "lr": schedule(state["step"]),
             "grad_norm": optax.tree.norm(grads),
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(new_params),
         }
+        if mcfg.z_loss:  # otherwise the cross-entropy is the loss
+            metrics["ce"] = ce
         return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
         return model_loss(params, tokens_BxL1)[1]["ce"]
 
-    with jax.set_mesh(mesh):
+    with sharding.mesh_context(mesh):
         jit_init = jax.jit(init_fn, out_shardings=state_sh)
         jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                             out_shardings=(state_sh, repl), donate_argnums=0)
@@ -166,7 +170,7 @@ def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the console
 
 
 def _format_eta(seconds: float) -> str:
@@ -175,51 +179,63 @@ def _format_eta(seconds: float) -> str:
 
 
 class Progress:
-    """One line per logged step: loss, learning rate, tokens/s, MFU and the time left."""
+    """What a run shows while it trains. On a terminal, one live line (a tqdm bar) with the
+    smoothed loss, tokens/s, MFU and the time left, evaluations printed above it; otherwise
+    (a log file, a pipe) one plain line per logged step. The time left counts training steps
+    only: the compilation and the evaluations are left out."""
 
-    def __init__(self, total_steps: int, enabled: bool):
+    SMOOTHING = 0.1  # weight of the newest logged loss in the smoothed loss
+
+    def __init__(self, total_steps: int, enabled: bool, stream: TextIO | None = None,
+                 live: bool | None = None):
         self.total = total_steps
         self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.live = enabled and (self.stream.isatty() if live is None else live)
+        self.bar: Any = None
+        self.smoothed: float | None = None
+
+    def compiling(self) -> None:
+        if self.enabled:
+            print("compiling the training step…", end="", file=self.stream, flush=True)
+
+    def compiled(self, seconds: float) -> None:
+        if self.enabled:
+            print(f" {seconds:.1f} s", file=self.stream, flush=True)
 
     def show(self, step: int, metrics: dict, seconds_per_step: float) -> None:
         if not self.enabled:
             return
+        loss = metrics["loss"]
+        self.smoothed = loss if self.smoothed is None else (
+            (1 - self.SMOOTHING) * self.smoothed + self.SMOOTHING * loss)
         eta = _format_eta((self.total - step) * seconds_per_step)
-        extra = f" | eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
         mfu = f" | MFU {metrics['mfu']:.1%}" if metrics.get("mfu") else ""
-        print(f"step {step:>6}/{self.total} | loss {metrics['loss']:.4f}{extra} | "
-              f"lr {metrics['lr']:.2e} | {metrics['tokens_per_second']:,.0f} tok/s{mfu} | "
-              f"ETA {eta}", flush=True)
+        speed = f"{metrics['tokens_per_second']:,.0f} tok/s{mfu}"
+        if not self.live:
+            extra = f" | eval {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""
+            print(f"step {step:>6}/{self.total} | loss {loss:.4f}{extra} | "
+                  f"lr {metrics['lr']:.2e} | {speed} | ETA {eta}", file=self.stream, flush=True)
+            return
+        from tqdm import tqdm
 
-
-class PreemptionWatch:
-    """SIGTERM or SIGINT asks the run to checkpoint and stop at the next step boundary.
-
-    With several processes every host must stop at the same step, so the decision goes through
-    JAX's preemption sync point (the coordination service); one process uses its own flag.
-    """
-
-    def __init__(self):
-        self.flag = False
-        self.multi = jax.process_count() > 1
-        self.previous = {}
-        if not self.multi:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.flag = True
-
-    def requested(self, step: int) -> bool:
-        if self.multi:
-            from jax.experimental import multihost_utils
-
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.flag
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=step, file=self.stream, dynamic_ncols=True,
+                            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}")
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(f"loss {self.smoothed:.4f} | lr {metrics['lr']:.2e} | {speed}"
+                                 f" | ETA {eta}")
+        if "eval_loss" in metrics:
+            self.bar.write(f"step {step:>6}/{self.total} | loss {loss:.4f} | eval "
+                           f"{metrics['eval_loss']:.4f}", file=self.stream)
 
     def close(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ----------------------------------------------------------------------------- the loop
 
 
 def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
@@ -234,8 +250,34 @@ class LoopResult:
     step: int  # steps done
     eval_loss: float | None = None
     message: str = ""
-    checkpoint_seconds: float = 0.0
+    last_checkpoint: int | None = None  # the newest step saved in this run directory
+    # Wall time by activity: the steps (what tokens/s and MFU measure), the compilation of the
+    # step, the evaluations (their compilation included) and the checkpoint saves.
     train_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    checkpoint_seconds: float = 0.0
+
+
+class SpikeWatch:
+    """Stops a run whose loss jumps well above its recent range: above `factor` times the
+    median of the last `window` losses (once at least MIN_HISTORY are known). A normal run's
+    loss falls or wobbles by a few percent; twice the recent median is a divergence."""
+
+    MIN_HISTORY = 10
+
+    def __init__(self, factor: float, window: int):
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=max(window, 1))
+
+    def spike(self, loss: float) -> float | None:
+        """The recent median if `loss` is a spike over it, else None (and `loss` is kept)."""
+        if self.factor > 0 and len(self.recent) >= min(self.MIN_HISTORY, self.recent.maxlen):
+            median = float(np.median(self.recent))
+            if loss > self.factor * median:
+                return median
+        self.recent.append(loss)
+        return None
 
 
 def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.ndarray],
@@ -243,48 +285,92 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
              checkpointer: Checkpointer | None, peak_flops: float,
              flops_per_tok: int, keep_steps: tuple[int, ...] = (),
              progress: Progress | None = None,
-             profiler: StepProfiler | None = None) -> LoopResult:
+             profiler: StepProfiler | None = None,
+             last_checkpoint: int | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> LoopResult:
     """Train from state["step"] to cfg.train.steps.
 
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
     saved at checkpoint.every_steps, at every kept step and at the end; a non-finite loss or
-    gradient stops the run before anything after it is saved.
+    gradient, or a loss spike, stops the run before anything after it is saved. SIGTERM or
+    SIGINT (lab.preemption) saves a checkpoint at the next step boundary and stops.
+
+    `last_checkpoint` is the step of the checkpoint the run was restored from, if any; `clock`
+    measures the time by activity (tests pass a fake one).
     """
     tcfg, ccfg = cfg.train, cfg.checkpoint
     if progress is None:
         progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     start = int(jax.device_get(state["step"]))
-    result = LoopResult(state, "finished", start)
-    watch = PreemptionWatch()
+    result = LoopResult(state, "finished", start, last_checkpoint=last_checkpoint)
+    multi = jax.process_count() > 1
+    spikes = SpikeWatch(tcfg.spike_factor, tcfg.spike_window)
     unchecked: tuple[int, dict] | None = None  # a step whose metrics are not yet fetched
-    last_time, last_step = time.perf_counter(), start
+    step_fn: Callable | None = None  # the compiled step, made at the first step
+    mark = clock()  # the start of the time not yet attributed
+    window_seconds, last_logged = 0.0, start  # training time since the last logged step
+
+    def train_lap() -> None:
+        """The time since the mark was spent training."""
+        nonlocal mark, window_seconds
+        now = clock()
+        result.train_seconds += now - mark
+        window_seconds += now - mark
+        mark = now
+
+    def other_lap() -> float:
+        """The time since the mark was spent on something else (returned)."""
+        nonlocal mark
+        now = clock()
+        seconds, mark = now - mark, now
+        return seconds
+
+    def preempted(step: int) -> bool:
+        if multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return PREEMPTION.requested
+
+    def stop_diverged(done: int, values: dict, problem: str) -> None:
+        result.status, result.step = "diverged", done - 1
+        saved = result.last_checkpoint
+        kept = (f"its last checkpoint (step {saved}) is intact" if saved is not None
+                else "no checkpoint was saved before it")
+        result.message = (f"{problem}; the run stopped (status 'diverged') and {kept}. Lower "
+                          "optim.lr or raise schedule.warmup_steps")
+        logger.log(done, values)
 
     def fetch(done: int, metrics: dict) -> dict | None:
-        """Host copy of a step's metrics; None (and the result marked diverged) if not finite."""
+        """Host copy of a step's metrics; None (and the result marked diverged) if not finite
+        or a loss spike."""
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-            result.status, result.step = "diverged", done - 1
-            bad = "loss" if not math.isfinite(values["loss"]) else "grad_norm"
-            result.message = (f"the {bad} is {values[bad]} at step {done}; the run stopped "
-                              "(status 'diverged') and its last checkpoint is intact. Lower "
-                              "optim.lr or raise schedule.warmup_steps")
-            logger.log(done, values)
+        for key in ("loss", "grad_norm"):
+            if not math.isfinite(values[key]):
+                stop_diverged(done, values, f"the {key} is {values[key]} at step {done}")
+                return None
+        median = spikes.spike(values["loss"])
+        if median is not None:
+            stop_diverged(done, values, f"the loss jumped to {values['loss']:.4g} at step {done}, "
+                          f"over {tcfg.spike_factor:g} times the median {median:.4g} of the "
+                          "steps before it (train.spike_factor; 0 turns this check off)")
             return None
         return values
 
-    def log(done: int, values: dict, eval_loss: float | None = None) -> None:
-        nonlocal last_time, last_step
-        now = time.perf_counter()
-        per_step = (now - last_time) / max(done - last_step, 1)
-        result.train_seconds += now - last_time
-        last_time, last_step = now, done
+    def stamp(done: int, values: dict) -> None:
+        """Add the step's throughput: training time only, since the last logged step."""
+        nonlocal window_seconds, last_logged
+        per_step = window_seconds / max(done - last_logged, 1)
+        window_seconds, last_logged = 0.0, done
         values["tokens"] = done * tokens_per_step
-        values["tokens_per_second"] = tokens_per_step / per_step
+        values["tokens_per_second"] = tokens_per_step / per_step if per_step > 0 else 0.0
+        values["seconds_per_step"] = per_step
         if peak_flops:
             values["mfu"] = values["tokens_per_second"] * flops_per_tok / peak_flops
-        if eval_loss is not None:
-            values["eval_loss"] = eval_loss
+
+    def emit(done: int, values: dict) -> None:
+        per_step = values.pop("seconds_per_step")
         logger.log(done, values)
         progress.show(done, values, per_step)
 
@@ -292,33 +378,53 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         logger.flush()  # a remote log must not fall behind the checkpoint that covers it
         if checkpointer is None:
             return
-        t = time.perf_counter()
+        t = clock()
         checkpointer.save(done, result.state, batches)
-        result.checkpoint_seconds += time.perf_counter() - t
+        result.last_checkpoint = done
+        result.checkpoint_seconds += clock() - t
 
     log_pending = False
     try:
         with jax.set_mesh(trainer.mesh):
             for step in range(start, tcfg.steps):
-                if watch.requested(step):
-                    if unchecked is not None and fetch(*unchecked) is None:
-                        break
-                    save(step)
+                if preempted(step):
+                    if unchecked is not None:
+                        values = fetch(*unchecked)
+                        if values is None:
+                            break
+                        train_lap()
+                        if log_pending:  # the pending step is logged, not lost
+                            stamp(unchecked[0], values)
+                            emit(unchecked[0], values)
+                        unchecked = None
                     result.status, result.step = "preempted", step
-                    result.message = (f"preempted: checkpoint saved at step {step}; run the same "
-                                      "command again to continue")
+                    if step > start:
+                        save(step)
+                        result.message = (f"preempted: checkpoint saved at step {step}; run the "
+                                          "same command again to continue")
+                    else:  # nothing trained: what is on disk (or the start) is this state
+                        result.message = (f"preempted at step {step} before training; run the "
+                                          "same command again to continue")
                     break
                 tokens = sharding.global_batch(next(batches), trainer.mesh)
+                if step_fn is None:
+                    train_lap()  # the batch so far
+                    progress_call(progress, "compiling")
+                    step_fn = trainer.train_step.lower(result.state, tokens).compile()
+                    result.compile_seconds = other_lap()
+                    progress_call(progress, "compiled", result.compile_seconds)
                 if profiler is not None:
                     profiler.step(step, wait_for=result.state)
-                result.state, metrics = trainer.train_step(result.state, tokens)
+                result.state, metrics = step_fn(result.state, tokens)
                 done = step + 1
                 if unchecked is not None:  # this step is already queued: fetching won't stall
                     values = fetch(*unchecked)
                     if values is None:
                         break
                     if log_pending:
-                        log(unchecked[0], values)
+                        train_lap()
+                        stamp(unchecked[0], values)
+                        emit(unchecked[0], values)
                 unchecked = (done, metrics)
                 result.step = done
                 eval_due = (tcfg.eval_every and done % tcfg.eval_every == 0) or done == tcfg.steps
@@ -330,29 +436,42 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                     unchecked = None
                     if values is None:
                         break
+                    train_lap()  # the step ends here; evaluation and saving are not training
+                    if eval_due or log_pending:
+                        stamp(done, values)
                     if eval_due:
                         result.eval_loss = evaluate(trainer, result.state["params"], eval_data)
+                        values["eval_loss"] = result.eval_loss
+                        result.eval_seconds += other_lap()
                     if eval_due or log_pending:
-                        log(done, values, result.eval_loss if eval_due else None)
-                    if eval_due:
-                        last_time = time.perf_counter()  # evaluation is not training time
+                        emit(done, values)
                     if save_due:
                         save(done)
+                    other_lap()
             if unchecked is not None and result.status == "finished":
                 values = fetch(*unchecked)
                 if values is not None and log_pending:
-                    log(unchecked[0], values)
+                    train_lap()
+                    stamp(unchecked[0], values)
+                    emit(unchecked[0], values)
             if start >= tcfg.steps and result.eval_loss is None:  # restored at the very end
                 result.eval_loss = evaluate(trainer, result.state["params"], eval_data)
     finally:
-        watch.close()
+        progress_call(progress, "close")
         if profiler is not None:
             profiler.stop(wait_for=result.state)
         if checkpointer is not None:
-            t = time.perf_counter()
+            t = clock()
             checkpointer.wait()
-            result.checkpoint_seconds += time.perf_counter() - t
+            result.checkpoint_seconds += clock() - t
     return result
+
+
+def progress_call(progress: Any, method: str, *args: Any) -> None:
+    """Call an optional method of a progress display (a caller's own may have only show)."""
+    fn = getattr(progress, method, None)
+    if fn is not None:
+        fn(*args)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -360,7 +479,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
 
 # Keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = ("run.dir", "run.name", "run.peak_tflops", "train.steps", "train.log_every",
-                     "train.eval_every", "train.eval_batches", "mesh.", "checkpoint.", "branch.")
+                     "train.eval_every", "train.eval_batches", "train.spike_", "mesh.",
+                     "checkpoint.", "branch.")
 # ... and what a branch may change from its parent: the decay, and where it starts.
 BRANCH_CHANGES = RESUMABLE_CHANGES + ("run.parent", "schedule.decay_steps",
                                       "schedule.decay_shape", "schedule.final_ratio")
@@ -389,98 +509,165 @@ def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = R
                 "use the same value, or another run.dir")
 
 
+def _check_finished(run_dir: str, saved: Config, cfg: Config) -> None:
+    """A finished run is done: a rerun may only differ in what would not change it."""
+    if not cfg.model.vocab_size:  # resolved from the data when the run started
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, vocab_size=saved.model.vocab_size))
+    if cfg.train.steps != saved.train.steps:
+        raise UserError(f"train.steps is {cfg.train.steps} but the run in {run_dir} finished "
+                        f"at {saved.train.steps} steps; use the same value, or another run.dir")
+    check_resumable(saved, cfg, what=f"the finished run in {run_dir}")
+
+
 def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drop records after the restored step, so a resumed run's log reads as one run."""
-    path = paths.join(run_dir, "metrics.jsonl")
+    path = paths.join(run_dir, rundir.METRICS)
     if not paths.exists(path):
         return
     keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= step]
     paths.write_text(path, "".join(line + "\n" for line in keep))
 
 
-def train(cfg: Config, progress: Progress | None = None) -> dict:
-    """`lab train`: prepare the run directory, data, mesh and state; resume if a checkpoint
-    exists; train; write the summary. Returns the summary.
+@dataclasses.dataclass
+class Setup:
+    """A run made ready without touching its directory: everything `train` checks first."""
 
-    `progress` replaces the default one-line-per-log display: anything with
-    `show(step, metrics, seconds_per_step)` (the demo shows one live line for a whole study).
-    """
+    cfg: Config
+    data_path: str
+    counts: dict
+    keep_steps: tuple[int, ...]
+    mesh: jax.sharding.Mesh
+    trainer: Trainer
+    batches: Any
+    eval_data: list[jax.Array]
+    state: dict | None  # restored from the run's or the parent's checkpoint; None = fresh
+    step: int | None  # the restored step
+    resuming: bool
+    restored_own: bool  # restored from this run directory's checkpoint
+    parent_dir: str | None
+    unreadable: set[int]  # this run's checkpoints that could not be read
+    memory_line: str  # the memory estimate against the devices'
+
+
+def prepare(cfg: Config) -> Setup:
+    """Every check and every read a run needs, before anything in its directory is written:
+    the data, the plan, the config against a resumed run's or the parent's, the mesh, the
+    batch, the evaluation set and the state to start from."""
     from lab import data as labdata
     from lab.model import with_vocab
 
-    run_dir = cfg.run.dir  # a local path or a URL (gs://): files go through lab.paths
-    summary_path = paths.join(run_dir, "summary.json")
-    existing = read_json(summary_path)
-    if existing and existing.get("status") == "finished":
-        print(f"{run_dir} is already finished (status 'finished'); nothing to do. "
-              "Use another run.dir to train again.")
-        return existing
-
+    run_dir = cfg.run.dir
     data_path = cfg.data.path or labdata.default_data_path()
     dataset = labdata.open_dataset(data_path)
     cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
     labdata.check_vocab(dataset, cfg.model.vocab_size)
-    saved_cfg_path = paths.join(run_dir, "config.yaml")
     counts = param_counts(cfg.model)
     branch_points = planned_steps(cfg, counts["params"])
     check_plan(cfg, planned_pairs(cfg, counts["params"]), branch_points)
     keep_steps = tuple(sorted(set(cfg.checkpoint.keep_steps) | set(branch_points)))
-    checkpointer = Checkpointer(checkpoint.checkpoint_dir(run_dir), cfg.checkpoint.keep_last,
-                                keep_steps)
-    resuming = bool(checkpointer.steps())
-    if resuming:
-        check_resumable(load_config(saved_cfg_path), cfg)
-    parent_dir = paths.join(cfg.run.parent) if cfg.run.parent else None  # normalised
-    if parent_dir is not None and not resuming:
-        check_resumable(load_config(paths.join(parent_dir, "config.yaml")), cfg, BRANCH_CHANGES,
-                        what=f"the parent run {parent_dir}")
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    trainer = build_trainer(cfg, mesh)
-    stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.run.seed)
-    batches = stream.iterator(0)
-    state = None
-    if resuming:
+    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
+    reader = Checkpointer(ckpt_dir, read_only=True) if paths.is_dir(ckpt_dir) else None
+    try:
+        resuming = reader is not None and bool(reader.steps())
+        if resuming:
+            check_resumable(load_config(paths.join(run_dir, rundir.CONFIG)), cfg)
+        parent_dir = paths.join(cfg.run.parent) if cfg.run.parent else None  # normalised
+        if parent_dir is not None and not resuming:
+            check_resumable(load_config(paths.join(parent_dir, rundir.CONFIG)), cfg,
+                            BRANCH_CHANGES, what=f"the parent run {parent_dir}")
+
+        mesh = sharding.make_mesh(cfg.mesh)
+        trainer = build_trainer(cfg, mesh)
+        memory_line = preflight(trainer)  # a run that cannot fit stops here
+        stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size,
+                                     cfg.run.seed)
+        eval_data = [sharding.global_batch(b, mesh) for b in labdata.eval_batches(
+            dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
+        batches = stream.iterator(0)
+        state, step, restored_own = None, None, False
         target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
                                          trainer.state_shardings)
-        restored = checkpointer.restore(target, batches)
-        if restored is not None:
-            step, state = restored
-            if step > cfg.train.steps:
-                raise UserError(f"the run is at step {step}, beyond train.steps="
-                                f"{cfg.train.steps}; raise train.steps or use another run.dir")
-    elif parent_dir is not None:
-        target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
-                                         trainer.state_shardings)
-        parent_ckpt = Checkpointer(checkpoint.checkpoint_dir(parent_dir), read_only=True)
-        step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step)
-        parent_ckpt.close()
+        if resuming:
+            restored = reader.restore(target, batches)
+            if restored is not None:
+                (step, state), restored_own = restored, True
+                if step > cfg.train.steps:
+                    raise UserError(f"the run is at step {step}, beyond train.steps="
+                                    f"{cfg.train.steps}; raise train.steps or use another "
+                                    "run.dir")
+        elif parent_dir is not None:
+            parent_ckpt = Checkpointer(checkpoint.checkpoint_dir(parent_dir), read_only=True)
+            try:
+                step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step)
+            finally:
+                parent_ckpt.close()
+        if state is None:
+            state = trainer.init_state()
+        unreadable = set(reader.unreadable) if reader is not None else set()
+    finally:
+        if reader is not None:
+            reader.close()
+    return Setup(cfg, str(data_path), counts, keep_steps, mesh, trainer, batches, eval_data,
+                 state, step, resuming, restored_own, parent_dir, unreadable, memory_line)
+
+
+def train(cfg: Config, progress: Progress | None = None) -> dict:
+    """`lab train`: check everything, then prepare the run directory, resume if a checkpoint
+    exists, train, and write the summary. Returns the summary.
+
+    Nothing in an existing run directory changes before every check has passed, and one process
+    at a time uses a run directory (lab.rundir.RunLock). SIGTERM / SIGINT from here to the last
+    save stop the run cleanly (lab.preemption).
+
+    `progress` replaces the default display: anything with
+    `show(step, metrics, seconds_per_step)` (the demo shows one live line for a whole study).
+    """
+    run_dir = cfg.run.dir  # a local path or a URL (gs://): files go through lab.paths
+    rundir.check_run_dir(run_dir)
     is_main = jax.process_index() == 0
+    with preemption.caught(), rundir.RunLock(run_dir, enabled=is_main):
+        summary_path = paths.join(run_dir, rundir.SUMMARY)
+        existing = read_json(summary_path)
+        if existing and existing.get("status") == "finished":
+            _check_finished(run_dir, load_config(paths.join(run_dir, rundir.CONFIG)), cfg)
+            print(f"{run_dir} is already finished (status 'finished'); nothing to do. "
+                  "Use another run.dir to train again.")
+            return existing
+        setup = prepare(cfg)
+        return _run(setup, progress, is_main)
+
+
+def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
+    """The checked run: write its directory, train, write the summary."""
+    cfg, run_dir = setup.cfg, setup.cfg.run.dir
+    summary_path = paths.join(run_dir, rundir.SUMMARY)
+    state, step, parent_dir = setup.state, setup.step, setup.parent_dir
     if is_main:
         paths.makedirs(run_dir)
-        paths.write_text(saved_cfg_path, dump_config(cfg))
-        if state is None:
-            paths.remove(paths.join(run_dir, "metrics.jsonl"))
+        paths.write_text(paths.join(run_dir, rundir.CONFIG), dump_config(cfg))
+        if step is None:
+            paths.remove(paths.join(run_dir, rundir.METRICS))
         else:
             _truncate_metrics(run_dir, step)
         where = "starting"
-        if resuming and state is not None:
+        if setup.restored_own:
             where = f"resuming at step {step}"
-        elif state is not None:
+        elif step is not None:
             where = f"branching from {parent_dir} at step {step}"
-        print(f"run {run_dir} ({where}): mesh {dict(mesh.shape)}, {counts['params']:,} "
-              f"parameters, data {data_path}")
+        print(f"run {run_dir} ({where}): mesh {dict(setup.mesh.shape)}, "
+              f"{setup.counts['params']:,} parameters, data {setup.data_path}")
+        print(setup.memory_line)
         if cfg.optim.name == "muon":
-            print(describe_routing(trainer.abstract_params))
-    if state is None:
-        state = trainer.init_state()
+            print(describe_routing(setup.trainer.abstract_params))
 
     summary = {
-        "params": counts["params"],
-        "non_embedding_params": counts["non_embedding_params"],
+        "params": setup.counts["params"],
+        "non_embedding_params": setup.counts["non_embedding_params"],
         "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
         "name": cfg.run.name or paths.name(run_dir),
-        "data": str(data_path),
+        "data": setup.data_path,
         "status": "running",
         "tokens": 0,
         "flops": 0,
@@ -491,23 +678,30 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
         summary.update(parent=parent_dir, branch_step=cfg.run.parent_step,
                        decay_steps=cfg.schedule.decay_steps,
                        decay_shape=cfg.schedule.decay_shape)
-    if is_main:
-        write_json_atomic(summary_path, summary)
     peak, peak_source = total_peak_flops(cfg.model.compute_dtype, cfg.run.peak_tflops)
-    eval_data = [sharding.global_batch(b, mesh) for b in labdata.eval_batches(
-        dataset, cfg.train.seq_len, cfg.train.batch_size, cfg.train.eval_batches)]
-    logger = MetricsLogger(run_dir, enabled=is_main)
+    checkpointer = logger = None
     try:
-        result = run_loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak,
-                          summary["flops_per_token"], keep_steps, progress,
-                          StepProfiler(default_dir=paths.join(run_dir, "profile")))
+        if is_main:
+            write_json_atomic(summary_path, summary)
+        checkpointer = Checkpointer(checkpoint.checkpoint_dir(run_dir), cfg.checkpoint.keep_last,
+                                    setup.keep_steps, unreadable=setup.unreadable)
+        logger = MetricsLogger(run_dir, enabled=is_main)
+        logger.write_config(dump_config(cfg), _flatten(to_dict(cfg)))
+        if progress is None:
+            progress = Progress(cfg.train.steps, enabled=is_main)
+        result = run_loop(cfg, setup.trainer, state, setup.batches, setup.eval_data, logger,
+                          checkpointer, peak, summary["flops_per_token"], setup.keep_steps,
+                          progress, StepProfiler(default_dir=paths.join(run_dir, "profile")),
+                          last_checkpoint=step if setup.restored_own else None)
     except BaseException:
         if is_main:
             write_json_atomic(summary_path, {**summary, "status": "failed"})
         raise
     finally:
-        logger.close()
-        checkpointer.close()
+        if logger is not None:
+            logger.close()
+        if checkpointer is not None:
+            checkpointer.close()
 
     tokens = result.step * cfg.train.batch_size * cfg.train.seq_len
     own_tokens = (result.step - cfg.run.parent_step) * cfg.train.batch_size * cfg.train.seq_len
@@ -516,8 +710,10 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
                    flops_spent=summary["flops_per_token"] * own_tokens,
                    final_eval_loss=result.eval_loss if result.status == "finished" else None,
                    peak_flops=peak, peak_source=peak_source,
-                   checkpoint_seconds=round(result.checkpoint_seconds, 3),
-                   train_seconds=round(result.train_seconds, 3))
+                   train_seconds=round(result.train_seconds, 3),
+                   compile_seconds=round(result.compile_seconds, 3),
+                   eval_seconds=round(result.eval_seconds, 3),
+                   checkpoint_seconds=round(result.checkpoint_seconds, 3))
     if is_main:
         write_json_atomic(summary_path, summary)
         if result.status == "finished":

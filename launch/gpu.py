@@ -6,7 +6,8 @@
 
 It sets the environment JAX reads on GPUs and then becomes the command (exec), so signals and
 the exit status are the command's own:
-- JAX_PLATFORMS=cuda, so a missing GPU is an error instead of a silent fall back to the CPU;
+- JAX_PLATFORMS=cuda, so a missing GPU is an error instead of a silent fall back to the CPU
+  (and without jax's CUDA plugin the launcher stops first, naming `pip install -e '.[cuda12]'`);
 - XLA_PYTHON_CLIENT_MEM_FRACTION (the share of GPU memory JAX preallocates), or
   XLA_PYTHON_CLIENT_PREALLOCATE=false with --no-preallocate (slower, but shows real usage);
 - XLA_FLAGS: --xla_gpu_enable_latency_hiding_scheduler=true (overlaps collectives with
@@ -19,6 +20,7 @@ the exit status are the command's own:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -60,6 +62,17 @@ def gpu_env(base: dict[str, str], *, mem_fraction: float | None = 0.9, prealloca
         env[STEPS_VAR] = profile_steps
         env[DIR_VAR] = profile_dir
     return env
+
+
+CUDA_INSTALL = "pip install -e '.[cuda12]'"
+
+
+def check_backend(platform: str) -> None:
+    """A CUDA run needs jax's CUDA plugin; without it JAX would fail deep in start-up."""
+    if platform == "cuda" and importlib.util.find_spec("jax_cuda12_plugin") is None:
+        raise UserError(f"no CUDA backend for JAX here (jax_cuda12_plugin is not installed); "
+                        f"install it with {CUDA_INSTALL}, or rehearse on the CPU with "
+                        "--platform cpu")
 
 
 def resolve_command(command: list[str]) -> list[str]:
@@ -128,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                       latency_hiding=not args.no_latency_hiding, dump_hlo=args.dump_hlo,
                       profile_steps=args.profile_steps, profile_dir=args.profile_dir,
                       platform=args.platform)
+        if not args.dry_run:
+            check_backend(args.platform)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

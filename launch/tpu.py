@@ -37,6 +37,18 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = "scaling-lab"  # on each worker, relative to the home directory
 DEFAULT_PORT = 8476  # open in the firewall rule GCP makes for TPU slices (jax #35905)
 
+# Overlap collectives with compute: XLA's TPU flags that MaxText's TPU configs set (async
+# collective fusion, all-gathers included, over several steps; compute and collectives together
+# on the TensorCore). libtpu rejects an unknown flag at start-up, so the tests check these
+# against the installed libtpu.
+LIBTPU_OVERLAP_FLAGS = (
+    "--xla_tpu_enable_async_collective_fusion=true",
+    "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",
+    "--xla_tpu_enable_async_collective_fusion_multiple_steps=true",
+    "--xla_tpu_overlap_compute_collective_tc=true",
+    "--xla_enable_async_all_gather=true",
+)
+
 # Software versions by accelerator generation (Cloud TPU's documented runtime images).
 RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
             "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
@@ -125,8 +137,9 @@ def setup_steps(t: Target, repo: str, ref: str, jax_version: str | None,
         "git fetch --quiet origin",
         f"git checkout --quiet --detach {q(ref)}",
         f"(test -x .venv/bin/python || uv venv --quiet --python {q(python)} .venv)",
-        # the gcs extra: gcsfs, through which run directories on gs:// are read and written
-        f"uv pip install --quiet --python .venv/bin/python -e {q('.[gcs]')} {q(jax_req)}",
+        # the tpu extra (jax[tpu]: libtpu), pinned to the jax installed here, and the gcs extra
+        # (gcsfs, through which run directories on gs:// are read and written)
+        f"uv pip install --quiet --python .venv/bin/python -e {q('.[tpu,gcs]')} {q(jax_req)}",
         'echo "$(hostname): $(git rev-parse HEAD)"',  # every host must show the same commit
     ])
     return [Step(f"install the lab at {ref} on every worker", ssh(t, remote))]
@@ -165,13 +178,25 @@ def job_line(commands: list[list[str]], env: dict[str, str], log_name: str) -> s
             f"({run}) 2>&1 | tee -a {log}")
 
 
+def libtpu_init_args(user: str = "") -> str:
+    """LIBTPU_INIT_ARGS: the overlap flags, then the user's; a flag the user sets keeps the
+    user's value (e.g. --xla_enable_async_all_gather=false turns that one off)."""
+    flags: dict[str, str] = {}
+    for flag in [*LIBTPU_OVERLAP_FLAGS, *user.split()]:
+        flags[flag.split("=", 1)[0]] = flag
+    return " ".join(flags.values())
+
+
 def job_env(coordinator: str, extra: list[str]) -> dict[str, str]:
+    """The training processes' environment: the coordinator, --env NAME=VALUE, and
+    LIBTPU_INIT_ARGS merged with any given by --env."""
     env = {"LAB_COORDINATOR": coordinator}
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise UserError(f"--env {item!r} must be NAME=VALUE")
         env[key] = value
+    env["LIBTPU_INIT_ARGS"] = libtpu_init_args(env.get("LIBTPU_INIT_ARGS", ""))
     return env
 
 

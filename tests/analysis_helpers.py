@@ -1,4 +1,4 @@
-"""Fake run directories and points for the analysis tests (the layout DESIGN.md specifies)."""
+"""Fake run directories and points for the analysis tests (the layout of docs/training.md)."""
 
 import json
 from pathlib import Path

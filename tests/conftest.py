@@ -10,6 +10,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from lab import compile_cache  # noqa: E402
+
+# Compiled programs persist between test sessions (in the user's cache, unlike the prepared
+# data below) and reach the `lab` subprocesses through the environment. LAB_COMPILATION_CACHE=0
+# runs the tests without it.
+if (_compiled := compile_cache.cache_path()) is not None:
+    os.environ.setdefault(compile_cache.ENV_VAR, str(_compiled))
+compile_cache.enable()
+
 import shutil  # noqa: E402
 import sysconfig  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -161,7 +161,8 @@ def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
     before = sorted(p.name for p in (stable / "branches").iterdir())
     out = run_lab(["branch", str(stable), "--at", "4,6", "--decay-steps", "3", "--predict"])
     assert sorted(p.name for p in (stable / "branches").iterdir()) == before  # nothing made
-    assert "schedule law (Tissue et al. 2024) fitted on run, step8-decay4-1-sqrt" in out.stdout
+    fitted_on = out.stdout.split("fitted on ", 1)[1].split(":", 1)[0].split(", ")
+    assert fitted_on[0] == "run" and "step8-decay4-1-sqrt" in fitted_on
     law, rows = predict_branches(str(stable), [(4, 3), (6, 3)], "1-sqrt", 0.0)
     for r in rows:  # the printed rows are the analysis function's numbers
         line = (f"{r['branch_step']:>11} {3:>6} {'1-sqrt':>7} {r['steps']:>6} "
@@ -177,3 +178,51 @@ def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
                      expect=2)
     assert "annealing term is unidentified" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (bare / "branches").exists()
+
+
+def test_final_ratio_is_part_of_the_child(stable):
+    """A branch with another final ratio is another child, not one 'finished already'; a child
+    whose saved config differs from what the command asks is refused."""
+    run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1"])
+    out = run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1", "--final-ratio",
+                   "0.5"])
+    assert "finished already" not in out.stdout and "1 of 1 branches finished" in out.stdout
+    half = stable / "branches" / "step4-decay1-1-sqrt-final0.5"
+    assert load_config(half / "config.yaml").schedule.final_ratio == 0.5
+    assert load_config(stable / "branches" / "step4-decay1-1-sqrt" / "config.yaml"
+                       ).schedule.final_ratio == 0.0
+    text = (half / "config.yaml").read_text()
+    (half / "config.yaml").write_text(text.replace("final_ratio: 0.5", "final_ratio: 0.25"))
+    refused = run_lab(["branch", str(stable), "--at", "4", "--decay-steps", "1",
+                       "--final-ratio", "0.5"], expect=2)
+    assert "schedule.final_ratio" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, monkeypatch,
+                                                             main_process):
+    """On a pod every host runs `lab branch`: all join the distributed runtime and train every
+    child (together), but only process 0 writes branches.json and the children's configs."""
+    import lab.sharding
+    import lab.train
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    for name in ("config.yaml", "checkpoints"):  # links: the shared run gets no branches
+        src = stable / name
+        (parent / name).symlink_to(src, target_is_directory=src.is_dir())
+    calls = {"joined": 0, "trained": []}
+    monkeypatch.setattr(lab.sharding, "initialize_distributed",
+                        lambda: calls.__setitem__("joined", calls["joined"] + 1))
+    monkeypatch.setattr(lab.sharding, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(lab.train, "train",
+                        lambda cfg: calls["trained"].append(cfg.run.dir) or {"status": "finished"})
+    from lab.branch import main
+
+    assert main([str(parent), "--at", "4,8", "--decay-steps", "2"]) == 0
+    children = [parent / "branches" / f"step{s}-decay2-1-sqrt" for s in (4, 8)]
+    assert calls["joined"] == 1 and calls["trained"] == [str(c) for c in children]
+    assert (parent / "branches.json").exists() == main_process
+    for child in children:
+        assert (child / "config.yaml").exists() == main_process

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from analysis.approach3 import optimal_allocation
-from analysis.report import PNG_SIGNATURE, analyse_study, write_report
+from analysis.report import PNG_SIGNATURE, analyse_study, summary_lines, write_report
 from helpers import ROOT, lab_command, lab_env, run_lab
 from lab.demo import (
     QUICK_STUDY,
@@ -162,6 +162,7 @@ def test_report_on_a_known_law(tmp_path, monkeypatch):
     true_loss = TRUE["E"] + TRUE["A"] / held["N"] ** 0.3 + TRUE["B"] / held["D"] ** 0.5
     assert held["predicted"] == pytest.approx(true_loss, rel=5e-3)
     assert abs(held["error"]) < 5e-3
+    check_held_out(tmp_path, data, "\n".join(summary_lines(data, compute, {"total_seconds": 1.0})))
     lo, hi = held["predicted_interval"]
     assert lo <= held["predicted"] <= hi
     for key in ("alpha", "beta"):
@@ -247,15 +248,35 @@ def test_progress_plain_lines_when_not_a_terminal():
 # ----------------------------------------------------------------------------- the command
 
 
+def check_held_out(out, fit: dict, stdout: str) -> None:
+    """The held-out prediction recomputed from outside the report: the point is the largest
+    model's longest run in points.csv, absent from the fitted points, and its prediction is the
+    fitted law E + A / N^alpha + B / D^beta at its N and D; the printed error is that one's."""
+    points = pd.read_csv(out / "points.csv")
+    largest = points[points["N"] == points["N"].max()]
+    expected = largest.loc[largest["D"].idxmax()]
+    fitted = pd.read_csv(out / "fit_points.csv")
+    assert len(fitted) == len(points) - 1
+    assert not ((fitted["N"] == expected["N"]) & (fitted["D"] == expected["D"])).any()
+    held = fit["held_out"]
+    assert (held["N"], held["D"], held["loss"]) == pytest.approx(
+        (expected["N"], expected["D"], expected["loss"]), rel=1e-12)
+    law = fit["E"] + fit["A"] / expected["N"] ** fit["alpha"] + fit["B"] / expected["D"] ** fit[
+        "beta"]
+    assert held["predicted"] == pytest.approx(law, rel=1e-9)
+    error = law / expected["loss"] - 1
+    printed = re.search(r"held out: .* error ([+-]\d+\.\d\d)%", stdout)
+    assert printed, stdout[-2000:]
+    assert float(printed.group(1)) == pytest.approx(100 * error, abs=0.006)
+
+
 def check_outputs(out, stdout: str) -> dict:
-    assert re.search(r"held out: .* error [+-]\d+\.\d\d%", stdout), stdout[-2000:]
     fit = json.loads((out / "fit.json").read_text())
     for key in ("E", "A", "B", "alpha", "beta", "a", "b", "n_points", "intervals"):
         assert key in fit, key
     for key in ("alpha", "beta"):
         assert np.isfinite(fit[key]) and len(fit["intervals"][key]) == 2
-    held = fit["held_out"]
-    assert held["error"] == pytest.approx(held["predicted"] / held["loss"] - 1)
+    check_held_out(out, fit, stdout)
     assert {"C", "N_opt", "D_opt", "loss"} <= set(fit["prediction"])
     assert fit["compute"]["flops_branched"] < fit["compute"]["flops_from_scratch"]
     page = (out / "report.html").read_text()

@@ -1,8 +1,10 @@
 """launch.gpu: the environment and command of a GPU debug launch (shown by --dry-run and
 rehearsed on the CPU), and the step-window profiler it asks for."""
 
+import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 
 from lab.errors import UserError
 from lab.profiling import StepProfiler, parse_window
-from launch.gpu import LATENCY_HIDING, gpu_env
+from launch.gpu import CUDA_INSTALL, LATENCY_HIDING, check_backend, gpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,21 @@ def test_a_config_mistake_fails_before_the_gpu_starts():
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown config key 'train.stepz'")
     assert launch_gpu(["--dry-run"]).returncode == 2
+
+
+def test_no_cuda_backend_is_one_line_naming_the_install(monkeypatch):
+    result = launch_gpu(["--", "lab", "train", "configs/gpu/debug.yaml"])
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:  # this machine: no CUDA plugin
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr.count("\n") == 1
+        assert "pip install -e '.[cuda12]'" in result.stderr
+    # The check itself, both ways, whatever this machine has installed.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=re.escape(CUDA_INSTALL)):
+        check_backend("cuda")
+    check_backend("cpu")  # a CPU rehearsal needs no plugin
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    check_backend("cuda")
 
 
 CHILD = """

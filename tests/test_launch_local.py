@@ -127,3 +127,17 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, small_d
     for a, b in zip(single, multi, strict=True):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
     assert single[-1]["eval_loss"] == pytest.approx(multi[-1]["eval_loss"], rel=1e-4)
+
+
+def test_tensor_axis_across_processes_and_demo_are_refused(tmp_path, small_data):
+    p = launcher(["--processes", "2", "--devices", "2", "--", "lab", "train", str(TINY),
+                  f"data.path={small_data}", f"run.dir={tmp_path / 'run'}", "mesh.fsdp=1",
+                  "mesh.tensor=4"])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2, out
+    assert "error: mesh: the tensor axis (4 devices) spans 2 processes" in out
+    assert not list((tmp_path / "run").rglob("*.*"))  # refused before any file was written
+    p = launcher(["--processes", "2", "--devices", "1", "--", "lab", "demo", "--quick",
+                  "--out", str(tmp_path / "demo")])
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "lab demo runs as one process (2 were launched)" in out, out

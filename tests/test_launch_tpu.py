@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSTILE = "a b;rm -rf ~'\""
 SLICE = ["--name", "lab-v5e", "--zone", "us-west4-a"]
 SOURCE = ["--repo", "https://example.com/lab.git", "--ref", "0123abc"]
+OVERLAP = " ".join(tpu.LIBTPU_OVERLAP_FLAGS)
 
 
 def three_run_sweep(tmp_path: Path, name: str = HOSTILE) -> Path:
@@ -66,7 +67,7 @@ def test_v5e_32_sweep_dry_run_is_the_whole_plan(tmp_path, capsys):
     assert "git clone --quiet https://example.com/lab.git scaling-lab" in script
     assert "git checkout --quiet --detach 0123abc" in script  # one commit on every host
     assert "'jax[tpu]==" in script
-    assert "-e '.[gcs]'" in script  # gcsfs on the workers: run directories are on gs://
+    assert "-e '.[tpu,gcs]'" in script  # libtpu, and gcsfs: run directories are on gs://
 
     jobs = commands[3:-1]
     sweep = expand_sweep(sweep_file, ["data.path=gs://bkt/data"], out="gs://bkt/sweeps/three")
@@ -80,8 +81,8 @@ def test_v5e_32_sweep_dry_run_is_the_whole_plan(tmp_path, capsys):
         end = words.index("2>&1")
         train = words[start + 1:end]
         train[-1] = train[-1].removesuffix(")")  # the group ( ... ) around the commands
-        assert train[0] == "LAB_COORDINATOR=auto"
-        assert train[1:] == [".venv/bin/python", "-m", "lab.cli", "train",
+        assert train[:2] == ["LAB_COORDINATOR=auto", f"LIBTPU_INIT_ARGS={OVERLAP}"]
+        assert train[2:] == [".venv/bin/python", "-m", "lab.cli", "train",
                              "configs/tpu/v5e-ladder.yaml", *run.overrides]
         assert run.dir.startswith("gs://bkt/sweeps/three/")
         assert words[-1] == f"logs/{run.slug}.log"
@@ -140,8 +141,8 @@ def test_xpk_sweep_is_one_workload_per_run(tmp_path, capsys):
         assert argv[:3] == ["xpk", "workload", "create"]
         assert "--tpu-type=v5litepod-32" in argv and "--docker-image=gcr.io/p/lab:1" in argv
         assert shlex.split(option(argv, "--command")) == [
-            "env", "LAB_COORDINATOR=auto", "python", "-m", "lab.cli", "train",
-            "configs/tpu/v5e-ladder.yaml", *run.overrides]
+            "env", "LAB_COORDINATOR=auto", f"LIBTPU_INIT_ARGS={OVERLAP}", "python", "-m",
+            "lab.cli", "train", "configs/tpu/v5e-ladder.yaml", *run.overrides]
 
 
 def test_branch_plans_run_lab_branch_after_the_stable_run(capsys):
@@ -149,7 +150,8 @@ def test_branch_plans_run_lab_branch_after_the_stable_run(capsys):
                              "--out", "gs://b/br"])
     line = option(steps[0][1], "--command")
     # `lab branch` runs only once `lab train` has succeeded (&&), under the same environment
-    train, branch = line.split(" && env LAB_COORDINATOR=auto .venv/bin/python -m lab.cli branch ")
+    env = shlex.join(["LAB_COORDINATOR=auto", f"LIBTPU_INIT_ARGS={OVERLAP}"])
+    train, branch = line.split(f" && env {env} .venv/bin/python -m lab.cli branch ")
     assert " lab.cli train configs/tiny.yaml " in train
     assert shlex.split(branch)[:4] == ["gs://b/br/d64-l2", "--at", "200,400,800",
                                        "--decay-steps"]
@@ -228,3 +230,30 @@ def test_mistakes_are_one_line_errors(capsys, argv, message):
     assert tpu.main([argv[0], "--dry-run", *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_libtpu_flags_overlap_collectives_and_merge_with_the_users(capsys):
+    assert tpu.libtpu_init_args() == OVERLAP
+    merged = tpu.libtpu_init_args("--xla_enable_async_all_gather=false --xla_tpu_foo=1")
+    assert merged.split() == [*tpu.LIBTPU_OVERLAP_FLAGS[:-1], "--xla_enable_async_all_gather=false",
+                              "--xla_tpu_foo=1"]  # the user's value wins, each flag once
+    steps = dry_run(capsys, ["run", *SLICE, "--env", "LIBTPU_INIT_ARGS=--xla_tpu_foo=1", "--",
+                             "lab", "train", "configs/tiny.yaml", "run.dir=gs://b/r/x"])
+    words = shlex.split(option(steps[0][1], "--command"))
+    (libtpu,) = [w for w in words if w.startswith("LIBTPU_INIT_ARGS=")]
+    assert libtpu == f"LIBTPU_INIT_ARGS={OVERLAP} --xla_tpu_foo=1"
+
+
+def test_libtpu_accepts_the_flags():
+    """libtpu stops at start-up on a flag it does not know: start it (on this CPU host, for an
+    abstract v5e topology) with the launcher's flags."""
+    pytest.importorskip("libtpu")
+    code = ("from jax.experimental import topologies; "
+            "t = topologies.get_topology_desc(topology_name='v5e:2x2', platform='tpu'); "
+            "print('devices', len(t.devices))")
+    for flags, ok in [(OVERLAP, True), ("--xla_tpu_no_such_flag=true", False)]:
+        env = dict(os.environ, LIBTPU_INIT_ARGS=flags, ALLOW_MULTIPLE_LIBTPU_LOAD="1",
+                   TPU_SKIP_MDS_QUERY="1")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert ("devices 4" in r.stdout) == ok, (flags, r.stdout, r.stderr[-2000:])

@@ -9,8 +9,10 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from optax.contrib import _muon as optax_muon
 
+from benchmarks import muon_split, ns_accuracy
 from lab.errors import UserError
-from lab.muon import NS_COEFFS, muon, newton_schulz, shape_scale
+from lab.muon import NS_COEFFS, muon, newton_schulz, shape_scale, uses_gram
+from lab.sharding import BATCH_AXES
 
 A, B, C = NS_COEFFS
 
@@ -188,44 +190,107 @@ def test_muon_rejects_bad_settings():
 
 
 
-def _muon_update(mesh, split_axes, params, grads, specs):
-    """One jitted Muon update (params sharded by `specs` on `mesh`, or on one device when
-    `mesh` is None) and the compiled FLOPs per device."""
-    tx = muon(0.02, weight_decay=0.1, split_axes=split_axes)
-    step = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])
-    if mesh is None:
-        args = (grads, tx.init(params), params)
-        return step(*args), step.lower(*args).compile().cost_analysis()["flops"]
-    with jax.set_mesh(mesh):
-        put = {k: NamedSharding(mesh, specs[k]) for k in params}
-        params = {k: jax.device_put(v, put[k]) for k, v in params.items()}
-        grads = {k: jax.device_put(v, put[k]) for k, v in grads.items()}
-        args = (grads, tx.init(params), params)
-        return step(*args), step.lower(*args).compile().cost_analysis()["flops"]
-
-
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
-def test_newton_schulz_is_split_among_data_replicas(mesh_shape):
-    """Parameters are replicated along the data axis, so without the split every replica
-    repeats the same Newton-Schulz. With it each replica orthogonalises its share of the
-    matrices (the layers of a stacked leaf and same-shaped leaves, padded to a multiple): the
-    update still equals the one-device update, at a fraction of the FLOPs per device."""
-    keys = jax.random.split(jax.random.key(5), 8)
-    shapes = {"stacked": (4, 64, 192), "wide": (64, 192), "tall": (192, 64), "same": (64, 192)}
-    specs = {"stacked": P(None, "fsdp", "tensor"), "wide": P("fsdp", "tensor"),
-             "tall": P("fsdp", None), "same": P(None, "tensor")}
-    params = {k: jax.random.normal(keys[i], s) for i, (k, s) in enumerate(shapes.items())}
-    grads = {k: jax.random.normal(keys[4 + i], s) for i, (k, s) in enumerate(shapes.items())}
-    want, _ = _muon_update(None, (), params, grads, specs)
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2)])
+def test_newton_schulz_is_split_among_batch_parallel_devices(mesh_shape):
+    """Along data and fsdp every device would take part in every Newton-Schulz: repeated on
+    each data replica, partitioned with collectives inside each iteration under FSDP. With
+    the split (the default, over sharding.BATCH_AXES) whole matrices are dealt out among all
+    data x fsdp devices (the layers of a stacked leaf and same-shaped leaves, padded to a
+    multiple): the step still equals the one-device step, at a share of its FLOPs and with a
+    few collectives instead of some in every iteration."""
+    params, grads = muon_split.inputs()
+    want_params, want_updates, flops_one, _ = muon_split.muon_step(None, (), params, grads)
     mesh = jax.make_mesh(mesh_shape, ("data", "fsdp", "tensor"),
                          axis_types=(AxisType.Auto,) * 3)
-    got, flops_split = _muon_update(mesh, ("data",), params, grads, specs)
-    _, flops_repeated = _muon_update(mesh, (), params, grads, specs)
+    got_params, got_updates, flops_split, collectives_split = muon_split.muon_step(
+        mesh, BATCH_AXES, params, grads)
+    _, _, _, collectives_whole = muon_split.muon_step(mesh, (), params, grads)
+    # Only the summation order of the matmuls differs (contractions split over devices,
+    # matrices batched differently). Newton-Schulz carries float32 roundoff to about 3e-6 of
+    # its result (its error against float64, benchmarks/results/ns-accuracy.txt), which moves
+    # the update's entries (about 5e-3) by ~1e-8 and the O(1) parameters by an ulp (1.2e-7).
     for k in params:
-        assert got[k].shape == want[k].shape
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=2e-6, rtol=0)
-    # 6 matrices of one shape and 1 of the other: with 8 replicas each does 1 + 1 of the 7
-    # (2/7 of the work); with 2 replicas 3 + 1 (4/7), each on its fsdp x tensor quarter.
-    data = mesh_shape[0]
-    share = (-(-6 // data) + 1) / 7
-    assert flops_split < (share + 0.1) * flops_repeated, (flops_split, flops_repeated)
+        assert got_params[k].shape == want_params[k].shape
+        np.testing.assert_allclose(
+            np.asarray(got_params[k]), np.asarray(want_params[k]), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(got_updates[k]), np.asarray(want_updates[k]), atol=1e-7, rtol=0)
+    norm = lambda tree: float(optax.tree.norm(tree))  # noqa: E731
+    assert norm(got_updates) == pytest.approx(norm(want_updates), rel=1e-6)
+    assert norm(want_updates) > 0.1  # a real step, far above the tolerances
+    # 6 matrices of one shape, 1 of the other, dealt among R = data x fsdp devices: each
+    # does ceil(6 / R) + ceil(1 / R) of the 7 (the tensor axis may split them further).
+    replicas = mesh_shape[0] * mesh_shape[1]
+    share = (-(-6 // replicas) + 1) / 7
+    assert flops_split < (share + 0.05) * flops_one, (flops_split, flops_one)
+    if mesh_shape[1] > 1:
+        # Without the split, FSDP-sharded matrices need collectives inside every iteration.
+        assert collectives_split * 4 < collectives_whole, (collectives_split, collectives_whole)
+
+
+def test_precision_reaches_every_matmul():
+    """Float32 Newton-Schulz asks for HIGHEST in every product (a TPU's default is one bf16
+    pass, a GPU's TF32); a lower precision when asked; bfloat16 operands when asked."""
+    x = jnp.ones((2, 64, 192), jnp.float32)
+
+    def dots(**kwargs):
+        text = jax.jit(lambda x: newton_schulz(x, **kwargs)).lower(x).as_text()
+        found = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+        assert found
+        return found
+
+    for method in ("standard", "gram"):
+        assert all("HIGHEST" in line for line in dots(method=method))
+        assert not any("HIGHEST" in line for line in dots(method=method, precision="default"))
+        assert all("bf16" in line for line in dots(method=method, compute_dtype=jnp.bfloat16))
+
+
+def test_auto_uses_gram_only_where_exact():
+    assert uses_gram((512, 1536)) and uses_gram((4, 3072, 1024))
+    assert not uses_gram((512, 512)) and not uses_gram((512, 1000))  # no FLOPs to save
+    assert not uses_gram((512, 1536), precision="default")
+    assert not uses_gram((512, 1536), precision=jax.lax.Precision.HIGH)
+    assert not uses_gram((512, 1536), compute_dtype=jnp.bfloat16)
+
+
+# The presets' hidden-matrix shapes, read from configs/gpu and configs/tpu and the model.
+PRESET_SHAPES = ns_accuracy.preset_shapes()
+# Relative Frobenius error against float64 that each matmul precision allows, 1.5 to 2 times
+# the largest measured (benchmarks/results/ns-accuracy.txt): float32 1.6e-5 (the Gram form;
+# the standard loop 5e-6), TF32 2.9e-3, bfloat16 operands 2.3e-2 (the standard loop).
+TOLERANCE = {"float32": 3e-5, "tf32": 5e-3, "bfloat16": 3.5e-2}
+
+
+def _preset_cases():
+    for shape, presets in PRESET_SHAPES.items():
+        for kind in ns_accuracy.KINDS:
+            slow = "debug" not in presets or kind == "gaussian"
+            marks = [pytest.mark.slow] if slow else []
+            yield pytest.param(shape, kind, marks=marks, id=f"{shape[0]}x{shape[1]}-{kind}")
+
+
+def test_presets_have_both_kinds_of_matrix():
+    assert {(512, 512), (512, 1536), (1024, 1024), (1024, 3072)} <= set(PRESET_SHAPES)
+
+
+@pytest.mark.parametrize("shape, kind", list(_preset_cases()))
+def test_auto_stays_accurate_on_preset_shapes(shape, kind):
+    """Standard and Gram forms against the float64 iteration at each matmul precision: auto's
+    choice stays within the precision's tolerance, and where it declines the Gram form
+    (TF32, bfloat16) the Gram form is the less accurate one."""
+    errors = ns_accuracy.measure(shape, kind)
+    for mode in ns_accuracy.MODES:
+        standard, gram, auto = (errors[mode, m] for m in ("standard", "gram", "auto"))
+        picked = ns_accuracy.auto_method(shape, mode)
+        assert auto == (gram if picked == "gram" else standard)
+        assert auto <= TOLERANCE[mode], (mode, errors)
+        assert standard <= TOLERANCE[mode], (mode, errors)
+        if mode == "float32":
+            assert gram <= TOLERANCE[mode], errors  # where auto may take it, it is exact
+            assert picked == ("gram" if shape[1] >= 2 * shape[0] else "standard")
+        else:
+            assert picked == "standard"
+    if kind == "log-spectrum":
+        # The reason for the rule: at the lower precisions the Gram form's rounding builds up.
+        for mode in ("tf32", "bfloat16"):
+            assert errors[mode, "gram"] > 2 * errors[mode, "standard"], (mode, errors)

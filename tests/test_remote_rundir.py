@@ -102,8 +102,10 @@ def test_tensorboard_scalars_on_memory(remote_run, local_run):
 
     acc = EventAccumulator(f"{remote_run}/tb", size_guidance={"tensors": 0})
     acc.Reload()
-    assert {"loss", "lr", "grad_norm", "eval_loss"} <= set(acc.Tags()["tensors"])
-    loss = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in acc.Tensors("loss")}
+    tags = set(acc.Tags()["tensors"])
+    assert {"train/loss", "optim/lr", "optim/grad_norm", "eval/loss"} <= tags
+    loss = {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
+            for e in acc.Tensors("train/loss")}
     assert loss == pytest.approx(losses(local_run), rel=1e-6)
 
 
@@ -231,5 +233,5 @@ def test_checkpoint_dir():
 def test_gs_without_gcsfs_is_one_line():
     result = run_lab(["train", str(TINY), "run.dir=gs://some-bucket/runs/x"], expect=2)
     lines = result.stderr.strip().splitlines()
-    assert lines == ["error: gs://some-bucket/runs/x/summary.json is on Cloud Storage but gcsfs "
+    assert lines == ["error: gs://some-bucket/runs/x is on Cloud Storage but gcsfs "
                      "is missing; install gcsfs: pip install -e '.[gcs]'"]

@@ -94,7 +94,7 @@ def test_isoflop_tiny_dry_run_lists_every_run_within_5_percent_of_its_budget():
     seen_budgets = set()
     for row in rows:
         flops, budget = float(row[4]), float(row[5])
-        over = dict(w.split("=", 1) for w in row[8:])
+        over = dict(w.split("=", 1) for w in row[9:])  # after the mem/chip column
         n, fpt = closed_form_counts(int(over["model.d_model"]), int(over["model.n_layers"]),
                                     int(over["model.n_heads"]), tiny.train.seq_len)
         tokens = int(over["train.steps"]) * tiny.train.batch_size * tiny.train.seq_len

@@ -1,5 +1,9 @@
 """The train loop through the real command: sharded equals unsharded, the loss falls, the run
-directory holds what the contract says; gradient accumulation equals one big batch."""
+directory holds what the contract says; gradient accumulation equals one big batch.
+
+Equal runs are compared on the loss, the gradient norm and the parameters after the last step:
+with global-norm clipping, AdamW or Muon, a gradient off by a constant factor leaves the
+parameters unchanged, so the loss alone would not catch it, and the grad norm would."""
 
 import json
 
@@ -7,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import TINY, run_lab
+from helpers import TINY, assert_params_close, checkpoint_params, flat_params, run_lab
 from lab.config import load_config
 from lab.metrics import read_metrics
 
@@ -24,7 +28,10 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
     assert [m["step"] for m in one] == [4, 8, 12, 16, 20, 24] == [m["step"] for m in eight]
     for a, b in zip(one, eight, strict=True):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
+    assert_params_close(checkpoint_params(tmp_path / "one", 24),
+                        checkpoint_params(tmp_path / "eight", 24), rtol=1e-3, atol=1e-4)
     assert one[-1]["loss"] < one[0]["loss"] - 0.3  # it learns
     assert [m["step"] for m in one if "eval_loss" in m] == [12, 24]
 
@@ -45,10 +52,10 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
 
 
 def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small_data):
-    """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out between the two
-    data replicas (lab.muon.split_newton_schulz); the run's losses equal one device's."""
+    """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out among the four
+    data x fsdp devices (lab.muon.split_newton_schulz); the run's losses equal one device's."""
     common = [str(TINY), f"data.path={small_data}", *SHORT, "optim.name=muon", "optim.lr=1e-2",
-              "train.eval_every=0", "checkpoint.every_steps=0"]
+              "train.eval_every=0", "checkpoint.every_steps=24"]
     run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
     run_lab(["train", *common, f"run.dir={tmp_path / 'eight'}", "mesh.data=2", "mesh.fsdp=2",
              "mesh.tensor=2"], devices=8)
@@ -56,6 +63,9 @@ def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small
     assert len(one) == len(eight) == 6
     for a, b in zip(one, eight, strict=True):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (a, b)
+    assert_params_close(checkpoint_params(tmp_path / "one", 24),
+                        checkpoint_params(tmp_path / "eight", 24), rtol=1e-3, atol=1e-4)
     assert one[-1]["loss"] < one[0]["loss"] - 0.3
 
 
@@ -65,7 +75,7 @@ def test_grad_accumulation_equals_one_batch(small_data, tmp_path):
     from lab.sharding import global_batch, make_mesh
     from lab.train import build_trainer
 
-    losses = {}
+    losses, grad_norms, params = {}, {}, {}
     for accum in (1, 4):
         cfg = load_config(TINY, [f"data.path={small_data}", "model.n_layers=1",
                                  f"train.grad_accum={accum}", "mesh.fsdp=2", "mesh.data=2",
@@ -76,10 +86,175 @@ def test_grad_accumulation_equals_one_batch(small_data, tmp_path):
         trainer = build_trainer(cfg, mesh)
         state = trainer.init_state()
         stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, 0)
-        out = []
+        losses[accum], grad_norms[accum] = [], []
         with jax.set_mesh(mesh):
             for step in range(3):
                 state, metrics = trainer.train_step(state, global_batch(stream.batch(step), mesh))
-                out.append(float(metrics["loss"]))
-        losses[accum] = out
+                losses[accum].append(float(metrics["loss"]))
+                grad_norms[accum].append(float(metrics["grad_norm"]))
+        params[accum] = flat_params(jax.device_get(state["params"]))
     np.testing.assert_allclose(losses[1], losses[4], rtol=2e-5)
+    # The accumulated gradient is the mean over micro-batches, not their sum (4x).
+    np.testing.assert_allclose(grad_norms[1], grad_norms[4], rtol=1e-4)
+    assert_params_close(params[1], params[4], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the loop, in-process
+# run_loop with a scripted step (its loss is a table indexed by the step) and a fake clock that
+# advances 1 s per training step (when the loop waits for the step's metrics, as it waits for the
+# device), 30 s for the compilation and 50 s per evaluation batch: the time accounting is then
+# exact, whatever the machine's speed.
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Scripted:
+    """The pieces of a Trainer that run_loop uses, around a jitted step with a loss table."""
+
+    def __init__(self, losses, clock, mesh):
+        import jax.numpy as jnp
+
+        table = jnp.asarray(losses, jnp.float32)
+
+        def step(state, tokens):
+            loss = table[state["step"]]
+            metrics = {"loss": loss, "lr": jnp.float32(1e-3), "grad_norm": jnp.float32(1.0),
+                       "update_norm": jnp.float32(0.1), "param_norm": state["params"]}
+            return {"params": state["params"] + 1.0, "step": state["step"] + 1}, metrics
+
+        self.jitted, self.clock, self.mesh = jax.jit(step), clock, mesh
+        self.train_step = self  # .lower(...).compile() gives the jitted step
+
+    def lower(self, *args):
+        self.clock.now += 30.0
+        return self
+
+    def compile(self):
+        return self.jitted
+
+    def eval_step(self, params, tokens):
+        self.clock.now += 50.0
+        return np.float32(2.0)
+
+
+def scripted_loop(tmp_path, monkeypatch, losses, overrides=(), stop_after=None,
+                  eval_batches=3):
+    from lab.config import load_config
+    from lab.metrics import MetricsLogger
+    from lab.preemption import PREEMPTION, caught
+    from lab.sharding import make_mesh
+    from lab.train import Progress, run_loop
+
+    cfg = load_config(TINY, ["train.steps=12", "train.log_every=1", "train.eval_every=4",
+                             "schedule.warmup_steps=0", "schedule.decay_steps=0",
+                             "checkpoint.every_steps=0", *overrides])
+    mesh = make_mesh(cfg.mesh)
+    clock = FakeClock()
+    trainer = Scripted(losses, clock, mesh)
+    shape = (cfg.train.batch_size, cfg.train.seq_len + 1)
+
+    def batches():
+        for i in range(cfg.train.steps):
+            if stop_after is not None and i == stop_after:
+                PREEMPTION.requested = True  # SIGTERM while step `stop_after` runs
+            yield np.zeros(shape, np.int32)
+
+    device_get = jax.device_get
+
+    def waiting_device_get(tree):
+        if isinstance(tree, dict) and "loss" in tree:
+            clock.now += 1.0  # the step's time on the device, waited for here
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", waiting_device_get)
+
+    state = {"params": jax.numpy.zeros(()), "step": jax.numpy.zeros((), jax.numpy.int32)}
+    logger = MetricsLogger(tmp_path)
+    with caught():
+        result = run_loop(cfg, trainer, state, batches(), [None] * eval_batches, logger, None,
+                          peak_flops=0.0, flops_per_tok=1,
+                          progress=Progress(cfg.train.steps, enabled=False), clock=clock)
+    logger.close()
+    return result, read_metrics(tmp_path)
+
+
+def test_evaluation_and_compilation_are_not_training_time(tmp_path, monkeypatch):
+    losses = np.linspace(5.0, 3.0, 12)
+    result, records = scripted_loop(tmp_path, monkeypatch, losses)
+    assert result.status == "finished"
+    assert result.train_seconds == 12.0  # one fake second a step, nothing else
+    assert result.compile_seconds == 30.0
+    assert result.eval_seconds == 3 * 3 * 50.0  # evaluations at 4, 8 and 12, three batches each
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8, 12]
+    tokens_per_step = 16 * 128
+    for r in records:  # eval steps and the first (compiling) step included
+        assert r["tokens_per_second"] == tokens_per_step, r
+        assert r["loss"] == pytest.approx(losses[r["step"] - 1])
+        assert "ce" not in r  # no z-loss: ce would repeat the loss
+
+
+def test_sigterm_logs_the_pending_step(tmp_path, monkeypatch):
+    result, records = scripted_loop(tmp_path, monkeypatch, np.linspace(5.0, 3.0, 12),
+                                    stop_after=6)
+    assert result.status == "preempted"
+    # The flag is set while step 7's batch is read; step 7 runs, and its metrics, still pending
+    # when the flag is seen, are logged before the run stops.
+    assert result.step == 7
+    assert [r["step"] for r in records] == list(range(1, 8))
+
+
+def test_a_loss_spike_stops_the_run(tmp_path, monkeypatch):
+    losses = np.full(12, 3.0)
+    losses[:10] = np.linspace(3.5, 3.0, 10)
+    losses[10] = 7.0  # step 11: over twice the recent median, yet finite
+    result, records = scripted_loop(tmp_path, monkeypatch, losses)
+    assert result.status == "diverged" and result.step == 10
+    assert "the loss jumped to 7 at step 11, over 2 times the median 3.25" in result.message
+    assert "no checkpoint was saved" in result.message
+    assert records[-1]["step"] == 11 and records[-1]["loss"] == 7.0
+
+
+def test_spike_watch_leaves_ordinary_losses_alone():
+    from lab.train import SpikeWatch
+
+    watch = SpikeWatch(2.0, 50)
+    rng = np.random.default_rng(0)
+    falling = 5.6 * np.exp(-np.arange(500) / 80) + 1.5 + rng.normal(0, 0.05, 500)  # + noise
+    assert all(watch.spike(float(x)) is None for x in falling)
+    assert watch.spike(2 * 1.5 * 1.2) is not None
+    assert SpikeWatch(0.0, 50).spike(1e9) is None  # 0 turns it off
+
+
+def test_progress_is_live_on_a_terminal_and_plain_otherwise():
+    import io
+
+    from lab.train import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    metrics = {"loss": 3.0, "lr": 1e-3, "tokens_per_second": 5000.0, "mfu": 0.25}
+    plain, live = io.StringIO(), Terminal()
+    for stream in (plain, live):
+        progress = Progress(100, enabled=True, stream=stream)
+        progress.compiling()
+        progress.compiled(12.5)
+        progress.show(10, dict(metrics), 2.0)
+        progress.show(20, {**metrics, "loss": 1.0, "eval_loss": 1.1}, 2.0)
+        progress.close()
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "compiling the training step… 12.5 s"
+    assert lines[1].startswith("step     10/100 | loss 3.0000") and "ETA 0:03:00" in lines[1]
+    assert "eval 1.1000" in lines[2] and "ETA 0:02:40" in lines[2]
+    shown = live.getvalue()
+    assert "\r" in shown and "loss 2.8000" in shown  # smoothed: 0.9 * 3 + 0.1 * 1
+    assert "5,000 tok/s | MFU 25.0% | ETA 0:02:40" in shown
+    assert "eval 1.1000" in shown

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import sysconfig
-from pathlib import Path
 
 from lab.data.format import FORMAT_VERSION, METADATA_FILE, open_dataset
 from lab.data.prep import DEFAULT_VAL_FRACTION, prepare
-
-
-def cache_dir() -> Path:
-    """$LAB_CACHE_DIR, or ~/.cache/scaling-lab."""
-    return Path(os.environ.get("LAB_CACHE_DIR") or "~/.cache/scaling-lab").expanduser()
+from lab.paths import cache_dir
 
 
 def default_data_path() -> str:

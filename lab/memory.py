@@ -1,0 +1,153 @@
+"""How much memory one chip needs for a training step, estimated before anything is compiled.
+
+The estimate adds, per chip: the parameters and optimizer state (exact, from their shapes and
+shardings), the gradients (float32, sharded like the parameters), the activations a block keeps
+for the backward pass under the chosen remat policy (all layers), the working set of one
+block's backward pass, and the logits with their gradient (whole, or one chunk of
+`model.loss_chunk` tokens). `lab train` prints it at the start and refuses a run that cannot fit;
+`lab sweep --dry-run` shows it per run. The TPU compiler's own figure (lab.aot) is the check on
+this estimate (tests/test_aot.py keeps them within 25% of each other).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from lab.chips import GIB, chip_for
+from lab.config import Config
+from lab.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per chip."""
+
+    params: int
+    opt_state: int
+    grads: int
+    activations: int  # kept for the backward pass, all layers
+    working: int  # one block's backward pass, transient
+    logits: int  # logits and their gradient (one chunk when the loss is chunked)
+
+    @property
+    def total(self) -> int:
+        return (self.params + self.opt_state + self.grads + self.activations + self.working
+                + self.logits)
+
+    def describe(self) -> str:
+        parts = [("params", self.params), ("optimizer", self.opt_state), ("grads", self.grads),
+                 ("activations", self.activations + self.working), ("logits", self.logits)]
+        return (f"{gib(self.total)} per chip (" + ", ".join(f"{n} {gib(b)}" for n, b in parts)
+                + ")")
+
+
+def gib(n: float) -> str:
+    """Bytes for people: GiB, or MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / (1 << 20):.1f} MiB"
+
+
+def _dtype_bytes(name: str) -> int:
+    return np.dtype(name).itemsize
+
+
+def sharded_bytes(abstract: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
+    total = 0
+    for leaf, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+        shape = sh.shard_shape(leaf.shape) if leaf.shape else ()
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, int, int]:
+    """(kept for backward, one block's transient working set, logits) in bytes per chip.
+
+    Per token, with a = bytes of an activation and t = the tensor-parallel size, the tensors a
+    block computes are its input and the normalised input of each half (4 D), q, k, v before
+    and after rotary (2 (H + 2K) E / t), the attention output (H E / t) and the MLP's gate, up
+    and their product (3 F / t). XLA keeps about twice that without remat (casts, float32 norm
+    statistics, the kernels' own layouts): measured with the TPU compiler on v5e, 38 a D per
+    token and layer for d512 against 20 a D counted. `full` keeps the block input only; `dots`
+    and `minimal` keep every projection's output; the save_* policies keep one of them. The
+    backward pass of one block holds about 0.6 of a block's tensors, and the loss holds one
+    float32 copy of the logits (XLA writes their gradient in place) for the tokens of a chunk.
+    """
+    m = cfg.model
+    L = cfg.train.seq_len
+    tokens = local_batch * L
+    a = _dtype_bytes(m.activation_dtype)
+    D, H, K, E, F, V = m.d_model, m.n_heads, m.kv_heads, m.head_dim, m.ff_dim, m.vocab_size
+    qkv = (H + 2 * K) * E / tensor
+    mlp = F / tensor
+    counted = a * (4 * D + 2 * qkv + H * E / tensor + 3 * mlp) + 4 * H / tensor
+    everything = 2 * counted
+    projections = a * (D + qkv + D + 2 * mlp + D)  # block input, q k v, out, gate, up, down
+    kept_per_layer = {
+        "none": everything,
+        "full": a * D,
+        "dots": projections,
+        "minimal": projections,
+        "save_qkv_proj": a * (D + qkv),
+        "save_out_proj": a * (D + D),
+    }[m.remat]
+    kept = int(tokens * kept_per_layer * m.n_layers)
+    working = int(tokens * 0.6 * everything)
+    # A chunk is loss_chunk tokens of the global batch: every row, loss_chunk // B positions.
+    positions = min(max(1, m.loss_chunk // cfg.train.batch_size), L) if m.loss_chunk else L
+    logits = int(local_batch * positions * V / tensor * 4)
+    return kept, working, logits
+
+
+def estimate(trainer: Any) -> MemoryEstimate:
+    """The per-chip estimate for a built lab.train.Trainer (its config and mesh)."""
+    cfg, mesh = trainer.cfg, trainer.mesh
+    abstract_state = jax.eval_shape(trainer.init_fn)
+    params = sharded_bytes(abstract_state["params"], trainer.state_shardings["params"])
+    opt = sharded_bytes(abstract_state["opt"], trainer.state_shardings["opt"])
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    local_batch = max(cfg.train.batch_size // (data_parallel * cfg.train.grad_accum), 1)
+    kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"])
+    grads = params * (2 if cfg.train.grad_accum > 1 else 1)  # an accumulator besides
+    return MemoryEstimate(params, opt, grads, kept, working, logits)
+
+
+def capacity(device: Any) -> tuple[int | None, str]:
+    """(bytes one chip holds, what it is) for a device: what the runtime reports when it does,
+    else the chip table by device kind; None for a CPU or an unknown kind."""
+    if device.platform == "cpu":
+        return None, "cpu"
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # abstract (topology) devices and some runtimes have none
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), device.device_kind
+    chip = chip_for(device.device_kind)
+    if chip is None:
+        return None, device.device_kind
+    return chip.memory_bytes, chip.name
+
+
+def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:
+    """Refuse (UserError) a run whose `needed` bytes per chip exceed the chip's `limit`."""
+    if limit is None or needed <= limit:
+        return
+    raise UserError(
+        f"{what} needs {gib(needed)} per chip but a {chip} chip holds {gib(limit)}; lower "
+        "train.batch_size or raise train.grad_accum, set model.remat=full, "
+        "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips")
+
+
+def preflight(trainer: Any) -> str:
+    """`lab train` before it touches the run directory: the estimate as one line, or a
+    UserError if the run cannot fit its chips."""
+    est = estimate(trainer)
+    limit, chip = capacity(trainer.mesh.devices.flat[0])
+    check_fits(est.total, limit, "this run (by lab.memory's estimate)", chip)
+    of = f" of {gib(limit)} ({chip})" if limit else ""
+    return f"memory: {est.describe()}{of}"

@@ -1,0 +1,122 @@
+"""Compiling for TPU pods from this CPU host, the per-chip memory estimate against the TPU
+compiler's own figures, jax.export for TPU and CUDA, and a quiet console without TPU chips."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lab import chips, memory
+from lab.aot import CompiledMemory, abstract_mesh, compile_report, export_train_step
+from lab.config import load_config
+from lab.sweep import expand_sweep
+from lab.train import build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+LADDER = ROOT / "configs" / "tpu" / "v5e-ladder.yaml"
+GPU_DEBUG = ROOT / "configs" / "gpu" / "debug.yaml"
+LIBTPU_NOISE = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "libtpu")
+
+
+def rung(index: int) -> list[str]:
+    """The model overrides of a rung of configs/sweeps/ladder-v5e.yaml."""
+    run = expand_sweep(ROOT / "configs" / "sweeps" / "ladder-v5e.yaml").runs[index]
+    return [w for w in run.overrides if w.startswith("model.")]
+
+
+# The smallest rung on 4 chips, 8 sequences per chip as on the preset's 32 (256 in all); the
+# loss chunk keeps 256 positions of every row, as the preset's 65,536 tokens do on 32 chips.
+SMALL_ON_2X2 = [*rung(0), "train.batch_size=32", "model.loss_chunk=8192"]
+
+
+def lab(args: list[str], env: dict | None = None, timeout: int = 900):
+    return subprocess.run([sys.executable, "-m", "lab.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_cpu_train_without_jax_platforms_prints_no_libtpu_warnings(small_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = lab(["train", "configs/tiny.yaml", "train.steps=2", "schedule.warmup_steps=0",
+                  "schedule.decay_steps=0", "train.eval_batches=1", f"data.path={small_data}",
+                  f"run.dir={tmp_path / 'run'}"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert "memory: " in result.stdout and "per chip" in result.stdout
+    for noise in LIBTPU_NOISE:
+        assert noise not in result.stdout + result.stderr
+
+
+def test_smallest_rung_compiles_for_v5e_2x2_and_fits():
+    result = lab(["train", str(LADDER), "--compile-only", "--topology", "v5e:2x2",
+                  *SMALL_ON_2X2])
+    assert result.returncode == 0, result.stderr
+    assert "compiled for 4 x v5e" in result.stdout
+    assert "of 16.00 GiB HBM" in result.stdout and "spare" in result.stdout
+    for noise in LIBTPU_NOISE:
+        assert noise not in result.stdout + result.stderr
+
+
+def test_an_oversized_run_is_refused_with_one_line():
+    result = lab(["train", str(LADDER), "--compile-only", "--topology", "v5e:2x2",
+                  *rung(0), "train.batch_size=512", "model.loss_chunk=0", "model.remat=none"])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "per chip on v5e:2x2" in lines[0], lines
+    assert "16.00 GiB a v5e chip holds" in lines[0] or "v5e chip holds 16.00 GiB" in lines[0]
+
+
+def test_a_bad_topology_is_one_line():
+    result = lab(["train", str(LADDER), "--compile-only", "--topology", "v5e:3y3"])
+    assert result.returncode == 2 and "v5e:16x16" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_estimate_is_within_25_percent_of_the_tpu_compiler(remat):
+    cfg = load_config(LADDER, ["model.d_model=512", "model.n_layers=2", "model.n_heads=4",
+                               "train.batch_size=16", "train.seq_len=2048",
+                               "model.vocab_size=32768", "model.activation_dtype=float32",
+                               "model.loss_chunk=0", f"model.remat={remat}"])
+    report = compile_report(cfg, "v5e:2x2")
+    assert isinstance(report.compiled, CompiledMemory) and report.chip == "v5e"
+    ratio = report.estimate.total / report.compiled.total
+    assert 0.75 <= ratio <= 1.25, (ratio, report.lines())
+
+
+@pytest.mark.slow
+def test_the_top_rung_compiled_on_v5e_32_keeps_10_percent_of_hbm():
+    cfg = load_config(LADDER, rung(-1))
+    report = compile_report(cfg, "v5e:4x8")
+    assert report.compiled.total <= 0.9 * report.capacity, report.lines()
+
+
+@pytest.mark.parametrize(("path", "n", "chip"), [(LADDER, 32, "v5e"), (GPU_DEBUG, 1, "H100 SXM")])
+def test_presets_fit_their_chip_with_15_percent_to_spare(path, n, chip):
+    from lab.aot import with_known_vocab
+
+    for extra in ([rung(i) for i in range(5)] if path == LADDER else [[]]):
+        cfg, _ = with_known_vocab(load_config(path, extra))
+        target = chips.chip_named(chip)
+        platform = "tpu" if chip == "v5e" else "gpu"
+        trainer = build_trainer(cfg, abstract_mesh(cfg, n, platform, target.kinds[0]))
+        assert memory.estimate(trainer).total <= 0.85 * target.memory_bytes, (path, extra)
+
+
+def _module(path: Path, overrides: list[str], platform: str, n: int) -> str:
+    return export_train_step(load_config(path, overrides), platform, n).mlir_module()
+
+
+def test_the_train_step_exports_for_tpu_with_splash_and_stays_flat_in_sequence():
+    short = _module(LADDER, [*SMALL_ON_2X2, "train.seq_len=2048"], "tpu", 4)
+    long = _module(LADDER, [*SMALL_ON_2X2, "train.seq_len=8192"], "tpu", 4)
+    for text in (short, long):
+        assert "tpu_custom_call" in text  # the splash kernel
+        assert "optimization_barrier" not in text
+    assert len(long) < 1.10 * len(short), (len(short), len(long))
+
+
+def test_the_gpu_debug_preset_exports_for_cuda_with_xla_attention():
+    text = _module(GPU_DEBUG, ["model.attention=xla", "model.vocab_size=320"], "gpu", 1)
+    assert "tpu_custom_call" not in text and "optimization_barrier" not in text
+    assert "stablehlo.dot_general" in text

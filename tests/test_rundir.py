@@ -1,0 +1,146 @@
+"""The run directory: its lock (two processes, a stale lock), and refused commands that change
+nothing in it and leave no debris behind."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, TINY, run_lab
+from lab.errors import UserError
+from lab.rundir import LOCK, RunLock
+
+HOLD = """
+import sys, time
+from lab.rundir import RunLock
+with RunLock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_process_is_refused_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by process {holder.pid} on host "
+                                            f"{socket.gethostname()}"):
+            RunLock(str(run_dir)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed without releasing: the lock is stale (its process is gone) and is taken over.
+    assert json.loads((run_dir / LOCK).read_text())["pid"] == holder.pid
+    with RunLock(str(run_dir)):
+        assert json.loads((run_dir / LOCK).read_text())["pid"] == os.getpid()
+    assert not (run_dir / LOCK).exists()
+
+
+def test_a_lock_with_a_reused_process_id_is_stale(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # This very process's id, but a different start time: the holder is not this process.
+    stale = {"host": socket.gethostname(), "pid": os.getpid(), "started": "1", "since": 0.0}
+    (run_dir / LOCK).write_text(json.dumps(stale))
+    with RunLock(str(run_dir)):
+        assert json.loads((run_dir / LOCK).read_text())["started"] != "1"
+
+
+def test_a_lock_from_another_host_is_left_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = {"host": "elsewhere", "pid": 1, "started": None, "since": 0.0}
+    (run_dir / LOCK).write_text(json.dumps(other))
+    with pytest.raises(UserError, match="process 1 on host elsewhere"):
+        RunLock(str(run_dir)).acquire()
+    assert json.loads((run_dir / LOCK).read_text()) == other
+
+
+def test_a_refused_lock_leaves_no_directory(tmp_path):
+    lock = RunLock(str(tmp_path / "new"))
+    lock.acquire()
+    lock.release()
+    assert not (tmp_path / "new").exists()  # created for the lock, removed with it
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory, small_data) -> Path:
+    """A run stopped at its step-8 checkpoint (as if killed), with its metrics up to 8."""
+    run_dir = tmp_path_factory.mktemp("half") / "run"
+    run_lab(["train", str(TINY), f"run.dir={run_dir}", f"data.path={small_data}",
+             "train.steps=8", "train.log_every=2", "train.eval_batches=1", "train.eval_every=0",
+             "schedule.warmup_steps=2", "schedule.decay_steps=0", "model.n_layers=1",
+             "checkpoint.every_steps=4"])
+    (run_dir / "summary.json").write_text(json.dumps({"status": "running"}))
+    return run_dir
+
+
+def half_args(run_dir: Path, data: str, *extra: str) -> list[str]:
+    return ["train", str(TINY), f"run.dir={run_dir}", f"data.path={data}", "train.steps=16",
+            "train.log_every=2", "train.eval_batches=1", "train.eval_every=0",
+            "schedule.warmup_steps=2", "schedule.decay_steps=0", "model.n_layers=1",
+            "checkpoint.every_steps=4", *extra]
+
+
+@pytest.mark.parametrize("extra, devices, fragment", [
+    (["train.eval_batches=100000"], 1, "evaluation needs"),
+    (["mesh.fsdp=3"], 1, "mesh"),
+    (["mesh.fsdp=8", "train.batch_size=12"], 8, "train.batch_size (12)"),
+    (["run.seed=-1"], 1, "seed"),
+    (["train.seq_len=100000000"], 1, "shorter than one window"),
+])
+def test_refused_starts_change_nothing(half_run, tmp_path, small_data, extra, devices, fragment):
+    """Each refusal, on a new directory and on a half-finished run (where a changed batch, seed
+    or window is refused as a different run first): exit 2, one line, and the run directory
+    exactly as it was (or absent)."""
+    before = snapshot(half_run)
+    fresh = tmp_path / "fresh"
+    for run_dir in (fresh, half_run):
+        result = run_lab(half_args(run_dir, small_data, *extra), devices=devices, expect=2)
+        assert run_dir == half_run or fragment in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert snapshot(half_run) == before
+    assert not fresh.exists()
+
+
+def test_run_dir_that_is_a_file_exits_2(tmp_path, small_data):
+    target = tmp_path / "a-file"
+    target.write_text("not a run\n")
+    result = run_lab(half_args(target, small_data), expect=2)
+    assert "is an existing file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert target.read_text() == "not a run\n"
+
+
+def test_train_refuses_a_locked_run(half_run, tmp_path, small_data):
+    run_dir = tmp_path / "locked"
+    shutil.copytree(half_run, run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run_dir)
+        result = run_lab(half_args(run_dir, small_data), expect=2)
+        assert f"in use by process {holder.pid}" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert snapshot(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    result = run_lab(half_args(run_dir, small_data))  # the holder is gone: the lock is stale
+    assert "resuming at step 8" in result.stdout
+    assert not (run_dir / LOCK).exists()
