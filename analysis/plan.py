@@ -36,14 +36,9 @@ from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab.config import Config, dump_config, load_config
-from lab.errors import UserError
+from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"lab plan: {message}; see lab plan --help")
 
 
 def _positive(text: str) -> float:
@@ -57,7 +52,7 @@ def _positive(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="lab plan",
         description="Plan the compute-optimal run at a budget from a fitted law: writes "
         "DIR/config.yaml (for lab train), DIR/sweep.yaml (the next IsoFLOP sweep, for lab "

@@ -6,16 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lab.errors import UserError
+from lab.errors import ArgumentParser, UserError
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one line (exit status 2) instead of two."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see `{self.prog} --help`")
 
 
 def _train(args: argparse.Namespace) -> int:

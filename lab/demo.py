@@ -425,7 +425,7 @@ def _cpu_seconds() -> float:
 
 
 def build_parser():
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(prog="lab demo", description=(
         "Run a whole scaling study on this machine: a ladder of model sizes, one stable WSD "

@@ -640,7 +640,7 @@ def manifest(sweep: Sweep) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="lab sweep",
