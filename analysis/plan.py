@@ -123,7 +123,7 @@ def _read_json(path: str) -> dict:
 
 def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> Laws:
     """Read fit JSONs and fit Approach 3 on run directories; exactly one loss law."""
-    from analysis.cli import load_inputs
+    from analysis.inputs import load_inputs
 
     loss, loss_source, run_dirs, extra, run_roots = None, "", [], {}, []
     for item in inputs:

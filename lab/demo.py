@@ -29,6 +29,7 @@ from typing import Any, TextIO
 import yaml
 
 from lab.errors import UserError
+from lab.paths import shown_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "configs" / "demo.yaml"
@@ -174,15 +175,6 @@ def check_same_plan(out: Path, plan: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the commands
-
-
-def shown_path(path: Path | str) -> str:
-    """A path as the user would type it: relative to the working directory when inside it."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def train_command(study: Study, plan: SizePlan) -> str:

@@ -34,6 +34,7 @@ import yaml
 
 from lab.config import Config, ModelConfig, load_config
 from lab.errors import UserError
+from lab.paths import shown_path
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
@@ -515,13 +516,6 @@ def _count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
     """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, any extra
     `columns` (one word per run, such as the memory per chip), overrides."""
@@ -529,7 +523,7 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
     width = max(len(r.name) for r in sweep.runs)
     widths = {k: max(len(k), *(len(v) for v in vals)) for k, vals in columns.items()}
     lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
-             f"{_shown_path(sweep.base)}, "
+             f"{shown_path(sweep.base)}, "
              f"output under {sweep.out}",
              f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
              f"{'C/budget':>8}  {'steps':>7}  "
@@ -553,7 +547,7 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
 
 
 def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "lab.cli", "train", _shown_path(sweep.base), *run.overrides]
+    return [python, "-m", "lab.cli", "train", shown_path(sweep.base), *run.overrides]
 
 
 def run_status(run: Run) -> str | None:
