@@ -35,6 +35,7 @@ from analysis.hparams import LogLinearLaw
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
+from lab import presets
 from lab.config import Config, dump_config, load_config
 from lab.errors import ArgumentParser, UserError
 
@@ -291,7 +292,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     if paths.exists(paths.join(args.out, "summary.json")):
         raise UserError(f"{args.out} is a run directory; give --out a directory of its own")
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
-    base = args.base or _best_run_config(laws.run_roots)
+    base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
     if base is None:
         raise UserError("no base config: pass --base CONFIG (e.g. configs/tiny.yaml)")
     cfg = load_config(base)

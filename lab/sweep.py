@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from lab import presets
 from lab.config import Config, ModelConfig, load_config
 from lab.errors import UserError
 from lab.paths import shown_path
@@ -640,7 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lab sweep",
         description="Expand a sweep file (configs/sweeps/*.yaml) into runs and run them one "
                     "after another; finished runs are skipped, so running it again resumes.")
-    parser.add_argument("file", help="a sweep file, e.g. configs/sweeps/isoflop-tiny.yaml")
+    parser.add_argument("file", help="a sweep file or preset, e.g. "
+                        "configs/sweeps/isoflop-tiny.yaml or isoflop-tiny")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for every run, e.g. data.path=data/prepared")
     parser.add_argument("--dry-run", action="store_true",
@@ -658,7 +660,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.topology and not args.dry_run:
         raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
-    sweep = expand_sweep(args.file, args.overrides, out=args.out)
+    path = presets.resolve(args.file, folder="sweeps", what="sweep file")
+    sweep = expand_sweep(path, args.overrides, out=args.out)
     if not args.dry_run:
         print(describe(sweep), flush=True)
         return run_sweep(sweep)
