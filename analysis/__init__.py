@@ -2,10 +2,12 @@
 
     from analysis import collect_runs, fit_approach3
     runs = collect_runs("runs/")
-    fit = fit_approach3(runs["N"], runs["D"], runs["loss"], bootstrap=1000)
-    fit.compute_optimal([1e21, 1e22])
+    law = fit("approach3", runs, bootstrap=1000)  # or fit_approach3(N, D, loss, ...)
+    law.compute_optimal([1e21, 1e22])
 
-`lab fit` (analysis.cli.main) is the command-line face of the same functions.
+`fit(method, points, **options)` runs any registered method (`METHODS`: approach3, isoflop,
+envelope, hparams, critical-batch); `analyse(method, load_inputs(paths), ...)` is one whole
+`lab fit`, whose command-line face (analysis.cli.main) only parses and prints.
 """
 
 from analysis.approach3 import (
@@ -20,17 +22,25 @@ from analysis.approach3 import (
 )
 from analysis.envelope import EnvelopeFit, fit_envelope
 from analysis.hparams import HparamLaws, fit_hparam_laws
+from analysis.inputs import Inputs, load_inputs
 from analysis.isoflop import IsoflopFit, fit_isoflop
+from analysis.methods import METHODS, FitResult, Method, analyse, fit
+from analysis.output import format_table, jsonable
 from analysis.points import check_points, drop_highest_loss, group_budgets, read_points_csv
 from analysis.powerlaw import PowerLaw, fit_power_law
 from analysis.runs import collect_curves, collect_runs, read_curve, read_run
 
 __all__ = [
+    "METHODS",
     "Approach3Fit",
     "EnvelopeFit",
+    "FitResult",
     "HparamLaws",
+    "Inputs",
     "IsoflopFit",
+    "Method",
     "PowerLaw",
+    "analyse",
     "bootstrap_approach3",
     "check_points",
     "chinchilla_grid",
@@ -38,14 +48,18 @@ __all__ = [
     "collect_runs",
     "compute_optimal",
     "drop_highest_loss",
+    "fit",
     "fit_approach3",
     "fit_envelope",
     "fit_hparam_laws",
     "fit_isoflop",
     "fit_power_law",
+    "format_table",
     "group_budgets",
     "huber_objective",
+    "jsonable",
     "law",
+    "load_inputs",
     "optimal_allocation",
     "read_curve",
     "read_points_csv",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -149,8 +150,109 @@ def _lm_step(theta, f, g, H, lam, rejects, fresh, w, x_N, z_N, y_N, delta):
     return (theta, f, g, H, lam, rejects), done
 
 
-_SLOT_KEYS = ("theta", "f", "g", "H", "lam", "rejects", "fresh")  # what _lm_step reads
-_STEP_KEYS = _SLOT_KEYS[:-1]  # what it returns
+class _Slots(NamedTuple):
+    """The Levenberg-Marquardt state of every slot (a pytree: one array per field)."""
+
+    theta: jax.Array  # (slots, 5) parameters
+    f: jax.Array  # objective
+    g: jax.Array  # (slots, 5) gradient
+    H: jax.Array  # (slots, 5, 5) Hessian
+    lam: jax.Array  # damping
+    rejects: jax.Array  # consecutive rejected steps
+
+
+class _Queue(NamedTuple):
+    """Which start each slot works on, and how far."""
+
+    idx: jax.Array  # the start of each slot; `padded` marks an idle slot
+    fresh: jax.Array  # the slot's start was just loaded: evaluate it, take no step
+    it: jax.Array  # iterations spent on the slot's start
+    next: jax.Array  # the first start not yet taken
+
+
+class _Results(NamedTuple):
+    """Per start (padded): where it ended, its objective, iterations and convergence."""
+
+    theta: jax.Array
+    f: jax.Array
+    it: jax.Array
+    conv: jax.Array
+
+
+class _Problem(NamedTuple):
+    """What every iteration reads: the starts, the points and their weights."""
+
+    starts_Sx5: jax.Array
+    n_starts: jax.Array
+    sample_S: jax.Array
+    weights_KxN: jax.Array
+    x_N: jax.Array
+    z_N: jax.Array
+    y_N: jax.Array
+    delta: jax.Array
+
+    @property
+    def padded(self) -> int:  # >= n_starts; also the index of an idle slot
+        return self.starts_Sx5.shape[0]
+
+
+def _step_slots(pb: _Problem, slots: _Slots, fresh, idx) -> tuple[_Slots, jax.Array]:
+    """One LM iteration of the given slots, each on the point weights of its start."""
+    w = pb.weights_KxN[pb.sample_S[jnp.minimum(idx, pb.padded - 1)]]
+    parts, done = _lm_step(*slots, fresh, w, pb.x_N, pb.z_N, pb.y_N, pb.delta)
+    return _Slots(*parts), done
+
+
+def _step_few(pb: _Problem, slots: _Slots, queue: _Queue, few: int) -> tuple[_Slots, jax.Array]:
+    """Iterate only the (at most `few`) busy slots: once the queue is empty, the slowest
+    starts then cost a fraction of a full batch per iteration."""
+    n_slots = queue.idx.shape[0]
+    sel = jnp.nonzero(queue.idx < pb.n_starts, size=few, fill_value=n_slots)[0]
+    take = jnp.minimum(sel, n_slots - 1)
+    stepped, done = _step_slots(pb, jax.tree.map(lambda a: a[take], slots), queue.fresh[take],
+                                queue.idx[take])
+    slots = jax.tree.map(lambda a, v: a.at[sel].set(v, mode="drop"), slots, stepped)
+    return slots, jnp.zeros(n_slots, bool).at[sel].set(done, mode="drop")
+
+
+def _record(out: _Results, finished, slots: _Slots, queue: _Queue, it, done, padded: int):
+    """Write the finished starts' results (out-of-range indices are dropped by the scatter)."""
+    where = jnp.where(finished, queue.idx, padded)
+    return _Results(*(a.at[where].set(v, mode="drop")
+                      for a, v in zip(out, (slots.theta, slots.f, it, done), strict=True)))
+
+
+def _refill(pb: _Problem, slots: _Slots, queue: _Queue, finished, it) -> tuple[_Slots, _Queue]:
+    """Finished slots take the next starts in order; with none left they go idle."""
+    rank = jnp.cumsum(finished, dtype=jnp.int32) - 1
+    idx = jnp.where(finished, queue.next + rank, queue.idx)
+    idx = jnp.where(finished & (idx >= pb.n_starts), pb.padded, idx)
+    refill = finished & (idx < pb.n_starts)
+    theta = jnp.where(refill[:, None], pb.starts_Sx5[jnp.minimum(idx, pb.padded - 1)],
+                      slots.theta)
+    slots = slots._replace(theta=theta, f=jnp.where(refill, jnp.inf, slots.f))
+    queue = _Queue(idx=idx, fresh=refill, it=jnp.where(finished, 0, it),
+                   next=queue.next + jnp.sum(finished, dtype=jnp.int32))
+    return slots, queue
+
+
+def _initial(pb: _Problem, n_slots: int) -> tuple[_Slots, _Queue, _Results]:
+    """Slot i takes start i; the results start empty."""
+    dtype, padded = pb.starts_Sx5.dtype, pb.padded
+    first = jnp.where(jnp.arange(n_slots) < pb.n_starts, jnp.arange(n_slots), padded)
+    slots = _Slots(
+        theta=pb.starts_Sx5[jnp.minimum(first, padded - 1)],
+        f=jnp.full(n_slots, jnp.inf, dtype),
+        g=jnp.zeros((n_slots, 5), dtype),
+        H=jnp.zeros((n_slots, 5, 5), dtype),
+        lam=jnp.full(n_slots, _LAM0, dtype),
+        rejects=jnp.zeros(n_slots, jnp.int32),
+    )
+    queue = _Queue(idx=first, fresh=first < pb.n_starts, it=jnp.zeros(n_slots, jnp.int32),
+                   next=jnp.minimum(n_slots, pb.n_starts))
+    results = _Results(theta=jnp.zeros((padded, 5), dtype), f=jnp.full(padded, jnp.inf, dtype),
+                       it=jnp.zeros(padded, jnp.int32), conv=jnp.zeros(padded, bool))
+    return slots, queue, results
 
 
 @functools.partial(jax.jit, static_argnames=("slots",))
@@ -161,87 +263,28 @@ def _solve(starts_Sx5, n_starts, sample_S, weights_KxN, x_N, z_N, y_N, delta, ma
 
     Returns per start: parameters, objective, iterations used, and whether it converged.
     """
-    padded = starts_Sx5.shape[0]  # >= n_starts; also the index of an idle slot
-    dtype = starts_Sx5.dtype
-    # Once the queue is empty and few starts remain, iterate only those: the slowest starts
-    # then cost a sixteenth of a full batch per iteration.
-    small = max(1, slots // 16)
+    pb = _Problem(starts_Sx5, n_starts, sample_S, weights_KxN, x_N, z_N, y_N, delta)
+    few = max(1, slots // 16)
 
-    def iterate(parts, idx):
-        w = weights_KxN[sample_S[jnp.minimum(idx, padded - 1)]]
-        return _lm_step(*parts, w, x_N, z_N, y_N, delta)
+    def cond(carry):
+        return jnp.any(carry[1].idx < n_starts)
 
-    def iterate_all(st):
-        return iterate(tuple(st[k] for k in _SLOT_KEYS), st["idx"])
-
-    def iterate_few(st):
-        sel = jnp.nonzero(st["idx"] < n_starts, size=small, fill_value=slots)[0]
-        take = jnp.minimum(sel, slots - 1)
-        parts, done = iterate(tuple(st[k][take] for k in _SLOT_KEYS), st["idx"][take])
-        parts = tuple(
-            st[k].at[sel].set(v, mode="drop") for k, v in zip(_STEP_KEYS, parts, strict=True)
+    def body(carry):
+        state, queue, out = carry
+        active = queue.idx < n_starts
+        state, done = lax.cond(
+            jnp.sum(active) <= few,
+            lambda: _step_few(pb, state, queue, few),
+            lambda: _step_slots(pb, state, queue.fresh, queue.idx),
         )
-        return parts, jnp.zeros(slots, bool).at[sel].set(done, mode="drop")
-
-    def cond(st):
-        return jnp.any(st["idx"] < n_starts)
-
-    def body(st):
-        idx = st["idx"]
-        active = idx < n_starts
-        parts, done = lax.cond(jnp.sum(active) <= small, iterate_few, iterate_all, st)
-        theta, f, g, H, lam, rejects = parts
-        it = st["it"] + 1
+        it = queue.it + 1
         finished = active & (done | (it >= max_iter))
-        # Record finished starts (out-of-range indices are dropped by the scatter).
-        where = jnp.where(finished, idx, padded)
-        out_theta = st["out_theta"].at[where].set(theta, mode="drop")
-        out_f = st["out_f"].at[where].set(f, mode="drop")
-        out_it = st["out_it"].at[where].set(it, mode="drop")
-        out_conv = st["out_conv"].at[where].set(done, mode="drop")
-        # Finished slots take the next starts in order.
-        rank = jnp.cumsum(finished, dtype=jnp.int32) - 1
-        new_idx = jnp.where(finished, st["next"] + rank, idx)
-        new_idx = jnp.where(finished & (new_idx >= n_starts), padded, new_idx)
-        refill = finished & (new_idx < n_starts)
-        theta = jnp.where(refill[:, None], starts_Sx5[jnp.minimum(new_idx, padded - 1)], theta)
-        f = jnp.where(refill, jnp.inf, f)
-        return {
-            "theta": theta,
-            "f": f,
-            "g": g,
-            "H": H,
-            "lam": lam,
-            "rejects": rejects,
-            "fresh": refill,
-            "it": jnp.where(finished, 0, it),
-            "idx": new_idx,
-            "next": st["next"] + jnp.sum(finished, dtype=jnp.int32),
-            "out_theta": out_theta,
-            "out_f": out_f,
-            "out_it": out_it,
-            "out_conv": out_conv,
-        }
+        out = _record(out, finished, state, queue, it, done, pb.padded)
+        state, queue = _refill(pb, state, queue, finished, it)
+        return state, queue, out
 
-    first = jnp.where(jnp.arange(slots) < n_starts, jnp.arange(slots), padded)
-    st = {
-        "theta": starts_Sx5[jnp.minimum(first, padded - 1)],
-        "f": jnp.full(slots, jnp.inf, dtype),
-        "g": jnp.zeros((slots, 5), dtype),
-        "H": jnp.zeros((slots, 5, 5), dtype),
-        "lam": jnp.full(slots, _LAM0, dtype),
-        "rejects": jnp.zeros(slots, jnp.int32),
-        "fresh": first < n_starts,
-        "it": jnp.zeros(slots, jnp.int32),
-        "idx": first,
-        "next": jnp.minimum(slots, n_starts),
-        "out_theta": jnp.zeros((padded, 5), dtype),
-        "out_f": jnp.full(padded, jnp.inf, dtype),
-        "out_it": jnp.zeros(padded, jnp.int32),
-        "out_conv": jnp.zeros(padded, bool),
-    }
-    st = lax.while_loop(cond, body, st)
-    return st["out_theta"], st["out_f"], st["out_it"], st["out_conv"]
+    _, _, out = lax.while_loop(cond, body, _initial(pb, slots))
+    return out.theta, out.f, out.it, out.conv
 
 
 def minimise(

@@ -35,15 +35,11 @@ from analysis.hparams import LogLinearLaw
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
+from lab import presets
 from lab.config import Config, dump_config, load_config
-from lab.errors import UserError
+from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"lab plan: {message}; see lab plan --help")
 
 
 def _positive(text: str) -> float:
@@ -57,7 +53,7 @@ def _positive(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="lab plan",
         description="Plan the compute-optimal run at a budget from a fitted law: writes "
         "DIR/config.yaml (for lab train), DIR/sweep.yaml (the next IsoFLOP sweep, for lab "
@@ -128,7 +124,7 @@ def _read_json(path: str) -> dict:
 
 def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float = 0.95) -> Laws:
     """Read fit JSONs and fit Approach 3 on run directories; exactly one loss law."""
-    from analysis.cli import load_inputs
+    from analysis.inputs import load_inputs
 
     loss, loss_source, run_dirs, extra, run_roots = None, "", [], {}, []
     for item in inputs:
@@ -296,7 +292,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     if paths.exists(paths.join(args.out, "summary.json")):
         raise UserError(f"{args.out} is a run directory; give --out a directory of its own")
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
-    base = args.base or _best_run_config(laws.run_roots)
+    base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
     if base is None:
         raise UserError("no base config: pass --base CONFIG (e.g. configs/tiny.yaml)")
     cfg = load_config(base)

@@ -27,9 +27,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import law
-from analysis.cli import _jsonable, build_parser, format_table, run_fit
-from lab.demo import shown_path
+from analysis.inputs import load_inputs
+from analysis.methods import FitResult, analyse
+from analysis.output import format_table, jsonable
 from lab.errors import UserError
+from lab.paths import shown_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -48,6 +50,13 @@ def fit_words(csv: Path, plots: Path, bootstrap: int, budget: float, method: str
     if bootstrap:
         words += ["--bootstrap", str(bootstrap)]
     return words + ["--budgets", f"{budget:g}", "--plots", shown_path(plots)]
+
+
+def fit_step(csv: Path, plots: Path, bootstrap: int, budget: float, method: str) -> FitResult:
+    """One analysis step, as `lab fit` runs its `fit_words` (the other options at their
+    defaults, which are the fits' own)."""
+    return analyse(method, load_inputs([shown_path(csv)]), options={"bootstrap": bootstrap},
+                   budgets=[budget], plots_dir=shown_path(plots), sources=[shown_path(csv)])
 
 
 def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
@@ -74,10 +83,14 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
     target = float(f"{extrapolate * float(df['C'].max()):.3g}")  # a round number to print
 
+    iso_csv = "fit_points.csv" if explicit else "points.csv"
+    commands = {"fit": [shlex.join(["lab", "fit", *fit_words(out / csv, plots, bootstrap,
+                                                             target, method)])
+                        for csv, method in (("fit_points.csv", "approach3"),
+                                            (iso_csv, "isoflop"))]}
     # Approach 3 on all but the held-out point, exactly as the printed command does it.
-    words = fit_words(out / "fit_points.csv", plots, bootstrap, target, "approach3")
-    fit, fit_json, fit_text = run_fit(build_parser().parse_args(words))
-    commands = {"fit": [shlex.join(["lab", "fit", *words])]}
+    done = fit_step(out / "fit_points.csv", plots, bootstrap, target, "approach3")
+    fit, fit_json, fit_text = done.fit, done.record, done.text
 
     h = df.loc[held]
     predicted = float(fit.predict(h["N"], h["D"]))
@@ -96,12 +109,10 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     # Approach 2 on every point; a budget without an interior minimum is reported, not fatal.
     # An explicit held-out run is a budget of its own and stays out; a held-out branch is one
     # point of a fitted budget's profile (as before), so that profile keeps it.
-    iso_csv = out / ("fit_points.csv" if explicit else "points.csv")
-    iso_words = fit_words(iso_csv, plots, bootstrap, target, "isoflop")
-    commands["fit"].append(shlex.join(["lab", "fit", *iso_words]))
     try:
-        iso, iso_json, iso_text = run_fit(build_parser().parse_args(iso_words))
-        isoflop = {**iso_json, "text": iso_text}
+        iso_done = fit_step(out / iso_csv, plots, bootstrap, target, "isoflop")
+        iso = iso_done.fit
+        isoflop = {**iso_done.record, "text": iso_done.text}
     except UserError as err:
         isoflop = {"error": str(err)}
 
@@ -128,7 +139,7 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     if "N_opt" in isoflop:
         result["isoflop"]["prediction"] = {
             "C": target, "N_opt": float(iso.N_opt(target)), "D_opt": float(iso.D_opt(target))}
-    return _jsonable(result)
+    return jsonable(result)
 
 
 # ----------------------------------------------------------------------------- figures
@@ -413,7 +424,7 @@ def write_report(out_dir: str | Path, result: dict, *, compute: dict, commands: 
     out = Path(out_dir)
     data = {**result, "compute": compute, "timing": timing, "smoke_test": smoke_test,
             "commands": {**commands, **result["commands"]}}
-    (out / "fit.json").write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    (out / "fit.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
     page = render_html(result, compute=compute, commands=commands, timing=timing, title=title,
                        smoke_test=smoke_test)
     (out / "report.html").write_text(page)

@@ -4,27 +4,27 @@ plan and demo. A user's mistake exits with status 2 and one line; bugs keep thei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 
-from lab.errors import UserError
+from lab.errors import ArgumentParser, UserError
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a usage mistake as one line (exit status 2) instead of two."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message}; see `{self.prog} --help`")
 
 
 def _train(args: argparse.Namespace) -> int:
     from lab.preemption import PREEMPTION
 
     PREEMPTION.install()  # from here to the end, SIGTERM stops the run cleanly (exit 0)
-    from lab.config import load_config
+    from lab import presets
+    from lab.config import dump_config, load_config
 
-    cfg = load_config(args.config, args.overrides)  # fails fast, before JAX is imported
+    # Fails fast, before JAX is imported.
+    cfg = load_config(presets.resolve(args.config), args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
     if args.topology and not args.compile_only:
         raise UserError("--topology needs --compile-only: a run trains on the local devices")
     from lab.sharding import initialize_distributed
@@ -49,6 +49,39 @@ def _quiet_absl() -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
 
 
+def _yaml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value or '""'
+    return str(value)
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """(key, type, default) of every config key, read from the config dataclasses."""
+    from lab.config import Config
+
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint)
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{section.name}.{f.name}", kind, _yaml_value(default)))
+    return rows
+
+
+def _keys_help() -> str:
+    rows = config_keys()
+    key_w, type_w = (max(len(r[i]) for r in rows) for i in (0, 1))
+    lines = [f"  {k:<{key_w}}  {t:<{type_w}}  {d}" for k, t, d in rows]
+    return "config keys (key, type, default):\n" + "\n".join(lines)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lab", description="The JAX/Flax scaling lab.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -56,9 +89,13 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train (or resume) a run. Overrides are dotted key=value "
-                                   "words, e.g. train.steps=200 optim.name=muon mesh.fsdp=4.")
-    p.add_argument("config", help="a YAML file under configs/, e.g. configs/tiny.yaml")
+                                   "words, e.g. train.steps=200 optim.name=muon mesh.fsdp=4.",
+                       epilog=_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a YAML file, or the name of a preset (a file of the "
+                                  "package's configs/), e.g. tiny or gpu/debug")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, then overrides) as YAML and exit")
     p.add_argument("--compile-only", action="store_true",
                    help="compile the train step and print each chip's memory, without training")
     p.add_argument("--topology", metavar="GEN:SHAPE",

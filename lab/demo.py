@@ -31,11 +31,12 @@ from typing import Any, TextIO
 
 import yaml
 
+from lab import presets
 from lab.errors import UserError
+from lab.paths import shown_path
 
-ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / "configs" / "demo.yaml"
-QUICK_STUDY = ROOT / "configs" / "demo-quick.yaml"
+STUDY = presets.root() / "demo.yaml"
+QUICK_STUDY = presets.root() / "demo-quick.yaml"
 EXIT_INTERRUPTED = 130
 
 
@@ -221,15 +222,6 @@ def check_same_plan(out: Path, plan: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- the commands
-
-
-def shown_path(path: Path | str) -> str:
-    """A path as the user would type it: relative to the working directory when inside it."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def train_command(study: Study, plan: SizePlan) -> str:
@@ -492,7 +484,7 @@ def _cpu_seconds() -> float:
 
 
 def build_parser():
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(prog="lab demo", description=(
         "Run a whole scaling study on this machine: a ladder of model sizes, one stable WSD "
@@ -505,7 +497,8 @@ def build_parser():
                         help="a smaller ladder with short runs (about a minute)")
     parser.add_argument("--optim", choices=("muon", "adamw"), default="muon",
                         help="optimizer of every run (default muon)")
-    parser.add_argument("--study", help="a study file instead of configs/demo.yaml")
+    parser.add_argument("--study", help="a study file or preset instead of demo (the "
+                        "presets: configs/demo.yaml, demo-quick)")
     return parser
 
 
@@ -519,7 +512,8 @@ def main(argv: list[str]) -> int:
     if jax.process_count() > 1:
         raise UserError(f"lab demo runs as one process ({jax.process_count()} were launched); "
                         "for several hosts, train with lab sweep or lab train")
-    study = load_study(args.study or (QUICK_STUDY if args.quick else STUDY))
+    study_file = presets.resolve(args.study, what="study file") if args.study else None
+    study = load_study(study_file or (QUICK_STUDY if args.quick else STUDY))
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     started, cpu0 = time.perf_counter(), _cpu_seconds()
     stream = sys.stdout

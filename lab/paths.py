@@ -26,6 +26,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LAB_CACHE_DIR") or "~/.cache/scaling-lab").expanduser()
 
 
+def shown_path(path: PathLike) -> str:
+    """A path as the user would type it: relative to the working directory when inside it
+    (a URL as it is)."""
+    if is_remote(path):
+        return str(path)
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def is_remote(path: PathLike) -> bool:
     """True for URLs such as gs://bucket/dir."""
     return "://" in str(path)

@@ -32,8 +32,10 @@ from typing import Any
 
 import yaml
 
+from lab import presets
 from lab.config import Config, ModelConfig, load_config
 from lab.errors import UserError
+from lab.paths import shown_path
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
@@ -515,13 +517,6 @@ def _count(x: float) -> str:
     return f"{x:.0f}"
 
 
-def _shown_path(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
     """The expanded runs as a table: name, N, D, FLOPs (and FLOPs / budget), steps, any extra
     `columns` (one word per run, such as the memory per chip), overrides."""
@@ -529,7 +524,7 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
     width = max(len(r.name) for r in sweep.runs)
     widths = {k: max(len(k), *(len(v) for v in vals)) for k, vals in columns.items()}
     lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
-             f"{_shown_path(sweep.base)}, "
+             f"{shown_path(sweep.base)}, "
              f"output under {sweep.out}",
              f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
              f"{'C/budget':>8}  {'steps':>7}  "
@@ -553,7 +548,7 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
 
 
 def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "lab.cli", "train", _shown_path(sweep.base), *run.overrides]
+    return [python, "-m", "lab.cli", "train", shown_path(sweep.base), *run.overrides]
 
 
 def run_status(run: Run) -> str | None:
@@ -640,13 +635,14 @@ def manifest(sweep: Sweep) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="lab sweep",
         description="Expand a sweep file (configs/sweeps/*.yaml) into runs and run them one "
                     "after another; finished runs are skipped, so running it again resumes.")
-    parser.add_argument("file", help="a sweep file, e.g. configs/sweeps/isoflop-tiny.yaml")
+    parser.add_argument("file", help="a sweep file or preset, e.g. "
+                        "configs/sweeps/isoflop-tiny.yaml or isoflop-tiny")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides for every run, e.g. data.path=data/prepared")
     parser.add_argument("--dry-run", action="store_true",
@@ -664,7 +660,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.topology and not args.dry_run:
         raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
-    sweep = expand_sweep(args.file, args.overrides, out=args.out)
+    path = presets.resolve(args.file, folder="sweeps", what="sweep file")
+    sweep = expand_sweep(path, args.overrides, out=args.out)
     if not args.dry_run:
         print(describe(sweep), flush=True)
         return run_sweep(sweep)

@@ -102,7 +102,7 @@ def describe(env: dict[str, str], base: dict[str, str], argv: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     p = ArgumentParser(prog="python -m launch.gpu",
                        description="Run a command (e.g. lab train CONFIG) on this host's GPUs "

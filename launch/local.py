@@ -155,7 +155,7 @@ def launch(command: list[str], processes: int, devices: int, port: int | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="python -m launch.local",

@@ -314,7 +314,7 @@ def local_repo() -> tuple[str | None, str | None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     common = ArgumentParser(add_help=False)
     common.add_argument("--dry-run", action="store_true",

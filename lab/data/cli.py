@@ -8,17 +8,13 @@ import time
 
 from lab.data.format import open_dataset
 from lab.data.prep import DEFAULT_VAL_FRACTION, prepare
-from lab.errors import UserError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit status 2, like every other user error
-        raise UserError(f"lab data: {message}; see `lab data --help`")
+from lab.errors import ArgumentParser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lab data", description="Prepare token shards and inspect prepared data.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgumentParser(prog="lab data",
+                       description="Prepare token shards and inspect prepared data.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     prep = sub.add_parser("prep", help="tokenize a corpus into shards plus metadata.json",
                           description="Tokenize a corpus into OUT: shards, then metadata.json.")
     prep.add_argument("--source", default="stdlib",
