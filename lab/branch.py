@@ -132,7 +132,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def main(argv: list[str]) -> int:
-    from lab.cli import ArgumentParser
+    from lab.errors import ArgumentParser
 
     parser = ArgumentParser(prog="lab branch", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a stable WSD run with checkpoints at the branch points")

@@ -29,8 +29,6 @@ KNOWN = {
     # lab.train takes the branch plan from lab.branch, which calls lab.train.train (issue 15:
     # the branch planning moves into a pure module that train imports).
     ("lab.train", "lab.branch"),
-    # lab.branch takes ArgumentParser from lab.cli; it lives in lab.errors now.
-    ("lab.branch", "lab.cli"),
 }
 
 
