@@ -44,15 +44,15 @@ def hidden_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """The distinct (short, long) shapes of the model's Muon matrices, from the model itself."""
     from flax import nnx
 
-    from lab.model import HIDDEN_MATRICES, Transformer
+    from lab.model import Transformer
+    from lab.roles import Role, specs_of
 
     cfg = dataclasses.replace(cfg, vocab_size=256, n_layers=1)
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-    shapes = set()
-    for path, leaf in nnx.state(abstract, nnx.Param).flat_state():
-        if path[-1] in HIDDEN_MATRICES:
-            shapes.add(tuple(sorted(leaf.shape[-2:])))
-    return sorted(shapes)
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+    leaves = jax.tree.leaves(nnx.to_pure_dict(state))
+    specs = jax.tree.leaves(specs_of(state))
+    return sorted({tuple(sorted(leaf.shape[-2:])) for leaf, spec in zip(leaves, specs, strict=True)
+                   if spec.role is Role.HIDDEN})
 
 
 def preset_shapes(presets: tuple[str, ...] = PRESETS) -> dict[tuple[int, int], list[str]]:

@@ -23,11 +23,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
+from lab.roles import Role, param, specs_of, stack
 from lab.sharding import constrain_activations
-from lab.tree import path_names
-
-# The hidden matrices: Muon's group, and μP's width-scaled learning rates.
-HIDDEN_MATRICES = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
 
 
 def padded_vocab(data_vocab: int, multiple: int = 64) -> int:
@@ -35,15 +32,16 @@ def padded_vocab(data_vocab: int, multiple: int = 64) -> int:
     return -(-data_vocab // multiple) * multiple
 
 
-def _matrix(rngs: nnx.Rngs, fan_in: int, fan_out: int) -> nnx.Param:
+def _matrix(rngs: nnx.Rngs, fan_in: int, fan_out: int, axes: tuple[str, str],
+            role: Role = Role.HIDDEN) -> nnx.Param:
     std = 1.0 / math.sqrt(fan_in)
     init = jax.nn.initializers.truncated_normal(std)
-    return nnx.Param(init(rngs.params(), (fan_in, fan_out), jnp.float32))
+    return param(init(rngs.params(), (fan_in, fan_out), jnp.float32), axes, role)
 
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = param(jnp.ones((dim,), jnp.float32), ("norm",), Role.NORM)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -70,10 +68,10 @@ def apply_rope(x_BxLxHxE: jax.Array, sin_LxE2: jax.Array, cos_LxE2: jax.Array) -
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = _matrix(rngs, D, H * E)
-        self.wk = _matrix(rngs, D, K * E)
-        self.wv = _matrix(rngs, D, K * E)
-        self.wo = _matrix(rngs, H * E, D)
+        self.wq = _matrix(rngs, D, H * E, ("embed", "heads"))
+        self.wk = _matrix(rngs, D, K * E, ("embed", "kv_heads"))
+        self.wv = _matrix(rngs, D, K * E, ("embed", "kv_heads"))
+        self.wo = _matrix(rngs, H * E, D, ("heads", "embed"))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(E, cfg.norm_eps)
             self.k_norm = RMSNorm(E, cfg.norm_eps)
@@ -100,9 +98,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.ff_dim
-        self.w_gate = _matrix(rngs, D, F)
-        self.w_up = _matrix(rngs, D, F)
-        self.w_down = _matrix(rngs, F, D)
+        self.w_gate = _matrix(rngs, D, F, ("embed", "mlp"))
+        self.w_up = _matrix(rngs, D, F, ("embed", "mlp"))
+        self.w_down = _matrix(rngs, F, D, ("mlp", "embed"))
         self.kernels = kernels
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -129,7 +127,8 @@ class Block(nnx.Module):
 class Embed(nnx.Module):
     def __init__(self, vocab: int, dim: int, std: float, rngs: nnx.Rngs):
         init = jax.nn.initializers.normal(std)
-        self.embedding = nnx.Param(init(rngs.params(), (vocab, dim), jnp.float32))
+        self.embedding = param(init(rngs.params(), (vocab, dim), jnp.float32),
+                               ("vocab", "embed"), Role.EMBEDDING)
 
     def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens_BxL, axis=0)
@@ -137,7 +136,7 @@ class Embed(nnx.Module):
 
 class Head(nnx.Module):
     def __init__(self, dim: int, vocab: int, rngs: nnx.Rngs):
-        self.kernel = _matrix(rngs, dim, vocab)
+        self.kernel = _matrix(rngs, dim, vocab, ("embed", "vocab"), Role.HEAD)
 
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -167,9 +166,9 @@ class Transformer(nnx.Module):
                   for i in range(cfg.n_layers)]
         if cfg.scan_layers:
             graphdef, *_ = nnx.split(blocks[0])
-            states = [nnx.split(b)[1] for b in blocks]
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-            self.blocks = nnx.merge(graphdef, stacked)
+            # One block whose parameters have a leading "layers" axis.
+            self.blocks = nnx.merge(graphdef, stack([nnx.split(b)[1] for b in blocks],
+                                                    jnp.stack))
         else:
             self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -257,15 +256,19 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     return 6 * counts["matmul_params"] + attention
 
 
-def mup_lr_scales(cfg: ModelConfig, params) -> object:
-    """Per-parameter learning-rate multipliers: μP gives hidden matrices base_width / width
-    (Adam LR ∝ 1/fan_in, Tensor Programs V Table 3); SP gives 1 everywhere."""
+def param_specs(cfg: ModelConfig) -> dict:
+    """Every parameter's logical axes and role (lab.roles.ParamSpec), in a tree like the
+    model's parameters as nested dicts; from the abstract model, so nothing is allocated."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    return specs_of(nnx.state(model, nnx.Param))
+
+
+def mup_lr_scales(cfg: ModelConfig, specs) -> object:
+    """Per-parameter learning-rate multipliers for a tree of ParamSpecs: μP gives hidden
+    matrices base_width / width (Adam LR ∝ 1/fan_in, Tensor Programs V Table 3); SP gives 1
+    everywhere."""
     ratio = cfg.mup_base_width / cfg.d_model if cfg.parameterization == "mup" else 1.0
-
-    def one(path, leaf):
-        return ratio if path_names(path)[-1] in HIDDEN_MATRICES else 1.0
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    return jax.tree.map(lambda spec: ratio if spec.role is Role.HIDDEN else 1.0, specs)
 
 
 def with_vocab(cfg: ModelConfig, data_vocab: int) -> ModelConfig:

@@ -4,14 +4,14 @@
     multi_transform({"adamw": adamw, "muon": muon}, param_labels)
     per-parameter learning-rate scales              (left out when there are none)
 
-Routing is by parameter name, never by rank: hidden matrices (wq wk wv wo w_gate w_up w_down
-under 'blocks') go to Muon; the embedding, the output head, every norm scale and any bias go to
-AdamW. The same rule holds for unrolled layers ('blocks', i, 'attn', 'wq') and scanned ones
-('blocks', 'attn', 'wq') of shape (L, in, out), whose stacked norm scales (L, D) are 2-D but
-still go to AdamW. Weight decay skips norm scales and biases in both groups.
+Routing is by the role each parameter declares where it is created (lab.roles), never by its
+name or rank: hidden matrices go to Muon; the embedding, the output head, every norm scale and
+any bias go to AdamW, for unrolled layers and scanned ones alike (whose stacked norm scales
+(L, D) are 2-D but still go to AdamW). Weight decay skips norm scales and biases in both groups.
 
-Trees may be nested dicts, `nnx.State`s or `nnx.State`s of Variables: everything here looks at
-the names along a leaf's path, ignoring the 'value' attribute of a Variable.
+The roles come as a tree of lab.roles.ParamSpec (nested dicts, `lab.model.param_specs`); the
+parameters, gradients and updates may be nested dicts, `nnx.State`s or `nnx.State`s of
+Variables: each leaf finds its spec by the names along its path (lab.tree.align).
 """
 
 import math
@@ -22,56 +22,74 @@ import jax.numpy as jnp
 import optax
 
 from lab.errors import UserError
-from lab.model import HIDDEN_MATRICES
 from lab.muon import SCALINGS, muon
+from lab.roles import ParamSpec, Role
 from lab.schedules import cosine, wsd
-from lab.tree import path_names
+from lab.tree import align, path_names
 
-NO_DECAY = frozenset({"scale", "bias"})
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine")
 
 
-def _ndim(leaf) -> int:
-    return len(getattr(leaf, "shape", ()))
+def group(spec: ParamSpec) -> str:
+    """The optimizer a parameter goes to: "muon" for hidden matrices, else "adamw"."""
+    return "muon" if spec.role is Role.HIDDEN else "adamw"
 
 
-def _label(path, leaf) -> str:
-    names = path_names(path)
-    hidden = "blocks" in names and bool(names) and names[-1] in HIDDEN_MATRICES
-    return "muon" if hidden and _ndim(leaf) >= 2 else "adamw"
+def decays(spec: ParamSpec) -> bool:
+    """Whether weight decay applies: to matrices, never to norm scales or biases."""
+    return spec.role is not Role.NORM
 
 
-def _decays(path, leaf) -> bool:
-    names = path_names(path)
-    return _ndim(leaf) >= 2 and not (names and names[-1] in NO_DECAY)
+def param_labels(specs):
+    """"muon" or "adamw" for every parameter, in a tree like `specs`."""
+    return jax.tree.map(group, specs)
 
 
-def param_labels(params):
-    """"muon" or "adamw" for every leaf, in a tree of the same structure as `params`."""
-    return jax.tree_util.tree_map_with_path(_label, params)
+def weight_decay_mask(specs):
+    """True where weight decay applies, in a tree like `specs`."""
+    return jax.tree.map(decays, specs)
 
 
-def weight_decay_mask(params):
-    """True where weight decay applies: matrices, but never norm scales or biases."""
-    return jax.tree_util.tree_map_with_path(_decays, params)
-
-
-def describe_routing(params) -> str:
+def describe_routing(params, specs) -> str:
     """A short table of the routing: one row per parameter name, layer indices folded into '*'."""
     rows: Counter = Counter()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    flat_specs = jax.tree.leaves(align(specs, params))
+    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0], flat_specs,
+                                  strict=True):
         names = path_names(path)
         folded = "/".join("*" if isinstance(n, int) else str(n) for n in names)
         shape = tuple(getattr(leaf, "shape", ()))
-        rows[(folded, shape, _label(path, leaf), _decays(path, leaf))] += 1
+        rows[(folded, shape, group(spec), decays(spec))] += 1
     width = max([len(r[0]) for r in rows] + [9])
     lines = [f"{'parameter':<{width}}  {'shape':<18} {'count':>5}  group  weight decay"]
-    for (name, shape, group, decay), count in rows.items():
+    for (name, shape, group_, decay), count in rows.items():
         lines.append(
-            f"{name:<{width}}  {str(shape):<18} {count:>5}  {group:<5}  {'yes' if decay else 'no'}"
+            f"{name:<{width}}  {str(shape):<18} {count:>5}  {group_:<5}  {'yes' if decay else 'no'}"
         )
     return "\n".join(lines)
+
+
+def map_param_copies(fn, opt_state, params, *rest, other):
+    """The optimizer state with `fn(leaf, param, *rest_leaves)` on every leaf of a copy of
+    the parameters' tree in it (optax keeps moments as such copies, leaves outside a
+    multi_transform group masked by optax.MaskedNode) and `other(leaf)` on every other leaf
+    (step counts). `params` and each of `rest` are trees like the parameters."""
+    def masked(x) -> bool:
+        return isinstance(x, optax.MaskedNode)
+
+    structure = jax.tree.structure(params)
+
+    def is_copy(node) -> bool:
+        return jax.tree.structure(node, is_leaf=masked) == structure
+
+    def one(node):
+        if not is_copy(node):
+            return other(node)
+        return jax.tree.map(lambda leaf, *xs: leaf if masked(leaf) else fn(leaf, *xs),
+                            node, params, *rest, is_leaf=masked)
+
+    return jax.tree.map(one, opt_state, is_leaf=is_copy)
 
 
 def lr_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> optax.Schedule:
@@ -113,14 +131,14 @@ def _check(optim_cfg) -> None:
         )
 
 
-def scale_by_lr_scales(lr_scales, params) -> optax.GradientTransformation | None:
+def scale_by_lr_scales(lr_scales, specs) -> optax.GradientTransformation | None:
     """Multiply each leaf's final update by its scale (None when every scale is 1).
 
     Scales are looked up by path names, so the tree may be a dict while updates are a State.
     """
     leaves = jax.tree_util.tree_flatten_with_path(lr_scales)[0]
     scales = {path_names(path): float(s) for path, s in leaves}
-    wanted = {path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    wanted = {path_names(path) for path, _ in jax.tree_util.tree_flatten_with_path(specs)[0]}
     if set(scales) != wanted:
         missing = sorted(map(str, wanted - set(scales)))[:3]
         extra = sorted(map(str, set(scales) - wanted))[:3]
@@ -130,23 +148,20 @@ def scale_by_lr_scales(lr_scales, params) -> optax.GradientTransformation | None
 
     def update_fn(updates, state, params=None):
         del params
-
-        def scale(path, u):
-            return u * jnp.asarray(scales[path_names(path)], u.dtype)
-
-        return jax.tree_util.tree_map_with_path(scale, updates), state
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates,
+                            align(lr_scales, updates)), state
 
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def build_optimizer(
-    optim_cfg, schedule_cfg, total_steps: int, params, lr_scales=None
+    optim_cfg, schedule_cfg, total_steps: int, specs, lr_scales=None
 ) -> optax.GradientTransformation:
-    """The whole optimizer for `params` (arrays or shape structs; only names and shapes are read).
+    """The whole optimizer for parameters with these ParamSpecs (lab.roles; a tree like them).
 
     AdamW is ``optax.adamw`` on the schedule with decoupled weight decay masked to matrices.
     Muon runs on the schedule times ``optim.muon_lr_ratio`` with the same weight decay.
-    ``lr_scales`` (a tree like `params` of floats, e.g. μP's) multiplies each parameter's whole
+    ``lr_scales`` (a tree like `specs` of floats, e.g. μP's) multiplies each parameter's whole
     final update, weight-decay term included: every parameter then moves exactly as it would
     under the same optimizer with learning rate ``scale * lr``, decay ``scale * lr * wd * W``,
     which is how decay follows the learning rate in ``optax.adamw`` and in PyTorch parameter
@@ -155,21 +170,22 @@ def build_optimizer(
     """
     _check(optim_cfg)
     schedule = lr_schedule(schedule_cfg, optim_cfg.lr, total_steps)
+    labels, decay = param_labels(specs), weight_decay_mask(specs)
     adamw = optax.adamw(
         schedule,
         b1=optim_cfg.b1,
         b2=optim_cfg.b2,
         eps=optim_cfg.eps,
         weight_decay=optim_cfg.weight_decay,
-        mask=weight_decay_mask,
+        mask=lambda params: align(decay, params),
     )
     if optim_cfg.name == "adamw":
         core = adamw
     else:
-        if "muon" not in jax.tree.leaves(param_labels(params)):
+        if "muon" not in jax.tree.leaves(labels):
             raise UserError(
-                "optim.name=muon, but no parameter is a hidden matrix under 'blocks' "
-                f"({', '.join(sorted(HIDDEN_MATRICES))}); use optim.name=adamw"
+                "optim.name=muon, but no parameter is a hidden matrix (lab.roles.Role.HIDDEN); "
+                "use optim.name=adamw"
             )
         ratio = optim_cfg.muon_lr_ratio
         hidden = muon(
@@ -180,11 +196,12 @@ def build_optimizer(
             scaling=optim_cfg.muon_scaling,
             weight_decay=optim_cfg.weight_decay,
         )
-        core = optax.multi_transform({"adamw": adamw, "muon": hidden}, param_labels)
+        core = optax.multi_transform({"adamw": adamw, "muon": hidden},
+                                     lambda params: align(labels, params))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
     parts.append(core)
     if lr_scales is not None:
-        scaler = scale_by_lr_scales(lr_scales, params)
+        scaler = scale_by_lr_scales(lr_scales, specs)
         if scaler is not None:
             parts.append(scaler)
     return optax.chain(*parts)

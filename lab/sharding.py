@@ -1,8 +1,9 @@
 """Every sharding decision of the lab, in one place.
 
 The mesh has three axes: `data` (replicated parameters), `fsdp` (data parallel with parameters
-sharded) and `tensor` (heads and MLP width split across devices). Parameters get logical axes
-from their names; `RULES` maps logical axes to mesh axes. The batch is split over data x fsdp.
+sharded) and `tensor` (heads and MLP width split across devices). Parameters declare their
+logical axes where they are created (lab.roles); `RULES` maps logical axes to mesh axes. The
+batch is split over data x fsdp.
 When the devices span several TPU slices, `data` is the axis over the slices' network (DCN) and
 the others stay inside a slice (MaxText's hybrid mesh). A parameter dimension its mesh axis
 does not divide is an error, never silent replication; so is a tensor axis that leaves a host's
@@ -38,20 +39,6 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": "tensor",
     "layers": None,
     "norm": None,
-}
-
-# parameter leaf name -> logical axes of its (per-layer) shape
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embedding": ("vocab", "embed"),
-    "wq": ("embed", "heads"),
-    "wk": ("embed", "kv_heads"),
-    "wv": ("embed", "kv_heads"),
-    "wo": ("heads", "embed"),
-    "w_gate": ("embed", "mlp"),
-    "w_up": ("embed", "mlp"),
-    "w_down": ("mlp", "embed"),
-    "kernel": ("embed", "vocab"),  # the output head
-    "scale": ("norm",),
 }
 
 
@@ -189,6 +176,9 @@ def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mes
     that stays whole on each of them can run out of memory only at scale)."""
     spec = []
     for axis, dim in zip(logical, shape, strict=True):
+        if axis is not None and axis not in RULES:
+            raise ValueError(f"{name}: no sharding rule for the logical axis {axis!r}; add it to "
+                             "lab.sharding.RULES")
         mesh_axes = RULES.get(axis) if axis else None
         if mesh_axes is not None:
             names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
@@ -205,25 +195,15 @@ def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mes
     return P(*spec)
 
 
-def param_logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a parameter from its name; a leading extra axis is the layer stack."""
-    names = path_names(path)
-    axes = PARAM_AXES.get(names[-1])
-    if axes is None:
-        raise ValueError(f"no sharding rule for parameter {'/'.join(map(str, names))}")
-    if ndim == len(axes) + 1:
-        return ("layers",) + axes
-    assert ndim == len(axes), (path, ndim)
-    return axes
-
-
-def param_shardings(params_shape, mesh: Mesh):
-    """A tree of NamedShardings matching a tree of parameters (or their ShapeDtypeStructs)."""
-    def one(path, leaf):
-        axes = param_logical_axes(path, len(leaf.shape))
+def param_shardings(params_shape, specs, mesh: Mesh):
+    """A tree of NamedShardings matching a tree of parameters (or their ShapeDtypeStructs),
+    from the axes declared in `specs`, a tree of lab.roles.ParamSpec of the same structure."""
+    def one(path, leaf, spec):
         name = "/".join(map(str, path_names(path)))
-        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, name))
-    return jax.tree_util.tree_map_with_path(one, params_shape)
+        if len(spec.axes) != len(leaf.shape):
+            raise ValueError(f"parameter {name} of shape {leaf.shape} declares axes {spec.axes}")
+        return NamedSharding(mesh, logical_to_spec(spec.axes, leaf.shape, mesh, name))
+    return jax.tree_util.tree_map_with_path(one, params_shape, specs)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -31,10 +31,10 @@ from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
-from lab.optim import build_optimizer, describe_routing, lr_schedule, param_labels
+from lab.optim import build_optimizer, describe_routing, lr_schedule, map_param_copies, param_labels
 from lab.preemption import PREEMPTION
 from lab.profiling import StepProfiler
-from lab.tree import path_names
+from lab.roles import specs_of
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     graphdef: Any
     abstract_params: dict
+    param_specs: dict  # lab.roles.ParamSpec of each parameter, a tree like abstract_params
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: Any
@@ -73,26 +74,24 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
 
     platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
     abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
-    graphdef, abstract_params = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_params)
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract_params, specs = nnx.to_pure_dict(abstract_state), specs_of(abstract_state)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
-    lr_scales = mup_lr_scales(mcfg, abstract_params)
+    lr_scales = mup_lr_scales(mcfg, specs)
     if cfg.optim.name == "muon" and cfg.optim.muon_scaling == "shape":
         # Muon's spectral (shape) scaling already makes its update width-independent; μP's
         # 1/width on top would count width twice. Moonlight's RMS-matched update is Adam-like
         # in size, so it keeps μP's multipliers.
         lr_scales = jax.tree.map(lambda scale, group: 1.0 if group == "muon" else scale,
-                                 lr_scales, param_labels(abstract_params))
-    tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, abstract_params,
-                         lr_scales=lr_scales)
+                                 lr_scales, param_labels(specs))
+    tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, specs, lr_scales=lr_scales)
 
     def init_fn() -> dict:
         model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    abstract_state = jax.eval_shape(init_fn)
-    state_sh = state_shardings(abstract_state, mesh)
+    state_sh = state_shardings(jax.eval_shape(init_fn), specs, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
 
@@ -141,33 +140,24 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
                             out_shardings=(state_sh, repl), donate_argnums=0)
         jit_eval = jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh),
                            out_shardings=repl)
-    return Trainer(cfg, mesh, graphdef, abstract_params, tx, schedule, state_sh, jit_init,
-                   jit_train, jit_eval)
+    return Trainer(cfg, mesh, graphdef, abstract_params, specs, tx, schedule, state_sh,
+                   jit_init, jit_train, jit_eval)
 
 
-def state_shardings(abstract_state: dict, mesh: jax.sharding.Mesh) -> dict:
-    """Parameters by their names; optimizer moments like the parameter they belong to
-    (matched by the end of their tree path); scalars replicated."""
-    param_sh = sharding.param_shardings(abstract_state["params"], mesh)
-    by_path = {
-        path_names(path): sh
-        for path, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]
-    }
+def state_shardings(abstract_state: dict, specs: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Parameters by their declared axes; the optimizer's copies of the parameter tree (its
+    moments) like the parameters, leaf for leaf; scalars, and moments of another shape than
+    their parameter, replicated."""
+    params = abstract_state["params"]
+    param_sh = sharding.param_shardings(params, specs, mesh)
     repl = sharding.replicated(mesh)
 
-    def opt_leaf(path, leaf):
-        names = path_names(path)
-        for i in range(len(names)):
-            sh = by_path.get(names[i:])
-            if sh is not None and len(sh.spec) <= len(leaf.shape):
-                return sh
-        return repl
+    def moment(leaf, param, sh):
+        return sh if leaf.shape == param.shape else repl
 
-    return {
-        "params": param_sh,
-        "opt": jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt"]),
-        "step": repl,
-    }
+    opt_sh = map_param_copies(moment, abstract_state["opt"], params, param_sh,
+                              other=lambda _: repl)
+    return {"params": param_sh, "opt": opt_sh, "step": repl}
 
 
 # ----------------------------------------------------------------------------- the console
@@ -660,7 +650,7 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
               f"{setup.counts['params']:,} parameters, data {setup.data_path}")
         print(setup.memory_line)
         if cfg.optim.name == "muon":
-            print(describe_routing(setup.trainer.abstract_params))
+            print(describe_routing(setup.trainer.abstract_params, setup.trainer.param_specs))
 
     summary = {
         "params": setup.counts["params"],

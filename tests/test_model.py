@@ -17,6 +17,7 @@ from lab.model import (
     mup_lr_scales,
     padded_vocab,
     param_counts,
+    param_specs,
 )
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
@@ -125,12 +126,12 @@ def test_bfloat16_compute_close_to_float32():
 
 def test_mup_scales():
     cfg = dataclasses.replace(BASE, parameterization="mup", mup_base_width=16)
-    params = nnx.state(Transformer(cfg, nnx.Rngs(0)), nnx.Param)
-    scales = mup_lr_scales(cfg, nnx.to_pure_dict(params))
+    specs = param_specs(cfg)
+    scales = mup_lr_scales(cfg, specs)
     assert scales["blocks"]["attn"]["wq"] == 0.5 and scales["blocks"]["mlp"]["w_down"] == 0.5
     assert scales["embed"]["embedding"] == 1.0 and scales["head"]["kernel"] == 1.0
     assert scales["final_norm"]["scale"] == 1.0
-    sp_scales = mup_lr_scales(BASE, nnx.to_pure_dict(params))
+    sp_scales = mup_lr_scales(BASE, specs)
     assert all(v == 1.0 for v in jax.tree.leaves(sp_scales))
     # The output multiplier: the same weights at twice the base-width ratio give half the logits.
     tokens = jax.random.randint(jax.random.key(5), (1, 8), 0, 64)

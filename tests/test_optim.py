@@ -1,4 +1,5 @@
-"""The optimizer from the config: routing, AdamW equivalence, Muon group, μP scales."""
+"""The optimizer from the config: routing by declared role, AdamW equivalence, Muon group, μP
+scales."""
 
 import dataclasses
 
@@ -11,6 +12,7 @@ from flax import nnx
 
 from lab.config import OptimConfig, ScheduleConfig
 from lab.errors import UserError
+from lab.model import Embed, RMSNorm
 from lab.muon import NS_COEFFS
 from lab.optim import (
     build_optimizer,
@@ -20,42 +22,64 @@ from lab.optim import (
     path_names,
     weight_decay_mask,
 )
+from lab.roles import LAYERS, ParamSpec, Role, param, specs_of
 from lab.schedules import cosine, wsd
 
 V, D, H, F, L = 32, 16, 24, 40, 3  # vocab, d_model, heads*head_dim, mlp width, layers
 
 HIDDEN_SHAPES = {"wq": (D, H), "wk": (D, H), "wv": (D, H), "wo": (H, D)}
 MLP_SHAPES = {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+AXES = {"wq": ("embed", "heads"), "wk": ("embed", "kv_heads"), "wv": ("embed", "kv_heads"),
+        "wo": ("heads", "embed"), "w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"),
+        "w_down": ("mlp", "embed")}
 
 
 def block_tree(lead=()):
-    """One block's parameters named as the lead's model names them; `lead` prefixes each shape."""
-    ones = lambda *s: jnp.ones(lead + s)  # noqa: E731
-    attn = {k: ones(*s) for k, s in HIDDEN_SHAPES.items()}
-    attn |= {"q_norm": {"scale": ones(8)}, "k_norm": {"scale": ones(8)}}
+    """One block's parameters named and declared as the lead's model does; `lead` prefixes
+    each shape (the layer stack)."""
+    def ones(axes, role, *shape):
+        return param(jnp.ones(lead + shape), (LAYERS,) * len(lead) + axes, role)
+
+    def norm(dim):
+        return {"scale": ones(("norm",), Role.NORM, dim)}
+
+    attn = {k: ones(AXES[k], Role.HIDDEN, *s) for k, s in HIDDEN_SHAPES.items()}
+    attn |= {"q_norm": norm(8), "k_norm": norm(8)}
     return {
-        "attn_norm": {"scale": ones(D)},
+        "attn_norm": norm(D),
         "attn": attn,
-        "mlp_norm": {"scale": ones(D)},
-        "mlp": {k: ones(*s) for k, s in MLP_SHAPES.items()},
+        "mlp_norm": norm(D),
+        "mlp": {k: ones(AXES[k], Role.HIDDEN, *s) for k, s in MLP_SHAPES.items()},
     }
 
 
 def unrolled_tree(head=True):
+    """(arrays, ParamSpecs) of a model with unrolled layers."""
     tree = {
-        "embed": {"embedding": jnp.ones((V, D))},
+        "embed": {"embedding": param(jnp.ones((V, D)), ("vocab", "embed"), Role.EMBEDDING)},
         "blocks": {i: block_tree() for i in range(L)},
-        "final_norm": {"scale": jnp.ones(D)},
+        "final_norm": {"scale": param(jnp.ones(D), ("norm",), Role.NORM)},
     }
     if head:
-        tree["head"] = {"kernel": jnp.ones((D, V))}
-    return tree
+        tree["head"] = {"kernel": param(jnp.ones((D, V)), ("embed", "vocab"), Role.HEAD)}
+    return split(tree)
 
 
 def scanned_tree():
-    tree = unrolled_tree()
-    tree["blocks"] = block_tree(lead=(L,))
-    return tree
+    """(arrays, ParamSpecs) of a model with its layers stacked."""
+    tree = {
+        "embed": {"embedding": param(jnp.ones((V, D)), ("vocab", "embed"), Role.EMBEDDING)},
+        "blocks": block_tree(lead=(L,)),
+        "final_norm": {"scale": param(jnp.ones(D), ("norm",), Role.NORM)},
+        "head": {"kernel": param(jnp.ones((D, V)), ("embed", "vocab"), Role.HEAD)},
+    }
+    return split(tree)
+
+
+def split(tree):
+    """The arrays and the ParamSpecs of a tree of declared parameters."""
+    arrays = jax.tree.map(lambda p: p[...], tree, is_leaf=lambda x: isinstance(x, nnx.Param))
+    return arrays, specs_of(tree)
 
 
 def expected_label(names):
@@ -71,23 +95,23 @@ def flat(tree):
     "make, n_muon",
     [(unrolled_tree, 7 * L), (scanned_tree, 7), (lambda: unrolled_tree(head=False), 7 * L)],
 )
-def test_routing_by_name(make, n_muon):
-    params = make()
-    labels = flat(param_labels(params))
+def test_routing_by_role(make, n_muon):
+    params, specs = make()
+    labels = flat(param_labels(specs))
     assert labels == {names: expected_label(names) for names in flat(params)}
     assert list(labels.values()).count("muon") == n_muon
     # The trap of rank-based routing: stacked norm scales are 2-D, stacked kernels 3-D.
     if n_muon == 7:
         assert labels[("blocks", "attn_norm", "scale")] == "adamw"
         assert labels[("blocks", "mlp", "w_down")] == "muon"
-    decay = flat(weight_decay_mask(params))
+    decay = flat(weight_decay_mask(specs))
     for names, leaf in flat(params).items():
         assert decay[names] == (names[-1] != "scale"), names
         assert leaf.ndim >= 2 or not decay[names]
 
 
 def test_describe_routing_folds_layers():
-    text = describe_routing(unrolled_tree())
+    text = describe_routing(*unrolled_tree())
     rows = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
     assert rows["blocks/*/mlp/w_up"][-3:] == [str(L), "muon", "yes"]
     assert rows["blocks/*/attn_norm/scale"][-3:] == [str(L), "adamw", "no"]
@@ -98,15 +122,16 @@ def test_describe_routing_folds_layers():
 
 class Block(nnx.Module):
     def __init__(self, rngs):
-        self.attn_norm = nnx.RMSNorm(D, rngs=rngs)
-        self.wq = nnx.Param(jax.random.normal(rngs.params(), (D, H)))
+        self.attn_norm = RMSNorm(D, 1e-6)
+        self.wq = param(jax.random.normal(rngs.params(), (D, H)), ("embed", "heads"),
+                        Role.HIDDEN)
 
 
 class Model(nnx.Module):
     """A tiny NNX module with the lead's names, to check State trees and nnx.Optimizer."""
 
     def __init__(self, rngs):
-        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.embed = Embed(V, D, 1.0, rngs)
         self.blocks = nnx.List([Block(rngs) for _ in range(2)])
 
     def __call__(self, tokens):
@@ -119,13 +144,14 @@ class Model(nnx.Module):
 def test_nnx_state_routing_and_optimizer():
     model = Model(nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)  # leaves inside Variables
-    labels = flat(param_labels(state))
+    specs = specs_of(state)
+    labels = flat(param_labels(specs))
     assert labels[("blocks", 0, "wq")] == "muon"
     assert labels[("blocks", 1, "attn_norm", "scale")] == "adamw"
     assert labels[("embed", "embedding")] == "adamw"
-    assert flat(param_labels(nnx.to_pure_dict(state))) == labels
+    assert set(labels) == set(flat(state))
     cfg = OptimConfig(name="muon", lr=0.01)
-    tx = build_optimizer(cfg, ScheduleConfig(), 10, state)
+    tx = build_optimizer(cfg, ScheduleConfig(), 10, specs)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     before = np.asarray(model.blocks[0].wq[...])
     grads = nnx.grad(lambda m: m(jnp.arange(8)[None]))(model)
@@ -157,10 +183,11 @@ SCHED = ScheduleConfig(name="wsd", warmup_steps=2, decay_steps=3, decay_shape="1
 
 
 def test_adamw_equals_optax_adamw():
-    params = random_like(scanned_tree(), 0)
+    params, specs = scanned_tree()
+    params = random_like(params, 0)
     grads_seq = [random_like(params, s, std=3.0) for s in (1, 2, 3, 4)]
     cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.1, grad_clip=1.0)
-    ours = run(build_optimizer(cfg, SCHED, 6, params), params, grads_seq)
+    ours = run(build_optimizer(cfg, SCHED, 6, specs), params, grads_seq)
     mask = jax.tree.map(lambda x: x.ndim >= 2, params)
     mask["blocks"]["attn_norm"]["scale"] = mask["blocks"]["mlp_norm"]["scale"] = False
     mask["blocks"]["attn"]["q_norm"]["scale"] = mask["blocks"]["attn"]["k_norm"]["scale"] = False
@@ -173,7 +200,7 @@ def test_adamw_equals_optax_adamw():
     for (names, a), b in zip(flat(ours).items(), flat(theirs).values(), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(names))
     # The clip mattered: without it the result differs.
-    unclipped = run(build_optimizer(dataclasses.replace(cfg, grad_clip=0.0), SCHED, 6, params),
+    unclipped = run(build_optimizer(dataclasses.replace(cfg, grad_clip=0.0), SCHED, 6, specs),
                     params, grads_seq)
     assert not np.allclose(unclipped["embed"]["embedding"], ours["embed"]["embedding"])
 
@@ -194,14 +221,15 @@ def ns64(x):
 def test_first_step_of_each_group_in_closed_form(make):
     """Step 0 at lr = peak: AdamW moves by lr * (g / (|g| + eps) + wd W); Muon by
     lr * ratio * (0.2 sqrt(max(fan_in, fan_out)) NS(g) + wd W), NS in float64 here."""
-    params = random_like(make(), 5)
+    params, specs = make()
+    params = random_like(params, 5)
     grads = random_like(params, 6, std=1e-3)  # global norm < 1: no clip
     assert optax.tree.norm(grads) < 1.0
     lr, wd, ratio, eps = 0.02, 0.1, 0.5, 1e-8
     cfg = OptimConfig(name="muon", lr=lr, weight_decay=wd, muon_lr_ratio=ratio, eps=eps)
-    new = flat(run(build_optimizer(cfg, ScheduleConfig(), 10, params), params, [grads]))
+    new = flat(run(build_optimizer(cfg, ScheduleConfig(), 10, specs), params, [grads]))
     p0, g0 = flat(params), flat(grads)
-    decay = flat(weight_decay_mask(params))
+    decay = flat(weight_decay_mask(specs))
     for names, w in p0.items():
         w64, g64 = np.asarray(w, np.float64), np.asarray(g0[names], np.float64)
         if expected_label(names) == "muon":
@@ -214,17 +242,18 @@ def test_first_step_of_each_group_in_closed_form(make):
 
 def test_lr_scales_scale_the_whole_update_including_decay():
     """A leaf with scale s moves exactly as under optax.adamw with learning rate s * lr."""
-    params = random_like(unrolled_tree(), 7)
+    params, specs = unrolled_tree()
+    params = random_like(params, 7)
     grads_seq = [random_like(params, s) for s in (8, 9, 10)]
     scales = jax.tree_util.tree_map_with_path(
         lambda path, _: 0.25 if path_names(path)[-1] in MLP_SHAPES else 1.0, params
     )
     cfg = OptimConfig(name="adamw", lr=0.01, weight_decay=0.5, grad_clip=0.0)
-    ours = flat(run(build_optimizer(cfg, SCHED, 6, params, lr_scales=scales), params, grads_seq))
+    ours = flat(run(build_optimizer(cfg, SCHED, 6, specs, lr_scales=scales), params, grads_seq))
     for s in (1.0, 0.25):
         sched = wsd(0.01 * s, 6, 2, 3, "1-sqrt")
         ref = flat(run(optax.adamw(sched, 0.9, 0.95, 1e-8, weight_decay=0.5,
-                                   mask=weight_decay_mask), params, grads_seq))
+                                   mask=weight_decay_mask(specs)), params, grads_seq))
         for names in ref:
             if flat(scales)[names] == s:
                 np.testing.assert_allclose(ours[names], ref[names], rtol=1e-6, atol=1e-7)
@@ -234,9 +263,9 @@ def test_lr_scales_scale_the_whole_update_including_decay():
 
 
 def test_lr_scales_must_match_params():
-    params = unrolled_tree()
+    _, specs = unrolled_tree()
     with pytest.raises(ValueError):
-        build_optimizer(OptimConfig(), SCHED, 6, params, lr_scales={"embed": {"embedding": 1.0}})
+        build_optimizer(OptimConfig(), SCHED, 6, specs, lr_scales={"embed": {"embedding": 1.0}})
 
 
 def test_lr_schedule_dispatch():
@@ -262,9 +291,10 @@ def test_lr_schedule_dispatch():
 )
 def test_config_mistakes_are_user_errors(optim, sched):
     with pytest.raises(UserError):
-        build_optimizer(optim, sched, 10, unrolled_tree())
+        build_optimizer(optim, sched, 10, unrolled_tree()[1])
 
 
 def test_muon_without_hidden_matrices_is_a_user_error():
     with pytest.raises(UserError, match="optim.name=adamw"):
-        build_optimizer(OptimConfig(name="muon"), ScheduleConfig(), 10, {"embed": jnp.ones((4, 4))})
+        build_optimizer(OptimConfig(name="muon"), ScheduleConfig(), 10,
+                        {"embed": ParamSpec(("vocab", "embed"), Role.EMBEDDING)})

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from lab.config import MeshConfig, load_config
 from lab.errors import UserError
-from lab.model import Transformer, with_vocab
+from lab.model import Transformer, param_specs, with_vocab
 from lab.sharding import (
     bind_address,
     check_tensor_groups,
@@ -110,34 +110,35 @@ def test_hybrid_mesh_of_two_real_tpu_slices():
         make_mesh(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
 
 
-def abstract_params(config: str, overrides: list[str] = ()) -> dict:
-    cfg = load_config(ROOT / config, list(overrides))
-    model = nnx.eval_shape(lambda: Transformer(with_vocab(cfg.model, 257), nnx.Rngs(0)))
-    return nnx.to_pure_dict(nnx.split(model)[1])
+def abstract_params(config: str, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """(shapes, ParamSpecs) of a config's parameters."""
+    mcfg = with_vocab(load_config(ROOT / config, list(overrides)).model, 257)
+    model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.split(model)[1]), param_specs(mcfg)
 
 
 @pytest.mark.parametrize("mesh", [(1, 8, 1), (1, 4, 2), (2, 2, 2), (8, 1, 1), (1, 1, 8)])
 def test_shipped_configs_divide_on_eight_devices(mesh):
     cfg = MeshConfig(*mesh)
     for config in ["configs/tiny.yaml", "configs/gpu/debug.yaml", "configs/demo-base.yaml"]:
-        shardings = param_shardings(abstract_params(config), make_mesh(cfg))
+        shardings = param_shardings(*abstract_params(config), make_mesh(cfg))
         wq = shardings["blocks"]["attn"]["wq"].spec
         assert wq == P(None, "fsdp" if mesh[1] > 1 else None, "tensor" if mesh[2] > 1 else None)
 
 
 def test_an_undivided_parameter_is_an_error_not_replication():
-    params = abstract_params("configs/tiny.yaml", ["model.d_model=36", "model.n_heads=3"])
+    params, specs = abstract_params("configs/tiny.yaml", ["model.d_model=36", "model.n_heads=3"])
     with pytest.raises(UserError) as e:
-        param_shardings(params, make_mesh(MeshConfig(1, 8, 1)))
+        param_shardings(params, specs, make_mesh(MeshConfig(1, 8, 1)))
     message = str(e.value)
     assert message.startswith("parameter blocks/") and "'embed' dimension (36)" in message
     assert "mesh.fsdp=8" in message and "\n" not in message
     with pytest.raises(UserError, match=r"blocks/attn/wk: its 'kv_heads' dimension \(36\).*"
                                         r"mesh.tensor=8"):
-        param_shardings(params, make_mesh(MeshConfig(1, 1, 8)))
+        param_shardings(params, specs, make_mesh(MeshConfig(1, 1, 8)))
     # Axes of size 1 split nothing, so nothing needs to divide.
-    specs = param_shardings(params, make_mesh(MeshConfig(8, 1, 1)))
-    assert all(s.spec == P(*(None,) * len(s.spec)) for s in jax.tree.leaves(specs))
+    shardings = param_shardings(params, specs, make_mesh(MeshConfig(8, 1, 1)))
+    assert all(s.spec == P(*(None,) * len(s.spec)) for s in jax.tree.leaves(shardings))
 
 
 def test_bind_address_is_the_advertised_ip():
