@@ -23,17 +23,18 @@ import optax
 from flax import nnx
 
 from lab import checkpoint, paths, preemption, rundir, sharding
-from lab.branch import check_plan, planned_pairs, planned_steps
+from lab.branch_plan import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict
 from lab.errors import UserError
 from lab.memory import preflight
-from lab.metrics import MetricsLogger, read_json, read_metrics, write_json_atomic
+from lab.metrics import MetricsLogger, read_metrics
 from lab.mfu import total_peak_flops
 from lab.model import Transformer, flops_per_token, loss_fn, mup_lr_scales, param_counts
 from lab.optim import build_optimizer, describe_routing, lr_schedule, param_labels
 from lab.preemption import PREEMPTION
 from lab.profiling import StepProfiler
+from lab.rundir import Status, Summary
 from lab.tree import path_names
 
 
@@ -246,7 +247,7 @@ def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
 @dataclasses.dataclass
 class LoopResult:
     state: dict
-    status: str  # finished | preempted | diverged
+    status: Status  # finished | preempted | diverged
     step: int  # steps done
     eval_loss: float | None = None
     message: str = ""
@@ -303,7 +304,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     start = int(jax.device_get(state["step"]))
-    result = LoopResult(state, "finished", start, last_checkpoint=last_checkpoint)
+    result = LoopResult(state, Status.FINISHED, start, last_checkpoint=last_checkpoint)
     multi = jax.process_count() > 1
     spikes = SpikeWatch(tcfg.spike_factor, tcfg.spike_window)
     unchecked: tuple[int, dict] | None = None  # a step whose metrics are not yet fetched
@@ -334,7 +335,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
         return PREEMPTION.requested
 
     def stop_diverged(done: int, values: dict, problem: str) -> None:
-        result.status, result.step = "diverged", done - 1
+        result.status, result.step = Status.DIVERGED, done - 1
         saved = result.last_checkpoint
         kept = (f"its last checkpoint (step {saved}) is intact" if saved is not None
                 else "no checkpoint was saved before it")
@@ -397,7 +398,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                             stamp(unchecked[0], values)
                             emit(unchecked[0], values)
                         unchecked = None
-                    result.status, result.step = "preempted", step
+                    result.status, result.step = Status.PREEMPTED, step
                     if step > start:
                         save(step)
                         result.message = (f"preempted: checkpoint saved at step {step}; run the "
@@ -448,7 +449,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
                     if save_due:
                         save(done)
                     other_lap()
-            if unchecked is not None and result.status == "finished":
+            if unchecked is not None and result.status == Status.FINISHED:
                 values = fetch(*unchecked)
                 if values is not None and log_pending:
                     train_lap()
@@ -522,7 +523,7 @@ def _check_finished(run_dir: str, saved: Config, cfg: Config) -> None:
 
 def _truncate_metrics(run_dir: str, step: int) -> None:
     """Drop records after the restored step, so a resumed run's log reads as one run."""
-    path = paths.join(run_dir, rundir.METRICS)
+    path = rundir.metrics_path(run_dir)
     if not paths.exists(path):
         return
     keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= step]
@@ -572,10 +573,10 @@ def prepare(cfg: Config) -> Setup:
     try:
         resuming = reader is not None and bool(reader.steps())
         if resuming:
-            check_resumable(load_config(paths.join(run_dir, rundir.CONFIG)), cfg)
+            check_resumable(load_config(rundir.config_path(run_dir)), cfg)
         parent_dir = paths.join(cfg.run.parent) if cfg.run.parent else None  # normalised
         if parent_dir is not None and not resuming:
-            check_resumable(load_config(paths.join(parent_dir, rundir.CONFIG)), cfg,
+            check_resumable(load_config(rundir.config_path(parent_dir)), cfg,
                             BRANCH_CHANGES, what=f"the parent run {parent_dir}")
 
         mesh = sharding.make_mesh(cfg.mesh)
@@ -628,13 +629,12 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     rundir.check_run_dir(run_dir)
     is_main = jax.process_index() == 0
     with preemption.caught(), rundir.RunLock(run_dir, enabled=is_main):
-        summary_path = paths.join(run_dir, rundir.SUMMARY)
-        existing = read_json(summary_path)
-        if existing and existing.get("status") == "finished":
-            _check_finished(run_dir, load_config(paths.join(run_dir, rundir.CONFIG)), cfg)
-            print(f"{run_dir} is already finished (status 'finished'); nothing to do. "
+        existing = rundir.read_summary(run_dir)
+        if existing and existing.finished:
+            _check_finished(run_dir, load_config(rundir.config_path(run_dir)), cfg)
+            print(f"{run_dir} is already finished (status '{Status.FINISHED}'); nothing to do. "
                   "Use another run.dir to train again.")
-            return existing
+            return existing.to_dict()
         setup = prepare(cfg)
         return _run(setup, progress, is_main)
 
@@ -642,13 +642,12 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
 def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
     """The checked run: write its directory, train, write the summary."""
     cfg, run_dir = setup.cfg, setup.cfg.run.dir
-    summary_path = paths.join(run_dir, rundir.SUMMARY)
     state, step, parent_dir = setup.state, setup.step, setup.parent_dir
     if is_main:
         paths.makedirs(run_dir)
-        paths.write_text(paths.join(run_dir, rundir.CONFIG), dump_config(cfg))
+        paths.write_text(rundir.config_path(run_dir), dump_config(cfg))
         if step is None:
-            paths.remove(paths.join(run_dir, rundir.METRICS))
+            paths.remove(rundir.metrics_path(run_dir))
         else:
             _truncate_metrics(run_dir, step)
         where = "starting"
@@ -662,27 +661,26 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
         if cfg.optim.name == "muon":
             print(describe_routing(setup.trainer.abstract_params))
 
-    summary = {
-        "params": setup.counts["params"],
-        "non_embedding_params": setup.counts["non_embedding_params"],
-        "flops_per_token": flops_per_token(cfg.model, cfg.train.seq_len),
-        "name": cfg.run.name or paths.name(run_dir),
-        "data": setup.data_path,
-        "status": "running",
-        "tokens": 0,
-        "flops": 0,
-        "final_eval_loss": None,
+    summary = Summary(
+        params=setup.counts["params"],
+        non_embedding_params=setup.counts["non_embedding_params"],
+        flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
+        name=cfg.run.name or paths.name(run_dir),
+        data=setup.data_path,
+        status=Status.RUNNING,
+        tokens=0,
+        flops=0,
         **cfg.run.prediction(),  # a planned run's predicted loss (lab plan), for lab fit
-    }
+    )
     if parent_dir is not None:
-        summary.update(parent=parent_dir, branch_step=cfg.run.parent_step,
-                       decay_steps=cfg.schedule.decay_steps,
-                       decay_shape=cfg.schedule.decay_shape)
+        summary = dataclasses.replace(
+            summary, parent=parent_dir, branch_step=cfg.run.parent_step,
+            decay_steps=cfg.schedule.decay_steps, decay_shape=cfg.schedule.decay_shape)
     peak, peak_source = total_peak_flops(cfg.model.compute_dtype, cfg.run.peak_tflops)
     checkpointer = logger = None
     try:
         if is_main:
-            write_json_atomic(summary_path, summary)
+            rundir.write_summary(run_dir, summary)
         checkpointer = Checkpointer(checkpoint.checkpoint_dir(run_dir), cfg.checkpoint.keep_last,
                                     setup.keep_steps, unreadable=setup.unreadable)
         logger = MetricsLogger(run_dir, enabled=is_main)
@@ -690,12 +688,12 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
         if progress is None:
             progress = Progress(cfg.train.steps, enabled=is_main)
         result = run_loop(cfg, setup.trainer, state, setup.batches, setup.eval_data, logger,
-                          checkpointer, peak, summary["flops_per_token"], setup.keep_steps,
+                          checkpointer, peak, summary.flops_per_token, setup.keep_steps,
                           progress, StepProfiler(default_dir=paths.join(run_dir, "profile")),
                           last_checkpoint=step if setup.restored_own else None)
     except BaseException:
         if is_main:
-            write_json_atomic(summary_path, {**summary, "status": "failed"})
+            rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
         raise
     finally:
         if logger is not None:
@@ -705,21 +703,23 @@ def _run(setup: Setup, progress: Progress | None, is_main: bool) -> dict:
 
     tokens = result.step * cfg.train.batch_size * cfg.train.seq_len
     own_tokens = (result.step - cfg.run.parent_step) * cfg.train.batch_size * cfg.train.seq_len
-    summary.update(status=result.status, steps=result.step, tokens=tokens,
-                   flops=summary["flops_per_token"] * tokens,
-                   flops_spent=summary["flops_per_token"] * own_tokens,
-                   final_eval_loss=result.eval_loss if result.status == "finished" else None,
-                   peak_flops=peak, peak_source=peak_source,
-                   train_seconds=round(result.train_seconds, 3),
-                   compile_seconds=round(result.compile_seconds, 3),
-                   eval_seconds=round(result.eval_seconds, 3),
-                   checkpoint_seconds=round(result.checkpoint_seconds, 3))
+    finished = result.status == Status.FINISHED
+    summary = dataclasses.replace(
+        summary, status=result.status, steps=result.step, tokens=tokens,
+        flops=summary.flops_per_token * tokens, flops_spent=summary.flops_per_token * own_tokens,
+        final_eval_loss=result.eval_loss if finished else None,
+        peak_flops=peak, peak_source=peak_source,
+        train_seconds=round(result.train_seconds, 3),
+        compile_seconds=round(result.compile_seconds, 3),
+        eval_seconds=round(result.eval_seconds, 3),
+        checkpoint_seconds=round(result.checkpoint_seconds, 3))
     if is_main:
-        write_json_atomic(summary_path, summary)
-        if result.status == "finished":
-            print(f"finished: final eval loss {result.eval_loss:.4f}, {tokens:,} tokens, "
-                  f"{summary['flops']:.3g} FLOPs")
+        rundir.write_summary(run_dir, summary)
+        diverged = result.status == Status.DIVERGED
+        if finished:
+            print(f"{Status.FINISHED}: final eval loss {result.eval_loss:.4f}, {tokens:,} tokens, "
+                  f"{summary.flops:.3g} FLOPs")
         elif result.message:
-            print(("error: " if result.status == "diverged" else "") + result.message,
-                  file=sys.stderr if result.status == "diverged" else sys.stdout)
-    return summary
+            print(("error: " if diverged else "") + result.message,
+                  file=sys.stderr if diverged else sys.stdout)
+    return summary.to_dict()
