@@ -18,10 +18,7 @@ import yaml
 
 from analysis import paths
 from lab.errors import UserError
-
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
+from lab.rundir import CONFIG, METRICS, SUMMARY, Status, Summary
 
 # Columns of the runs table, in order.
 COLUMNS = [
@@ -95,31 +92,31 @@ def _number(value) -> float:
 
 def read_run(run_dir: str) -> dict:
     """One row of the runs table, from a run's summary.json and config.yaml."""
-    s = _load_json(paths.join(run_dir, SUMMARY))
+    s = Summary.from_dict(_load_json(paths.join(run_dir, SUMMARY)))
     cfg = _config(run_dir)
     batch, seq = _number(_get(cfg, "train.batch_size")), _number(_get(cfg, "train.seq_len"))
-    interval = s.get("predicted_interval") or [None, None]  # a run `lab plan` wrote
+    interval = s.predicted_interval or [None, None]  # a run `lab plan` wrote
     return {
         "run": run_dir,
-        "N": _number(s.get("params")),
-        "non_embedding_params": _number(s.get("non_embedding_params")),
-        "D": _number(s.get("tokens")),
-        "C": _number(s.get("flops")),
-        "loss": _number(s.get("final_eval_loss")),
+        "N": _number(s.params),
+        "non_embedding_params": _number(s.non_embedding_params),
+        "D": _number(s.tokens),
+        "C": _number(s.flops),
+        "loss": _number(s.final_eval_loss),
         "lr": _number(_get(cfg, "optim.lr")),
         "batch_size": batch,
         "seq_len": seq,
         "batch_tokens": batch * seq,
         "schedule": _get(cfg, "schedule.name"),
         "decay_shape": _get(cfg, "schedule.decay_shape"),
-        "parent": s.get("parent"),
-        "branch_step": _number(s.get("branch_step")),
-        "decay_steps": _number(s.get("decay_steps")),
+        "parent": s.parent,
+        "branch_step": _number(s.branch_step),
+        "decay_steps": _number(s.decay_steps),
         # A WSD run without a decay ends at its peak learning rate: a branch point, not a law point.
         "stable": _get(cfg, "schedule.name") == "wsd"
         and _number(_get(cfg, "schedule.decay_steps")) == 0,
-        "status": s.get("status", "unknown"),
-        "predicted_loss": _number(s.get("predicted_loss")),
+        "status": str(s.status) if s.status is not None else "unknown",
+        "predicted_loss": _number(s.predicted_loss),
         "predicted_lo": _number(interval[0]),
         "predicted_hi": _number(interval[-1]),
     }
@@ -141,7 +138,7 @@ def collect_runs(inputs: str | Iterable[str], include_unfinished: bool = False) 
         for run_dir in found:
             row = read_run(run_dir)
             reason = None
-            if row["status"] != "finished":
+            if row["status"] != Status.FINISHED:
                 reason = f"status {row['status']}"
             elif not np.isfinite(row["loss"]):
                 reason = "no final_eval_loss"

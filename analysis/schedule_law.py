@@ -1,7 +1,9 @@
 """Loss along a learning-rate schedule, without running it (Tissue et al. 2024).
 
-    law = fit_run(RUN_DIR)                       # a stable run and its finished decays
-    law.final(lr_sequence(cfg))                  # end loss of any schedule, e.g. a cosine
+    law = fit_schedule_law(curves)               # Curve: learning rates and logged losses
+    law.final(lr_T)                              # end loss of any schedule, e.g. a cosine
+
+Pure numbers: lab.branch_predict reads a run directory's curves and plans the branches.
 
 The model is the "scaling law with learning-rate annealing" of Tissue et al. 2024:
 
@@ -43,7 +45,6 @@ from lab.errors import UserError
 # The momentum grid of the annealing area: from no lag (0) to Tissue et al.'s 0.999.
 LAMBDAS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 ALPHAS = np.linspace(0.02, 3.0, 150)
-MIN_EVALS = 4  # eval losses along a stable run needed to fit them instead of training losses
 
 
 def areas(lr_T: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,105 +157,3 @@ def fit_schedule_law(curves: list[Curve], start: int = 1) -> ScheduleLaw:
                       tuple(c.name for c in curves))
     gaps = [c.final_eval - law.curve(c.lr)[-1] for c in curves if c.final_eval is not None]
     return dataclasses.replace(law, gap=float(np.mean(gaps)) if gaps else 0.0)
-
-
-# ----------------------------------------------------------------------------- run directories
-
-
-def lr_sequence(cfg) -> np.ndarray:
-    """The learning rate of every update of a run (a lab Config), from lab.schedules."""
-    from lab import schedules
-
-    s, steps = cfg.schedule, cfg.train.steps
-    if s.name == "cosine":
-        fn = schedules.cosine(cfg.optim.lr, steps, s.warmup_steps, s.final_ratio)
-    else:
-        fn = schedules.wsd(cfg.optim.lr, steps, s.warmup_steps, s.decay_steps, s.decay_shape,
-                           s.final_ratio)
-    return np.asarray(fn(np.arange(steps)), dtype=np.float64)
-
-
-def load_curve(run_dir: str, use_eval: bool = False) -> Curve:
-    """A run directory's curve: its training losses, or with `use_eval` its eval losses.
-
-    A logged row at `step` k holds the training loss of the batch seen by update k, on the
-    parameters after k - 1 updates (lab.train logs before updating), and an `eval_loss` measured
-    after update k; the final eval loss (summary.json) is after every update of the run."""
-    from lab import paths
-    from lab.config import load_config
-    from lab.metrics import read_json, read_metrics
-
-    cfg = load_config(paths.join(run_dir, "config.yaml"))
-    key, shift = ("eval_loss", 0) if use_eval else ("loss", 1)
-    rows = [m for m in read_metrics(run_dir) if isinstance(m.get(key), (int, float))]
-    n = np.array([int(m["step"]) - shift for m in rows], dtype=np.int64)
-    loss = np.array([float(m[key]) for m in rows])
-    summary = read_json(paths.join(run_dir, "summary.json")) or {}
-    final = summary.get("final_eval_loss") if summary.get("status") == "finished" else None
-    return Curve(paths.name(run_dir), lr_sequence(cfg), n, loss,
-                 None if final is None else float(final))
-
-
-def eval_points(run_dir: str) -> int:
-    """How many eval losses a run logged along its curve."""
-    from lab.metrics import read_metrics
-
-    return sum(isinstance(m.get("eval_loss"), (int, float)) for m in read_metrics(run_dir))
-
-
-def run_curves(run_dir: str) -> list[Curve]:
-    """A stable run's curve and those of its finished branches (under RUN_DIR/branches/).
-    Eval losses are used when the stable run logged at least MIN_EVALS of them
-    (train.eval_every): on a fixed validation set they are far quieter than the training loss
-    of one batch; otherwise every curve is the training loss."""
-    from lab import paths
-    from lab.metrics import read_json
-
-    runs = [run_dir]
-    branches = paths.join(run_dir, "branches")
-    if paths.is_dir(branches):
-        for child in sorted(paths.parent(p) for p in paths.find(branches, "summary.json")):
-            done = read_json(paths.join(child, "summary.json")) or {}
-            if done.get("status") == "finished":
-                runs.append(child)
-    use_eval = eval_points(run_dir) >= MIN_EVALS
-    return [load_curve(r, use_eval) for r in runs]
-
-
-def default_start(cfg) -> int:
-    """Where the fitted window starts: past twice the warmup, where the power law holds."""
-    return max(2 * cfg.schedule.warmup_steps, 1)
-
-
-def predict_branches(run_dir: str, pairs: list[tuple[int, int]], shape: str,
-                     final_ratio: float, curves: list[Curve] | None = None) -> tuple[
-                         ScheduleLaw, list[dict]]:
-    """Fit the law on a run and its finished branches, then predict the final eval loss of
-    each planned branch (step, decay) and of a cosine run of the same length."""
-    from lab import paths
-    from lab.branch import child_config
-    from lab.config import load_config, replace
-
-    parent = load_config(paths.join(run_dir, "config.yaml"))
-    law = fit_schedule_law(curves if curves is not None else run_curves(run_dir),
-                           start=default_start(parent))
-    rows = []
-    for step, decay in pairs:
-        child = child_config(parent, run_dir, step, decay, shape, final_ratio)
-        total = child.train.steps
-        cos = replace(child, schedule={"name": "cosine", "decay_steps": 0})
-        rows.append({"branch_step": step, "decay_steps": decay, "shape": shape,
-                     "steps": total, "predicted": law.final(lr_sequence(child)),
-                     "cosine_predicted": law.final(lr_sequence(cos))})
-    return law, rows
-
-
-def format_predictions(law: ScheduleLaw, rows: list[dict]) -> str:
-    lines = [f"schedule law (Tissue et al. 2024) fitted on {', '.join(law.curves)}:",
-             f"  {law.describe()}",
-             f"{'branch step':>11} {'decay':>6} {'shape':>7} {'steps':>6} "
-             f"{'predicted eval loss':>19} {'cosine, same steps':>18}"]
-    for r in rows:
-        lines.append(f"{r['branch_step']:>11} {r['decay_steps']:>6} {r['shape']:>7} "
-                     f"{r['steps']:>6} {r['predicted']:>19.4f} {r['cosine_predicted']:>18.4f}")
-    return "\n".join(lines)

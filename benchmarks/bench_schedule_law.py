@@ -64,13 +64,8 @@ def _table(title: str, checks: list[tuple[str, float, float]]) -> tuple[str, dic
 
 
 def run(quick: bool = False) -> list[dict]:
-    from analysis.schedule_law import (
-        default_start,
-        fit_schedule_law,
-        lr_sequence,
-        predict_branches,
-        run_curves,
-    )
+    from analysis.schedule_law import fit_schedule_law
+    from lab.branch_predict import default_start, lr_sequence, predict_branches, run_curves
     from lab.config import load_config
     from lab.metrics import read_json
     from lab.train import train

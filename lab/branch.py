@@ -14,74 +14,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lab import paths
-from lab.config import Config, dump_config, load_config, replace
+from lab import paths, rundir
+from lab.branch_plan import branch_name, check_plan, child_config, planned_pairs  # noqa: F401
+from lab.config import Config, dump_config, load_config
 from lab.errors import UserError
-from lab.metrics import read_json, write_json_atomic
 from lab.model import flops_per_token, param_counts, with_vocab
+from lab.rundir import Status, write_json_atomic
 
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
-
-
-def planned_steps(cfg: Config, params: int) -> list[int]:
-    """The branch points a config declares (branch.at_*), as sorted steps."""
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    steps = set(cfg.branch.at_steps)
-    steps |= {max(1, round(t / tokens_per_step)) for t in cfg.branch.at_tokens}
-    steps |= {max(1, round(r * params / tokens_per_step)) for r in cfg.branch.at_tokens_per_param}
-    return sorted(steps)
-
-
-def planned_pairs(cfg: Config, params: int) -> list[tuple[int, int]]:
-    """Every (branch step, decay steps) pair of the declared plan."""
-    pairs = []
-    for step in planned_steps(cfg, params):
-        decays = set(cfg.branch.decay_steps)
-        decays |= {max(1, round(f * step)) for f in cfg.branch.decay_fractions}
-        pairs += [(step, d) for d in sorted(decays)]
-    return pairs
-
-
-def check_plan(cfg: Config, pairs: list[tuple[int, int]],
-               points: list[int] | None = None) -> None:
-    """A branch must start inside the parent's stable phase and decay no longer than it ran.
-    `points` adds branch points declared without decay lengths yet."""
-    s = cfg.schedule
-    points = sorted({p for p, _ in pairs} | set(points or ()))
-    if points and s.name != "wsd":
-        raise UserError(f"branches need a WSD run, but schedule.name is {s.name!r}; set "
-                        "schedule.name=wsd")
-    stable_end = cfg.train.steps - s.decay_steps
-    for step in points:
-        if not s.warmup_steps <= step <= stable_end:
-            raise UserError(
-                f"branch point {step} lies outside the stable phase of the run (steps "
-                f"{s.warmup_steps} to {stable_end}); choose points in it or lengthen train.steps")
-    for step, decay in pairs:
-        if decay > step:
-            raise UserError(f"a decay of {decay} steps from step {step} is longer than the run "
-                            "before it; use a shorter decay or a later branch point")
-
-
-def branch_name(step: int, decay: int, shape: str, final_ratio: float = 0.0) -> str:
-    """The child's folder: every setting that makes one child differ from another (a final
-    ratio other than 0 is added as `-final0.1`)."""
-    return f"step{step}-decay{decay}-{shape}" + (f"-final{final_ratio:g}" if final_ratio else "")
-
-
-def child_config(parent: Config, parent_dir: str | Path, step: int, decay: int, shape: str,
-                 final_ratio: float) -> Config:
-    name = branch_name(step, decay, shape, final_ratio)
-    return replace(
-        parent,
-        run={"dir": paths.join(parent_dir, "branches", name),
-             "name": f"{parent.run.name or paths.name(parent_dir)}/{name}",
-             "parent": str(parent_dir), "parent_step": step},
-        train={"steps": step + decay},
-        schedule={"decay_steps": decay, "decay_shape": shape, "final_ratio": final_ratio},
-        checkpoint={"keep_steps": (), "keep_last": 1},
-        branch=dataclasses.asdict(type(parent.branch)()),
-    )
 
 
 def compute_report(parent: Config, pairs: list[tuple[int, int]]) -> dict:
@@ -117,8 +57,8 @@ def write_plan(parent_dir: str, report: dict, children: list[Config]) -> None:
     write_json_atomic(paths.join(parent_dir, "branches.json"), report)
     for child in children:
         paths.makedirs(child.run.dir)
-        if not paths.exists(paths.join(child.run.dir, "config.yaml")):
-            paths.write_text(paths.join(child.run.dir, "config.yaml"), dump_config(child))
+        if not paths.exists(rundir.config_path(child.run.dir)):
+            paths.write_text(rundir.config_path(child.run.dir), dump_config(child))
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -149,10 +89,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     parent_dir = args.run_dir if paths.is_remote(args.run_dir) else str(Path(args.run_dir))
-    if not paths.is_file(paths.join(parent_dir, "config.yaml")):
-        raise UserError(f"{parent_dir} is not a run directory (no config.yaml); pass the "
+    if not paths.is_file(rundir.config_path(parent_dir)):
+        raise UserError(f"{parent_dir} is not a run directory (no {rundir.CONFIG}); pass the "
                         "directory of a `lab train` run")
-    parent = load_config(paths.join(parent_dir, "config.yaml"))
+    parent = load_config(rundir.config_path(parent_dir))
     if parent.run.parent:
         raise UserError(f"{parent_dir} is itself a branch; branch its parent {parent.run.parent}")
     params = param_counts(with_vocab(parent.model, 257))["params"]
@@ -194,7 +134,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--final-ratio must lie in [0, 1], got {final_ratio}")
 
     if args.predict:  # fitting needs a finished decay; analysis.schedule_law says so if none
-        from analysis.schedule_law import format_predictions, predict_branches
+        from lab.branch_predict import format_predictions, predict_branches
 
         print(format_predictions(*predict_branches(parent_dir, pairs, shape, final_ratio)))
         return 0
@@ -203,7 +143,7 @@ def main(argv: list[str]) -> int:
     print(format_report(report))
     if args.dry_run:
         for child in children:
-            print(f"{child.run.dir}: lab train {child.run.dir}/config.yaml")
+            print(f"{child.run.dir}: lab train {rundir.config_path(child.run.dir)}")
         return 0
     if is_main_process():  # one writer of the files every host would write alike
         write_plan(parent_dir, report, children)
@@ -212,8 +152,8 @@ def main(argv: list[str]) -> int:
 
     # An existing child must be the same run: checked for all before any trains.
     for child in children:
-        if paths.is_file(paths.join(child.run.dir, "config.yaml")):
-            saved_child = load_config(paths.join(child.run.dir, "config.yaml"))
+        if paths.is_file(rundir.config_path(child.run.dir)):
+            saved_child = load_config(rundir.config_path(child.run.dir))
             if not child.model.vocab_size:  # resolved from the data when the child started
                 child_model = dataclasses.replace(child.model,
                                                   vocab_size=saved_child.model.vocab_size)
@@ -224,14 +164,13 @@ def main(argv: list[str]) -> int:
     statuses = {}
     for child in children:
         child_dir, name = child.run.dir, paths.name(child.run.dir)
-        done = read_json(paths.join(child_dir, "summary.json"))
-        if done and done.get("status") == "finished":
+        if rundir.is_finished(child_dir):
             print(f"{name}: finished already, skipped")
-            statuses[name] = "finished"
+            statuses[name] = Status.FINISHED
             continue
         print(f"--- branch {name}")
         statuses[name] = train(child)["status"]
-    failed = {k: v for k, v in statuses.items() if v != "finished"}
+    failed = {k: v for k, v in statuses.items() if v != Status.FINISHED}
     print(f"{len(statuses) - len(failed)} of {len(statuses)} branches finished"
           + (f"; not finished: {failed}" if failed else ""))
     return 0 if not failed else 1

@@ -24,6 +24,7 @@ from typing import Any
 from tensorboard.summary import Writer
 
 from lab import paths, rundir
+from lab.rundir import read_json, write_json_atomic  # noqa: F401 (their old home)
 
 # A remote run directory is rewritten at least this often (records, seconds).
 FLUSH_RECORDS = 100
@@ -62,19 +63,6 @@ def _config_events(config_yaml: str, hparams: dict[str, Any]) -> list:
             event_pb2.Event(wall_time=now, step=0, summary=hp.hparams_pb(plain))]
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON so that readers never see half a file (local or remote)."""
-    paths.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | Path) -> dict | None:
-    """A JSON file's object, or None if it is missing or unreadable."""
-    try:
-        return json.loads(paths.read_text(path))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _plain(value: Any) -> Any:
     """JSON-friendly numbers: NaN and Inf become strings, numpy scalars Python floats."""
     if hasattr(value, "item"):
@@ -92,7 +80,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.run_dir = run_dir
-        self.path = paths.join(run_dir, rundir.METRICS)
+        self.path = rundir.metrics_path(run_dir)
         self.remote = paths.is_remote(run_dir)
         if self.remote:
             # The records so far (a resumed run's, already truncated) are rewritten with ours.
@@ -164,7 +152,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """Every record of a run's metrics.jsonl, in order (a torn last line is ignored)."""
     records = []
-    path = paths.join(run_dir, rundir.METRICS)
+    path = rundir.metrics_path(run_dir)
     if not paths.exists(path):
         return records
     for line in paths.read_text(path).splitlines():

@@ -7,7 +7,7 @@ never with the default death (exit 143) that leaves the run directory half-writt
 SIGINT still interrupts at once (Ctrl-C twice), as a user at a terminal expects.
 
 With several processes every host must stop at the same step, so the training loop asks JAX's
-preemption sync point instead of this flag (see lab.train).
+preemption sync point instead of this flag (see lab.train.hooks).
 """
 
 from __future__ import annotations

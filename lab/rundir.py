@@ -1,5 +1,5 @@
-"""The run directory: the names of its files, and the lock that lets one `lab train` at a time
-use it.
+"""The run directory: the names of its files, its summary (`Summary`, with the run's `Status`),
+and the lock that lets one `lab train` at a time use it.
 
 The lock is a file, `RUN_DIR/lock.json`, holding the host, the process id and that process's
 start time. A second process finds it and exits with status 2 naming the holder. A lock left by
@@ -10,11 +10,14 @@ another host is left to the user, since this host cannot see that host's process
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 from lab import paths
 from lab.errors import UserError
@@ -23,6 +26,118 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 LOCK = "lock.json"
+
+
+class Status(enum.StrEnum):
+    """A run's status in its summary; the members are the strings summary.json holds."""
+
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"  # an exception ended it; the summary says how far it got
+    DIVERGED = "diverged"  # a non-finite loss or gradient, or a loss spike; see the message
+    PREEMPTED = "preempted"  # SIGTERM / SIGINT: it saved a checkpoint, run it again to go on
+
+
+# Summary fields written even when they are None (as null): a run has no final loss until it
+# finishes. Every other field is left out while it is None.
+ALWAYS_WRITTEN = ("final_eval_loss",)
+
+
+@dataclasses.dataclass
+class Summary:
+    """summary.json: what a run is (its size, its data) and how far it got. `lab train` writes
+    it at the start (status running) and at the end; `lab fit` reads params, tokens, flops and
+    final_eval_loss of the finished runs. Keys this class does not know are kept in `extra`, so
+    a summary read and written again is unchanged."""
+
+    params: int | None = None
+    non_embedding_params: int | None = None
+    flops_per_token: int | None = None
+    name: str | None = None
+    data: str | None = None
+    status: Status | str | None = None  # a Status; a string that is none is kept as it is
+    tokens: int | None = None  # tokens trained, the parent's included for a branch
+    flops: int | None = None  # flops_per_token * tokens
+    final_eval_loss: float | None = None
+    # At the end of a run:
+    steps: int | None = None
+    flops_spent: int | None = None  # this run's own FLOPs (a branch's, after its parent's)
+    peak_flops: float | None = None
+    peak_source: str | None = None
+    train_seconds: float | None = None
+    compile_seconds: float | None = None
+    eval_seconds: float | None = None
+    checkpoint_seconds: float | None = None
+    # A branch (lab branch):
+    parent: str | None = None
+    branch_step: int | None = None
+    decay_steps: int | None = None
+    decay_shape: str | None = None
+    # A planned run (lab plan):
+    predicted_loss: float | None = None
+    predicted_interval: list[float] | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Summary:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        fields = {k: v for k, v in data.items() if k in known}
+        status = fields.get("status")
+        if isinstance(status, str) and status in Status._value2member_map_:
+            fields["status"] = Status(status)
+        return cls(**fields, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "extra" and (value is not None or f.name in ALWAYS_WRITTEN):
+                out[f.name] = str(value) if f.name == "status" else value
+        return {**self.extra, **out}
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON so that readers never see half a file (local or remote)."""
+    paths.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict | None:
+    """A JSON file's object, or None if it is missing or unreadable."""
+    try:
+        return json.loads(paths.read_text(path))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def summary_path(run_dir: str | Path) -> str:
+    return paths.join(run_dir, SUMMARY)
+
+
+def config_path(run_dir: str | Path) -> str:
+    return paths.join(run_dir, CONFIG)
+
+
+def metrics_path(run_dir: str | Path) -> str:
+    return paths.join(run_dir, METRICS)
+
+
+def read_summary(run_dir: str | Path) -> Summary | None:
+    """A run's summary, or None if it has none yet (or one being written)."""
+    data = read_json(summary_path(run_dir))
+    return Summary.from_dict(data) if isinstance(data, dict) else None
+
+
+def write_summary(run_dir: str | Path, summary: Summary) -> None:
+    write_json_atomic(summary_path(run_dir), summary.to_dict())
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    summary = read_summary(run_dir)
+    return summary is not None and summary.finished
 
 
 def check_run_dir(run_dir: str) -> None:

@@ -552,26 +552,25 @@ def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[
 
 
 def run_status(run: Run) -> str | None:
-    """The status in the run directory's summary.json, or None if it has none yet."""
-    from lab import paths
-    from lab.metrics import read_json
+    """The status in the run directory's summary, or None if it has none yet."""
+    from lab.rundir import read_summary
 
-    summary = read_json(paths.join(run.dir, "summary.json"))
-    return summary.get("status") if summary else None
+    summary = read_summary(run.dir)
+    return summary.status if summary else None
 
 
 def run_sweep(sweep: Sweep) -> int:
     """Run every unfinished run, one after another; a finished one is skipped, an unfinished
     one resumes. A user error (exit 2) stops the sweep, since every run would repeat it."""
     from lab import paths
-    from lab.metrics import write_json_atomic
+    from lab.rundir import Status, write_json_atomic
 
     paths.makedirs(sweep.out)
     write_json_atomic(paths.join(sweep.out, "sweep.json"), manifest(sweep))
     failed, diverged = [], []
     for i, run in enumerate(sweep.runs, 1):
         head = f"[{i}/{len(sweep.runs)}] {run.name}"
-        if run_status(run) == "finished":
+        if run_status(run) == Status.FINISHED:
             print(f"{head}: finished, skipped", flush=True)
             code, signum = 0, None
         else:
@@ -579,7 +578,7 @@ def run_sweep(sweep: Sweep) -> int:
                   f"{run.dir}", flush=True)
             code, signum = _run_child(train_command(sweep, run))
         branch = branch_command(run)
-        if code == 0 and not signum and branch and run_status(run) == "finished":
+        if code == 0 and not signum and branch and run_status(run) == Status.FINISHED:
             # The decays of a stable run; `lab branch` skips children already finished.
             code, signum = _run_child([sys.executable, "-m", "lab.cli", *branch[1:]])
         if signum or code < 0:
@@ -587,7 +586,7 @@ def run_sweep(sweep: Sweep) -> int:
             print(f"{head}: stopped by signal {signum}; run the sweep again to resume",
                   file=sys.stderr)
             return 128 + signum
-        if code == 0 and run_status(run) == "preempted":
+        if code == 0 and run_status(run) == Status.PREEMPTED:
             print(f"{head}: preempted; run the sweep again to resume", file=sys.stderr)
             return 1
         if code == 2:

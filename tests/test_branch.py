@@ -155,7 +155,7 @@ def test_tokens_per_param_plan():
 
 
 def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
-    from analysis.schedule_law import predict_branches
+    from lab.branch_predict import predict_branches
 
     run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4"])  # one finished decay
     before = sorted(p.name for p in (stable / "branches").iterdir())

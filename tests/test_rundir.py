@@ -144,3 +144,53 @@ def test_train_refuses_a_locked_run(half_run, tmp_path, small_data):
     result = run_lab(half_args(run_dir, small_data))  # the holder is gone: the lock is stale
     assert "resuming at step 8" in result.stdout
     assert not (run_dir / LOCK).exists()
+
+
+# ----------------------------------------------------------------------------- summary.json
+
+# Summaries as `lab train` wrote them before lab.rundir.Summary existed (a finished branch; a
+# planned run stopped by SIGTERM), with a key the class does not know.
+OLD_SUMMARIES = [
+    {"checkpoint_seconds": 0.276, "compile_seconds": 12.769, "data": "/data/stdlib",
+     "eval_seconds": 3.381, "final_eval_loss": 3.5241057872772217, "flops": 70665633792,
+     "flops_per_token": 5750784, "flops_spent": 23555211264, "name": "base/step4-decay2-1-sqrt",
+     "non_embedding_params": 894080, "params": 935040, "peak_flops": 84324650531.0607,
+     "peak_source": "measured float32 matmul peak of this CPU", "status": "finished",
+     "steps": 6, "tokens": 12288, "train_seconds": 5.669, "parent": "runs/base",
+     "branch_step": 4, "decay_steps": 2, "decay_shape": "1-sqrt"},
+    {"data": "/data/stdlib", "final_eval_loss": None, "flops": 0, "flops_per_token": 5750784,
+     "name": "planned", "non_embedding_params": 894080, "params": 935040,
+     "predicted_interval": [3.1, 3.4], "predicted_loss": 3.25, "status": "preempted",
+     "tokens": 0, "a_later_key": {"kept": [1, 2]}},
+]
+
+
+@pytest.mark.parametrize("old", OLD_SUMMARIES)
+def test_a_summary_reads_and_writes_back_byte_for_byte(tmp_path, old):
+    from lab.rundir import SUMMARY, Status, read_summary, write_summary
+
+    (tmp_path / SUMMARY).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    before = (tmp_path / SUMMARY).read_bytes()
+    summary = read_summary(tmp_path)
+    assert summary.status is Status(old["status"]) and summary.params == 935040
+    assert summary.final_eval_loss == old["final_eval_loss"]
+    write_summary(tmp_path, summary)
+    assert (tmp_path / SUMMARY).read_bytes() == before
+    assert summary.to_dict() == old
+
+
+def test_status_is_the_string_on_disk(tmp_path):
+    from lab.rundir import SUMMARY, Status, Summary, is_finished, read_summary
+
+    assert [str(s) for s in Status] == ["running", "finished", "failed", "diverged", "preempted"]
+    assert json.dumps({"status": Status.DIVERGED}) == '{"status": "diverged"}'
+    assert Status.FINISHED == "finished" and f"{Status.PREEMPTED}" == "preempted"
+    assert not is_finished(tmp_path) and read_summary(tmp_path) is None  # none yet
+    (tmp_path / SUMMARY).write_text('{"status": "fini')  # being written
+    assert read_summary(tmp_path) is None
+    # A status this version does not know is kept as it is, not turned into another.
+    odd = Summary.from_dict({"status": "paused", "params": 5})
+    assert odd.status == "paused" and not isinstance(odd.status, Status)
+    assert odd.to_dict() == {"status": "paused", "params": 5, "final_eval_loss": None}
+    (tmp_path / SUMMARY).write_text('{"status": "finished"}')
+    assert is_finished(tmp_path)

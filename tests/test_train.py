@@ -258,3 +258,19 @@ def test_progress_is_live_on_a_terminal_and_plain_otherwise():
     assert "\r" in shown and "loss 2.8000" in shown  # smoothed: 0.9 * 3 + 0.1 * 1
     assert "5,000 tok/s | MFU 25.0% | ETA 0:02:40" in shown
     assert "eval 1.1000" in shown
+
+
+def test_metrics_fetcher_hands_each_step_back_one_step_late():
+    import jax.numpy as jnp
+
+    from lab.train import MetricsFetcher
+
+    fetcher = MetricsFetcher()
+    assert fetcher.fetch() is None
+    assert fetcher.push(1, {"loss": jnp.float32(3.0), "grad_norm": jnp.float32(1.5)}) is None
+    late = fetcher.push(2, {"loss": jnp.float32(2.5), "grad_norm": jnp.float32(0.5)})
+    assert late.step == 1 and late.values == {"loss": 3.0, "grad_norm": 1.5}
+    assert all(type(v) is float for v in late.values.values())  # on the host
+    last = fetcher.fetch()
+    assert last.step == 2 and last.values == {"loss": 2.5, "grad_norm": 0.5}
+    assert fetcher.fetch() is None

@@ -1,0 +1,230 @@
+"""The training loop: dispatch a step, then look at the one before it.
+
+Each step is dispatched before the previous step's metrics are fetched (MetricsFetcher), so
+logging never stalls the device. A non-finite loss or gradient, or a loss spike, stops the run
+before anything after it is saved. Everything else the loop does is a hook (lab.train.hooks).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from lab import sharding
+from lab.checkpoint import Checkpointer
+from lab.config import Config
+from lab.metrics import MetricsLogger
+from lab.profiling import StepProfiler
+from lab.rundir import Status
+from lab.train.hooks import (
+    EvalHook,
+    LogHook,
+    LoopResult,
+    PreemptionHook,
+    ProfileHook,
+    SaveHook,
+    StepInfo,
+    Stopwatch,
+    evaluate,
+    run_hooks,
+)
+from lab.train.progress import Progress, progress_call
+from lab.train.step import Trainer
+
+
+class SpikeWatch:
+    """Stops a run whose loss jumps well above its recent range: above `factor` times the
+    median of the last `window` losses (once at least MIN_HISTORY are known). A normal run's
+    loss falls or wobbles by a few percent; twice the recent median is a divergence."""
+
+    MIN_HISTORY = 10
+
+    def __init__(self, factor: float, window: int):
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=max(window, 1))
+
+    def spike(self, loss: float) -> float | None:
+        """The recent median if `loss` is a spike over it, else None (and `loss` is kept)."""
+        if self.factor > 0 and len(self.recent) >= min(self.MIN_HISTORY, self.recent.maxlen):
+            median = float(np.median(self.recent))
+            if loss > self.factor * median:
+                return median
+        self.recent.append(loss)
+        return None
+
+    def problem(self, step: int, values: dict) -> str | None:
+        """Why step `step` diverged, or None: a non-finite loss or gradient, or a spike."""
+        for key in ("loss", "grad_norm"):
+            if not math.isfinite(values[key]):
+                return f"the {key} is {values[key]} at step {step}"
+        median = self.spike(values["loss"])
+        if median is None:
+            return None
+        return (f"the loss jumped to {values['loss']:.4g} at step {step}, over "
+                f"{self.factor:g} times the median {median:.4g} of the steps before it "
+                "(train.spike_factor; 0 turns this check off)")
+
+
+class MetricsFetcher:
+    """The newest step's metrics stay on the device until the step after it is dispatched:
+    `push` hands in a step's metrics and returns the previous step's, fetched to the host now
+    that fetching them no longer stalls the queue."""
+
+    def __init__(self):
+        self.pending: tuple[int, dict] | None = None
+
+    def push(self, step: int, metrics: dict) -> StepInfo | None:
+        previous = self.fetch()
+        self.pending = (step, metrics)
+        return previous
+
+    def fetch(self) -> StepInfo | None:
+        """The pending step's metrics on the host (waiting for the step), if one is pending."""
+        if self.pending is None:
+            return None
+        (step, metrics), self.pending = self.pending, None
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        return StepInfo(step, {}, values)
+
+
+class Loop:
+    """One call of run_loop: its hooks and the little state they share."""
+
+    def __init__(self, cfg: Config, trainer: Trainer, state: dict, batches: Iterator,
+                 eval_data: list[jax.Array], logger: MetricsLogger,
+                 checkpointer: Checkpointer | None, peak_flops: float, flops_per_tok: int,
+                 keep_steps: tuple[int, ...], progress: Progress | None,
+                 profiler: StepProfiler | None, last_checkpoint: int | None,
+                 clock: Callable[[], float]):
+        tcfg, ccfg = cfg.train, cfg.checkpoint
+        self.trainer, self.batches, self.logger, self.total = trainer, batches, logger, tcfg.steps
+        if progress is None:
+            progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
+        self.progress = progress
+        self.start = int(jax.device_get(state["step"]))
+        self.result = LoopResult(state, Status.FINISHED, self.start,
+                                 last_checkpoint=last_checkpoint)
+        self.watch, self.fetcher = Stopwatch(clock), MetricsFetcher()
+        self.spikes = SpikeWatch(tcfg.spike_factor, tcfg.spike_window)
+        self.before_batch = [PreemptionHook()]  # a checkpoint then resumes at this batch
+        self.before_step = [ProfileHook(profiler)]
+        evaluation = EvalHook(tcfg.eval_every, tcfg.steps, trainer, eval_data, self.result,
+                              self.watch)
+        log = LogHook(tcfg.log_every, evaluation, self.watch, logger, self.progress, self.start,
+                      tcfg.batch_size * tcfg.seq_len, flops_per_tok, peak_flops)
+        self.save = SaveHook(ccfg.every_steps, keep_steps, tcfg.steps, logger, checkpointer,
+                             batches, self.result, clock)
+        self.after = [evaluation, log, self.save]  # a record carries its step's evaluation
+        self.eval_data, self.checkpointer, self.profiler = eval_data, checkpointer, profiler
+        self.clock = clock
+
+    def run(self) -> LoopResult:
+        """Train from the state's step to train.steps."""
+        result, step_fn = self.result, None
+        try:
+            with jax.set_mesh(self.trainer.mesh):
+                for step in range(self.start, self.total):
+                    before = StepInfo(step, result.state)
+                    run_hooks(self.before_batch, before)
+                    if before.stop:
+                        self.preempted(step)
+                        break
+                    tokens = sharding.global_batch(next(self.batches), self.trainer.mesh)
+                    if step_fn is None:
+                        step_fn = self.compile(tokens)
+                    run_hooks(self.before_step, before)
+                    result.state, metrics = step_fn(result.state, tokens)
+                    result.step = step + 1
+                    late = self.fetcher.push(step + 1, metrics)  # the step before this one
+                    if late is not None and not self.after_step(late):
+                        break
+                    if any(h.needs_state and h.due(step + 1) for h in self.after):
+                        if not self.after_step(self.fetcher.fetch()):
+                            break
+                        self.watch.other()  # evaluating and saving are not training
+            if result.status == Status.FINISHED and (late := self.fetcher.fetch()) is not None:
+                self.after_step(late)
+            if self.start >= self.total and result.eval_loss is None:  # restored at the end
+                result.eval_loss = evaluate(self.trainer, result.state["params"], self.eval_data)
+        finally:
+            self.close()
+        return result
+
+    def after_step(self, info: StepInfo) -> bool:
+        """Check a fetched step and run the hooks due at it; False if it diverged."""
+        problem = self.spikes.problem(info.step, info.values)
+        if problem is not None:
+            self.diverged(info, problem)
+            return False
+        self.watch.train()  # the step ends here
+        info.state = self.result.state
+        run_hooks(self.after, info)
+        return True
+
+    def compile(self, tokens: jax.Array) -> Callable:
+        self.watch.train()  # the batch so far
+        progress_call(self.progress, "compiling")
+        step_fn = self.trainer.train_step.lower(self.result.state, tokens).compile()
+        self.result.compile_seconds = self.watch.other()
+        progress_call(self.progress, "compiled", self.result.compile_seconds)
+        return step_fn
+
+    def preempted(self, step: int) -> None:
+        """Log the pending step, save a checkpoint at `step` and stop."""
+        late = self.fetcher.fetch()
+        if late is not None and not self.after_step(late):
+            return
+        self.result.status, self.result.step = Status.PREEMPTED, step
+        if step > self.start:
+            self.save.save(step, self.result.state)
+            self.result.message = (f"preempted: checkpoint saved at step {step}; run the same "
+                                   "command again to continue")
+        else:  # nothing trained: what is on disk (or the start) is this state
+            self.result.message = (f"preempted at step {step} before training; run the same "
+                                   "command again to continue")
+
+    def diverged(self, info: StepInfo, problem: str) -> None:
+        result = self.result
+        result.status, result.step = Status.DIVERGED, info.step - 1
+        kept = (f"its last checkpoint (step {result.last_checkpoint}) is intact"
+                if result.last_checkpoint is not None else "no checkpoint was saved before it")
+        result.message = (f"{problem}; the run stopped (status '{Status.DIVERGED}') and {kept}. "
+                          "Lower optim.lr or raise schedule.warmup_steps")
+        self.logger.log(info.step, info.values)
+
+    def close(self) -> None:
+        self.result.train_seconds = self.watch.train_seconds
+        progress_call(self.progress, "close")
+        if self.profiler is not None:
+            self.profiler.stop(wait_for=self.result.state)
+        if self.checkpointer is not None:
+            t = self.clock()
+            self.checkpointer.wait()
+            self.result.checkpoint_seconds += self.clock() - t
+
+
+def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.ndarray],
+             eval_data: list[jax.Array], logger: MetricsLogger,
+             checkpointer: Checkpointer | None, peak_flops: float,
+             flops_per_tok: int, keep_steps: tuple[int, ...] = (),
+             progress: Progress | None = None,
+             profiler: StepProfiler | None = None,
+             last_checkpoint: int | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> LoopResult:
+    """Train from state["step"] to cfg.train.steps.
+
+    Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
+    saved at checkpoint.every_steps, at every kept step and at the end; a non-finite loss or
+    gradient, or a loss spike, stops the run before anything after it is saved. SIGTERM or
+    SIGINT (lab.preemption) saves a checkpoint at the next step boundary and stops.
+
+    `last_checkpoint` is the step of the checkpoint the run was restored from, if any; `clock`
+    measures the time by activity (tests pass a fake one).
+    """
+    return Loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak_flops,
+                flops_per_tok, keep_steps, progress, profiler, last_checkpoint, clock).run()

@@ -1,0 +1,147 @@
+"""The training step: the model's structure, the optimizer and the jitted, sharded step
+functions built from a config and a mesh.
+
+The state is a plain pytree {"params", "opt", "step"} sharded by `lab.sharding`; the step is
+jitted once with explicit input and output shardings and donates the old state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lab import sharding
+from lab.config import Config
+from lab.errors import UserError
+from lab.model import Transformer, loss_fn, mup_lr_scales
+from lab.optim import build_optimizer, lr_schedule, map_param_copies, param_labels
+from lab.roles import specs_of
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything built from a config and a mesh: the model's structure, the optimizer and the
+    jitted step functions with their shardings."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    graphdef: Any
+    abstract_params: dict
+    param_specs: dict  # lab.roles.ParamSpec of each parameter, a tree like abstract_params
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state_shardings: Any
+    init_fn: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    def init_state(self) -> dict:
+        with jax.set_mesh(self.mesh):
+            return self.init_fn()
+
+
+def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
+    """Build the model structure, the optimizer and the jitted, sharded step functions."""
+    mcfg, tcfg = cfg.model, cfg.train
+    divisor = sharding.batch_size_divisor(mesh)
+    if tcfg.batch_size % (divisor * tcfg.grad_accum):
+        raise UserError(
+            f"train.batch_size ({tcfg.batch_size}) must divide by the data-parallel size "
+            f"(mesh.data x mesh.fsdp = {divisor}) times train.grad_accum ({tcfg.grad_accum}); "
+            "change the batch size or the mesh")
+    if jax.process_count() > 1 and tcfg.batch_size % jax.process_count():
+        raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
+                        f"processes ({jax.process_count()})")
+
+    platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract_params, specs = nnx.to_pure_dict(abstract_state), specs_of(abstract_state)
+    schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
+    lr_scales = mup_lr_scales(mcfg, specs)
+    if cfg.optim.name == "muon" and cfg.optim.muon_scaling == "shape":
+        # Muon's spectral (shape) scaling already makes its update width-independent; μP's
+        # 1/width on top would count width twice. Moonlight's RMS-matched update is Adam-like
+        # in size, so it keeps μP's multipliers.
+        lr_scales = jax.tree.map(lambda scale, group: 1.0 if group == "muon" else scale,
+                                 lr_scales, param_labels(specs))
+    tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, specs, lr_scales=lr_scales)
+
+    def init_fn() -> dict:
+        model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    state_sh = state_shardings(jax.eval_shape(init_fn), specs, mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+
+    def model_loss(params, tokens):
+        return loss_fn(nnx.merge(graphdef, params), tokens)
+
+    grad_fn = jax.value_and_grad(model_loss, has_aux=True)
+
+    def train_step(state: dict, tokens_BxL1: jax.Array) -> tuple[dict, dict]:
+        params = state["params"]
+        A = tcfg.grad_accum
+        if A == 1:
+            (loss, aux), grads = grad_fn(params, tokens_BxL1)
+            ce = aux["ce"]
+        else:
+            # Micro-batch a takes rows a, a+A, a+2A, ...: every device keeps its own rows.
+            B, L1 = tokens_BxL1.shape
+            micro_AxBAxL1 = tokens_BxL1.reshape(B // A, A, L1).swapaxes(0, 1)
+
+            def accumulate(carry, tokens):
+                (loss, aux), grads = grad_fn(params, tokens)
+                return jax.tree.map(jnp.add, carry, (grads, loss, aux["ce"])), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+            (grads, loss, ce), _ = jax.lax.scan(accumulate, zeros, micro_AxBAxL1)
+            grads, loss, ce = jax.tree.map(lambda x: x / A, (grads, loss, ce))
+        updates, opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss,
+            "lr": schedule(state["step"]),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
+            "param_norm": optax.tree.norm(new_params),
+        }
+        if mcfg.z_loss:  # otherwise the cross-entropy is the loss
+            metrics["ce"] = ce
+        return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
+
+    def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
+        return model_loss(params, tokens_BxL1)[1]["ce"]
+
+    with sharding.mesh_context(mesh):
+        jit_init = jax.jit(init_fn, out_shardings=state_sh)
+        jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                            out_shardings=(state_sh, repl), donate_argnums=0)
+        jit_eval = jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh),
+                           out_shardings=repl)
+    return Trainer(cfg, mesh, graphdef, abstract_params, specs, tx, schedule, state_sh,
+                   jit_init, jit_train, jit_eval)
+
+
+def state_shardings(abstract_state: dict, specs: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Parameters by their declared axes; the optimizer's copies of the parameter tree (its
+    moments) like the parameters, leaf for leaf; scalars, and moments of another shape than
+    their parameter, replicated."""
+    params = abstract_state["params"]
+    param_sh = sharding.param_shardings(params, specs, mesh)
+    repl = sharding.replicated(mesh)
+
+    def moment(leaf, param, sh):
+        return sh if leaf.shape == param.shape else repl
+
+    opt_sh = map_param_copies(moment, abstract_state["opt"], params, param_sh,
+                              other=lambda _: repl)
+    return {"params": param_sh, "opt": opt_sh, "step": repl}
