@@ -1,0 +1,130 @@
+"""The train step of the benchmark model, this tree against another commit, in one run.
+
+Two worker processes, one importing this checkout's `lab` and one a clean checkout of REF (a git
+worktree made for the run), build the same train step (docs/performance.md's benchmark model:
+d_model 512, 8 layers, seq 512, 8 sequences, AdamW) and time one step each in turn, round
+after round, so both see the same machine load. Prints the median and best tokens/s of each and
+their ratio, and writes the table and the raw step times to benchmarks/results/.
+
+    .venv/bin/python -m benchmarks.against_commit REF [--rounds 12] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# A worker: build the step, then time one step per line read from stdin. Only the API that the
+# lab's train step has had all along (build_trainer, init_state, train_step) is used.
+WORKER = r"""
+import sys, time
+import jax, numpy as np
+from lab import sharding
+from lab.config import load_config
+from lab.train import build_trainer
+
+dtype = sys.argv[1]
+cfg = load_config(None, ["model.vocab_size=256", "model.d_model=512", "model.n_layers=8",
+                         "model.n_heads=8", "model.d_ff=1536", "train.seq_len=512",
+                         "train.batch_size=8", "mesh.fsdp=1", f"model.compute_dtype={dtype}",
+                         "train.steps=1000"])
+trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
+rng = np.random.default_rng(0)
+batches = [sharding.global_batch(rng.integers(0, 256, (8, 513), dtype=np.int32), trainer.mesh)
+           for _ in range(2)]
+with jax.set_mesh(trainer.mesh):
+    state = trainer.init_state()
+    state, m = trainer.train_step(state, batches[0])
+    jax.block_until_ready(m)
+    print("ready", flush=True)
+    for i, _ in enumerate(sys.stdin):
+        t = time.perf_counter()
+        state, m = trainer.train_step(state, batches[i % 2])
+        jax.block_until_ready(m)
+        print(time.perf_counter() - t, flush=True)
+"""
+
+
+def start(tree: Path, dtype: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, dtype], cwd=tree, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    if line.strip() != "ready":
+        raise RuntimeError(f"worker failed to start (exit {proc.wait()})")
+
+
+def step(proc: subprocess.Popen) -> float:
+    proc.stdin.write("step\n")
+    proc.stdin.flush()
+    return float(proc.stdout.readline())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref", help="the commit to compare with, e.g. HEAD~1 or a hash")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    sha = subprocess.run(["git", "rev-parse", "--short", args.ref], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    tokens = 8 * 512
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_tree = Path(tmp) / "ref"
+        subprocess.run(["git", "worktree", "add", "-q", "--detach", str(ref_tree), sha],
+                       cwd=ROOT, check=True)
+        try:
+            workers = {f"this tree ({head})": start(ROOT, args.dtype),
+                       f"{args.ref} ({sha})": start(ref_tree, args.dtype)}
+            for proc in workers.values():  # one at a time: compiles don't overlap the timing
+                wait_ready(proc)
+            times = {name: [] for name in workers}
+            started = time.time()
+            for _ in range(args.rounds):
+                for name, proc in workers.items():
+                    times[name].append(step(proc))
+            for proc in workers.values():
+                proc.stdin.close()
+                proc.wait()
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT)
+    load = os.getloadavg()
+    lines = [f"$ .venv/bin/python -m benchmarks.against_commit {args.ref} --rounds {args.rounds}"
+             f" --dtype {args.dtype}",
+             f"train step, benchmark model, {args.dtype}, {args.rounds} rounds in turns, "
+             f"{time.time() - started:.0f} s, load average {load[0]:.1f}",
+             "| tree | median tokens/s | best tokens/s |", "|---|---|---|"]
+    medians = {}
+    for name, ts in times.items():
+        medians[name] = tokens / statistics.median(ts)
+        lines.append(f"| {name} | {medians[name]:,.0f} | {tokens / min(ts):,.0f} |")
+    new, old = medians.values()
+    lines.append(f"ratio this tree / {args.ref}: {new / old:.3f} (median)")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"against-{sha}-{args.dtype}"
+    stem.with_suffix(".txt").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"ref": sha, "head": head, "dtype": args.dtype, "step_seconds": times,
+         "ratio_median": new / old}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
