@@ -198,8 +198,12 @@ def _check_numbers(spec: dict, where: str) -> None:
         return UserError(f"{where}: {key} must be {rule}, got {_get(spec, key)!r}")
 
     for key, (lo, hi, closed) in NUMBER_RANGES.items():
-        if key in spec:
-            v = _finite(spec[key])
+        if key not in spec:
+            continue
+        # `tokens:` may be a list (one more axis of the grid): each entry is checked.
+        values = spec[key] if key == "tokens" and isinstance(spec[key], list) else [spec[key]]
+        for value in values or [None]:
+            v = _finite(value)
             if v is None or not (lo <= v if closed else lo < v) or not v <= hi:
                 raise bad(key, f"a number in [{lo:g}, {hi:g}]" if closed
                           else f"a finite number above {lo:g}")

@@ -203,6 +203,8 @@ def test_compute_optimal_is_the_constrained_minimum(seed):
         assert loss == pytest.approx(res.fun, rel=1e-12)
 
 
+@pytest.mark.slow  # 90 s: the starts converge slowly on a flat optimum; the refusals of one N
+# or D and of a collinear design are in tests/test_analysis_trust.py
 def test_warns_when_a_term_is_not_identified():
     """Runs trained on nearly the same number of tokens (within 1%; exactly one D is refused):
     beta and B cannot be told apart from E."""
