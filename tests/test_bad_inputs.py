@@ -3,14 +3,22 @@ and leaves every file it was given as it was.
 
 Each row is (name, a function of the row's Setting giving the `lab` arguments, a fragment of the
 one-line message). The rows run `lab.cli.main` in this process (fast); a row's setup writes its
-inputs under tmp_path, and every file under tmp_path before the command is compared after it.
+inputs under tmp_path, and every file under tmp_path (its bytes' hash) and every directory there
+before the command is compared after it: a refused command changes nothing and leaves no debris.
+
+The run-directory rows work on copies of two small runs made once for the module: one finished,
+one stopped half-way (at its last checkpoint, its summary still 'running', as after SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
+import os
+import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +28,49 @@ import pytest
 
 from analysis.approach3 import law
 from lab.cli import main
+from lab.rundir import LOCK, SUMMARY, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TRUTH = (1.82, 482.0, 2085.0, 0.348, 0.366)  # E, A, B, alpha, beta
+# The run-directory rows' model and run: 4 steps, a checkpoint every 2 (8 devices, batch 8).
+SMALL = ("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.steps=4",
+         "train.batch_size=8", "train.seq_len=32", "train.log_every=1", "train.eval_every=0",
+         "train.eval_batches=1", "schedule.warmup_steps=1", "schedule.decay_steps=0",
+         "checkpoint.every_steps=2")
+
+
+def quiet_main(argv: list[str]) -> tuple[int, str, str]:
+    """`lab ARGV` in this process: (exit status, stderr, stdout)."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's --help path; never expected here
+            code = e.code
+    return code, err.getvalue(), out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory, small_data) -> dict[str, Path]:
+    """A finished 4-step run, and a copy of it stopped half-way: resumed with train.steps=8 it
+    goes on from its step-4 checkpoint."""
+    root = tmp_path_factory.mktemp("small-runs")
+    finished, half = root / "finished", root / "half"
+    code, err, out = quiet_main(["train", TINY, f"run.dir={finished}", f"data.path={small_data}",
+                                 *SMALL])
+    assert code == 0 and "finished" in out, err + out[-2000:]
+    shutil.copytree(finished, half)
+    summary = json.loads((half / SUMMARY).read_text())
+    (half / SUMMARY).write_text(json.dumps({**summary, "status": "running"}))
+    return {"finished": finished, "half": half}
 
 
 @dataclass
 class Setting:
     tmp: Path
     data: str  # a small prepared byte-level dataset (shared, read-only)
+    request: pytest.FixtureRequest  # to make the module's small runs only for rows that use them
 
     def write(self, name: str, text: str | bytes) -> str:
         path = self.tmp / name
@@ -43,6 +84,31 @@ class Setting:
     def train(self, *overrides: str) -> list[str]:
         return ["train", TINY, f"run.dir={self.tmp / 'run'}", f"data.path={self.data}",
                 *overrides]
+
+    def small(self, *overrides: str) -> list[str]:
+        """`lab train` of the small run in tmp/run (absent unless a row copied a run there)."""
+        return self.train(*SMALL, *overrides)
+
+    def resume(self, *overrides: str) -> list[str]:
+        """Go on with a copy of the half-finished run, to step 8."""
+        self.copy_run("half")
+        return self.small("train.steps=8", *overrides)
+
+    def rerun(self, *overrides: str) -> list[str]:
+        """Run a copy of the finished run again."""
+        self.copy_run("finished")
+        return self.small(*overrides)
+
+    def copy_run(self, which: str) -> Path:
+        run_dir = self.tmp / "run"
+        shutil.copytree(self.request.getfixturevalue("small_runs")[which], run_dir)
+        return run_dir
+
+    def locked(self) -> list[str]:
+        """The half-finished run, locked by a live process on this host (this one)."""
+        run_dir = self.copy_run("half")
+        (run_dir / LOCK).write_text(json.dumps(RunLock(str(run_dir)).me))
+        return self.small("train.steps=8")
 
     def metadata(self, edit) -> list[str]:
         """`lab data info` on a copy of the dataset's metadata.json changed by `edit`."""
@@ -118,6 +184,34 @@ CATALOGUE = [
      lambda s: s.train("train.batch_size=4096", "train.eval_batches=1", "model.d_model=32",
                        "model.n_layers=1", "model.n_heads=2", "train.seq_len=64"),
      "lower train.batch_size to"),
+    # Run directories: a refused start leaves a new run.dir absent, and an existing one as it
+    # was (resuming, a mesh or batch a run may change is checked; a seed, batch or window that
+    # would make it another run is refused as such, before anything is written).
+    ("run.dir is an existing file",
+     lambda s: [*s.small(), f"run.dir={s.write('a-file', 'not a run')}"], "is an existing file"),
+    ("mesh that does not match the devices", lambda s: s.small("mesh.data=3"),
+     "8 devices do not divide by the fixed axes' product 3"),
+    ("batch the mesh does not divide", lambda s: s.small("train.batch_size=12"),
+     "train.batch_size (12)"),
+    ("dataset shorter than one window", lambda s: s.small("train.seq_len=100000000"),
+     "shorter than one window of 100000001 tokens; lower train.seq_len"),
+    ("val split shorter than one window", lambda s: s.small("train.seq_len=10000"),
+     "not even one window fits: lower train.seq_len to"),
+    ("resume: too many eval batches", lambda s: s.resume("train.eval_batches=100000"),
+     "train.eval_batches x train.batch_size"),
+    ("resume: mesh that does not match the devices",
+     lambda s: s.resume("mesh.data=2", "mesh.fsdp=2"), "needs 4 devices but 8 are available"),
+    ("resume: another batch", lambda s: s.resume("train.batch_size=12"),
+     "train.batch_size is 12 but the run in"),
+    ("resume: negative seed", lambda s: s.resume("run.seed=-1"), "run.seed must lie in"),
+    ("resume: another window", lambda s: s.resume("train.seq_len=100000000"),
+     "train.seq_len is 100000000 but the run in"),
+    ("resume: a locked run", lambda s: s.locked(),
+     f"in use by process {os.getpid()} on host {socket.gethostname()}"),
+    ("finished run: more steps", lambda s: s.rerun("train.steps=8"),
+     "finished at 4 steps; use the same value"),
+    ("finished run: another lr", lambda s: s.rerun("optim.lr=1e-3"),
+     "optim.lr is 0.001 but the finished run in"),
     # Sweeps.
     ("sweep tokens: abc", lambda s: s.sweep("tokens: abc"), "tokens must be a finite number"),
     ("sweep warmup_fraction: lots", lambda s: s.sweep("warmup_fraction: lots"),
@@ -156,29 +250,45 @@ CATALOGUE = [
 ]
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file's content hash and every directory under root, by path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "directory" for p in root.rglob("*")}
 
 
 @pytest.mark.parametrize("name, argv_of, fragment", CATALOGUE, ids=[c[0] for c in CATALOGUE])
-def test_bad_input_exits_2_with_one_line(name, argv_of, fragment, tmp_path, small_data):
-    argv = argv_of(Setting(tmp_path, small_data))
+def test_bad_input_exits_2_with_one_line(name, argv_of, fragment, tmp_path, small_data,
+                                         request):
+    argv = argv_of(Setting(tmp_path, small_data, request))
     before = snapshot(tmp_path)
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's --help path; never expected here
-            code = e.code
-    text = err.getvalue()
-    assert code == 2, f"{name}: exit {code}\n{text}\n{out.getvalue()[-2000:]}"
+    code, text, out = quiet_main(argv)
+    assert code == 2, f"{name}: exit {code}\n{text}\n{out[-2000:]}"
     lines = text.strip().splitlines()
     assert len(lines) == 1, text
     assert "Traceback" not in text
     assert fragment in lines[0], lines[0]
     after = snapshot(tmp_path)
-    changed = [p for p, data in before.items() if after.get(p) != data]
-    assert not changed, f"{name} changed {changed}"
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not changed, f"{name} changed, added or removed {changed}"
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(100000, 8), (32, 200)])
+def test_the_window_length_suggested_fits_one_batch(small_data, seq_len, batch_size):
+    """A val split too short for one evaluation batch (no window at all; some windows): the
+    train.seq_len the message suggests gives one batch, and one token more does not."""
+    import re
+
+    from lab.data import eval_batches, open_dataset
+    from lab.errors import UserError
+
+    dataset = open_dataset(small_data)
+    with pytest.raises(UserError, match=r"train\.seq_len to \d+ or less") as refused:
+        eval_batches(dataset, seq_len, batch_size, 1)
+    longest = int(re.search(r"train.seq_len to (\d+) or less", str(refused.value)).group(1))
+    (tokens_BxL,) = eval_batches(dataset, longest, batch_size, 1)
+    assert tokens_BxL.shape == (batch_size, longest + 1)
+    with pytest.raises(UserError, match="not even one"):
+        eval_batches(dataset, longest + 1, batch_size, 1)
 
 
 def test_every_catalogue_row_is_distinct():

@@ -88,7 +88,8 @@ class TrainStream:
         if self.n_windows == 0:
             raise UserError(
                 f"the {split} split of {dataset.path} ({dataset.n_tokens[split]} tokens) is "
-                f"shorter than one window of {seq_len + 1} tokens; lower seq_len or add data"
+                f"shorter than one window of {seq_len + 1} tokens; lower train.seq_len or add "
+                "data"
             )
         self._epoch_seeds: dict[int, int] = {}
 
@@ -153,6 +154,18 @@ class StreamIterator(grain.DatasetIterator):
         return f"StreamIterator(step={self.step})"
 
 
+def _longest_seq_len(shards: list[np.ndarray], n_windows: int) -> int:
+    """The longest seq_len that cuts `n_windows` windows from these shards (0 if none does)."""
+    def count(seq_len: int) -> int:
+        return sum(max(0, (len(s) - 1) // seq_len) for s in shards)
+
+    low, high = 0, max((len(s) - 1 for s in shards), default=0)  # count(high + 1) == 0
+    while low < high:  # count falls as seq_len grows: the last seq_len with enough windows
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if count(mid) >= n_windows else (low, mid - 1)
+    return low
+
+
 def eval_batches(
     dataset: TokenDataset,
     seq_len: int,
@@ -173,11 +186,16 @@ def eval_batches(
         have = (f"evaluation needs train.eval_batches x train.batch_size = {n_batches} x "
                 f"{batch_size} = {need} windows of {seq_len + 1} tokens but the val split of "
                 f"{dataset.path} has {windows.n}")
+        longest = _longest_seq_len(windows.shards, batch_size)
+        shorter = (f"train.seq_len to {longest} or less" if longest else
+                   "train.seq_len (no window length gives one batch)")
         if windows.n >= batch_size:
             fix = f"set train.eval_batches={windows.n // batch_size} or fewer"
-        else:
+        elif windows.n:
             fix = (f"not even one batch fits: lower train.batch_size to {windows.n} or less, "
-                   "or train.seq_len")
+                   f"or {shorter}")
+        else:  # a batch size of 0 is no fix: only a shorter window is
+            fix = f"not even one window fits: lower {shorter}"
         raise UserError(f"{have}; {fix}, or prepare the data with a larger --val-fraction")
     return [windows.read(np.arange(j * batch_size + rows.start, j * batch_size + rows.stop))
             for j in range(n_batches)]
