@@ -95,36 +95,6 @@ def half_args(run_dir: Path, data: str, *extra: str) -> list[str]:
             "checkpoint.every_steps=4", *extra]
 
 
-@pytest.mark.parametrize("extra, devices, fragment", [
-    (["train.eval_batches=100000"], 1, "evaluation needs"),
-    (["mesh.fsdp=3"], 1, "mesh"),
-    (["mesh.fsdp=8", "train.batch_size=12"], 8, "train.batch_size (12)"),
-    (["run.seed=-1"], 1, "seed"),
-    (["train.seq_len=100000000"], 1, "shorter than one window"),
-])
-def test_refused_starts_change_nothing(half_run, tmp_path, small_data, extra, devices, fragment):
-    """Each refusal, on a new directory and on a half-finished run (where a changed batch, seed
-    or window is refused as a different run first): exit 2, one line, and the run directory
-    exactly as it was (or absent)."""
-    before = snapshot(half_run)
-    fresh = tmp_path / "fresh"
-    for run_dir in (fresh, half_run):
-        result = run_lab(half_args(run_dir, small_data, *extra), devices=devices, expect=2)
-        assert run_dir == half_run or fragment in result.stderr, result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert snapshot(half_run) == before
-    assert not fresh.exists()
-
-
-def test_run_dir_that_is_a_file_exits_2(tmp_path, small_data):
-    target = tmp_path / "a-file"
-    target.write_text("not a run\n")
-    result = run_lab(half_args(target, small_data), expect=2)
-    assert "is an existing file" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert target.read_text() == "not a run\n"
-
-
 def test_train_refuses_a_locked_run(half_run, tmp_path, small_data):
     run_dir = tmp_path / "locked"
     shutil.copytree(half_run, run_dir)
