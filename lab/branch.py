@@ -16,12 +16,10 @@ from pathlib import Path
 
 from lab import paths, rundir
 from lab.branch_plan import branch_name, check_plan, child_config, planned_pairs  # noqa: F401
-from lab.config import Config, dump_config, load_config
+from lab.config import DECAY_SHAPES, Config, dump_config, load_config
 from lab.errors import UserError
 from lab.model import flops_per_token, param_counts, with_vocab
 from lab.rundir import Status, write_json_atomic
-
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def compute_report(parent: Config, pairs: list[tuple[int, int]]) -> dict:

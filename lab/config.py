@@ -115,6 +115,14 @@ class MeshConfig:
     tensor: int = 1  # tensor (model) parallelism over heads and MLP width
 
 
+# The choices of the string-valued keys, written once: the modules that implement them import
+# these (kept here, free of jax, so that reading a config stays light).
+OPTIMIZERS = ("adamw", "muon")
+MUON_SCALINGS = ("moonlight", "shape")  # lab.muon.shape_scale
+SCHEDULES = ("wsd", "cosine")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")  # lab.schedules
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"  # adamw | muon
@@ -394,16 +402,16 @@ def validate(config: Config) -> None:
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
              f"({t.grad_accum})")
-    _choice("optim.name", o.name, ("adamw", "muon"))
-    _choice("optim.muon_scaling", o.muon_scaling, ("moonlight", "shape"))
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.muon_scaling", o.muon_scaling, MUON_SCALINGS)
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be zero or positive, got "
              f"{o.weight_decay}")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
     _require(o.grad_clip >= 0, "optim.grad_clip must be zero (off) or positive")
     _require(o.muon_ns_steps > 0, "optim.muon_ns_steps must be positive")
-    _choice("schedule.name", s.name, ("wsd", "cosine"))
-    _choice("schedule.decay_shape", s.decay_shape, ("linear", "cosine", "1-sqrt"))
+    _choice("schedule.name", s.name, SCHEDULES)
+    _choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
     _require(0 <= s.final_ratio <= 1,
              f"schedule.final_ratio must lie in [0, 1], got {s.final_ratio}")
     _require(s.warmup_steps + s.decay_steps <= t.steps,
@@ -424,7 +432,7 @@ def validate(config: Config) -> None:
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
     b = config.branch
     if b.shape:
-        _choice("branch.shape", b.shape, ("linear", "cosine", "1-sqrt"))
+        _choice("branch.shape", b.shape, DECAY_SHAPES)
     _require(b.final_ratio == -1.0 or 0 <= b.final_ratio <= 1,
              "branch.final_ratio must lie in [0, 1] (or -1: schedule.final_ratio)")
     for key, values in [("branch.at_steps", b.at_steps), ("branch.at_tokens", b.at_tokens),

@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from lab.config import MUON_SCALINGS
 from lab.errors import UserError
 from lab.sharding import BATCH_AXES
 
 # Keller Jordan's quintic: the largest slope at zero that still keeps every singular value in a
 # band around 1 after five steps (see `newton_schulz`).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-SCALINGS = ("moonlight", "shape")
+SCALINGS = MUON_SCALINGS  # the choices of optim.muon_scaling
 METHODS = ("auto", "standard", "gram")
 # Float32 matmuls at the backend's default precision are not float32: one bfloat16 pass on TPU,
 # TF32 on recent NVIDIA GPUs. Newton-Schulz asks for full float32 unless told otherwise.

@@ -21,14 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lab.config import OPTIMIZERS, SCHEDULES
 from lab.errors import UserError
 from lab.muon import SCALINGS, muon
 from lab.roles import ParamSpec, Role
 from lab.schedules import cosine, wsd
 from lab.tree import align, path_names
-
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("wsd", "cosine")
 
 
 def group(spec: ParamSpec) -> str:

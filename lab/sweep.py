@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 from lab import presets
-from lab.config import Config, ModelConfig, load_config
+from lab.config import DECAY_SHAPES, Config, ModelConfig, load_config
 from lab.errors import UserError
 from lab.paths import shown_path
 
@@ -429,8 +429,9 @@ def _branch(raw: Any, where: str) -> dict:
             raise UserError(f"{where}: branch.{key} must be a list of positive step counts")
         out[key] = sorted(set(values))
     shape = branch.get("shape", "1-sqrt")
-    if shape not in ("linear", "cosine", "1-sqrt"):
-        raise UserError(f"{where}: branch.shape must be linear, cosine or 1-sqrt, got {shape!r}")
+    if shape not in DECAY_SHAPES:
+        raise UserError(f"{where}: branch.shape must be one of {', '.join(DECAY_SHAPES)}, got "
+                        f"{shape!r}")
     out["shape"] = shape
     return out
 
