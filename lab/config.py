@@ -408,8 +408,12 @@ def validate(config: Config) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay must be zero or positive, got "
              f"{o.weight_decay}")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
     _require(o.grad_clip >= 0, "optim.grad_clip must be zero (off) or positive")
+    _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum must lie in [0, 1), got "
+             f"{o.muon_momentum}")
     _require(o.muon_ns_steps > 0, "optim.muon_ns_steps must be positive")
+    _require(o.muon_lr_ratio > 0, f"optim.muon_lr_ratio must be positive, got {o.muon_lr_ratio}")
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
     _require(0 <= s.final_ratio <= 1,
