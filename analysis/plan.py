@@ -35,7 +35,7 @@ from analysis.hparams import LogLinearLaw
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
-from lab import presets
+from lab import presets, rundir
 from lab.config import Config, dump_config, load_config
 from lab.errors import ArgumentParser, UserError
 
@@ -190,7 +190,7 @@ def _best_run_config(roots: list[str]) -> str | None:
         if len(runs):
             row = runs.loc[runs["loss"].idxmin()]
             if best is None or row["loss"] < best[0]:
-                best = (row["loss"], paths.join(row["run"], "config.yaml"))
+                best = (row["loss"], rundir.config_path(row["run"]))
     return best[1] if best and paths.exists(best[1]) else None
 
 
@@ -289,7 +289,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
     if args.sweep_sizes < 1:
         raise UserError(f"--sweep-sizes must be at least 1, got {args.sweep_sizes}")
-    if paths.exists(paths.join(args.out, "summary.json")):
+    if paths.exists(rundir.summary_path(args.out)):
         raise UserError(f"{args.out} is a run directory; give --out a directory of its own")
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
     base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
@@ -355,7 +355,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         f"({law.interval_method}).",
         f"lr {lr:.4g}: {lr_src}.",
         f"batch {batch} x {seq} tokens: {batch_src}.",
-        f"  lab train {paths.join(args.out, 'config.yaml')}",
+        f"  lab train {rundir.config_path(args.out)}",
     ]
 
     # The next IsoFLOP sweep around the planned N, at the planned run's FLOPs.
@@ -378,7 +378,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         sweep_points.append({"name": f"d{s['d_model']}-l{s['n_layers']}", "shape": s, "N": n,
                              "D": d, "steps": st, "predicted_loss": p, "interval": [plo, phi]})
     sweep = {
-        "base": "config.yaml",
+        "base": rundir.CONFIG,  # the planned run's config, beside the sweep file
         "kind": "isoflop",
         "name": f"{name}-isoflop",
         "out": f"{runs_root}/sweep",
@@ -420,7 +420,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     }
 
     lab_paths.makedirs(args.out)
-    _write(paths.join(args.out, "config.yaml"), _comment(header) + dump_config(planned))
+    _write(rundir.config_path(args.out), _comment(header) + dump_config(planned))
     _write(paths.join(args.out, "sweep.yaml"),
            _comment(sweep_header) + yaml.safe_dump(sweep, sort_keys=False))
     from lab.sweep import expand_sweep
@@ -465,7 +465,7 @@ def report(plan: dict, out: str) -> str:
         f"{min(p['N'] for p in plan['sweep']):,} to {max(p['N'] for p in plan['sweep']):,}",
     ]
     lines += [f"warning: {w}" for w in plan["warnings"]]
-    lines += [f"wrote {os.path.join(out, f)}" for f in ("config.yaml", "sweep.yaml", "plan.json")]
+    lines += [f"wrote {os.path.join(out, f)}" for f in (rundir.CONFIG, "sweep.yaml", "plan.json")]
     return "\n".join(lines)
 
 
