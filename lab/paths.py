@@ -11,7 +11,9 @@ UserError.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,15 @@ def shown_path(path: PathLike) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def safe_name(text: str, extra: str = "", limit: int | None = None) -> str:
+    """`text` as a file name: itself if it is plain (letters, digits, `._-` and the characters
+    of `extra`), else every other run of characters made `_`, cut to `limit` characters, plus a
+    hash of `text` so that two texts cleaned alike still differ."""
+    clean = re.sub(rf"[^A-Za-z0-9._{re.escape(extra)}-]+", "_", text).strip("._")[:limit]
+    clean = clean or "run"
+    return clean if clean == text else f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def is_remote(path: PathLike) -> bool:
