@@ -352,7 +352,17 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 def validate(config: Config) -> None:
     """Reject values that cannot work, independent of the devices (the mesh checks those)."""
-    m, t, o, s = config.model, config.train, config.optim, config.schedule
+    _validate_counts(config)
+    _validate_model(config.model, config.train)
+    _validate_optim(config.optim)
+    _validate_schedule(config.schedule, config.train)
+    _validate_mesh_and_run(config)
+    _validate_branch(config.branch)
+
+
+def _validate_counts(config: Config) -> None:
+    """Sizes, step counts and the seed: in range for what they count."""
+    m, t, s = config.model, config.train, config.schedule
     for key, value in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                        ("model.n_heads", m.n_heads), ("train.steps", t.steps),
                        ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
@@ -379,6 +389,9 @@ def validate(config: Config) -> None:
              f"run.seed must lie in [0, 2**32) (JAX keeps 32 bits of it), got {config.run.seed}")
     _require(config.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
+
+
+def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
              "change one of them")
@@ -402,6 +415,9 @@ def validate(config: Config) -> None:
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
              f"({t.grad_accum})")
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.muon_scaling", o.muon_scaling, MUON_SCALINGS)
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
@@ -414,6 +430,9 @@ def validate(config: Config) -> None:
              f"{o.muon_momentum}")
     _require(o.muon_ns_steps > 0, "optim.muon_ns_steps must be positive")
     _require(o.muon_lr_ratio > 0, f"optim.muon_lr_ratio must be positive, got {o.muon_lr_ratio}")
+
+
+def _validate_schedule(s: ScheduleConfig, t: TrainConfig) -> None:
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
     _require(0 <= s.final_ratio <= 1,
@@ -421,6 +440,9 @@ def validate(config: Config) -> None:
     _require(s.warmup_steps + s.decay_steps <= t.steps,
              f"schedule.warmup_steps + schedule.decay_steps ({s.warmup_steps} + "
              f"{s.decay_steps}) must not exceed train.steps ({t.steps})")
+
+
+def _validate_mesh_and_run(config: Config) -> None:
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(config.mesh, axis)
         _require(size == -1 or size >= 1,
@@ -434,7 +456,9 @@ def validate(config: Config) -> None:
     _require(not r.predicted_interval or (len(r.predicted_interval) == 2
                                           and r.predicted_interval[0] <= r.predicted_interval[1]),
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
-    b = config.branch
+
+
+def _validate_branch(b: BranchConfig) -> None:
     if b.shape:
         _choice("branch.shape", b.shape, DECAY_SHAPES)
     _require(b.final_ratio == -1.0 or 0 <= b.final_ratio <= 1,
