@@ -93,26 +93,25 @@ def absolute(path: PathLike) -> str:
     return str(path) if is_remote(path) else str(Path(path).absolute())
 
 
-def exists(path: PathLike) -> bool:
-    """Whether a file or directory exists."""
+def _test(path: PathLike, fs_method: str, local: Any) -> bool:
+    """A yes/no question about a path: the filesystem's `fs_method` for a URL, else `local`."""
     if is_remote(path):
         fs, p = _fs(str(path))
-        return fs.exists(p)
-    return os.path.exists(path)
+        return getattr(fs, fs_method)(p)
+    return local(path)
+
+
+def exists(path: PathLike) -> bool:
+    """Whether a file or directory exists."""
+    return _test(path, "exists", os.path.exists)
 
 
 def is_file(path: PathLike) -> bool:
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        return fs.isfile(p)
-    return os.path.isfile(path)
+    return _test(path, "isfile", os.path.isfile)
 
 
 def is_dir(path: PathLike) -> bool:
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        return fs.isdir(p)
-    return os.path.isdir(path)
+    return _test(path, "isdir", os.path.isdir)
 
 
 def read_text(path: PathLike) -> str:
