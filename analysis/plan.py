@@ -35,7 +35,7 @@ from analysis.hparams import LogLinearLaw
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
-from lab import presets
+from lab import presets, rundir
 from lab.config import Config, dump_config, load_config
 from lab.errors import ArgumentParser, UserError
 
@@ -190,7 +190,7 @@ def _best_run_config(roots: list[str]) -> str | None:
         if len(runs):
             row = runs.loc[runs["loss"].idxmin()]
             if best is None or row["loss"] < best[0]:
-                best = (row["loss"], paths.join(row["run"], "config.yaml"))
+                best = (row["loss"], rundir.config_path(row["run"]))
     return best[1] if best and paths.exists(best[1]) else None
 
 
@@ -283,14 +283,90 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def make_plan(args: argparse.Namespace) -> dict:
-    """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
+def _batch(laws, cfg: Config, L_opt: float, batch_tokens: float | None, batch_src: str,
+           warns: list[str]) -> tuple[int, str]:
+    """The planned batch (rows of train.seq_len) and where it came from: the batch law's, else
+    the critical batch at the loss the plan expects (McCandlish et al.), else the base
+    config's. Warns (into `warns`) when it is over twice the critical batch."""
+    seq = cfg.train.seq_len
+    if batch_tokens is None and laws.critical is not None:
+        batch_tokens = float(laws.critical(L_opt))
+        batch_src = (f"critical batch B_crit(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
+                     f"({laws.sources['critical']})")
+    batch = _round_batch(batch_tokens, seq) if batch_tokens else cfg.train.batch_size
+    batch_src = batch_src or "the base config's batch"
+    if laws.critical is not None:
+        b_crit = float(laws.critical(L_opt))
+        if batch * seq > 2 * b_crit:
+            warns.append(f"the batch ({batch * seq} tokens) is over twice the critical batch at "
+                         f"the predicted loss ({b_crit:.3g}): steps buy little there")
+    return batch, batch_src
+
+
+def _schedule_at(cfg: Config, steps: int) -> tuple[dict, dict]:
+    """The base config's warmup and decay as fractions of its steps, and those fractions of
+    `steps` (warmup + decay kept within the run)."""
+    frac = {k: getattr(cfg.schedule, k) / cfg.train.steps for k in ("warmup_steps",
+                                                                     "decay_steps")}
+    sched = {k: min(steps - 1, round(f * steps)) if f else 0 for k, f in frac.items()}
+    if sched["warmup_steps"] + sched["decay_steps"] > steps:
+        sched["decay_steps"] = steps - sched["warmup_steps"]
+    return frac, sched
+
+
+def _sweep_points(args: argparse.Namespace, cfg: Config, law, N: int, flops: float,
+                  tokens_per_step: int) -> list[dict]:
+    """The next IsoFLOP sweep around the planned N, at the planned run's FLOPs: one point
+    per distinct shape, with its predicted loss."""
+    sizes, seen = [], set()
+    for t in N * np.logspace(-args.sweep_span, args.sweep_span, args.sweep_sizes):
+        try:
+            s = shape_for(float(t), cfg, law.params, args.aspect_ratio)
+        except UserError:
+            continue  # too small (or large) for any shape near it; the others still bracket
+        key = tuple(sorted(s.items()))
+        if key not in seen:
+            seen.add(key)
+            sizes.append(s)
+    points = []
+    for s in sizes:
+        c, f = _counts(cfg, s)
+        st = max(1, round(flops / (f * tokens_per_step)))
+        n, d = _n_of(c, law.params), st * tokens_per_step
+        p, plo, phi = law.predict(n, d, args.level)
+        points.append({"name": f"d{s['d_model']}-l{s['n_layers']}", "shape": s, "N": n,
+                       "D": d, "steps": st, "predicted_loss": p, "interval": [plo, phi]})
+    return points
+
+
+def _check_args(args: argparse.Namespace) -> None:
     if not 0 < args.level < 1:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
     if args.sweep_sizes < 1:
         raise UserError(f"--sweep-sizes must be at least 1, got {args.sweep_sizes}")
-    if paths.exists(paths.join(args.out, "summary.json")):
+    if paths.exists(rundir.summary_path(args.out)):
         raise UserError(f"{args.out} is a run directory; give --out a directory of its own")
+
+
+def _write_plan(out: str, planned: Config, header: list[str], sweep: dict,
+                sweep_header: list[str], plan: dict) -> None:
+    """DIR/config.yaml, DIR/sweep.yaml (checked to expand as lab sweep will) and plan.json."""
+    lab_paths.makedirs(out)
+    _write(rundir.config_path(out), _comment(header) + dump_config(planned))
+    _write(paths.join(out, "sweep.yaml"),
+           _comment(sweep_header) + yaml.safe_dump(sweep, sort_keys=False))
+    from lab.sweep import expand_sweep
+
+    try:  # the sweep must expand as lab sweep will expand it
+        expand_sweep(paths.join(out, "sweep.yaml"))
+    except UserError as err:
+        raise UserError(f"the planned sweep does not expand: {err}") from None
+    _write(paths.join(out, "plan.json"), json.dumps(plan, indent=2) + "\n")
+
+
+def make_plan(args: argparse.Namespace) -> dict:
+    """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
+    _check_args(args)
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
     base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
     if base is None:
@@ -304,18 +380,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     seq = cfg.train.seq_len
     lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_opt,
                                                                 fpt * D_opt)
-    if batch_tokens is None and laws.critical is not None:
-        # No batch law: the critical batch at the loss the plan expects (McCandlish et al.).
-        batch_tokens = float(laws.critical(L_opt))
-        batch_src = (f"critical batch B_crit(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
-                     f"({laws.sources['critical']})")
-    batch = _round_batch(batch_tokens, seq) if batch_tokens else cfg.train.batch_size
-    batch_src = batch_src or "the base config's batch"
-    if laws.critical is not None:
-        b_crit = float(laws.critical(L_opt))
-        if batch * seq > 2 * b_crit:
-            warns.append(f"the batch ({batch * seq} tokens) is over twice the critical batch at "
-                         f"the predicted loss ({b_crit:.3g}): steps buy little there")
+    batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns)
     tokens_per_step = batch * seq
     steps = max(1, round(D_opt / tokens_per_step))
     D = steps * tokens_per_step
@@ -324,11 +389,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     if law.interval_method == "residual":
         warns.append("the interval is residual-based, too narrow far beyond the fitted runs; "
                      "fit with --bootstrap K for a bootstrap interval")
-    frac = {k: getattr(cfg.schedule, k) / cfg.train.steps for k in ("warmup_steps",
-                                                                     "decay_steps")}
-    sched = {k: min(steps - 1, round(f * steps)) if f else 0 for k, f in frac.items()}
-    if sched["warmup_steps"] + sched["decay_steps"] > steps:
-        sched["decay_steps"] = steps - sched["warmup_steps"]
+    frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")
     overrides = {
@@ -355,30 +416,12 @@ def make_plan(args: argparse.Namespace) -> dict:
         f"({law.interval_method}).",
         f"lr {lr:.4g}: {lr_src}.",
         f"batch {batch} x {seq} tokens: {batch_src}.",
-        f"  lab train {paths.join(args.out, 'config.yaml')}",
+        f"  lab train {rundir.config_path(args.out)}",
     ]
 
-    # The next IsoFLOP sweep around the planned N, at the planned run's FLOPs.
-    sizes, seen = [], set()
-    for t in N * np.logspace(-args.sweep_span, args.sweep_span, args.sweep_sizes):
-        try:
-            s = shape_for(float(t), cfg, law.params, args.aspect_ratio)
-        except UserError:
-            continue  # too small (or large) for any shape near it; the others still bracket
-        key = tuple(sorted(s.items()))
-        if key not in seen:
-            seen.add(key)
-            sizes.append(s)
-    sweep_points = []
-    for s in sizes:
-        c, f = _counts(cfg, s)
-        st = max(1, round(flops / (f * tokens_per_step)))
-        n, d = _n_of(c, law.params), st * tokens_per_step
-        p, plo, phi = law.predict(n, d, args.level)
-        sweep_points.append({"name": f"d{s['d_model']}-l{s['n_layers']}", "shape": s, "N": n,
-                             "D": d, "steps": st, "predicted_loss": p, "interval": [plo, phi]})
+    sweep_points = _sweep_points(args, cfg, law, N, flops, tokens_per_step)
     sweep = {
-        "base": "config.yaml",
+        "base": rundir.CONFIG,  # the planned run's config, beside the sweep file
         "kind": "isoflop",
         "name": f"{name}-isoflop",
         "out": f"{runs_root}/sweep",
@@ -390,8 +433,8 @@ def make_plan(args: argparse.Namespace) -> dict:
         "set": {"run.predicted_loss": 0, "run.predicted_interval": []},
     }
     sweep_header = [
-        f"The next IsoFLOP sweep from `lab plan`: {len(sizes)} sizes across ±{args.sweep_span} "
-        f"decade around N = {N:,},",
+        f"The next IsoFLOP sweep from `lab plan`: {len(sweep_points)} sizes across "
+        f"±{args.sweep_span} decade around N = {N:,},",
         f"each trained for {flops:.4g} FLOPs with the planned run's recipe (config.yaml).",
         f"  lab sweep {paths.join(args.out, 'sweep.yaml')} --dry-run",
     ]
@@ -419,17 +462,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "warnings": warns,
     }
 
-    lab_paths.makedirs(args.out)
-    _write(paths.join(args.out, "config.yaml"), _comment(header) + dump_config(planned))
-    _write(paths.join(args.out, "sweep.yaml"),
-           _comment(sweep_header) + yaml.safe_dump(sweep, sort_keys=False))
-    from lab.sweep import expand_sweep
-
-    try:  # the sweep must expand as lab sweep will expand it
-        expand_sweep(paths.join(args.out, "sweep.yaml"))
-    except UserError as err:
-        raise UserError(f"the planned sweep does not expand: {err}") from None
-    _write(paths.join(args.out, "plan.json"), json.dumps(plan, indent=2) + "\n")
+    _write_plan(args.out, planned, header, sweep, sweep_header, plan)
     return plan
 
 
@@ -465,7 +498,7 @@ def report(plan: dict, out: str) -> str:
         f"{min(p['N'] for p in plan['sweep']):,} to {max(p['N'] for p in plan['sweep']):,}",
     ]
     lines += [f"warning: {w}" for w in plan["warnings"]]
-    lines += [f"wrote {os.path.join(out, f)}" for f in ("config.yaml", "sweep.yaml", "plan.json")]
+    lines += [f"wrote {os.path.join(out, f)}" for f in (rundir.CONFIG, "sweep.yaml", "plan.json")]
     return "\n".join(lines)
 
 

@@ -184,7 +184,8 @@ def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
 def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
     """curves.png: training loss (a running mean over `smooth` logged steps) against tokens of
     each stable run and its decays, and the final eval loss of each decay."""
-    from lab.metrics import read_json, read_metrics
+    from lab.metrics import read_metrics
+    from lab.rundir import read_summary
 
     fig, ax = _figure()
     for i, run_dir in enumerate(run_dirs):
@@ -197,9 +198,9 @@ def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
             loss = m["loss"].rolling(smooth, min_periods=1).mean()
             ax.plot(m["tokens"], loss, color=color, lw=1.2 if j == 0 else 0.8,
                     ls="-" if j == 0 else "--", label=Path(run_dir).name if j == 0 else None)
-            summary = read_json(r / "summary.json") or {}
-            if j and summary.get("final_eval_loss"):
-                ax.plot(summary["tokens"], summary["final_eval_loss"], "o", color=color, ms=4)
+            summary = read_summary(r)
+            if j and summary is not None and summary.final_eval_loss:
+                ax.plot(summary.tokens, summary.final_eval_loss, "o", color=color, ms=4)
     ax.set(xscale="log", xlabel="tokens", ylabel=f"training loss (mean of {smooth} logs)",
            title="stable runs (solid), decays (dashed), eval loss after each decay (dots)")
     ax.legend(fontsize=8)

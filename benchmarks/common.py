@@ -4,10 +4,19 @@ short runs. Light to import (the runner imports it; lab and jax load only for a 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def write_report(text: str, out: Path | None) -> int:
+    """Print a benchmark's report, and write it to `out` too when given; exit status 0."""
+    if out:
+        out.write_text(text)
+    sys.stdout.write(text)
+    return 0
 
 
 def row(figure: str, value: float, unit: str, reference: str, reference_value: float | None,

@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from benchmarks.common import write_report
+
 MESHES = ((8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2))
 SHAPES = {"stacked": (4, 64, 192), "wide": (64, 192), "tall": (192, 64), "same": (64, 192)}
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
@@ -107,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {' x '.join(map(str, shape))} | {flops_whole / 1e6:.1f} M "
             f"({flops_whole / flops_one:.2f}) | {coll_whole} | {flops_split / 1e6:.1f} M "
             f"({flops_split / flops_one:.2f}) | {coll_split} | {diff:.1e} |")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.write_text(text)
-    sys.stdout.write(text)
-    return 0
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

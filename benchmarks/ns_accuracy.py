@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import write_report
 from lab import muon
 from lab.config import ModelConfig, load_config
 
@@ -165,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-3], lines[-2], lines[-1], sep="\n", flush=True)
     lines.append("")
     lines.append(f"{time.perf_counter() - started:.0f} s")
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        args.out.write_text(text)
-    sys.stdout.write(text)
-    return 0
+    return write_report("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ Children resume, skip when finished, and can be run anywhere with `lab train CHI
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from lab import paths, rundir
-from lab.branch_plan import branch_name, check_plan, child_config, planned_pairs  # noqa: F401
-from lab.config import Config, dump_config, load_config
+from lab.branch_plan import check_plan, child_configs, decay_of, planned_pairs
+from lab.config import DECAY_SHAPES, Config, dump_config, load_config
 from lab.errors import UserError
 from lab.model import flops_per_token, param_counts, with_vocab
-from lab.rundir import Status, write_json_atomic
-
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+from lab.rundir import Status, Summary, write_json_atomic
 
 
 def compute_report(parent: Config, pairs: list[tuple[int, int]]) -> dict:
@@ -71,7 +71,40 @@ def _ints(text: str, what: str) -> list[int]:
     return values
 
 
-def main(argv: list[str]) -> int:
+def train_runs(configs: list[Config], report: Callable[[str, Config, Summary | None], None],
+               progress=None, stop_on_failure: bool = False) -> dict[str, str]:
+    """Train each run in turn, skipping those finished already; {run name: status}.
+
+    `report(event, config, summary)` is told of each run: "skipped" (finished already, with its
+    summary), "starting" (before it trains) and "trained" (with the summary it ended with).
+    `progress` goes to lab.train.train; with `stop_on_failure` the first run that does not
+    finish (failed, diverged, preempted) ends the list."""
+    from lab.train import train
+
+    statuses = {}
+    for cfg in configs:
+        summary = rundir.read_summary(cfg.run.dir)
+        if summary is not None and summary.finished:
+            report("skipped", cfg, summary)
+        else:
+            report("starting", cfg, None)
+            summary = Summary.from_dict(train(cfg, progress=progress))
+            report("trained", cfg, summary)
+        statuses[paths.name(cfg.run.dir)] = str(summary.status)
+        if stop_on_failure and not summary.finished:
+            break
+    return statuses
+
+
+def _print_branch(event: str, cfg: Config, summary: Summary | None) -> None:
+    name = paths.name(cfg.run.dir)
+    if event == "skipped":
+        print(f"{name}: finished already, skipped")
+    elif event == "starting":
+        print(f"--- branch {name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     from lab.errors import ArgumentParser
 
     parser = ArgumentParser(prog="lab branch", description=__doc__.split("\n\n")[0])
@@ -86,33 +119,40 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--predict", action="store_true",
                         help="train nothing; print each branch's final eval loss predicted by "
                         "the schedule law fitted on this run and its finished branches")
-    args = parser.parse_args(argv)
+    return parser
 
-    parent_dir = args.run_dir if paths.is_remote(args.run_dir) else str(Path(args.run_dir))
+
+def _load_parent(run_dir: str) -> tuple[str, Config]:
+    """The parent's directory as given (a URL kept as it is) and its config."""
+    parent_dir = run_dir if paths.is_remote(run_dir) else str(Path(run_dir))
     if not paths.is_file(rundir.config_path(parent_dir)):
         raise UserError(f"{parent_dir} is not a run directory (no {rundir.CONFIG}); pass the "
                         "directory of a `lab train` run")
     parent = load_config(rundir.config_path(parent_dir))
     if parent.run.parent:
         raise UserError(f"{parent_dir} is itself a branch; branch its parent {parent.run.parent}")
-    params = param_counts(with_vocab(parent.model, 257))["params"]
+    return parent_dir, parent
+
+
+def _pairs(args: argparse.Namespace, parent_dir: str, parent: Config) -> list[tuple[int, int]]:
+    """The (branch step, decay) pairs: --at x --decay-steps, or the config's plan."""
     if args.at:
         steps = _ints(args.at, "--at")
         if not args.decay_steps:
             raise UserError("--at needs --decay-steps, e.g. --decay-steps 200,400")
-        pairs = [(s, d) for s in steps for d in _ints(args.decay_steps, "--decay-steps")]
-    else:
-        if args.decay_steps:
-            raise UserError("--decay-steps needs --at; without both, the config's plan is used")
-        pairs = planned_pairs(parent, params)
-        if not pairs:
-            raise UserError(f"{parent_dir} declares no branch plan (branch.at_steps and "
-                            "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
-                            "LENGTHS")
-    check_plan(parent, pairs)
-    from lab.sharding import initialize_distributed, is_main_process
+        return [(s, d) for s in steps for d in _ints(args.decay_steps, "--decay-steps")]
+    if args.decay_steps:
+        raise UserError("--decay-steps needs --at; without both, the config's plan is used")
+    pairs = planned_pairs(parent, param_counts(with_vocab(parent.model, 257))["params"])
+    if not pairs:
+        raise UserError(f"{parent_dir} declares no branch plan (branch.at_steps and "
+                        "branch.decay_steps, or the like); pass --at STEPS --decay-steps "
+                        "LENGTHS")
+    return pairs
 
-    initialize_distributed()  # every host of a pod runs the branches together
+
+def _check_checkpoints(parent_dir: str, pairs: list[tuple[int, int]]) -> None:
+    """The parent must have kept a checkpoint at every branch point."""
     from lab.checkpoint import Checkpointer, checkpoint_dir
 
     reader = Checkpointer(checkpoint_dir(parent_dir), read_only=True)
@@ -125,32 +165,12 @@ def main(argv: list[str]) -> int:
         raise UserError(f"{parent_dir} has no checkpoint at step {missing[0]} (it has "
                         f"{saved or 'none'}); declare branch points in branch.at_steps before "
                         "training so their checkpoints are kept")
-    shape = args.shape or parent.branch.shape or parent.schedule.decay_shape
-    final_ratio = args.final_ratio
-    if final_ratio is None:
-        final_ratio = (parent.branch.final_ratio if parent.branch.final_ratio >= 0
-                       else parent.schedule.final_ratio)
-    if not 0 <= final_ratio <= 1:
-        raise UserError(f"--final-ratio must lie in [0, 1], got {final_ratio}")
 
-    if args.predict:  # fitting needs a finished decay; analysis.schedule_law says so if none
-        from lab.branch_predict import format_predictions, predict_branches
 
-        print(format_predictions(*predict_branches(parent_dir, pairs, shape, final_ratio)))
-        return 0
-    report = compute_report(parent, pairs)
-    children = [child_config(parent, parent_dir, s, d, shape, final_ratio) for s, d in pairs]
-    print(format_report(report))
-    if args.dry_run:
-        for child in children:
-            print(f"{child.run.dir}: lab train {rundir.config_path(child.run.dir)}")
-        return 0
-    if is_main_process():  # one writer of the files every host would write alike
-        write_plan(parent_dir, report, children)
+def _check_existing_children(children: list[Config]) -> None:
+    """An existing child must be the same run: checked for all before any trains."""
+    from lab.train import RESUMABLE_CHANGES, check_resumable
 
-    from lab.train import RESUMABLE_CHANGES, check_resumable, train
-
-    # An existing child must be the same run: checked for all before any trains.
     for child in children:
         if paths.is_file(rundir.config_path(child.run.dir)):
             saved_child = load_config(rundir.config_path(child.run.dir))
@@ -161,15 +181,33 @@ def main(argv: list[str]) -> int:
             check_resumable(saved_child, child, allowed=RESUMABLE_CHANGES + ("run.parent",),
                             what=f"the existing branch {child.run.dir}")
 
-    statuses = {}
-    for child in children:
-        child_dir, name = child.run.dir, paths.name(child.run.dir)
-        if rundir.is_finished(child_dir):
-            print(f"{name}: finished already, skipped")
-            statuses[name] = Status.FINISHED
-            continue
-        print(f"--- branch {name}")
-        statuses[name] = train(child)["status"]
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    parent_dir, parent = _load_parent(args.run_dir)
+    pairs = _pairs(args, parent_dir, parent)
+    check_plan(parent, pairs)
+    from lab.sharding import initialize_distributed, is_main_process
+
+    initialize_distributed()  # every host of a pod runs the branches together
+    _check_checkpoints(parent_dir, pairs)
+    shape, final_ratio = decay_of(parent, args.shape, args.final_ratio)
+    if args.predict:  # fitting needs a finished decay; analysis.schedule_law says so if none
+        from lab.branch_predict import format_predictions, predict_branches
+
+        print(format_predictions(*predict_branches(parent_dir, pairs, shape, final_ratio)))
+        return 0
+    report = compute_report(parent, pairs)
+    children = child_configs(parent, parent_dir, pairs, shape, final_ratio)
+    print(format_report(report))
+    if args.dry_run:
+        for child in children:
+            print(f"{child.run.dir}: lab train {rundir.config_path(child.run.dir)}")
+        return 0
+    if is_main_process():  # one writer of the files every host would write alike
+        write_plan(parent_dir, report, children)
+    _check_existing_children(children)
+    statuses = train_runs(children, _print_branch)
     failed = {k: v for k, v in statuses.items() if v != Status.FINISHED}
     print(f"{len(statuses) - len(failed)} of {len(statuses)} branches finished"
           + (f"; not finished: {failed}" if failed else ""))

@@ -54,6 +54,20 @@ def check_plan(cfg: Config, pairs: list[tuple[int, int]],
                             "before it; use a shorter decay or a later branch point")
 
 
+def decay_of(parent: Config, shape: str | None = None,
+             final_ratio: float | None = None) -> tuple[str, float]:
+    """The decay shape and final learning-rate ratio of a run's branches: the ones given (lab
+    branch's --shape, --final-ratio), else the run's plan (branch.shape, branch.final_ratio),
+    else its own schedule's."""
+    shape = shape or parent.branch.shape or parent.schedule.decay_shape
+    if final_ratio is None:
+        final_ratio = (parent.branch.final_ratio if parent.branch.final_ratio >= 0
+                       else parent.schedule.final_ratio)
+    if not 0 <= final_ratio <= 1:
+        raise UserError(f"--final-ratio must lie in [0, 1], got {final_ratio}")
+    return shape, final_ratio
+
+
 def branch_name(step: int, decay: int, shape: str, final_ratio: float = 0.0) -> str:
     """The child's folder: every setting that makes one child differ from another (a final
     ratio other than 0 is added as `-final0.1`)."""
@@ -73,3 +87,10 @@ def child_config(parent: Config, parent_dir: str | Path, step: int, decay: int, 
         checkpoint={"keep_steps": (), "keep_last": 1},
         branch=dataclasses.asdict(type(parent.branch)()),
     )
+
+
+def child_configs(parent: Config, parent_dir: str | Path, pairs: list[tuple[int, int]],
+                  shape: str | None = None, final_ratio: float | None = None) -> list[Config]:
+    """The config of every branch (step, decay) of a run, with the decay of `decay_of`."""
+    shape, final_ratio = decay_of(parent, shape, final_ratio)
+    return [child_config(parent, parent_dir, s, d, shape, final_ratio) for s, d in pairs]

@@ -7,25 +7,19 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.schedule_law import Curve, ScheduleLaw, fit_schedule_law
-from lab import paths, rundir, schedules
+from lab import paths, rundir
 from lab.branch_plan import child_config
 from lab.config import Config, load_config, replace
 from lab.metrics import read_metrics
+from lab.optim import lr_schedule
 
 MIN_EVALS = 4  # eval losses along a stable run needed to fit them instead of training losses
 
 
-
-
 def lr_sequence(cfg: Config) -> np.ndarray:
-    """The learning rate of every update of a run, from lab.schedules."""
-    s, steps = cfg.schedule, cfg.train.steps
-    if s.name == "cosine":
-        fn = schedules.cosine(cfg.optim.lr, steps, s.warmup_steps, s.final_ratio)
-    else:
-        fn = schedules.wsd(cfg.optim.lr, steps, s.warmup_steps, s.decay_steps, s.decay_shape,
-                           s.final_ratio)
-    return np.asarray(fn(np.arange(steps)), dtype=np.float64)
+    """The learning rate of every update of a run, from the schedule the run trains with."""
+    fn = lr_schedule(cfg.schedule, cfg.optim.lr, cfg.train.steps)
+    return np.asarray(fn(np.arange(cfg.train.steps)), dtype=np.float64)
 
 
 def load_curve(run_dir: str, use_eval: bool = False) -> Curve:

@@ -34,10 +34,11 @@ def _train(args: argparse.Namespace) -> int:
         from lab.aot import compile_only
 
         return compile_only(cfg, args.topology)
+    from lab.rundir import Status
     from lab.train import train
 
     summary = train(cfg)
-    return EXIT_DIVERGED if summary.get("status") == "diverged" else 0
+    return EXIT_DIVERGED if summary.get("status") == Status.DIVERGED else 0
 
 
 def _quiet_absl() -> None:

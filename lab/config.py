@@ -115,6 +115,14 @@ class MeshConfig:
     tensor: int = 1  # tensor (model) parallelism over heads and MLP width
 
 
+# The choices of the string-valued keys, written once: the modules that implement them import
+# these (kept here, free of jax, so that reading a config stays light).
+OPTIMIZERS = ("adamw", "muon")
+MUON_SCALINGS = ("moonlight", "shape")  # lab.muon.shape_scale
+SCHEDULES = ("wsd", "cosine")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")  # lab.schedules
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"  # adamw | muon
@@ -344,7 +352,17 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 def validate(config: Config) -> None:
     """Reject values that cannot work, independent of the devices (the mesh checks those)."""
-    m, t, o, s = config.model, config.train, config.optim, config.schedule
+    _validate_counts(config)
+    _validate_model(config.model, config.train)
+    _validate_optim(config.optim)
+    _validate_schedule(config.schedule, config.train)
+    _validate_mesh_and_run(config)
+    _validate_branch(config.branch)
+
+
+def _validate_counts(config: Config) -> None:
+    """Sizes, step counts and the seed: in range for what they count."""
+    m, t, s = config.model, config.train, config.schedule
     for key, value in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
                        ("model.n_heads", m.n_heads), ("train.steps", t.steps),
                        ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
@@ -371,6 +389,9 @@ def validate(config: Config) -> None:
              f"run.seed must lie in [0, 2**32) (JAX keeps 32 bits of it), got {config.run.seed}")
     _require(config.checkpoint.keep_last >= 1,
              f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
+
+
+def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
              "change one of them")
@@ -394,21 +415,34 @@ def validate(config: Config) -> None:
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
              f"({t.grad_accum})")
-    _choice("optim.name", o.name, ("adamw", "muon"))
-    _choice("optim.muon_scaling", o.muon_scaling, ("moonlight", "shape"))
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.muon_scaling", o.muon_scaling, MUON_SCALINGS)
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be zero or positive, got "
              f"{o.weight_decay}")
     _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
+    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
     _require(o.grad_clip >= 0, "optim.grad_clip must be zero (off) or positive")
+    _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum must lie in [0, 1), got "
+             f"{o.muon_momentum}")
     _require(o.muon_ns_steps > 0, "optim.muon_ns_steps must be positive")
-    _choice("schedule.name", s.name, ("wsd", "cosine"))
-    _choice("schedule.decay_shape", s.decay_shape, ("linear", "cosine", "1-sqrt"))
+    _require(o.muon_lr_ratio > 0, f"optim.muon_lr_ratio must be positive, got {o.muon_lr_ratio}")
+
+
+def _validate_schedule(s: ScheduleConfig, t: TrainConfig) -> None:
+    _choice("schedule.name", s.name, SCHEDULES)
+    _choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
     _require(0 <= s.final_ratio <= 1,
              f"schedule.final_ratio must lie in [0, 1], got {s.final_ratio}")
     _require(s.warmup_steps + s.decay_steps <= t.steps,
              f"schedule.warmup_steps + schedule.decay_steps ({s.warmup_steps} + "
              f"{s.decay_steps}) must not exceed train.steps ({t.steps})")
+
+
+def _validate_mesh_and_run(config: Config) -> None:
     for axis in ("data", "fsdp", "tensor"):
         size = getattr(config.mesh, axis)
         _require(size == -1 or size >= 1,
@@ -422,9 +456,11 @@ def validate(config: Config) -> None:
     _require(not r.predicted_interval or (len(r.predicted_interval) == 2
                                           and r.predicted_interval[0] <= r.predicted_interval[1]),
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
-    b = config.branch
+
+
+def _validate_branch(b: BranchConfig) -> None:
     if b.shape:
-        _choice("branch.shape", b.shape, ("linear", "cosine", "1-sqrt"))
+        _choice("branch.shape", b.shape, DECAY_SHAPES)
     _require(b.final_ratio == -1.0 or 0 <= b.final_ratio <= 1,
              "branch.final_ratio must lie in [0, 1] (or -1: schedule.final_ratio)")
     for key, values in [("branch.at_steps", b.at_steps), ("branch.at_tokens", b.at_tokens),

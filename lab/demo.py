@@ -31,13 +31,15 @@ from typing import Any, TextIO
 
 import yaml
 
-from lab import presets
+from lab import presets, rundir
 from lab.errors import UserError
 from lab.paths import shown_path
+from lab.rundir import Status
 
 STUDY = presets.root() / "demo.yaml"
 QUICK_STUDY = presets.root() / "demo-quick.yaml"
 EXIT_INTERRUPTED = 130
+INTERRUPTED = "interrupted"  # the study's status after Ctrl-C outside a run (not a run's Status)
 
 
 # ----------------------------------------------------------------------------- the study file
@@ -138,7 +140,7 @@ def _size_name(size: dict) -> str:
 def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan]:
     """Branch steps per size: a branch at step S decays for round(f S) steps, so it trains
     S (1 + f) steps in all; S is chosen so those steps spend the budget."""
-    from lab.branch import check_plan, planned_pairs
+    from lab.branch_plan import check_plan, planned_pairs
     from lab.config import load_config
     from lab.model import flops_per_token, param_counts, with_vocab
 
@@ -352,14 +354,11 @@ class StudyProgress:
 
 def _child_configs(plan: SizePlan) -> list:
     """The branches of a finished stable run, as `lab branch RUN_DIR` makes them."""
-    from lab.branch import child_config
+    from lab.branch_plan import child_configs
     from lab.config import load_config
 
-    parent = load_config(plan.run_dir / "config.yaml")
-    shape = parent.branch.shape or parent.schedule.decay_shape
-    ratio = (parent.branch.final_ratio if parent.branch.final_ratio >= 0
-             else parent.schedule.final_ratio)
-    return [child_config(parent, plan.run_dir, s, d, shape, ratio) for s, d in plan.pairs]
+    return child_configs(load_config(rundir.config_path(plan.run_dir)), plan.run_dir,
+                         list(plan.pairs))
 
 
 def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
@@ -377,45 +376,40 @@ def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
 def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log: TextIO) -> str:
     """Train every stable run and its branches in order; 'finished' or the status that
     stopped it ('preempted' after Ctrl-C / SIGTERM, 'diverged', ...)."""
-    from lab.branch import compute_report
-    from lab.config import dump_config, load_config
-    from lab.metrics import read_json, write_json_atomic
-    from lab.train import train
+    from lab.branch import compute_report, train_runs, write_plan
+    from lab.config import load_config
 
-    index = 0
-    for plan in plans:
-        cfg = load_config(study.base, list(plan.words))
-        jobs = [(cfg, None)]
-        for i in range(1 if plan.held_out else len(plan.pairs) + 1):
-            if i == 1:  # the stable run is done: its children exist only now
-                write_json_atomic(plan.run_dir / "branches.json",
-                                  compute_report(load_config(plan.run_dir / "config.yaml"),
-                                                 list(plan.pairs)))
-                jobs += [(child, plan.run_dir) for child in _child_configs(plan)]
-            run_cfg, parent = jobs[i]
-            run_dir = Path(run_cfg.run.dir)
-            progress.start(index)
-            label = progress.runs[index][0]
-            index += 1
-            done = read_json(run_dir / "summary.json")
-            if done and done.get("status") == "finished":
-                progress.finish(f"{label}: finished already (eval loss "
-                                f"{done['final_eval_loss']:.4f})")
-                continue
-            if parent is not None:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                if not (run_dir / "config.yaml").exists():
-                    (run_dir / "config.yaml").write_text(dump_config(run_cfg))
-            print(f"--- {label}: {run_dir}", file=log, flush=True)
-            with contextlib.redirect_stdout(log):
-                summary = train(run_cfg, progress=progress)
-            if summary["status"] != "finished":
-                progress.finish(f"{label}: {summary['status']} at step {summary.get('steps')}")
-                return summary["status"]
-            progress.finish(f"{label}: eval loss {summary['final_eval_loss']:.4f} "
-                            f"({summary['tokens']:,} tokens, {summary['train_seconds']:.0f} s)",
-                            trained_steps=progress.step - progress.runs[progress.index][1])
-    return "finished"
+    def report(event: str, cfg, summary) -> None:
+        if event != "trained":  # every run, skipped or not, moves the live line on
+            progress.start(progress.index + 1)
+        label, first = progress.runs[progress.index][:2]
+        if event == "skipped":
+            progress.finish(f"{label}: finished already (eval loss "
+                            f"{summary.final_eval_loss:.4f})")
+        elif event == "starting":
+            print(f"--- {label}: {cfg.run.dir}", file=log, flush=True)
+        elif summary.finished:
+            progress.finish(f"{label}: eval loss {summary.final_eval_loss:.4f} "
+                            f"({summary.tokens:,} tokens, {summary.train_seconds:.0f} s)",
+                            trained_steps=progress.step - first)
+        else:
+            progress.finish(f"{label}: {summary.status} at step {summary.steps}")
+
+    def stopped(statuses: dict[str, str]) -> str | None:
+        return next((s for s in statuses.values() if s != Status.FINISHED), None)
+
+    with contextlib.redirect_stdout(log):  # what the runs print; the live line has its stream
+        for plan in plans:
+            stable = load_config(study.base, list(plan.words))
+            status = stopped(train_runs([stable], report, progress, stop_on_failure=True))
+            if status is None and not plan.held_out:  # its children exist only now
+                children = _child_configs(plan)
+                write_plan(str(plan.run_dir), compute_report(
+                    load_config(rundir.config_path(plan.run_dir)), list(plan.pairs)), children)
+                status = stopped(train_runs(children, report, progress, stop_on_failure=True))
+            if status is not None:
+                return status
+    return Status.FINISHED
 
 
 # ----------------------------------------------------------------------------- points
@@ -424,36 +418,30 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
 def collect_points(plans: list[SizePlan]) -> list[dict]:
     """One point per branch: N (non-embedding parameters), D (tokens), C = 6 N D, the lab's
     own FLOP count, the final eval loss, and which budget and size it belongs to."""
-    from lab.branch import branch_name
-    from lab.config import load_config
-
     points = []
     for plan in plans:
         if plan.held_out:
             points.append(_point(plan, plan.run_dir, *plan.pairs[0], len(plans[0].budgets),
                                  plan.budgets[0]))
             continue
-        parent = load_config(plan.run_dir / "config.yaml")
-        shape = parent.branch.shape or parent.schedule.decay_shape
-        for k, ((s, d), budget) in enumerate(zip(plan.pairs, plan.budgets, strict=True)):
-            run_dir = plan.run_dir / "branches" / branch_name(s, d, shape)
-            points.append(_point(plan, run_dir, s, d, k, budget))
+        children = _child_configs(plan)
+        for k, ((s, d), budget, child) in enumerate(zip(plan.pairs, plan.budgets, children,
+                                                        strict=True)):
+            points.append(_point(plan, Path(child.run.dir), s, d, k, budget))
     return points
 
 
 def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float) -> dict:
-    from lab.metrics import read_json
-
-    summary = read_json(run_dir / "summary.json")
-    if not summary or summary.get("status") != "finished":
+    summary = rundir.read_summary(run_dir)
+    if summary is None or not summary.finished:
         raise UserError(f"{run_dir} is not finished; run `lab demo` again to finish it")
-    n, tokens = summary["non_embedding_params"], summary["tokens"]
+    n, tokens = summary.non_embedding_params, summary.tokens
     return {"run": str(run_dir), "size": plan.name, "N": n, "D": tokens,
-            "C": 6.0 * n * tokens, "flops": summary["flops"],
-            "loss": summary["final_eval_loss"], "budget": k,
-            "budget_flops": budget, "params": summary["params"],
+            "C": 6.0 * n * tokens, "flops": summary.flops,
+            "loss": summary.final_eval_loss, "budget": k,
+            "budget_flops": budget, "params": summary.params,
             "branch_step": s, "decay_steps": d, "held_out": plan.held_out,
-            "train_seconds": summary.get("train_seconds", 0.0)}
+            "train_seconds": summary.train_seconds or 0.0}
 
 
 def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
@@ -468,7 +456,7 @@ def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
             branched += (s + d) * plan.flops_per_step
             scratch += (s + d) * plan.flops_per_step
             continue
-        report = compute_report(load_config(plan.run_dir / "config.yaml"), list(plan.pairs))
+        report = compute_report(load_config(rundir.config_path(plan.run_dir)), list(plan.pairs))
         branched += report["flops_branched"]
         scratch += report["flops_from_scratch"]
     return {"flops_branched": branched, "flops_from_scratch": scratch,
@@ -538,14 +526,14 @@ def main(argv: list[str]) -> int:
         with open(out / "demo.log", "a") as log:
             status = run_study(study, plans, progress, log)
     except KeyboardInterrupt:  # outside a training loop (one checkpoints and returns instead)
-        status = "interrupted"
+        status = INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
         progress.close()
-    if status != "finished":
+    if status != Status.FINISHED:
         rerun = shlex.join(["lab", "demo", *argv])
         print(f"the demo stopped ({status}); `{rerun}` continues where it stopped", flush=True)
-        return EXIT_INTERRUPTED if status in ("preempted", "interrupted") else 1
+        return EXIT_INTERRUPTED if status in (Status.PREEMPTED, INTERRUPTED) else 1
     runs_seconds = time.perf_counter() - started
 
     from analysis.report import analyse_study, banner_lines, loss_table, summary_lines, write_report

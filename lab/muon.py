@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from lab.config import MUON_SCALINGS as SCALINGS  # the choices of optim.muon_scaling
 from lab.errors import UserError
 from lab.sharding import BATCH_AXES
 
 # Keller Jordan's quintic: the largest slope at zero that still keeps every singular value in a
 # band around 1 after five steps (see `newton_schulz`).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-SCALINGS = ("moonlight", "shape")
 METHODS = ("auto", "standard", "gram")
 # Float32 matmuls at the backend's default precision are not float32: one bfloat16 pass on TPU,
 # TF32 on recent NVIDIA GPUs. Newton-Schulz asks for full float32 unless told otherwise.
@@ -310,14 +310,9 @@ def muon(
     scheduled learning rate, as in ``optax.adamw``: ``W <- W - lr * (scale * O + wd * W)``.
     ``weight_decay_mask`` is passed to ``optax.add_decayed_weights``; ``mu_dtype`` is the
     momentum's dtype (default: the gradient's); ``compute_dtype``, ``ns_method`` and
-    ``ns_precision`` go to `newton_schulz`; ``split_axes`` to `orthogonalize`.
+    ``ns_precision`` go to `newton_schulz`; ``split_axes`` to `orthogonalize`. The settings
+    of a run are checked where its config is read (lab.config.validate).
     """
-    if not 0.0 <= momentum < 1.0:
-        raise UserError(f"Muon momentum {momentum} must be in [0, 1); fix optim.muon_momentum")
-    if ns_steps < 0:
-        raise UserError(f"Newton-Schulz steps {ns_steps} must be >= 0; fix optim.muon_ns_steps")
-    if weight_decay < 0:
-        raise UserError(f"weight decay {weight_decay} must be >= 0; fix optim.weight_decay")
     return optax.chain(
         optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
         orthogonalize(ns_steps, eps, compute_dtype, ns_method, split_axes, ns_precision),

@@ -21,14 +21,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lab.config import SCHEDULES
 from lab.errors import UserError
-from lab.muon import SCALINGS, muon
+from lab.muon import muon
 from lab.roles import ParamSpec, Role
 from lab.schedules import cosine, wsd
 from lab.tree import align, path_names
-
-OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("wsd", "cosine")
 
 
 def group(spec: ParamSpec) -> str:
@@ -106,29 +104,7 @@ def lr_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> optax.Schedul
         )
     if name == "cosine":
         return cosine(peak_lr, total_steps, schedule_cfg.warmup_steps, schedule_cfg.final_ratio)
-    raise UserError(f"unknown schedule {name!r}; set schedule.name to one of {SCHEDULES}")
-
-
-def _check(optim_cfg) -> None:
-    if optim_cfg.name not in OPTIMIZERS:
-        raise UserError(
-            f"unknown optimizer {optim_cfg.name!r}; set optim.name to one of {OPTIMIZERS}"
-        )
-    for key in ("b1", "b2"):
-        value = getattr(optim_cfg, key)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"optim.{key}={value} must be in [0, 1)")
-    for key in ("eps", "muon_lr_ratio"):
-        if not getattr(optim_cfg, key) > 0:
-            raise UserError(f"optim.{key}={getattr(optim_cfg, key)} must be > 0")
-    for key in ("weight_decay", "grad_clip"):
-        if not getattr(optim_cfg, key) >= 0:
-            raise UserError(f"optim.{key}={getattr(optim_cfg, key)} must be >= 0 (0 disables it)")
-    if optim_cfg.name == "muon" and optim_cfg.muon_scaling not in SCALINGS:
-        raise UserError(
-            f"unknown Muon scaling {optim_cfg.muon_scaling!r}; "
-            f"set optim.muon_scaling to one of {SCALINGS}"
-        )
+    raise ValueError(f"unknown schedule {name!r}, not one of {SCHEDULES}")  # config validates
 
 
 def scale_by_lr_scales(lr_scales, specs) -> optax.GradientTransformation | None:
@@ -158,6 +134,7 @@ def build_optimizer(
     optim_cfg, schedule_cfg, total_steps: int, specs, lr_scales=None
 ) -> optax.GradientTransformation:
     """The whole optimizer for parameters with these ParamSpecs (lab.roles; a tree like them).
+    The settings are those of a validated config (lab.config.validate checks them).
 
     AdamW is ``optax.adamw`` on the schedule with decoupled weight decay masked to matrices.
     Muon runs on the schedule times ``optim.muon_lr_ratio`` with the same weight decay.
@@ -168,7 +145,6 @@ def build_optimizer(
     groups (the `mup` package's MuAdamW). The decay timescale 1 / (lr * wd) therefore scales with
     the parameter's learning rate; to hold it fixed instead, divide that group's decay by scale.
     """
-    _check(optim_cfg)
     schedule = lr_schedule(schedule_cfg, optim_cfg.lr, total_steps)
     labels, decay = param_labels(specs), weight_decay_mask(specs)
     adamw = optax.adamw(

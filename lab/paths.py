@@ -11,7 +11,9 @@ UserError.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,15 @@ def shown_path(path: PathLike) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def safe_name(text: str, extra: str = "", limit: int | None = None) -> str:
+    """`text` as a file name: itself if it is plain (letters, digits, `._-` and the characters
+    of `extra`), else every other run of characters made `_`, cut to `limit` characters, plus a
+    hash of `text` so that two texts cleaned alike still differ."""
+    clean = re.sub(rf"[^A-Za-z0-9._{re.escape(extra)}-]+", "_", text).strip("._")[:limit]
+    clean = clean or "run"
+    return clean if clean == text else f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
 
 
 def is_remote(path: PathLike) -> bool:
@@ -82,26 +93,25 @@ def absolute(path: PathLike) -> str:
     return str(path) if is_remote(path) else str(Path(path).absolute())
 
 
-def exists(path: PathLike) -> bool:
-    """Whether a file or directory exists."""
+def _test(path: PathLike, fs_method: str, local: Any) -> bool:
+    """A yes/no question about a path: the filesystem's `fs_method` for a URL, else `local`."""
     if is_remote(path):
         fs, p = _fs(str(path))
-        return fs.exists(p)
-    return os.path.exists(path)
+        return getattr(fs, fs_method)(p)
+    return local(path)
+
+
+def exists(path: PathLike) -> bool:
+    """Whether a file or directory exists."""
+    return _test(path, "exists", os.path.exists)
 
 
 def is_file(path: PathLike) -> bool:
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        return fs.isfile(p)
-    return os.path.isfile(path)
+    return _test(path, "isfile", os.path.isfile)
 
 
 def is_dir(path: PathLike) -> bool:
-    if is_remote(path):
-        fs, p = _fs(str(path))
-        return fs.isdir(p)
-    return os.path.isdir(path)
+    return _test(path, "isdir", os.path.isdir)
 
 
 def read_text(path: PathLike) -> str:

@@ -19,9 +19,8 @@ import math
 import jax.numpy as jnp
 import optax
 
+from lab.config import DECAY_SHAPES
 from lab.errors import UserError
-
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def _check_common(peak_lr: float, total_steps: int, warmup_steps: int, final_ratio: float) -> None:

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import itertools
 import math
-import re
 import signal
 import subprocess
 import sys
@@ -33,9 +31,9 @@ from typing import Any
 import yaml
 
 from lab import presets
-from lab.config import Config, ModelConfig, load_config
+from lab.config import DECAY_SHAPES, Config, ModelConfig, load_config
 from lab.errors import UserError
-from lab.paths import shown_path
+from lab.paths import safe_name, shown_path
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
@@ -333,7 +331,7 @@ def _make_run(base: Path, common: list[str], words: list[str], name: str,
                             "steps); branch later or warm up less")
         derived += ["schedule.decay_steps=0",
                     f"checkpoint.keep_steps=[{','.join(map(str, branch['at']))}]"]
-    slug = _slug(name)
+    slug = safe_name(name, extra="=+")  # a run's directory
     run_dir = f"{out.rstrip('/')}/{slug}"
     tail = [f"run.name={_yaml_word(name)}", f"run.dir={_yaml_word(run_dir)}"]
     overrides = (*common, *words, *derived, *tail)
@@ -433,8 +431,9 @@ def _branch(raw: Any, where: str) -> dict:
             raise UserError(f"{where}: branch.{key} must be a list of positive step counts")
         out[key] = sorted(set(values))
     shape = branch.get("shape", "1-sqrt")
-    if shape not in ("linear", "cosine", "1-sqrt"):
-        raise UserError(f"{where}: branch.shape must be linear, cosine or 1-sqrt, got {shape!r}")
+    if shape not in DECAY_SHAPES:
+        raise UserError(f"{where}: branch.shape must be one of {', '.join(DECAY_SHAPES)}, got "
+                        f"{shape!r}")
     out["shape"] = shape
     return out
 
@@ -501,14 +500,6 @@ def _short(x: float) -> str:
 
 def _label(value: Any) -> str:
     return _short(value) if isinstance(value, float) else str(value)
-
-
-def _slug(name: str) -> str:
-    """A directory name for a run: the name if it is plain, else a cleaned name plus a hash."""
-    clean = re.sub(r"[^A-Za-z0-9._=+-]+", "_", name).strip("._") or "run"
-    if clean == name:
-        return name
-    return f"{clean}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 # ----------------------------------------------------------------------------- display

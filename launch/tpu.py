@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lab.errors import UserError
+from lab.paths import safe_name
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = "scaling-lab"  # on each worker, relative to the home directory
@@ -201,8 +202,8 @@ def job_env(coordinator: str, extra: list[str]) -> dict[str, str]:
 
 
 def log_name(text: str) -> str:
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "run"
-    return clean if clean == text else f"{clean}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+    """The name of a job's log file under logs/."""
+    return safe_name(text, limit=60)
 
 
 def check_train_command(command: list[str]) -> None:

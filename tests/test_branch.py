@@ -217,7 +217,8 @@ def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, m
                         lambda: calls.__setitem__("joined", calls["joined"] + 1))
     monkeypatch.setattr(lab.sharding, "is_main_process", lambda: main_process)
     monkeypatch.setattr(lab.train, "train",
-                        lambda cfg: calls["trained"].append(cfg.run.dir) or {"status": "finished"})
+                        lambda cfg, progress=None: calls["trained"].append(cfg.run.dir)
+                        or {"status": "finished"})
     from lab.branch import main
 
     assert main([str(parent), "--at", "4,8", "--decay-steps", "2"]) == 0

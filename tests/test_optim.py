@@ -2,6 +2,7 @@
 scales."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lab.config import OptimConfig, ScheduleConfig
+from lab.config import Config, OptimConfig, ScheduleConfig, TrainConfig, validate
 from lab.errors import UserError
 from lab.model import Embed, RMSNorm
 from lab.muon import NS_COEFFS
@@ -279,19 +280,27 @@ def test_lr_schedule_dispatch():
 
 
 @pytest.mark.parametrize(
-    "optim, sched",
+    "optim, sched, key",
     [
-        (OptimConfig(name="sgd"), ScheduleConfig()),
-        (OptimConfig(name="muon", muon_scaling="spectral"), ScheduleConfig()),
-        (OptimConfig(b2=1.0), ScheduleConfig()),
-        (OptimConfig(grad_clip=-1.0), ScheduleConfig()),
-        (OptimConfig(), ScheduleConfig(name="linear")),
-        (OptimConfig(), ScheduleConfig(warmup_steps=8, decay_steps=8)),
+        (OptimConfig(name="sgd"), ScheduleConfig(), "optim.name"),
+        (OptimConfig(name="muon", muon_scaling="spectral"), ScheduleConfig(), "optim.muon_scaling"),
+        (OptimConfig(b2=1.0), ScheduleConfig(), "optim.b2"),
+        (OptimConfig(eps=0.0), ScheduleConfig(), "optim.eps"),
+        (OptimConfig(grad_clip=-1.0), ScheduleConfig(), "optim.grad_clip"),
+        (OptimConfig(weight_decay=-0.1), ScheduleConfig(), "optim.weight_decay"),
+        (OptimConfig(muon_momentum=1.0), ScheduleConfig(), "optim.muon_momentum"),
+        (OptimConfig(muon_ns_steps=0), ScheduleConfig(), "optim.muon_ns_steps"),
+        (OptimConfig(muon_lr_ratio=0.0), ScheduleConfig(), "optim.muon_lr_ratio"),
+        (OptimConfig(), ScheduleConfig(name="linear"), "schedule.name"),
+        (OptimConfig(), ScheduleConfig(warmup_steps=8, decay_steps=8), "train.steps"),
     ],
 )
-def test_config_mistakes_are_user_errors(optim, sched):
-    with pytest.raises(UserError):
-        build_optimizer(optim, sched, 10, unrolled_tree()[1])
+def test_config_mistakes_are_user_errors(optim, sched, key):
+    """The optimizer's settings are checked once, where a config is read (load_config
+    validates), with a message naming the key."""
+    cfg = Config(train=TrainConfig(steps=10), optim=optim, schedule=sched)
+    with pytest.raises(UserError, match=re.escape(key)):
+        validate(cfg)
 
 
 def test_muon_without_hidden_matrices_is_a_user_error():

@@ -14,7 +14,7 @@ import jax
 from lab import checkpoint, paths, preemption, rundir, sharding
 from lab.branch_plan import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
-from lab.config import Config, dump_config, load_config, to_dict
+from lab.config import Config, dump_config, load_config, to_dict, validate
 from lab.errors import UserError
 from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_metrics
@@ -175,6 +175,7 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     `progress` replaces the default display: anything with
     `show(step, metrics, seconds_per_step)` (the demo shows one live line for a whole study).
     """
+    validate(cfg)  # a config made in code (dataclasses.replace) is held to a file's rules
     run_dir = cfg.run.dir  # a local path or a URL (gs://): files go through lab.paths
     rundir.check_run_dir(run_dir)
     is_main = jax.process_index() == 0

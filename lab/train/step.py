@@ -49,29 +49,14 @@ class Trainer:
 def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     """Build the model structure, the optimizer and the jitted, sharded step functions."""
     mcfg, tcfg = cfg.model, cfg.train
-    divisor = sharding.batch_size_divisor(mesh)
-    if tcfg.batch_size % (divisor * tcfg.grad_accum):
-        raise UserError(
-            f"train.batch_size ({tcfg.batch_size}) must divide by the data-parallel size "
-            f"(mesh.data x mesh.fsdp = {divisor}) times train.grad_accum ({tcfg.grad_accum}); "
-            "change the batch size or the mesh")
-    if jax.process_count() > 1 and tcfg.batch_size % jax.process_count():
-        raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
-                        f"processes ({jax.process_count()})")
-
+    _check_batch(cfg, mesh)
     platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
     abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_state = nnx.split(abstract_model)
     abstract_params, specs = nnx.to_pure_dict(abstract_state), specs_of(abstract_state)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
-    lr_scales = mup_lr_scales(mcfg, specs)
-    if cfg.optim.name == "muon" and cfg.optim.muon_scaling == "shape":
-        # Muon's spectral (shape) scaling already makes its update width-independent; μP's
-        # 1/width on top would count width twice. Moonlight's RMS-matched update is Adam-like
-        # in size, so it keeps μP's multipliers.
-        lr_scales = jax.tree.map(lambda scale, group: 1.0 if group == "muon" else scale,
-                                 lr_scales, param_labels(specs))
-    tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, specs, lr_scales=lr_scales)
+    tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, specs,
+                         lr_scales=_lr_scales(cfg, specs))
 
     def init_fn() -> dict:
         model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
@@ -85,11 +70,56 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     def model_loss(params, tokens):
         return loss_fn(nnx.merge(graphdef, params), tokens)
 
-    grad_fn = jax.value_and_grad(model_loss, has_aux=True)
+    train_step = make_train_step(jax.value_and_grad(model_loss, has_aux=True), tx, schedule,
+                                 tcfg.grad_accum, bool(mcfg.z_loss))
+
+    def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
+        return model_loss(params, tokens_BxL1)[1]["ce"]
+
+    with sharding.mesh_context(mesh):
+        jit_init = jax.jit(init_fn, out_shardings=state_sh)
+        jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                            out_shardings=(state_sh, repl), donate_argnums=0)
+        jit_eval = jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh),
+                           out_shardings=repl)
+    return Trainer(cfg, mesh, graphdef, abstract_params, specs, tx, schedule, state_sh,
+                   jit_init, jit_train, jit_eval)
+
+
+def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+    """The batch must split evenly over the data-parallel devices, micro-batches and hosts."""
+    tcfg = cfg.train
+    divisor = sharding.batch_size_divisor(mesh)
+    if tcfg.batch_size % (divisor * tcfg.grad_accum):
+        raise UserError(
+            f"train.batch_size ({tcfg.batch_size}) must divide by the data-parallel size "
+            f"(mesh.data x mesh.fsdp = {divisor}) times train.grad_accum ({tcfg.grad_accum}); "
+            "change the batch size or the mesh")
+    if jax.process_count() > 1 and tcfg.batch_size % jax.process_count():
+        raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
+                        f"processes ({jax.process_count()})")
+
+
+def _lr_scales(cfg: Config, specs: dict) -> dict:
+    """μP's learning-rate multiplier of every parameter, as the optimizer applies them."""
+    lr_scales = mup_lr_scales(cfg.model, specs)
+    if cfg.optim.name == "muon" and cfg.optim.muon_scaling == "shape":
+        # Muon's spectral (shape) scaling already makes its update width-independent; μP's
+        # 1/width on top would count width twice. Moonlight's RMS-matched update is Adam-like
+        # in size, so it keeps μP's multipliers.
+        lr_scales = jax.tree.map(lambda scale, group: 1.0 if group == "muon" else scale,
+                                 lr_scales, param_labels(specs))
+    return lr_scales
+
+
+def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum: int, z_loss: bool) -> Callable:
+    """One optimizer step on a batch, accumulated over `grad_accum` micro-batches:
+    (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad."""
 
     def train_step(state: dict, tokens_BxL1: jax.Array) -> tuple[dict, dict]:
         params = state["params"]
-        A = tcfg.grad_accum
+        A = grad_accum
         if A == 1:
             (loss, aux), grads = grad_fn(params, tokens_BxL1)
             ce = aux["ce"]
@@ -114,21 +144,11 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(new_params),
         }
-        if mcfg.z_loss:  # otherwise the cross-entropy is the loss
+        if z_loss:  # otherwise the cross-entropy is the loss
             metrics["ce"] = ce
         return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
-    def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
-        return model_loss(params, tokens_BxL1)[1]["ce"]
-
-    with sharding.mesh_context(mesh):
-        jit_init = jax.jit(init_fn, out_shardings=state_sh)
-        jit_train = jax.jit(train_step, in_shardings=(state_sh, batch_sh),
-                            out_shardings=(state_sh, repl), donate_argnums=0)
-        jit_eval = jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh),
-                           out_shardings=repl)
-    return Trainer(cfg, mesh, graphdef, abstract_params, specs, tx, schedule, state_sh,
-                   jit_init, jit_train, jit_eval)
+    return train_step
 
 
 def state_shardings(abstract_state: dict, specs: dict, mesh: jax.sharding.Mesh) -> dict:
