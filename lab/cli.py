@@ -14,9 +14,15 @@ EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint
 
 
 def _train(args: argparse.Namespace) -> int:
-    from lab.preemption import PREEMPTION
+    from lab.preemption import caught
 
-    PREEMPTION.install()  # from here to the end, SIGTERM stops the run cleanly (exit 0)
+    # From here to the end, SIGTERM stops the run cleanly (exit 0); the handler is released
+    # on every way out, so an in-process caller (a test, a notebook) is left as it was.
+    with caught():
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
     from lab import presets
     from lab.config import dump_config, load_config
 
