@@ -130,7 +130,7 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
         "held_out": held_out,
         "prediction": {"C": target, "multiple_of_largest": extrapolate, **optimal},
         "isoflop": {k: v for k, v in isoflop.items() if k not in ("text", "plots")},
-        "points": df.drop(columns=[c for c in ("run",) if c in df]).to_dict(orient="records"),
+        "study_points": df.drop(columns=[c for c in ("run",) if c in df]).to_dict(orient="records"),
         "fit_text": fit_text,
         "isoflop_text": isoflop.get("text", ""),
         "figures": figures,
@@ -224,7 +224,7 @@ def _iv(result: dict, key: str) -> str:
 
 def loss_table(result: dict) -> str:
     """Final eval loss per size and budget; the held-out point marked with *."""
-    df = pd.DataFrame(result["points"])
+    df = pd.DataFrame(result["study_points"])
     budgets = sorted(df["budget"].unique())
     rows = []
     for size, g in sorted(df.groupby("size"), key=lambda kv: kv[1]["N"].min()):
