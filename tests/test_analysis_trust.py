@@ -164,7 +164,7 @@ def _result(**extra) -> dict:
             "n_points": 11, "held_out": held, "isoflop": {"error": "one budget"},
             "prediction": {"C": 1e15, "multiple_of_largest": 10, "N_opt": 1e5, "D_opt": 2e6,
                            "loss": 1.4},
-            "points": [{"size": "s3", "N": 2e5, "D": 4e6, "C": 4.8e12, "loss": 1.5,
+            "study_points": [{"size": "s3", "N": 2e5, "D": 4e6, "C": 4.8e12, "loss": 1.5,
                         "budget": 0, "held_out": True}],
             "fit_text": "", "isoflop_text": "", "figures": [], "commands": {"fit": []},
             **extra}
