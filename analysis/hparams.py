@@ -45,6 +45,19 @@ class HparamLaws:
         }
 
 
+def _grid_runs(runs: pd.DataFrame, columns: tuple[str, ...], *, min_points: int, what: str,
+               tolerance: float) -> pd.DataFrame:
+    """A checked copy of a grid of runs, with `batch_tokens` from batch_size x seq_len when the
+    runs give those instead."""
+    df = runs.copy()
+    if "batch_tokens" not in df.columns and {"batch_size", "seq_len"} <= set(df.columns):
+        df["batch_tokens"] = df["batch_size"] * df["seq_len"]
+    check_points(df, columns, min_points=min_points, what=what)
+    if not tolerance >= 0:
+        raise UserError(f"the near-optimal tolerance must be >= 0, got {tolerance}")
+    return df
+
+
 def fit_hparam_laws(
     runs: pd.DataFrame,
     *,
@@ -54,12 +67,8 @@ def fit_hparam_laws(
 ) -> HparamLaws:
     """Fit eta_opt(C) and B_opt(C) on runs with columns C, lr, loss and `batch_tokens` (or
     `batch_size` and `seq_len`); a `budget` column overrides grouping by compute."""
-    df = runs.copy()
-    if "batch_tokens" not in df.columns and {"batch_size", "seq_len"} <= set(df.columns):
-        df["batch_tokens"] = df["batch_size"] * df["seq_len"]
-    check_points(df, ("C", "lr", "batch_tokens", "loss"), min_points=2, what="hparam laws")
-    if not tolerance >= 0:
-        raise UserError(f"the near-optimal tolerance must be >= 0, got {tolerance}")
+    df = _grid_runs(runs, ("C", "lr", "batch_tokens", "loss"), min_points=2,
+                    what="hparam laws", tolerance=tolerance)
     if "budget" not in df.columns:
         df["budget"] = group_budgets(df["C"], rel_tol)
     if df["budget"].nunique() < 2:
@@ -224,13 +233,8 @@ def fit_stepfun_laws(
     `tolerance` of the cell's best loss are near-optimal, and both laws are fitted by least
     squares in log space over all of them (as DeepSeek LLM fit theirs over C).
     """
-    df = runs.copy()
-    if "batch_tokens" not in df.columns and {"batch_size", "seq_len"} <= set(df.columns):
-        df["batch_tokens"] = df["batch_size"] * df["seq_len"]
-    check_points(df, ("N", "D", "lr", "batch_tokens", "loss"), min_points=4,
-                 what="StepFun's hyperparameter laws")
-    if not tolerance >= 0:
-        raise UserError(f"the near-optimal tolerance must be >= 0, got {tolerance}")
+    df = _grid_runs(runs, ("N", "D", "lr", "batch_tokens", "loss"), min_points=4,
+                    what="StepFun's hyperparameter laws", tolerance=tolerance)
     if "run" not in df.columns:
         df["run"] = [f"row {i}" for i in range(len(df))]
     n_cell, d_cell = group_budgets(df["N"], rel_tol), group_budgets(df["D"], rel_tol)
