@@ -209,7 +209,7 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
     limit, chip = memory.capacity(devices[0])
     estimated, compiled, too_big, unplaced = [], [], [], []
     for run in sweep.runs:
-        cfg, _ = with_known_vocab(load_config(sweep.base, list(run.overrides)))
+        cfg, _ = with_known_vocab(run.config)
         try:
             trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
         except UserError as e:

@@ -468,3 +468,63 @@ def _validate_branch(b: BranchConfig) -> None:
                         ("branch.decay_steps", b.decay_steps),
                         ("branch.decay_fractions", b.decay_fractions)]:
         _require(all(v > 0 for v in values), f"{key} must hold positive numbers, got {values}")
+
+
+# ----------------------------------------------------------------------------- typed changes
+
+
+def override(config: Config, values: dict[str, Any]) -> Config:
+    """A copy with dotted keys set, e.g. override(cfg, {"optim.lr": 1e-3}): each value is
+    checked against its field's type as if read from YAML, and the result is validated. How
+    sweeps and studies derive their runs' configs from a base."""
+    by_section: dict[str, dict] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise UserError(f"config key {key!r} must be section.key, such as train.steps")
+        by_section.setdefault(section, {})[name] = value
+    changes = {}
+    for section, fields in by_section.items():
+        typed = getattr(from_dict(Config, {section: fields}, prefix=""), section)
+        changes[section] = {name: getattr(typed, name) for name in fields}
+    result = replace(config, **changes)
+    validate(result)
+    return result
+
+
+def overrides_between(base: Config, config: Config) -> list[str]:
+    """The `key=value` words that turn `base` into `config`, in schema order:
+    load_config(base_file, words) gives `config` back. A sweep's runs are Config objects;
+    these words are how they are shown and handed to a `lab train` process."""
+    words = []
+    for section in dataclasses.fields(config):
+        old, new = getattr(base, section.name), getattr(config, section.name)
+        for f in dataclasses.fields(new):
+            value = getattr(new, f.name)
+            if getattr(old, f.name) != value:
+                words.append(f"{section.name}.{f.name}={override_word(value)}")
+    return words
+
+
+def value_of(config: Config, key: str) -> Any:
+    """The value of a dotted key, value_of(cfg, "train.steps")."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def override_word(value: Any) -> str:
+    """A value as the text after `key=`, read back as the same value (lists in YAML flow
+    style, strings quoted where YAML would read them as something else)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_word(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(text)
+        except yaml.YAMLError:
+            plain = None
+        if plain != text:
+            return "'" + text.replace("'", "''") + "'"  # YAML single quotes: read verbatim
+    return text
