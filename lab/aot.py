@@ -202,7 +202,6 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
     import jax
 
     from lab import memory, sharding
-    from lab.config import load_config
     from lab.train import build_trainer
 
     devices = topology_devices(topology) if topology else jax.devices()
