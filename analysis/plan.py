@@ -36,7 +36,7 @@ from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab import presets, rundir
-from lab.config import Config, dump_config, load_config
+from lab.config import Config, dump_config, load_config, override
 from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
@@ -405,7 +405,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     }
     if cfg.train.eval_every > steps:
         overrides["train.eval_every"] = 0
-    planned = load_config(base, [f"{k}={_word(v)}" for k, v in overrides.items()])
+    planned = override(load_config(base), overrides)
     flops = fpt * D
     header = [
         f"Planned by `lab plan` at a budget of C = {C:.4g} FLOPs (6 N D) from",
@@ -464,12 +464,6 @@ def make_plan(args: argparse.Namespace) -> dict:
 
     _write_plan(args.out, planned, header, sweep, sweep_header, plan)
     return plan
-
-
-def _word(value) -> str:
-    from lab.sweep import _yaml_word
-
-    return _yaml_word(value)
 
 
 def _comment(lines: list[str]) -> str:
