@@ -34,7 +34,7 @@ from flax import nnx
 
 from benchmarks.common import RESULTS, final_eval_loss, load_note, print_rows, row
 from lab import sharding
-from lab.config import load_config
+from lab.config import load_config, override
 from lab.data import TrainStream, open_dataset
 from lab.data.cache import default_data_path
 from lab.model import padded_vocab, rope_tables
@@ -45,14 +45,15 @@ COORD_LR = 1e-2
 BASE_WIDTH = 64
 SEQ, BATCH = 128, 16
 # The model for both checks; widths and parameterization come on top.
-MODEL = ["model.n_layers=2", "model.n_heads=4", f"model.mup_base_width={BASE_WIDTH}",
-         f"train.seq_len={SEQ}", f"train.batch_size={BATCH}", "optim.name=adamw",
-         "optim.weight_decay=0.0", "schedule.name=wsd"]
+MODEL = {"model.n_layers": 2, "model.n_heads": 4, "model.mup_base_width": BASE_WIDTH,
+         "train.seq_len": SEQ, "train.batch_size": BATCH, "optim.name": "adamw",
+         "optim.weight_decay": 0.0, "schedule.name": "wsd"}
 
 
-def _config(width: int, parameterization: str, vocab: int, overrides: list[str] = ()):
-    return load_config(None, [*MODEL, f"model.d_model={width}", f"model.vocab_size={vocab}",
-                              f"model.parameterization={parameterization}", *overrides])
+def _config(width: int, parameterization: str, vocab: int, changes: dict):
+    return override(load_config(None), {**MODEL, "model.d_model": width,
+                                        "model.vocab_size": vocab,
+                                        "model.parameterization": parameterization, **changes})
 
 
 def layer_activations(model, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
@@ -79,10 +80,10 @@ def coordinate_check(parameterization: str, widths: list[int], steps: int, lr: f
     probe = jnp.asarray(stream.batch(10_000)[:, :-1])  # one fixed batch, not trained on
     result = {}
     for width in widths:
-        cfg = _config(width, parameterization, padded_vocab(vocab), [
-            f"train.seq_len={stream.seq_len}", f"train.batch_size={stream.global_batch}",
-            "model.scan_layers=false", f"optim.lr={lr}", f"train.steps={steps}",
-            "schedule.warmup_steps=0", "schedule.decay_steps=0", "optim.grad_clip=0"])
+        cfg = _config(width, parameterization, padded_vocab(vocab), {
+            "train.seq_len": stream.seq_len, "train.batch_size": stream.global_batch,
+            "model.scan_layers": False, "optim.lr": lr, "train.steps": steps,
+            "schedule.warmup_steps": 0, "schedule.decay_steps": 0, "optim.grad_clip": 0})
         trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
 
         @jax.jit
@@ -125,14 +126,14 @@ def lr_sweep(parameterization: str, widths: list[int], lrs: list[float], steps: 
     for width in widths:
         result[width] = {}
         for lr in lrs:
-            overrides = [*MODEL, f"model.d_model={width}",
-                         f"model.parameterization={parameterization}", f"optim.lr={lr}",
-                         f"train.steps={steps}", f"schedule.warmup_steps={steps // 10}",
-                         f"schedule.decay_steps={steps // 5}", "schedule.decay_shape=1-sqrt",
-                         "schedule.final_ratio=0", "train.eval_every=0",
-                         "train.eval_batches=16", "train.log_every=50"]
+            changes = {**MODEL, "model.d_model": width,
+                       "model.parameterization": parameterization, "optim.lr": lr,
+                       "train.steps": steps, "schedule.warmup_steps": steps // 10,
+                       "schedule.decay_steps": steps // 5, "schedule.decay_shape": "1-sqrt",
+                       "schedule.final_ratio": 0, "train.eval_every": 0,
+                       "train.eval_batches": 16, "train.log_every": 50}
             result[width][lr] = final_eval_loss(
-                None, overrides, tmp / f"{parameterization}-w{width}-lr{lr:g}")
+                None, changes, tmp / f"{parameterization}-w{width}-lr{lr:g}")
     return result
 
 

@@ -23,9 +23,9 @@ LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 
 
 def sweep(optimizer: str, lrs: list[float], seed: int, tmp: Path) -> dict[float, float]:
-    return {lr: final_eval_loss(TINY, [f"optim.name={optimizer}", f"optim.lr={lr}",
-                                       f"run.seed={seed}", "train.eval_every=0",
-                                       "train.eval_batches=16"],
+    return {lr: final_eval_loss(TINY, {"optim.name": optimizer, "optim.lr": lr,
+                                       "run.seed": seed, "train.eval_every": 0,
+                                       "train.eval_batches": 16},
                                 tmp / f"{optimizer}-lr{lr:g}-seed{seed}")
             for lr in lrs}
 

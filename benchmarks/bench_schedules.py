@@ -14,11 +14,11 @@ from pathlib import Path
 from benchmarks.common import ROOT, final_eval_loss, print_rows, row
 
 
-def _final_loss(run_dir: Path, steps: int, schedule: list[str], seed: int) -> float:
-    return final_eval_loss(ROOT / "configs" / "tiny.yaml", [
-        f"run.seed={seed}", f"train.steps={steps}", "train.eval_every=0",
-        "train.eval_batches=16", "schedule.warmup_steps=20", "schedule.final_ratio=0",
-        *schedule], run_dir)
+def _final_loss(run_dir: Path, steps: int, schedule: dict, seed: int) -> float:
+    return final_eval_loss(ROOT / "configs" / "tiny.yaml", {
+        "run.seed": seed, "train.steps": steps, "train.eval_every": 0,
+        "train.eval_batches": 16, "schedule.warmup_steps": 20, "schedule.final_ratio": 0,
+        **schedule}, run_dir)
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -28,11 +28,11 @@ def run(quick: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             wsd_losses.append(_final_loss(
-                Path(tmp) / f"wsd{seed}", steps, ["schedule.name=wsd",
-                                                  f"schedule.decay_steps={steps // 5}",
-                                                  "schedule.decay_shape=1-sqrt"], seed))
+                Path(tmp) / f"wsd{seed}", steps, {"schedule.name": "wsd",
+                                                  "schedule.decay_steps": steps // 5,
+                                                  "schedule.decay_shape": "1-sqrt"}, seed))
             cos_losses.append(_final_loss(
-                Path(tmp) / f"cos{seed}", steps, ["schedule.name=cosine"], seed))
+                Path(tmp) / f"cos{seed}", steps, {"schedule.name": "cosine"}, seed))
     wsd, cos = sum(wsd_losses) / len(seeds), sum(cos_losses) / len(seeds)
     notes = (f"configs/tiny.yaml, {steps} steps, peak lr 3e-3, warmup 20, final lr 0; "
              f"mean of seeds {seeds}: WSD {[round(x, 4) for x in wsd_losses]}, "

@@ -40,15 +40,15 @@ import numpy as np
 from benchmarks.common import load_note, print_rows, row
 from lab import sharding
 from lab.checkpoint import Checkpointer
-from lab.config import Config, load_config
+from lab.config import Config, load_config, override
 from lab.metrics import MetricsLogger
 from lab.mfu import accelerator_peak_flops, probe_matmul_peak
 from lab.model import flops_per_token, param_counts
 from lab.train import build_trainer, run_loop
 
 SEQ, BATCH, VOCAB = 512, 8, 256
-MODEL = ["model.vocab_size=256", "model.d_model=512", "model.n_layers=8", "model.n_heads=8",
-         "model.d_ff=1536", f"train.seq_len={SEQ}", f"train.batch_size={BATCH}"]
+MODEL = {"model.vocab_size": 256, "model.d_model": 512, "model.n_layers": 8,
+         "model.n_heads": 8, "model.d_ff": 1536, "train.seq_len": SEQ, "train.batch_size": BATCH}
 # The lab's tokens/s targets on this model. They were set from peer figures (MaxText, PyTorch)
 # that were measured on another CPU machine, with about 1.8x this VM's matmul peak, and never
 # run here: they are quoted as targets, not as measurements of this run.
@@ -59,10 +59,10 @@ PEERS = {"float32": "set from MaxText ~750 and PyTorch ~835 eager / ~895 compile
                      "measured on another machine, not run here"}
 
 
-def bench_config(overrides: list[str] = ()) -> Config:
-    """The benchmark model's config with `overrides` (dotted key=value words) on top."""
-    return load_config(None, MODEL + ["train.steps=1000000", "train.log_every=1000000",
-                                      *overrides])
+def bench_config(changes: dict | None = None) -> Config:
+    """The benchmark model's config with `changes` (dotted keys) on top."""
+    return override(load_config(None), {**MODEL, "train.steps": 1000000,
+                                        "train.log_every": 1000000, **(changes or {})})
 
 
 def _tokens(seed: int, mesh) -> jax.Array:
@@ -73,21 +73,21 @@ def _tokens(seed: int, mesh) -> jax.Array:
 # (label, dtype, config overrides); the first two are the headline figures, the others are
 # compared with the bfloat16 one. All are timed in turns, so the machine's load falls on each.
 VARIANTS = [
-    ("float32", "float32", []),
-    ("bfloat16", "bfloat16", []),
-    ("bfloat16, layers unrolled", "bfloat16", ["model.scan_layers=false"]),
-    ("bfloat16, remat=dots", "bfloat16", ["model.remat=dots"]),
-    ("bfloat16, remat=full", "bfloat16", ["model.remat=full"]),
+    ("float32", "float32", {}),
+    ("bfloat16", "bfloat16", {}),
+    ("bfloat16, layers unrolled", "bfloat16", {"model.scan_layers": False}),
+    ("bfloat16, remat=dots", "bfloat16", {"model.remat": "dots"}),
+    ("bfloat16, remat=full", "bfloat16", {"model.remat": "full"}),
 ]
 
 
-def time_steps(variants: list[tuple[str, str, list[str]]], rounds: int) -> dict[str, dict]:
+def time_steps(variants: list[tuple[str, str, dict]], rounds: int) -> dict[str, dict]:
     """Build, compile and time the train step of each variant, one step of each in turn for
     `rounds` rounds, each step waited for. Returns per variant: trainer, state, times, the
     first call's seconds (compile included) and XLA's working memory for the step."""
     runs = {}
-    for label, dtype, overrides in variants:
-        cfg = bench_config([f"model.compute_dtype={dtype}", *overrides])
+    for label, dtype, changes in variants:
+        cfg = bench_config({"model.compute_dtype": dtype, **changes})
         trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
         batches = [_tokens(i, trainer.mesh) for i in range(2)]
         with jax.set_mesh(trainer.mesh):
@@ -167,7 +167,7 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
 
 
 def _compile_seconds(layers: int, scan: bool) -> float:
-    cfg = bench_config([f"model.n_layers={layers}", f"model.scan_layers={str(scan).lower()}"])
+    cfg = bench_config({"model.n_layers": layers, "model.scan_layers": scan})
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
     with jax.set_mesh(trainer.mesh):
         abstract = jax.eval_shape(trainer.init_fn)
@@ -245,9 +245,9 @@ def _loop_rows(trainer, state: dict, step_times: list[float], steps: int) -> lis
         batches = (np.minimum(b, VOCAB - 1) for b in stream.iterator(0))
         cfg = trainer.cfg
         start = int(jax.device_get(state["step"]))
-        cfg = load_config(None, MODEL + [f"model.compute_dtype={cfg.model.compute_dtype}",
-                                         f"train.steps={start + steps}",
-                                         f"train.log_every={steps}"])
+        cfg = override(load_config(None), {**MODEL, "model.compute_dtype": cfg.model.compute_dtype,
+                                           "train.steps": start + steps,
+                                           "train.log_every": steps})
         (Path(tmp) / "run").mkdir()
         logger = MetricsLogger(Path(tmp) / "run", enabled=True)
         eval_data = [_tokens(0, trainer.mesh)]

@@ -76,13 +76,14 @@ class Quiet:
         pass
 
 
-def final_eval_loss(config: str | Path | None, overrides: list[str], run_dir: Path) -> float:
-    """Train `config` with `overrides` into `run_dir` (no checkpoints) and return the final
-    eval loss; a diverged run returns inf."""
-    from lab.config import load_config
+def final_eval_loss(config: str | Path | None, changes: dict, run_dir: Path) -> float:
+    """Train `config` with `changes` (dotted keys, e.g. {"optim.lr": 1e-3}) into `run_dir` (no
+    checkpoints) and return the final eval loss; a diverged run returns inf."""
+    from lab.config import load_config, override
     from lab.train import train
 
-    cfg = load_config(config, [f"run.dir={run_dir}", "checkpoint.every_steps=0", *overrides])
+    cfg = override(load_config(config), {"run.dir": str(run_dir), "checkpoint.every_steps": 0,
+                                         **changes})
     summary = train(cfg, progress=Quiet())
     loss = summary.get("final_eval_loss")
     return float("inf") if summary.get("status") != "finished" or loss is None else float(loss)
