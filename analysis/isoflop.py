@@ -29,11 +29,7 @@ class IsoflopFit(Allocation):
 
     def to_dict(self) -> dict:
         return {
-            "method": "isoflop",
-            "a": self.a,
-            "b": self.b,
-            "N_opt": self.N_opt.to_dict(),
-            "D_opt": self.D_opt.to_dict(),
+            **self.allocation_dict("isoflop"),
             "n_points": len(self.points),
             "n_budgets": len(self.budgets),
             "budgets": self.budgets[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict(
