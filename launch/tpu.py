@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lab.errors import UserError
 from lab.paths import safe_name
+from launch.common import after_dashes, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = "scaling-lab"  # on each worker, relative to the home directory
@@ -408,10 +409,6 @@ def _installed(package: str) -> str | None:
         return None
 
 
-def _command(words: list[str]) -> list[str]:
-    return words[1:] if words[:1] == ["--"] else list(words)
-
-
 def coordinator(args: argparse.Namespace, t: Target, steps: list[Step],
                 dry_run: bool) -> str:
     """LAB_COORDINATOR for the workers; looks up worker 0's IP for --coordinator-port."""
@@ -465,7 +462,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
 def _jobs(args: argparse.Namespace) -> list[tuple[str, list[list[str]]]]:
     if args.action == "sweep":
         return sweep_jobs(args.sweep, args.overrides, args.out)
-    words = _command(args.command)
+    words = after_dashes(args.command)
     if args.action == "up" and args.up_sweep:
         if not args.out:
             raise UserError("up --sweep needs --out gs://BUCKET/sweeps/NAME")
@@ -496,7 +493,7 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
         jobs = [(workload_name(prefix, name), cmd)
                 for name, cmd in sweep_jobs(args.sweep, args.overrides, args.out)]
     else:
-        words = _command(args.command)
+        words = after_dashes(args.command)
         if not words:
             raise UserError("no command: put it after --, e.g. -- lab train CONFIG "
                             "run.dir=gs://BUCKET/runs/NAME")
@@ -512,18 +509,17 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
     return steps
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Plan the steps, then show them (--dry-run) or run them."""
+    steps = plan(args)
+    if args.dry_run:
+        show(steps)
+        return 0
+    return execute(steps, getattr(args, "wait_minutes", 240))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        steps = plan(args)
-        if args.dry_run:
-            show(steps)
-            return 0
-        return execute(steps, getattr(args, "wait_minutes", 240))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), launch, argv)
 
 
 if __name__ == "__main__":
