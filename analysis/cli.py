@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute budgets (FLOPs) to report the optimal N, D for; default: the "
         "largest in the data times 1, 10 and 100",
     )
+    _add_point_options(p)
+    _add_method_settings(p)
+    return p
+
+
+def _add_point_options(p: argparse.ArgumentParser) -> None:
+    """Which runs, and which of their numbers, become the points."""
     p.add_argument(
         "--drop-highest-loss",
         type=int,
@@ -95,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an undecayed stable run whose branches are among the inputs (left out by "
         "default: its loss is not that of a finished schedule)",
     )
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
+    """The settings of one method or another (grouping, bins, band)."""
     p.add_argument(
         "--budget-tolerance",
         type=float,
@@ -114,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0025,
         help="near-optimal band of the hparam laws (default 0.0025 = 0.25%%)",
     )
-    return p
 
 
 def method_options(args: argparse.Namespace) -> dict:
