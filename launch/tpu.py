@@ -315,7 +315,8 @@ def local_repo() -> tuple[str | None, str | None]:
     return git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """The option groups the actions share, by name (argparse parents)."""
     from lab.errors import ArgumentParser
 
     common = ArgumentParser(add_help=False)
@@ -361,7 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "configs/sweeps/ladder-v5e.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.add_argument("--out", required=True, help="gs:// directory of the sweep's runs")
+    return {"common": common, "slice": slice_, "create": create, "setup": setup, "job": job,
+            "sweep": sweep}
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from lab.errors import ArgumentParser
+
+    g = _parents()
+    common, slice_, create, setup, job = (g[k] for k in ("common", "slice", "create", "setup",
+                                                        "job"))
     parser = ArgumentParser(prog="python -m launch.tpu",
                             description="Launch the lab on Cloud TPU pods (gcloud) or GKE (xpk).")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
@@ -373,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run one command on every worker: -- lab train CONFIG k=v ...")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.add_argument("--log", default="", help="log name on the workers (default: run.name)")
-    sub.add_parser("sweep", parents=[common, slice_, job, sweep],
+    sub.add_parser("sweep", parents=[common, slice_, job, g["sweep"]],
                    help="run a sweep: one job on every worker per run, in order")
     p = sub.add_parser("logs", parents=[common, slice_], help="follow a log on worker 0")
     p.add_argument("log", help="the log name (a run's directory name)")
@@ -385,10 +395,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the slice afterwards")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- overrides for the sweep, or a command when there is no --sweep")
+    _add_xpk(sub, g)
+    return parser
+
+
+def _add_xpk(sub, g: dict[str, argparse.ArgumentParser]) -> None:
+    """The GKE actions: xpk-run (one command) and xpk-sweep (one workload per run)."""
     for name, text in [("xpk-run", "submit one command as a GKE workload"),
                        ("xpk-sweep", "submit one GKE workload per run of a sweep")]:
-        p = sub.add_parser(name, parents=[common, job] + ([sweep] if name == "xpk-sweep"
-                                                          else []), help=text)
+        p = sub.add_parser(name, parents=[g["common"], g["job"]]
+                           + ([g["sweep"]] if name == "xpk-sweep" else []), help=text)
         p.add_argument("--cluster", required=True, help="the xpk (GKE) cluster")
         p.add_argument("--type", dest="accelerator", default="v5litepod-32")
         p.add_argument("--num-slices", type=int, default=1)
@@ -399,7 +415,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "xpk-run":
             p.add_argument("--workload", required=True, help="the workload name")
             p.add_argument("command", nargs=argparse.REMAINDER)
-    return parser
 
 
 def _installed(package: str) -> str | None:
