@@ -201,7 +201,7 @@ def _best_run_config(roots: list[str]) -> str | None:
 def _counts(cfg: Config, shape: dict) -> tuple[dict, int]:
     """(param_counts, FLOPs per token) of the base model with `shape`, counted as lab sweep
     counts (the byte tokenizer's padded vocabulary when the config leaves it to the data)."""
-    from lab.model import flops_per_token, param_counts
+    from lab.accounting import flops_per_token, param_counts
     from lab.sweep import counting_model
 
     model = dataclasses.replace(counting_model(cfg.model), **shape)
