@@ -315,8 +315,19 @@ def local_repo() -> tuple[str | None, str | None]:
     return git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
 
 
-def _parents() -> dict[str, argparse.ArgumentParser]:
-    """The option groups the actions share, by name (argparse parents)."""
+@dataclass(frozen=True)
+class _Parents:
+    """The option groups the actions share (argparse parents)."""
+
+    common: argparse.ArgumentParser  # --dry-run, --zone, --project
+    slice: argparse.ArgumentParser  # which TPU slice
+    create: argparse.ArgumentParser
+    setup: argparse.ArgumentParser
+    job: argparse.ArgumentParser  # the training processes' coordinator and environment
+    sweep: argparse.ArgumentParser
+
+
+def _parents() -> _Parents:
     from lab.errors import ArgumentParser
 
     common = ArgumentParser(add_help=False)
@@ -362,33 +373,30 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
                                                       "configs/sweeps/ladder-v5e.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.add_argument("--out", required=True, help="gs:// directory of the sweep's runs")
-    return {"common": common, "slice": slice_, "create": create, "setup": setup, "job": job,
-            "sweep": sweep}
+    return _Parents(common, slice_, create, setup, job, sweep)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lab.errors import ArgumentParser
 
     g = _parents()
-    common, slice_, create, setup, job = (g[k] for k in ("common", "slice", "create", "setup",
-                                                        "job"))
     parser = ArgumentParser(prog="python -m launch.tpu",
                             description="Launch the lab on Cloud TPU pods (gcloud) or GKE (xpk).")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
     sub.required = True
-    sub.add_parser("create", parents=[common, slice_, create], help="create the slice")
-    sub.add_parser("setup", parents=[common, slice_, setup],
+    sub.add_parser("create", parents=[g.common, g.slice, g.create], help="create the slice")
+    sub.add_parser("setup", parents=[g.common, g.slice, g.setup],
                    help="install the lab at one commit on every worker")
-    p = sub.add_parser("run", parents=[common, slice_, job],
+    p = sub.add_parser("run", parents=[g.common, g.slice, g.job],
                        help="run one command on every worker: -- lab train CONFIG k=v ...")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.add_argument("--log", default="", help="log name on the workers (default: run.name)")
-    sub.add_parser("sweep", parents=[common, slice_, job, g["sweep"]],
+    sub.add_parser("sweep", parents=[g.common, g.slice, g.job, g.sweep],
                    help="run a sweep: one job on every worker per run, in order")
-    p = sub.add_parser("logs", parents=[common, slice_], help="follow a log on worker 0")
+    p = sub.add_parser("logs", parents=[g.common, g.slice], help="follow a log on worker 0")
     p.add_argument("log", help="the log name (a run's directory name)")
-    p = sub.add_parser("delete", parents=[common, slice_], help="delete the slice")
-    p = sub.add_parser("up", parents=[common, slice_, create, setup, job],
+    p = sub.add_parser("delete", parents=[g.common, g.slice], help="delete the slice")
+    p = sub.add_parser("up", parents=[g.common, g.slice, g.create, g.setup, g.job],
                        help="create, set up, run a sweep (or a command), delete")
     p.add_argument("--sweep", dest="up_sweep", metavar="SWEEP", help="a sweep file to run")
     p.add_argument("--out", help="gs:// directory of the sweep's runs")
@@ -399,12 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_xpk(sub, g: dict[str, argparse.ArgumentParser]) -> None:
+def _add_xpk(sub, g: _Parents) -> None:
     """The GKE actions: xpk-run (one command) and xpk-sweep (one workload per run)."""
     for name, text in [("xpk-run", "submit one command as a GKE workload"),
                        ("xpk-sweep", "submit one GKE workload per run of a sweep")]:
-        p = sub.add_parser(name, parents=[g["common"], g["job"]]
-                           + ([g["sweep"]] if name == "xpk-sweep" else []), help=text)
+        p = sub.add_parser(name, parents=[g.common, g.job] + ([g.sweep] if name == "xpk-sweep"
+                                                                else []), help=text)
         p.add_argument("--cluster", required=True, help="the xpk (GKE) cluster")
         p.add_argument("--type", dest="accelerator", default="v5litepod-32")
         p.add_argument("--num-slices", type=int, default=1)
