@@ -36,7 +36,7 @@ from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab import presets, rundir
-from lab.config import Config, dump_config, load_config
+from lab.config import Config, dump_config, load_config, override
 from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
@@ -383,7 +383,7 @@ def _planned_config(base, cfg: Config, shape: dict, steps: int, batch: int, lr: 
     }
     if cfg.train.eval_every > steps:
         overrides["train.eval_every"] = 0
-    return load_config(base, [f"{k}={_word(v)}" for k, v in overrides.items()])
+    return override(load_config(base), overrides)
 
 
 def _next_sweep(args: argparse.Namespace, name: str, runs_root: str, N: int, flops: float,
@@ -482,12 +482,6 @@ def make_plan(args: argparse.Namespace) -> dict:
 
     _write_plan(args.out, planned, header, sweep, sweep_header, plan)
     return plan
-
-
-def _word(value) -> str:
-    from lab.sweep import _yaml_word
-
-    return _yaml_word(value)
 
 
 def _comment(lines: list[str]) -> str:

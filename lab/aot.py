@@ -202,14 +202,13 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
     import jax
 
     from lab import memory, sharding
-    from lab.config import load_config
     from lab.train import build_trainer
 
     devices = topology_devices(topology) if topology else jax.devices()
     limit, chip = memory.capacity(devices[0])
     estimated, compiled, too_big, unplaced = [], [], [], []
     for run in sweep.runs:
-        cfg, _ = with_known_vocab(load_config(sweep.base, list(run.overrides)))
+        cfg, _ = with_known_vocab(run.config)
         try:
             trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh, devices))
         except UserError as e:

@@ -4,10 +4,9 @@ plan and demo. A user's mistake exits with status 2 and one line; bugs keep thei
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 
+from lab.config import config_keys
 from lab.errors import ArgumentParser, UserError
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
@@ -56,37 +55,11 @@ def _quiet_absl() -> None:
     absl_logging.set_verbosity(absl_logging.ERROR)
 
 
-def _yaml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return value or '""'
-    return str(value)
-
-
-def config_keys() -> list[tuple[str, str, str]]:
-    """(key, type, default) of every config key, read from the config dataclasses."""
-    from lab.config import Config
-
-    rows = []
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            hint = hints[f.name]
-            kind = hint.__name__ if isinstance(hint, type) else str(hint)
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((f"{section.name}.{f.name}", kind, _yaml_value(default)))
-    return rows
-
-
 def _keys_help() -> str:
     rows = config_keys()
     key_w, type_w = (max(len(r[i]) for r in rows) for i in (0, 1))
     lines = [f"  {k:<{key_w}}  {t:<{type_w}}  {d}" for k, t, d in rows]
-    return "config keys (key, type, default):\n" + "\n".join(lines)
+    return "config keys (key, type with its choices or range, default):\n" + "\n".join(lines)
 
 
 def build_parser() -> ArgumentParser:

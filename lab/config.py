@@ -1,37 +1,156 @@
 """Typed, frozen run configuration: YAML files plus dotted `key=value` overrides.
 
 A config is a tree of frozen dataclasses, one per concern. `load_config(path, overrides)` reads
-the YAML, applies overrides such as `train.steps=200 optim.name=muon`, checks every key and type,
-and validates values; any mistake raises `UserError` naming the key and the fix.
+the YAML, applies overrides such as `train.steps=200 optim.name=muon`, and checks every key
+against its type as it reads it; any mistake raises `UserError` naming the key and the fix.
+
+The types are the schema: a key's rule is written once, in its type. `Literal[...]` lists a
+key's choices; `Annotated[int, Range(...)]` bounds a number (a tuple's item type bounds each
+item); `coerce` checks both, and `config_keys` shows them in `lab train --help`. `validate`
+holds only the rules that relate several keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from lab import paths
 from lab.errors import UserError
 
+INT64_MAX = 2**63 - 1
+# Step counts reach jitted code (optax schedules, the step counter) as int32.
+INT32_MAX = 2**31 - 1
+SEED_LIMIT = 2**32  # JAX keys keep 32 bits of a seed: larger seeds repeat smaller ones
+
+
+# ----------------------------------------------------------------------------- the schema's types
+
+
+def _number(x: float) -> str:
+    """A bound as a reader checks it: 2**32 and 2**31-1 rather than their ten digits."""
+    if isinstance(x, int) and x >= 2**16:
+        if x & (x - 1) == 0:
+            return f"2**{x.bit_length() - 1}"
+        if (x + 1) & x == 0:
+            return f"2**{x.bit_length()}-1"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a key accepts: lo to hi (None: unbounded), and optionally one value `also`
+    outside them that means something (-1: the rest). A message ends with `note` in
+    parentheses: what `also` means, or else why the bounds."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: float | None = None
+    note: str = ""
+
+    def holds(self, x: float) -> bool:
+        if x == self.also:
+            return True
+        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
+        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
+        return above and below
+
+    def _interval(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {_number(self.lo)}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {_number(self.hi)}"
+        return (f"in {'(' if self.lo_open else '['}{_number(self.lo)}, {_number(self.hi)}"
+                f"{')' if self.hi_open else ']'}")
+
+    def bounds(self) -> str:
+        """As --help shows it: '>= 1', 'in [0, 1)', '> 1 or 0'."""
+        return self._interval() + ("" if self.also is None else f" or {_number(self.also)}")
+
+    def describe(self, kind: type) -> str:
+        """As a message says it: 'a positive integer', 'a number in [0, 1] or -1 (...)'."""
+        noun = "integer" if kind is int else "number"
+        positive = (self.lo, self.lo_open) == ((1, False) if kind is int else (0, True))
+        if self.hi is None and positive:
+            text = f"a positive {noun}"
+        elif self.hi is None and (self.lo, self.lo_open) == (0, False):
+            text = f"zero or a positive {noun}"
+        else:
+            text = f"{'an' if kind is int else 'a'} {noun} {self._interval()}"
+        if self.also is not None:
+            text += f" or {_number(self.also)}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def check(self, key: str, value: float, kind: type) -> None:
+        if not self.holds(value):
+            raise UserError(f"{key} must be {self.describe(kind)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A string that must not be empty; `why` says what it names."""
+
+    why: str
+
+    def bounds(self) -> str:
+        return "non-empty"
+
+    def check(self, key: str, value: str, kind: type) -> None:
+        if not value:
+            raise UserError(f"{key} must not be empty: {self.why}")
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+_STEP_NOTE = "what a 32-bit step counter holds"
+Steps = Annotated[int, Range(0, INT32_MAX, note=_STEP_NOTE)]
+PositiveSteps = Annotated[int, Range(1, INT32_MAX, note=_STEP_NOTE)]
+PositiveFloat = Annotated[float, Range(0, lo_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+Fraction = Annotated[float, Range(0, 1)]
+Decay = Annotated[float, Range(0, 1, hi_open=True)]  # a moving average's factor: 1 never forgets
+MeshAxis = Annotated[int, Range(1, also=-1, note="all remaining devices")]
+Seed = Annotated[int, Range(0, SEED_LIMIT, hi_open=True, note="JAX keeps 32 bits of a seed")]
+
+# The choices of the string-valued keys, written once: the modules that implement them import
+# the constants (kept here, free of jax, so that reading a config stays light).
+Dtype = Literal["float32", "bfloat16"]
+Attention = Literal["auto", "xla", "cudnn", "splash", "blocked"]
+Remat = Literal["none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"]
+Parameterization = Literal["sp", "mup"]
+Optimizer = Literal["adamw", "muon"]
+MuonScaling = Literal["moonlight", "shape"]  # lab.muon.shape_scale
+Schedule = Literal["wsd", "cosine"]
+DecayShape = Literal["linear", "cosine", "1-sqrt"]  # lab.schedules
+OPTIMIZERS = typing.get_args(Optimizer)
+MUON_SCALINGS = typing.get_args(MuonScaling)
+SCHEDULES = typing.get_args(Schedule)
+DECAY_SHAPES = typing.get_args(DecayShape)
+
+
+# ----------------------------------------------------------------------------- the config
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/tiny"  # the run directory (local path or gs://)
-    seed: int = 0  # model init and data order
+    # the run directory (local path or gs://)
+    dir: Annotated[str, NonEmpty("name the run's output directory")] = "runs/tiny"
+    seed: Seed = 0  # model init and data order
     name: str = ""  # a label for sweeps and reports; defaults to the directory's name
     peak_tflops: float = 0.0  # hardware peak for MFU; 0 = a table (GPU/TPU) or a probe (CPU)
     parent: str = ""  # a branch: the run directory whose checkpoint this run starts from
-    parent_step: int = 0  # ... and the step of that checkpoint
+    parent_step: Steps = 0  # ... and the step of that checkpoint
     # Written by `lab plan`: the final eval loss the fitted law predicts for this run, and its
     # interval (lo, hi); train copies them into summary.json so `lab fit` can score them.
-    predicted_loss: float = 0.0  # 0 = no prediction
+    predicted_loss: NonNegativeFloat = 0.0  # 0 = no prediction
     predicted_interval: tuple[float, ...] = ()
 
     def prediction(self) -> dict:
@@ -45,37 +164,37 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 0  # 0 = the data's vocabulary, rounded up to a multiple of 64
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0 = n_heads (plain multi-head); fewer = grouped-query attention
-    d_ff: int = 0  # SwiGLU hidden width; 0 = 3 * d_model
+    vocab_size: NonNegativeInt = 0  # 0 = the data's vocabulary, rounded up to a multiple of 64
+    d_model: PositiveInt = 128
+    n_layers: PositiveInt = 4
+    n_heads: PositiveInt = 4
+    n_kv_heads: NonNegativeInt = 0  # 0 = n_heads (plain multi-head); fewer = grouped-query
+    d_ff: NonNegativeInt = 0  # SwiGLU hidden width; 0 = 3 * d_model
     rope_theta: float = 10000.0
     qk_norm: bool = False
     tie_embeddings: bool = False
-    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2)
+    z_loss: NonNegativeFloat = 0.0  # coefficient of mean(logsumexp(logits)^2)
     norm_eps: float = 1e-6
     init_std: float = 0.02  # embedding init; matrices use 1/sqrt(fan_in)
-    compute_dtype: str = "float32"  # float32 | bfloat16 (matmul operands; params stay float32)
+    compute_dtype: Dtype = "float32"  # matmul operands; params stay float32
     # The residual stream and block outputs; norm and softmax statistics and the loss stay float32.
-    activation_dtype: str = "float32"  # float32 | bfloat16
+    activation_dtype: Dtype = "float32"
     # auto = blocked on CPU, cudnn on GPU, splash on TPU (by the mesh's platform); xla = plain
     # einsums on any backend; cudnn = jax.nn.dot_product_attention's cuDNN kernel; splash = the
     # Pallas TPU kernel (interpreted on CPU); blocked = the CPU-tuned blocked attention.
-    attention: str = "auto"  # auto | xla | cudnn | splash | blocked
+    attention: Attention = "auto"
     # Tokens per cross-entropy chunk: the (B, L, V) float32 logits and their gradient are never
     # whole, each chunk's logits are recomputed in the backward pass. 0 = one piece.
-    loss_chunk: int = 0
+    loss_chunk: NonNegativeInt = 0
     # What a block keeps for the backward pass (the rest is recomputed):
     #   none = everything (no remat); full = only its input; dots = every matmul output without
     #   batch dimensions (projections and MLP, not attention scores); save_qkv_proj = the q, k, v
     #   projections; save_out_proj = the attention output projection; minimal = the q, k, v and
     #   output projections and the MLP's matmul outputs (gate, up, down).
-    remat: str = "none"  # none | full | dots | save_qkv_proj | save_out_proj | minimal
+    remat: Remat = "none"
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
-    parameterization: str = "sp"  # sp | mup
-    mup_base_width: int = 128  # the width at which μP equals SP
+    parameterization: Parameterization = "sp"
+    mup_base_width: PositiveInt = 128  # the width at which μP equals SP
 
     @property
     def kv_heads(self) -> int:
@@ -97,61 +216,54 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8  # sequences per optimizer step, global
-    seq_len: int = 128
-    grad_accum: int = 1  # micro-batches per step; each is batch_size / grad_accum sequences
-    log_every: int = 10
-    eval_every: int = 0  # 0 = evaluate only at the end
-    eval_batches: int = 4  # validation batches of batch_size sequences per evaluation
-    spike_factor: float = 2.0  # stop (diverged) if the loss tops this x its recent median; 0 = off
-    spike_window: int = 50  # the recent losses that median is taken over
+    steps: PositiveSteps = 100
+    batch_size: PositiveInt = 8  # sequences per optimizer step, global
+    seq_len: PositiveInt = 128
+    grad_accum: PositiveInt = 1  # micro-batches per step; each is batch_size / grad_accum sequences
+    log_every: PositiveSteps = 10
+    eval_every: Steps = 0  # 0 = evaluate only at the end
+    eval_batches: PositiveInt = 4  # validation batches of batch_size sequences per evaluation
+    # Stop (diverged) if the loss tops this x its recent median.
+    spike_factor: Annotated[float, Range(1, lo_open=True, also=0, note="off")] = 2.0
+    spike_window: PositiveInt = 50  # the recent losses that median is taken over
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = 1  # pure data parallelism (replicated parameters)
-    fsdp: int = -1  # data parallelism with parameters sharded; -1 = all remaining devices
-    tensor: int = 1  # tensor (model) parallelism over heads and MLP width
-
-
-# The choices of the string-valued keys, written once: the modules that implement them import
-# these (kept here, free of jax, so that reading a config stays light).
-OPTIMIZERS = ("adamw", "muon")
-MUON_SCALINGS = ("moonlight", "shape")  # lab.muon.shape_scale
-SCHEDULES = ("wsd", "cosine")
-DECAY_SHAPES = ("linear", "cosine", "1-sqrt")  # lab.schedules
+    data: MeshAxis = 1  # pure data parallelism (replicated parameters)
+    fsdp: MeshAxis = -1  # data parallelism with parameters sharded; -1 = all remaining devices
+    tensor: MeshAxis = 1  # tensor (model) parallelism over heads and MLP width
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | muon
-    lr: float = 3e-3  # peak learning rate (AdamW side; Muon side gets lr * muon_lr_ratio)
-    weight_decay: float = 0.1  # decoupled, both sides
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clip; 0 disables
-    muon_momentum: float = 0.95
+    name: Optimizer = "adamw"
+    lr: PositiveFloat = 3e-3  # peak learning rate (AdamW side; Muon side gets lr * muon_lr_ratio)
+    weight_decay: NonNegativeFloat = 0.1  # decoupled, both sides
+    b1: Decay = 0.9
+    b2: Decay = 0.95
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0  # global-norm clip; 0 disables
+    muon_momentum: Decay = 0.95
     muon_nesterov: bool = True
-    muon_ns_steps: int = 5
-    muon_scaling: str = "moonlight"  # moonlight | shape
-    muon_lr_ratio: float = 1.0
+    muon_ns_steps: PositiveInt = 5
+    muon_scaling: MuonScaling = "moonlight"
+    muon_lr_ratio: PositiveFloat = 1.0
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: str = "wsd"  # wsd | cosine
-    warmup_steps: int = 0
-    decay_steps: int = 0  # WSD decay length, ending at train.steps; 0 = a pure stable run
-    decay_shape: str = "linear"  # linear | cosine | 1-sqrt
-    final_ratio: float = 0.0  # learning rate at the last step over the peak
+    name: Schedule = "wsd"
+    warmup_steps: Steps = 0
+    decay_steps: Steps = 0  # WSD decay length, ending at train.steps; 0 = a pure stable run
+    decay_shape: DecayShape = "linear"
+    final_ratio: Fraction = 0.0  # learning rate at the last step over the peak
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    every_steps: Steps = 0  # 0 = only at the end
+    keep_last: PositiveInt = 2
     keep_steps: tuple[int, ...] = ()  # steps never deleted (for example branch points)
 
 
@@ -160,13 +272,13 @@ class BranchConfig:
     """The branch plan a stable WSD run declares: its checkpoints at these points are kept,
     and `lab branch RUN_DIR` without --at runs every (point, decay) pair."""
 
-    at_steps: tuple[int, ...] = ()
-    at_tokens: tuple[int, ...] = ()  # converted to the nearest step
-    at_tokens_per_param: tuple[float, ...] = ()  # tokens / total parameters, e.g. 20
-    decay_steps: tuple[int, ...] = ()
-    decay_fractions: tuple[float, ...] = ()  # a decay of this fraction of the branch step
-    shape: str = ""  # decay shape of the branches; "" = schedule.decay_shape
-    final_ratio: float = -1.0  # -1 = schedule.final_ratio
+    at_steps: tuple[PositiveInt, ...] = ()
+    at_tokens: tuple[PositiveInt, ...] = ()  # converted to the nearest step
+    at_tokens_per_param: tuple[PositiveFloat, ...] = ()  # tokens / total parameters, e.g. 20
+    decay_steps: tuple[PositiveInt, ...] = ()
+    decay_fractions: tuple[PositiveFloat, ...] = ()  # a decay of this fraction of the branch step
+    shape: Literal["", DecayShape] = ""  # decay shape of the branches; "" = schedule.decay_shape
+    final_ratio: Annotated[float, Range(0, 1, also=-1, note="use schedule.final_ratio")] = -1.0
 
 
 @dataclass(frozen=True)
@@ -183,11 +295,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- reading
-
-INT64_MAX = 2**63 - 1
-# Step counts reach jitted code (optax schedules, the step counter) as int32.
-INT32_MAX = 2**31 - 1
-SEED_LIMIT = 2**32  # JAX keys keep 32 bits of a seed: larger seeds repeat smaller ones
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -215,8 +322,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(raw, key, value)
-    config = from_dict(Config, raw, prefix="")
-    validate(config)
+    config = from_dict(Config, raw, prefix="")  # each key against its type, as it is read
+    _check_relations(config)
     return config
 
 
@@ -251,7 +358,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     section = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
         raise UserError(f"{section} must be a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints as well
     if unknown:
@@ -269,21 +376,27 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against the field type; ints may stand for floats, lists for tuples."""
+    """Check `value` against the key's type and its rule; ints may stand for floats, lists (or
+    one item) for tuples."""
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if option is type(None) and value is None:
-                return None
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return coerce(key, value, options[0])
+    if origin is Annotated:
+        kind, *rules = typing.get_args(hint)
+        value = coerce(key, value, kind)
+        for rule in rules:
+            rule.check(key, value, kind)
+        return value
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value in choices and isinstance(value, str):
+            return value
+        raise UserError(f"{key} must be one of {', '.join(map(_choice, choices))}, got {value!r}")
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key {key} must be a list, got {value!r}")
-        return tuple(coerce(key, v, item_type) for v in value)
+        return tuple(coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -316,6 +429,46 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     raise UserError(f"config key {key} must be {hint.__name__}, got {value!r}")
 
 
+def _choice(value: str) -> str:
+    return value or '""'
+
+
+def describe_type(hint: Any) -> str:
+    """A key's type as --help shows it: 'int >= 1', 'auto|xla|cudnn', 'list[float > 0]'."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        kind, *rules = typing.get_args(hint)
+        return " ".join([describe_type(kind), *(rule.bounds() for rule in rules)])
+    if origin is Literal:
+        return "|".join(map(_choice, typing.get_args(hint)))
+    if origin is tuple:
+        return f"list[{describe_type(typing.get_args(hint)[0])}]"
+    return hint.__name__
+
+
+def _yaml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return value or '""'
+    return str(value)
+
+
+def config_keys() -> list[tuple[str, str, str]]:
+    """(key, type, default) of every config key, read from the schema, for `lab train --help`."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            rows.append((f"{section.name}.{f.name}", describe_type(hints[f.name]),
+                         _yaml_value(default)))
+    return rows
+
+
 def to_dict(config: Any) -> dict:
     """The config as plain nested dicts (tuples become lists), ready for YAML."""
     def plain(x: Any) -> Any:
@@ -341,57 +494,22 @@ def replace(config: Config, **sections: dict) -> Config:
 # ----------------------------------------------------------------------------- validation
 
 
+def validate(config: Config) -> None:
+    """Every rule, for a config made in code (dataclasses.replace skips the reading): each key
+    against its type, then the rules between keys. The devices are checked by the mesh."""
+    from_dict(Config, to_dict(config), prefix="")
+    _check_relations(config)
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
 
 
-def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
-    _require(value in options, f"{key} must be one of {', '.join(options)}, got {value!r}")
-
-
-def validate(config: Config) -> None:
-    """Reject values that cannot work, independent of the devices (the mesh checks those)."""
-    _validate_counts(config)
-    _validate_model(config.model, config.train)
-    _validate_optim(config.optim)
-    _validate_schedule(config.schedule, config.train)
-    _validate_mesh_and_run(config)
-    _validate_branch(config.branch)
-
-
-def _validate_counts(config: Config) -> None:
-    """Sizes, step counts and the seed: in range for what they count."""
-    m, t, s = config.model, config.train, config.schedule
-    for key, value in [("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
-                       ("model.n_heads", m.n_heads), ("train.steps", t.steps),
-                       ("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len),
-                       ("train.grad_accum", t.grad_accum), ("train.log_every", t.log_every),
-                       ("train.eval_batches", t.eval_batches)]:
-        _require(value > 0, f"{key} must be a positive integer, got {value}")
-    for key, value in [("model.vocab_size", m.vocab_size), ("model.n_kv_heads", m.n_kv_heads),
-                       ("model.d_ff", m.d_ff), ("train.eval_every", t.eval_every),
-                       ("schedule.warmup_steps", s.warmup_steps),
-                       ("schedule.decay_steps", s.decay_steps),
-                       ("checkpoint.every_steps", config.checkpoint.every_steps)]:
-        _require(value >= 0, f"{key} must be zero or positive, got {value}")
-    _require(t.spike_factor == 0 or t.spike_factor > 1,
-             f"train.spike_factor must be 0 (off) or above 1, got {t.spike_factor}")
-    _require(t.spike_window >= 1, f"train.spike_window must be positive, got {t.spike_window}")
-    for key, value in [("train.steps", t.steps), ("train.eval_every", t.eval_every),
-                       ("train.log_every", t.log_every), ("schedule.warmup_steps", s.warmup_steps),
-                       ("schedule.decay_steps", s.decay_steps),
-                       ("checkpoint.every_steps", config.checkpoint.every_steps),
-                       ("run.parent_step", config.run.parent_step)]:
-        _require(value <= INT32_MAX, f"{key} is {value}, more steps than a 32-bit step counter "
-                 f"holds; give at most {INT32_MAX}")
-    _require(0 <= config.run.seed < SEED_LIMIT,
-             f"run.seed must lie in [0, 2**32) (JAX keeps 32 bits of it), got {config.run.seed}")
-    _require(config.checkpoint.keep_last >= 1,
-             f"checkpoint.keep_last must be at least 1, got {config.checkpoint.keep_last}")
-
-
-def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
+def _check_relations(config: Config) -> None:
+    """The rules that relate several keys (or several items of one); a single key's rule is
+    in its type."""
+    m, t, s, r = config.model, config.train, config.schedule, config.run
     _require(m.d_model % m.n_heads == 0,
              f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}); "
              "change one of them")
@@ -399,60 +517,17 @@ def _validate_model(m: ModelConfig, t: TrainConfig) -> None:
              "for rotary embeddings; change model.d_model or model.n_heads")
     _require(m.n_heads % m.kv_heads == 0,
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
-    _choice("model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-    _choice("model.activation_dtype", m.activation_dtype, ("float32", "bfloat16"))
-    _choice("model.attention", m.attention, ("auto", "xla", "cudnn", "splash", "blocked"))
-    _choice("model.remat", m.remat,
-            ("none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"))
     _require(m.attention != "splash" or t.seq_len % 128 == 0,
              f"model.attention=splash needs train.seq_len divisible by 128, got {t.seq_len}; "
              "change train.seq_len or set model.attention=xla")
-    _require(m.loss_chunk >= 0, f"model.loss_chunk must be zero (no chunking) or a positive "
-             f"number of tokens, got {m.loss_chunk}")
-    _choice("model.parameterization", m.parameterization, ("sp", "mup"))
-    _require(m.mup_base_width > 0, "model.mup_base_width must be positive")
-    _require(m.z_loss >= 0, f"model.z_loss must be zero or positive, got {m.z_loss}")
     _require(t.batch_size % t.grad_accum == 0,
              f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum "
              f"({t.grad_accum})")
-
-
-def _validate_optim(o: OptimConfig) -> None:
-    _choice("optim.name", o.name, OPTIMIZERS)
-    _choice("optim.muon_scaling", o.muon_scaling, MUON_SCALINGS)
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    _require(o.weight_decay >= 0, f"optim.weight_decay must be zero or positive, got "
-             f"{o.weight_decay}")
-    _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1 and optim.b2 must lie in [0, 1)")
-    _require(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
-    _require(o.grad_clip >= 0, "optim.grad_clip must be zero (off) or positive")
-    _require(0 <= o.muon_momentum < 1, f"optim.muon_momentum must lie in [0, 1), got "
-             f"{o.muon_momentum}")
-    _require(o.muon_ns_steps > 0, "optim.muon_ns_steps must be positive")
-    _require(o.muon_lr_ratio > 0, f"optim.muon_lr_ratio must be positive, got {o.muon_lr_ratio}")
-
-
-def _validate_schedule(s: ScheduleConfig, t: TrainConfig) -> None:
-    _choice("schedule.name", s.name, SCHEDULES)
-    _choice("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
-    _require(0 <= s.final_ratio <= 1,
-             f"schedule.final_ratio must lie in [0, 1], got {s.final_ratio}")
     _require(s.warmup_steps + s.decay_steps <= t.steps,
              f"schedule.warmup_steps + schedule.decay_steps ({s.warmup_steps} + "
              f"{s.decay_steps}) must not exceed train.steps ({t.steps})")
-
-
-def _validate_mesh_and_run(config: Config) -> None:
-    for axis in ("data", "fsdp", "tensor"):
-        size = getattr(config.mesh, axis)
-        _require(size == -1 or size >= 1,
-                 f"mesh.{axis} must be a positive device count or -1 (the rest), got {size}")
     _require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
              "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    _require(bool(config.run.dir), "run.dir must name the run's output directory")
-    _require(config.run.parent_step >= 0, "run.parent_step must be zero or positive")
-    r = config.run
-    _require(r.predicted_loss >= 0, "run.predicted_loss must be positive (or 0: none)")
     _require(not r.predicted_interval or (len(r.predicted_interval) == 2
                                           and r.predicted_interval[0] <= r.predicted_interval[1]),
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
@@ -468,3 +543,63 @@ def _validate_branch(b: BranchConfig) -> None:
                         ("branch.decay_steps", b.decay_steps),
                         ("branch.decay_fractions", b.decay_fractions)]:
         _require(all(v > 0 for v in values), f"{key} must hold positive numbers, got {values}")
+
+
+# ----------------------------------------------------------------------------- typed changes
+
+
+def override(config: Config, values: dict[str, Any]) -> Config:
+    """A copy with dotted keys set, e.g. override(cfg, {"optim.lr": 1e-3}): each value is
+    checked against its field's type as if read from YAML, and the result is validated. How
+    sweeps and studies derive their runs' configs from a base."""
+    by_section: dict[str, dict] = {}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise UserError(f"config key {key!r} must be section.key, such as train.steps")
+        by_section.setdefault(section, {})[name] = value
+    changes = {}
+    for section, fields in by_section.items():
+        typed = getattr(from_dict(Config, {section: fields}, prefix=""), section)
+        changes[section] = {name: getattr(typed, name) for name in fields}
+    result = replace(config, **changes)
+    validate(result)
+    return result
+
+
+def overrides_between(base: Config, config: Config) -> list[str]:
+    """The `key=value` words that turn `base` into `config`, in schema order:
+    load_config(base_file, words) gives `config` back. A sweep's runs are Config objects;
+    these words are how they are shown and handed to a `lab train` process."""
+    words = []
+    for section in dataclasses.fields(config):
+        old, new = getattr(base, section.name), getattr(config, section.name)
+        for f in dataclasses.fields(new):
+            value = getattr(new, f.name)
+            if getattr(old, f.name) != value:
+                words.append(f"{section.name}.{f.name}={override_word(value)}")
+    return words
+
+
+def value_of(config: Config, key: str) -> Any:
+    """The value of a dotted key, value_of(cfg, "train.steps")."""
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def override_word(value: Any) -> str:
+    """A value as the text after `key=`, read back as the same value (lists in YAML flow
+    style, strings quoted where YAML would read them as something else)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_word(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(text)
+        except yaml.YAMLError:
+            plain = None
+        if plain != text:
+            return "'" + text.replace("'", "''") + "'"  # YAML single quotes: read verbatim
+    return text

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import yaml
 
 from lab import presets, rundir
+from lab.config import Config, load_config, override, override_word, overrides_between
 from lab.errors import UserError
 from lab.paths import shown_path
 from lab.rundir import Status
@@ -115,22 +116,20 @@ def load_study(path: str | Path) -> Study:
 
 @dataclasses.dataclass(frozen=True)
 class SizePlan:
-    """One size of the ladder: its stable run (the `lab train` words) and its branches."""
+    """One size of the ladder: its stable run's config and its branches."""
 
     name: str
-    words: tuple[str, ...]  # overrides after the base config
-    run_dir: Path
+    config: Config  # the stable run (or the held-out run)
+    words: tuple[str, ...]  # the key=value words that give `config` from the base file
     pairs: tuple[tuple[int, int], ...]  # (branch step, decay steps), one per budget
     budgets: tuple[float, ...]  # the budget each pair stands for
     flops_per_step: int
     non_embedding_params: int
     held_out: bool = False  # one straight WSD run (S + D steps), not a stable run with branches
 
-
-def _word(key: str, value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        value = "[" + ",".join(str(v) for v in value) + "]"
-    return f"{key}={value}"
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run.dir)
 
 
 def _size_name(size: dict) -> str:
@@ -141,67 +140,69 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
     """Branch steps per size: a branch at step S decays for round(f S) steps, so it trains
     S (1 + f) steps in all; S is chosen so those steps spend the budget."""
     from lab.branch_plan import check_plan, planned_pairs
-    from lab.config import load_config
-    from lab.model import flops_per_token, param_counts, with_vocab
+    from lab.model import param_counts
 
     if optim not in study.lr:
         raise UserError(f"the study {study.path} gives no learning rate for {optim!r}; add it "
                         "under lr:")
+    file_cfg = load_config(study.base)
+    common = load_config(study.base, list(study.overrides))
     plans = []
-
-    def common_words(size: dict) -> tuple[list[str], int, Any]:
-        model = [_word(f"model.{k}", v) for k, v in size.items()]
-        common = [*study.overrides, *model, f"optim.name={optim}", f"optim.lr={study.lr[optim]}"]
-        cfg = load_config(study.base, common)
-        model_cfg = with_vocab(cfg.model, vocab)
-        per_step = flops_per_token(model_cfg, cfg.train.seq_len) * cfg.train.batch_size \
-            * cfg.train.seq_len
-        return common, per_step, model_cfg
-
     for size in study.sizes:
         name = _size_name(size)
-        common, per_step, model_cfg = common_words(size)
-        cfg = load_config(study.base, common)
+        sized, per_step, model_cfg = _sized(common, size, optim, study, vocab)
         steps = [max(1, round(b / per_step / (1 + study.decay_fraction))) for b in study.budgets]
-        if len(set(steps)) < len(steps) or steps[0] < cfg.schedule.warmup_steps:
+        if len(set(steps)) < len(steps) or steps[0] < sized.schedule.warmup_steps:
             raise UserError(f"size {name}: the budgets {study.budgets} give branch steps "
                             f"{steps}, which must be distinct and at least the warmup "
-                            f"({cfg.schedule.warmup_steps}); raise the budgets")
-        run_dir = out / "runs" / name
-        words = (f"run.dir={run_dir}", *common, f"train.steps={steps[-1]}",
-                 "schedule.decay_steps=0", _word("branch.at_steps", steps),
-                 _word("branch.decay_fractions", [study.decay_fraction]))
-        cfg = load_config(study.base, list(words))
+                            f"({sized.schedule.warmup_steps}); raise the budgets")
+        cfg = override(sized, {"run.dir": str(out / "runs" / name), "train.steps": steps[-1],
+                               "schedule.decay_steps": 0, "branch.at_steps": steps,
+                               "branch.decay_fractions": [study.decay_fraction]})
         pairs = planned_pairs(cfg, param_counts(model_cfg)["params"])
         check_plan(cfg, pairs)
-        plans.append(SizePlan(name, words, run_dir, tuple(pairs), study.budgets, per_step,
+        plans.append(SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), tuple(pairs),
+                              study.budgets, per_step,
                               param_counts(model_cfg)["non_embedding_params"]))
     if study.held_out:
-        plans.append(plan_held_out(study, out, common_words, plans))
+        plans.append(plan_held_out(study, out, file_cfg, common, optim, vocab, plans))
     return plans
 
 
-def plan_held_out(study: Study, out: Path, common_words, ladder: list[SizePlan]) -> SizePlan:
+def _sized(common: Config, size: dict, optim: str, study: Study,
+           vocab: int) -> tuple[Config, int, Any]:
+    """The common config at one size with the study's optimizer and learning rate; its FLOPs
+    per step and its model with the data's vocabulary."""
+    from lab.model import flops_per_token, with_vocab
+
+    cfg = override(common, {**{f"model.{k}": v for k, v in size.items()},
+                            "optim.name": optim, "optim.lr": study.lr[optim]})
+    model_cfg = with_vocab(cfg.model, vocab)
+    per_step = flops_per_token(model_cfg, cfg.train.seq_len) * cfg.train.batch_size \
+        * cfg.train.seq_len
+    return cfg, per_step, model_cfg
+
+
+def plan_held_out(study: Study, out: Path, file_cfg: Config, common: Config, optim: str,
+                  vocab: int, ladder: list[SizePlan]) -> SizePlan:
     """The held-out run: a wider model than every rung, trained straight through for S + D
     steps (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
-    from lab.config import load_config
     from lab.model import param_counts
 
     size, budget = study.held_out["size"], study.held_out["budget"]
     name = _size_name(size)
-    common, per_step, model_cfg = common_words(size)
+    sized, per_step, model_cfg = _sized(common, size, optim, study, vocab)
     n = param_counts(model_cfg)["non_embedding_params"]
     if n <= max(p.non_embedding_params for p in ladder):
         raise UserError(f"the held-out size {name} ({n:,} non-embedding parameters) must be "
                         "larger than every size of the ladder; give it a larger d_model")
     step = max(1, round(budget / per_step / (1 + study.decay_fraction)))
     decay = round(study.decay_fraction * step)
-    run_dir = out / "runs" / f"held-out-{name}"
-    words = (f"run.dir={run_dir}", *common, f"train.steps={step + decay}",
-             f"schedule.decay_steps={decay}")
-    load_config(study.base, list(words))  # checked now, before anything trains
-    return SizePlan(name, words, run_dir, ((step, decay),), (budget,), per_step, n,
-                    held_out=True)
+    # Checked now, before anything trains.
+    cfg = override(sized, {"run.dir": str(out / "runs" / f"held-out-{name}"),
+                           "train.steps": step + decay, "schedule.decay_steps": decay})
+    return SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), ((step, decay),),
+                    (budget,), per_step, n, held_out=True)
 
 
 def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
@@ -227,7 +228,8 @@ def check_same_plan(out: Path, plan: dict) -> None:
 
 
 def train_command(study: Study, plan: SizePlan) -> str:
-    words = [f"run.dir={shown_path(plan.run_dir)}", *plan.words[1:]]
+    words = [f"run.dir={override_word(shown_path(plan.run_dir))}" if w.startswith("run.dir=")
+             else w for w in plan.words]
     return shlex.join(["lab", "train", shown_path(study.base), *words])
 
 
@@ -355,7 +357,6 @@ class StudyProgress:
 def _child_configs(plan: SizePlan) -> list:
     """The branches of a finished stable run, as `lab branch RUN_DIR` makes them."""
     from lab.branch_plan import child_configs
-    from lab.config import load_config
 
     return child_configs(load_config(rundir.config_path(plan.run_dir)), plan.run_dir,
                          list(plan.pairs))
@@ -377,7 +378,6 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
     """Train every stable run and its branches in order; 'finished' or the status that
     stopped it ('preempted' after Ctrl-C / SIGTERM, 'diverged', ...)."""
     from lab.branch import compute_report, train_runs, write_plan
-    from lab.config import load_config
 
     def report(event: str, cfg, summary) -> None:
         if event != "trained":  # every run, skipped or not, moves the live line on
@@ -400,8 +400,7 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
 
     with contextlib.redirect_stdout(log):  # what the runs print; the live line has its stream
         for plan in plans:
-            stable = load_config(study.base, list(plan.words))
-            status = stopped(train_runs([stable], report, progress, stop_on_failure=True))
+            status = stopped(train_runs([plan.config], report, progress, stop_on_failure=True))
             if status is None and not plan.held_out:  # its children exist only now
                 children = _child_configs(plan)
                 write_plan(str(plan.run_dir), compute_report(
@@ -447,7 +446,6 @@ def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float)
 def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
     """FLOPs of the study with branching against training every point from scratch."""
     from lab.branch import compute_report
-    from lab.config import load_config
 
     branched = scratch = 0.0
     for plan in plans:

@@ -31,7 +31,18 @@ from typing import Any
 import yaml
 
 from lab import presets
-from lab.config import DECAY_SHAPES, Config, ModelConfig, load_config
+from lab.config import (
+    DECAY_SHAPES,
+    INT32_MAX,
+    Config,
+    ModelConfig,
+    load_config,
+    override,
+    override_word,
+    overrides_between,
+    parse_override,
+    value_of,
+)
 from lab.errors import UserError
 from lab.paths import safe_name, shown_path
 
@@ -54,8 +65,9 @@ class Run:
     name: str  # a label (run.name); any characters
     slug: str  # the run directory's name under the sweep's output: safe characters only
     dir: str  # the run directory, out/slug
-    overrides: tuple[str, ...]  # key=value words after the base config, run.dir last
-    varied: tuple[str, ...]  # the overrides that differ between runs (for display)
+    config: Config  # what the run trains with: the base config with the sweep's changes
+    overrides: tuple[str, ...]  # the key=value words that turn the base file into `config`
+    varied: tuple[str, ...]  # the words that differ from the sweep's common config (display)
     N: int  # non-embedding parameters
     D: int  # training tokens
     C: float  # training FLOPs
@@ -237,7 +249,8 @@ def _finite(value: Any) -> float | None:
 
 
 def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Sweep:
-    """Expand a sweep file into its runs. `overrides` (key=value) apply to every run."""
+    """Expand a sweep file into its runs, each a Config. `overrides` (key=value) apply to
+    every run."""
     path = Path(path)
     spec = load_sweep(path)
     where = f"sweep file {path}"
@@ -253,8 +266,8 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     name = str(spec.get("name") or path.stem)
     out = str(out or spec.get("out") or f"runs/sweeps/{name}")
 
-    common = [f"{k}={_yaml_word(v)}" for k, v in _mapping(spec.get("set"), "set", where).items()]
-    common += list(overrides)
+    # Every run's common part: the sweep's `set:`, then the command line's overrides.
+    given = dict(parse_override(word) for word in overrides)
     sizes = _sizes(spec, where)
     budgets = _numbers(spec.get("budgets"), "budgets", where) if "budgets" in spec else [None]
     grid = _mapping(spec.get("grid"), "grid", where)
@@ -265,14 +278,14 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     _check_kind(kind, spec, where)
     swept = set(grid) | {"model." + k for _, s in sizes for k in
                          (s if isinstance(s, dict) else ("d_model", "n_layers", "n_heads"))}
-    for word in overrides:
-        key = word.split("=", 1)[0]
+    for key in given:
         if key in swept or (budgets != [None] and key == "train.steps"):
-            raise UserError(f"override {word!r} sets a key the sweep varies; change the sweep "
-                            "file instead")
+            raise UserError(f"override {key}={given[key]} sets a key the sweep varies; change "
+                            "the sweep file instead")
 
-    base_cfg = load_config(base, common)
-    tensor = base_cfg.mesh.tensor if base_cfg.mesh.tensor > 0 else 1
+    file_cfg = load_config(base)
+    common = _override(file_cfg, {**_mapping(spec.get("set"), "set", where), **given}, where)
+    tensor = common.mesh.tensor if common.mesh.tensor > 0 else 1
     shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
     for key in ("aspect_ratio", "tolerance"):
         if key in shape_opts:
@@ -288,63 +301,76 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     for (size_name, size), budget, tokens, values in itertools.product(
             sizes, budgets, token_list, itertools.product(*grid.values())):
         if not isinstance(size, dict):
-            size = shape_for_params(float(size), base_cfg.model, **shape_opts)
+            size = shape_for_params(float(size), common.model, **shape_opts)
             size_name = size_name or _shape_name(size)
-        words = [f"model.{k}={_yaml_word(v)}" for k, v in size.items()]
-        words += [f"{k}={_yaml_word(v)}" for k, v in zip(grid, values, strict=True)]
+        changes = {**{f"model.{k}": v for k, v in size.items()},
+                   **dict(zip(grid, values, strict=True))}
         parts = [f"C{_short(budget)}" if budget else "", size_name,
                  f"T{_short(float(tokens))}" if tokens else ""]
         parts += [f"{LABELS.get(k, k.rsplit('.', 1)[-1])}{_label(v)}"
                   for k, v in zip(grid, values, strict=True)]
         run_name = "-".join(p for p in parts if p) or name
         run_spec = {**spec, "tokens": tokens} if tokens else spec
-        runs.append(_make_run(base, common, words, run_name, budget, branch, run_spec, out,
-                              tolerance))
+        cfg, varied = _make_config(common, changes, run_name, budget, branch, run_spec, out,
+                                   tolerance)
+        runs.append(_make_run(base, file_cfg, cfg, varied, budget, branch))
     _check_unique(runs, where)
     return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs))
 
 
-def _make_run(base: Path, common: list[str], words: list[str], name: str,
-              budget: float | None, branch: dict | None, spec: dict, out: str,
-              tolerance: float) -> Run:
-    """Derive the run's steps, schedule and run directory, and count N, D and C."""
+def _make_config(common: Config, changes: dict, name: str, budget: float | None,
+                 branch: dict | None, spec: dict, out: str,
+                 tolerance: float) -> tuple[Config, list[str]]:
+    """The run's config: the common one with its size and grid values, its steps and
+    schedule derived from the sweep, and its name and directory; and the keys the sweep set
+    for it (to show)."""
     from lab.model import flops_per_token, param_counts
 
     where = f"sweep run {name}"
     # A provisional config: its steps are a placeholder until they are derived below.
-    cfg = _load(base, [*common, *words, "train.steps=1000000000"], where)
-    model = counting_model(cfg.model)
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    sized = _override(common, {**changes, "train.steps": INT32_MAX}, where)
+    model = counting_model(sized.model)
     n = param_counts(model)["non_embedding_params"]
-    fpt = flops_per_token(model, cfg.train.seq_len)
-    steps = _steps(cfg, spec, n, fpt, budget, branch, where, tolerance)
-    derived = [f"train.steps={steps}"] if steps is not None else []
-    steps = steps or _load(base, [*common, *words], where).train.steps
+    fpt = flops_per_token(model, sized.train.seq_len)
+    steps = _steps(sized, spec, n, fpt, budget, branch, where, tolerance)
+    steps = steps or _override(common, changes, where).train.steps
+    derived = {"train.steps": steps}
     for key, field in (("warmup_fraction", "warmup_steps"), ("decay_fraction", "decay_steps")):
         if key in spec:
-            derived.append(f"schedule.{field}={round(float(spec[key]) * steps)}")
+            derived[f"schedule.{field}"] = round(float(spec[key]) * steps)
     if branch:
-        warmup = round(float(spec["warmup_fraction"]) * steps) if "warmup_fraction" in spec \
-            else cfg.schedule.warmup_steps
+        warmup = derived.get("schedule.warmup_steps", sized.schedule.warmup_steps)
         if min(branch["at"]) <= warmup:
             raise UserError(f"{where}: branch.at steps must come after the warmup ({warmup} "
                             "steps); branch later or warm up less")
-        derived += ["schedule.decay_steps=0",
-                    f"checkpoint.keep_steps=[{','.join(map(str, branch['at']))}]"]
-    slug = safe_name(name, extra="=+")  # a run's directory
-    run_dir = f"{out.rstrip('/')}/{slug}"
-    tail = [f"run.name={_yaml_word(name)}", f"run.dir={_yaml_word(run_dir)}"]
-    overrides = (*common, *words, *derived, *tail)
-    _load(base, list(overrides), where)  # every run's config must be valid before any starts
-    tokens = steps * tokens_per_step
-    return Run(name=name, slug=slug, dir=run_dir, overrides=overrides,
-               varied=(*words, *derived), N=n, D=tokens, C=float(fpt) * tokens, steps=steps,
-               budget=budget, branch=branch)
+        derived.update({"schedule.decay_steps": 0, "checkpoint.keep_steps": branch["at"]})
+    run_dir = f"{out.rstrip('/')}/{safe_name(name, extra='=+')}"
+    # Every run's config must be valid before any starts.
+    cfg = _override(common, {**changes, **derived, "run.name": name, "run.dir": run_dir}, where)
+    return cfg, [*changes, *derived]
 
 
-def _load(base: Path, overrides: list[str], where: str) -> Config:
+def _make_run(base: Path, file_cfg: Config, cfg: Config, varied: list[str],
+              budget: float | None, branch: dict | None) -> Run:
+    """The run of `cfg`: its N, D and C, and the words that give it from the base file."""
+    from lab.model import flops_per_token, param_counts
+
+    model = counting_model(cfg.model)
+    tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
+    words = overrides_between(file_cfg, cfg)
+    if load_config(base, words) != cfg:  # the `lab train` process must get this very config
+        raise AssertionError(f"the overrides {words} do not give back run {cfg.run.name}'s config")
+    varied = [f"{key}={override_word(value_of(cfg, key))}" for key in varied]
+    return Run(name=cfg.run.name, slug=Path(cfg.run.dir).name, dir=cfg.run.dir, config=cfg,
+               overrides=tuple(words), varied=tuple(varied),
+               N=param_counts(model)["non_embedding_params"], D=tokens,
+               C=float(flops_per_token(model, cfg.train.seq_len)) * tokens,
+               steps=cfg.train.steps, budget=budget, branch=branch)
+
+
+def _override(config: Config, values: dict, where: str) -> Config:
     try:
-        return load_config(base, overrides)
+        return override(config, values)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -473,25 +499,6 @@ def _is_number(value: Any) -> bool:
         return isinstance(value, str)
     except (TypeError, ValueError):
         return False
-
-
-def _yaml_word(value: Any) -> str:
-    """A value as the text of a key=value override (lists in YAML flow style)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_yaml_word(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = str(value)
-    if isinstance(value, str) and _yaml_plain(text) != text:
-        return "'" + text.replace("'", "''") + "'"  # YAML single quotes: read back verbatim
-    return text
-
-
-def _yaml_plain(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
 
 
 def _short(x: float) -> str:

@@ -74,10 +74,15 @@ def test_help_lists_every_config_key_with_type_and_default(tmp_path):
     for key, value in expected.items():
         kind, shown = lines[key]
         # YAML 1.1 reads 1e-06 as a string; the key's type says how to read its default.
-        read = float(shown) if kind == "float" else yaml.safe_load(shown)
+        read = float(shown) if kind.split()[0] == "float" else yaml.safe_load(shown)
         assert read == (list(value) if isinstance(value, tuple) else value), key
-    assert lines["train.steps"][0] == "int"
-    assert lines["branch.at_tokens_per_param"][0] == "tuple[float, ...]"
+    # Each key's rule, from its type: choices, a range, a range for each item of a list.
+    assert lines["train.steps"][0] == "int in [1, 2**31-1]"
+    assert lines["model.attention"][0] == "auto|xla|cudnn|splash|blocked"
+    assert lines["optim.b2"][0] == "float in [0, 1)"
+    assert lines["mesh.fsdp"] == ["int >= 1 or -1", "-1"]
+    assert lines["branch.at_tokens_per_param"][0] == "list[float > 0]"
+    assert lines["branch.shape"][0] == '""|linear|cosine|1-sqrt'
     assert "--print-config" in help_text
 
 

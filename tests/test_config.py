@@ -1,12 +1,32 @@
 """Configs: YAML plus dotted overrides into frozen dataclasses; a mistake is one line, exit 2."""
 
+import dataclasses
+import json
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lab.config import Config, dump_config, load_config
+from lab.config import (
+    DECAY_SHAPES,
+    MUON_SCALINGS,
+    OPTIMIZERS,
+    SCHEDULES,
+    BranchConfig,
+    Config,
+    NonEmpty,
+    OptimConfig,
+    ScheduleConfig,
+    coerce,
+    config_keys,
+    dump_config,
+    load_config,
+    validate,
+)
 from lab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +123,174 @@ def test_invalid_yaml_exits_2(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "YAML" in result.stderr
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+def test_a_choice_key_names_its_choices():
+    with pytest.raises(UserError) as e:
+        load_config(TINY, ["model.attention=flash"])
+    assert str(e.value) == ("model.attention must be one of auto, xla, cudnn, splash, blocked, "
+                            "got 'flash'")
+    with pytest.raises(UserError, match=r"branch.shape must be one of \"\", linear, cosine"):
+        load_config(TINY, ["branch.shape=exp"])
+    assert load_config(TINY, ["branch.shape=1-sqrt"]).branch.shape == "1-sqrt"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=0",
+     "train.steps must be an integer in [1, 2**31-1] (what a 32-bit step counter holds), got 0"),
+    ("optim.b2=1", "optim.b2 must be a number in [0, 1), got 1.0"),
+    ("optim.lr=0", "optim.lr must be a positive number, got 0.0"),
+    ("model.d_model=0", "model.d_model must be a positive integer, got 0"),
+    ("model.d_ff=-1", "model.d_ff must be zero or a positive integer, got -1"),
+    ("optim.grad_clip=-0.5", "optim.grad_clip must be zero or a positive number, got -0.5"),
+    ("mesh.tensor=0", "mesh.tensor must be a positive integer or -1 (all remaining devices), "
+                      "got 0"),
+    ("train.spike_factor=1", "train.spike_factor must be a number > 1 or 0 (off), got 1.0"),
+    ("run.seed=4294967296", "run.seed must be an integer in [0, 2**32) (JAX keeps 32 bits of a "
+                            "seed), got 4294967296"),
+    ("branch.final_ratio=-0.5", "branch.final_ratio must be a number in [0, 1] or -1 (use "
+                                "schedule.final_ratio), got -0.5"),
+    ("run.dir=", "run.dir must not be empty: name the run's output directory"),
+])
+def test_a_range_key_names_its_range_and_the_value(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(TINY, [override])
+    assert str(e.value) == message
+
+
+def test_range_edges_and_special_values_are_accepted():
+    cfg = load_config(TINY, ["train.spike_factor=0", "mesh.fsdp=-1", "schedule.final_ratio=1",
+                             "branch.final_ratio=-1", "optim.b1=0", "train.steps=2147483647",
+                             "run.seed=4294967295", "optim.lr=1e-3", "optim.eps=1"])
+    assert (cfg.train.spike_factor, cfg.mesh.fsdp, cfg.schedule.final_ratio) == (0.0, -1, 1.0)
+    assert (cfg.branch.final_ratio, cfg.optim.b1, cfg.train.steps) == (-1.0, 0.0, 2**31 - 1)
+    assert cfg.run.seed == 2**32 - 1
+    # "1e-3" (YAML 1.1 reads it as a string) and the int 1 are floats of a float key.
+    assert cfg.optim.lr == 1e-3 and cfg.optim.eps == 1.0 and isinstance(cfg.optim.eps, float)
+
+
+def test_each_item_of_a_list_key_is_checked():
+    with pytest.raises(UserError) as e:
+        load_config(TINY, ["branch.at_steps=[10, 0]"])
+    assert str(e.value) == "branch.at_steps[1] must be a positive integer, got 0"
+    with pytest.raises(UserError, match=r"branch.decay_fractions\[0\] must be a positive number"):
+        load_config(TINY, ["branch.decay_fractions=-0.1"])
+    with pytest.raises(UserError, match=r"config key branch.at_tokens\[1\] must be int"):
+        load_config(TINY, ["branch.at_tokens=[5, x]"])
+    cfg = load_config(TINY, ["branch.at_steps=7", "branch.decay_fractions=[0.2, 1]"])
+    assert cfg.branch.at_steps == (7,) and cfg.branch.decay_fractions == (0.2, 1.0)
+
+
+def test_choice_constants_are_the_schema_choices_and_each_is_implemented():
+    from lab.muon import shape_scale
+    from lab.optim import lr_schedule
+    from lab.schedules import wsd
+
+    def choices(cls, name):
+        return typing.get_args(typing.get_type_hints(cls)[name])
+
+    assert OPTIMIZERS == choices(OptimConfig, "name") == ("adamw", "muon")
+    assert MUON_SCALINGS == choices(OptimConfig, "muon_scaling") == ("moonlight", "shape")
+    assert SCHEDULES == choices(ScheduleConfig, "name") == ("wsd", "cosine")
+    assert DECAY_SHAPES == choices(ScheduleConfig, "decay_shape") == ("linear", "cosine",
+                                                                        "1-sqrt")
+    assert choices(BranchConfig, "shape") == ("", *DECAY_SHAPES)
+    # Each choice is one its module implements: the schedule ends at final_ratio * peak.
+    for name in SCHEDULES:
+        lr = lr_schedule(ScheduleConfig(name=name, decay_steps=4, final_ratio=0.1), 2.0, 10)
+        assert float(lr(9)) == pytest.approx(0.2), name
+    for shape in DECAY_SHAPES:
+        assert float(wsd(2.0, 10, 0, 4, shape, 0.1)(9)) == pytest.approx(0.2), shape
+    assert shape_scale((4, 16), "moonlight") == pytest.approx(0.8)
+    assert shape_scale((4, 16), "shape") == pytest.approx(2.0)
+
+
+# Keys with no rule beyond their type; any other key must carry one (a Literal or a Range).
+FREE_KEYS = {"run.name", "run.peak_tflops", "run.parent", "run.predicted_interval",
+             "model.rope_theta", "model.qk_norm", "model.tie_embeddings", "model.norm_eps",
+             "model.init_std", "model.scan_layers", "data.path", "optim.muon_nesterov",
+             "checkpoint.keep_steps"}
+
+
+def schema() -> list[tuple[str, str, str, typing.Any]]:
+    """(key, section, name, type with its rule) of every config key."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+            rows.append((f"{section.name}.{name}", section.name, name, hint))
+    return rows
+
+
+def rule_cases(hint) -> tuple[list, list, str]:
+    """(values the rule rejects, values at its edges it accepts, what a rejection says),
+    worked out from the rule's fields here rather than by asking the rule."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        bad, good, says = rule_cases(typing.get_args(hint)[0])
+        return [(v,) for v in bad], [(v,) for v in good], says
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        return ["no-such-choice"], list(choices), "must be one of " + ", ".join(
+            c or '""' for c in choices)
+    assert typing.get_origin(hint) is typing.Annotated, f"{hint} carries no rule"
+    kind, rule = typing.get_args(hint)
+    if isinstance(rule, NonEmpty):
+        return [""], ["x"], "must not be empty"
+    outside = [v for v in (rule.lo - 1, rule.lo - 2) if v != rule.also][:1]
+    bad = [rule.lo] if rule.lo_open else outside
+    good = [] if rule.lo_open else [rule.lo]
+    if rule.hi is not None:
+        bad.append(rule.hi if rule.hi_open else rule.hi + 1)
+        good += [] if rule.hi_open else [rule.hi]
+    good += [] if rule.also is None else [rule.also]
+    return [kind(v) for v in bad], [kind(v) for v in good], f"must be {rule.describe(kind)}"
+
+
+def test_every_key_but_the_free_ones_carries_a_rule_that_is_enforced():
+    """Driven by the schema: each rule rejects a value outside it, as read from a file or a
+    word and in a config made in code, with a message naming the key; its edges pass."""
+    ruled = [(key, section, name, hint) for key, section, name, hint in schema()
+             if key not in FREE_KEYS]
+    assert {key for key, *_ in schema()} >= FREE_KEYS
+    assert len(ruled) >= 50
+    for key, section, name, hint in ruled:
+        bad, good, says = rule_cases(hint)
+        assert bad, key
+        for value in bad:
+            word = f"{key}={json.dumps(list(value) if isinstance(value, tuple) else value)}"
+            with pytest.raises(UserError, match=rf"^{re.escape(key)}(\[0\])? ") as e:
+                load_config(None, [word])
+            assert says in str(e.value) and len(str(e.value).splitlines()) == 1, word
+            made = Config(**{section: dataclasses.replace(getattr(Config(), section),
+                                                          **{name: value})})
+            with pytest.raises(UserError, match=rf"^{re.escape(key)}(\[0\])? "):
+                validate(made)
+        for value in good:
+            assert coerce(key, value, hint) == value, (key, value)
+
+
+def test_defaults_and_every_preset_meet_the_schema():
+    validate(Config())
+    sections = {f.name for f in dataclasses.fields(Config)}
+    runs = [path for path in sorted((ROOT / "configs").rglob("*.yaml"))
+            if set(yaml.safe_load(path.read_text())) <= sections]  # not a sweep or a study
+    assert TINY in runs and len(runs) >= 3
+    for path in runs:
+        validate(load_config(path))
+
+
+def test_help_shows_each_rule():
+    shown = {key: kind for key, kind, _ in config_keys()}
+    assert shown["model.attention"] == "auto|xla|cudnn|splash|blocked"
+    assert shown["train.steps"] == "int in [1, 2**31-1]"
+    assert shown["model.d_model"] == "int >= 1"
+    assert shown["optim.lr"] == "float > 0"
+    assert shown["train.spike_factor"] == "float > 1 or 0"
+    assert shown["run.seed"] == "int in [0, 2**32)"
+    assert shown["branch.at_steps"] == "list[int >= 1]"
+    assert shown["run.dir"] == "str non-empty"
+    assert shown["model.qk_norm"] == "bool"

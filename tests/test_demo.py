@@ -63,7 +63,8 @@ def test_plan_spends_each_budget(path, tmp_path):
 
     ladder, held = plans[:-1], plans[-1]
     for plan in plans:
-        cfg = load_config(study.base, list(plan.words))
+        cfg = plan.config
+        assert load_config(study.base, list(plan.words)) == cfg  # the printed command is exact
         # Recomputed from the config the stable run will train with, not from the plan.
         per_step = (flops_per_token(with_vocab(cfg.model, BYTE_VOCAB), cfg.train.seq_len)
                     * cfg.train.batch_size * cfg.train.seq_len)
@@ -92,11 +93,9 @@ def test_plan_spends_each_budget(path, tmp_path):
 
 
 def test_adamw_flag_takes_its_learning_rate(tmp_path):
-    from lab.config import load_config
-
     study = load_study(STUDY)
     plan = plan_study(study, tmp_path, "adamw", BYTE_VOCAB)[0]
-    cfg = load_config(study.base, list(plan.words))
+    cfg = plan.config
     assert cfg.optim.name == "adamw" and cfg.optim.lr == study.lr["adamw"]
 
 

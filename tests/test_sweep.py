@@ -109,7 +109,9 @@ def test_every_shipped_sweep_expands_into_valid_runs():
         sweep = expand_sweep(path)
         assert sweep.runs, path
         for run in sweep.runs:
-            cfg = load_config(sweep.base, list(run.overrides))  # each run's config is valid
+            # The words handed to `lab train` give back the run's own Config, exactly.
+            cfg = load_config(sweep.base, list(run.overrides))
+            assert cfg == run.config
             assert cfg.run.dir == run.dir and cfg.run.name == run.name
             assert cfg.train.steps == run.steps
 
@@ -124,11 +126,11 @@ def test_grids_are_products_and_fixed_tokens_set_the_steps(tmp_path):
     assert len(sweep.runs) == 2 * 2 * 2
     assert sweep.runs[0].name == "d64-l2-bs8-lr0.001"
     for run in sweep.runs:
-        cfg = load_config(sweep.base, list(run.overrides))
+        cfg = run.config
         assert cfg.train.steps == round(1e6 / (cfg.train.batch_size * cfg.train.seq_len))
         assert run.D == cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
         assert run.dir == f"out/{run.name}"
-    lrs = {(load_config(sweep.base, list(r.overrides)).optim.lr) for r in sweep.runs}
+    lrs = {r.config.optim.lr for r in sweep.runs}
     assert lrs == {1e-3, 1e-2}
 
 
@@ -140,7 +142,7 @@ def test_ladder_steps_follow_tokens_per_param(tmp_path):
     sweep = expand_sweep(path)
     assert [r.name for r in sweep.runs] == ["d64-l2", "mid"]
     for run in sweep.runs:
-        cfg = load_config(sweep.base, list(run.overrides))
+        cfg = run.config
         n, _ = closed_form_counts(cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, 1)
         assert run.N == n
         assert run.D == pytest.approx(20 * n, rel=0.01)
@@ -150,7 +152,7 @@ def test_ladder_steps_follow_tokens_per_param(tmp_path):
 def test_branch_plans_expand_to_stable_runs_and_the_branch_command(tmp_path):
     sweep = expand_sweep(SWEEPS / "branch-tiny.yaml", out="o")
     for run in sweep.runs:
-        cfg = load_config(sweep.base, list(run.overrides))
+        cfg = run.config
         assert cfg.schedule.decay_steps == 0 and cfg.train.steps == 800
         assert cfg.checkpoint.keep_steps == (200, 400, 800)
         assert branch_command(run) == ["lab", "branch", run.dir, "--at", "200,400,800",
