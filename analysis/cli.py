@@ -39,82 +39,52 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lab fit",
         description="Fit scaling laws (Chinchilla approaches 1-3, hyperparameter laws) to runs.",
     )
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="run directory (searched recursively for summary.json) or CSV with columns N, "
-        "loss and D or C",
-    )
-    p.add_argument(
-        "--method",
-        choices=list(METHODS),
-        default="approach3",
-        help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
-        "envelope: approach 1 on training curves; hparams: LR and batch laws in C (DeepSeek) "
-        "and in N, D (StepFun); critical-batch: B_crit(L) from a batch sweep's curves",
-    )
-    p.add_argument(
-        "--bootstrap",
-        type=int,
-        default=0,
-        metavar="K",
-        help="resample the points K times for confidence intervals (default: none)",
-    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="run directory (searched recursively for summary.json) or CSV with "
+                        "columns N, loss and D or C")
+    p.add_argument("--method", choices=list(METHODS), default="approach3",
+                   help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
+                        "envelope: approach 1 on training curves; hparams: LR and batch laws "
+                        "in C (DeepSeek) and in N, D (StepFun); critical-batch: B_crit(L) from "
+                        "a batch sweep's curves")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
+                   help="resample the points K times for confidence intervals (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--plots", metavar="DIR", help="write PNG figures into DIR")
-    p.add_argument(
-        "--budgets",
-        type=_budgets,
-        metavar="C1,C2,...",
-        help="compute budgets (FLOPs) to report the optimal N, D for; default: the "
-        "largest in the data times 1, 10 and 100",
-    )
-    p.add_argument(
-        "--drop-highest-loss",
-        type=int,
-        default=0,
-        metavar="K",
-        help="leave out the K highest-loss points first (Besiroglu et al. drop 5)",
-    )
-    p.add_argument(
-        "--include-unfinished", action="store_true", help="keep runs whose status is not finished"
-    )
-    p.add_argument(
-        "--params",
-        choices=("non_embedding", "total"),
-        default="non_embedding",
-        help="which parameter count of a run is N (default: non_embedding, as sweeps and the "
-        "demo count it; total as Chinchilla). A CSV's N is taken as it is",
-    )
-    p.add_argument(
-        "--include-stable-parents",
-        action="store_true",
-        help="keep an undecayed stable run whose branches are among the inputs (left out by "
-        "default: its loss is not that of a finished schedule)",
-    )
-    p.add_argument(
-        "--budget-tolerance",
-        type=float,
-        default=0.1,
-        metavar="R",
-        help="runs within a factor 1+R in compute share a budget (default 0.1)",
-    )
-    p.add_argument(
-        "--bins", type=int, default=30, help="log-uniform compute bins of the envelope (default 30)"
-    )
-    p.add_argument(
-        "--curve-loss", default="loss", help="metrics.jsonl field the envelope reads (default loss)"
-    )
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=0.0025,
-        help="near-optimal band of the hparam laws (default 0.0025 = 0.25%%)",
-    )
+    p.add_argument("--budgets", type=_budgets, metavar="C1,C2,...",
+                   help="compute budgets (FLOPs) to report the optimal N, D for; default: the "
+                        "largest in the data times 1, 10 and 100")
+    _add_point_options(p)
+    _add_method_settings(p)
     return p
+
+
+def _add_point_options(p: argparse.ArgumentParser) -> None:
+    """Which runs, and which of their numbers, become the points."""
+    p.add_argument("--drop-highest-loss", type=int, default=0, metavar="K",
+                   help="leave out the K highest-loss points first (Besiroglu et al. drop 5)")
+    p.add_argument("--include-unfinished", action="store_true",
+                   help="keep runs whose status is not finished")
+    p.add_argument("--params", choices=("non_embedding", "total"), default="non_embedding",
+                   help="which parameter count of a run is N (default: non_embedding, as sweeps "
+                        "and the demo count it; total as Chinchilla). A CSV's N is taken as it is")
+    p.add_argument("--include-stable-parents", action="store_true",
+                   help="keep an undecayed stable run whose branches are among the inputs (left "
+                        "out by default: its loss is not that of a finished schedule)")
+
+
+def _add_method_settings(p: argparse.ArgumentParser) -> None:
+    """The settings of one method or another (grouping, bins, band)."""
+    p.add_argument("--budget-tolerance", type=float, default=0.1, metavar="R",
+                   help="runs within a factor 1+R in compute share a budget (default 0.1)")
+    p.add_argument("--bins", type=int, default=30,
+                   help="log-uniform compute bins of the envelope (default 30)")
+    p.add_argument("--curve-loss", default="loss",
+                   help="metrics.jsonl field the envelope reads (default loss)")
+    p.add_argument("--tolerance", type=float, default=0.0025,
+                   help="near-optimal band of the hparam laws (default 0.0025 = 0.25%%)")
 
 
 def method_options(args: argparse.Namespace) -> dict:

@@ -32,11 +32,7 @@ class EnvelopeFit(Allocation):
 
     def to_dict(self) -> dict:
         return {
-            "method": "envelope",
-            "a": self.a,
-            "b": self.b,
-            "N_opt": self.N_opt.to_dict(),
-            "D_opt": self.D_opt.to_dict(),
+            **self.allocation_dict("envelope"),
             "n_points": self.n_points,
             "n_runs": self.n_runs,
             "frontier": self.frontier[["C", "loss", "N", "D"]].to_dict(orient="records"),

@@ -9,6 +9,7 @@ and B_opt = 0.2920 C^0.3271.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -58,6 +59,32 @@ def _grid_runs(runs: pd.DataFrame, columns: tuple[str, ...], *, min_points: int,
     return df
 
 
+def _near_optimal(
+    df: pd.DataFrame,
+    by: str,
+    tolerance: float,
+    where: Callable[[pd.Series], str],
+    widen: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Per group of runs sharing `by`: the near-optimal band (runs within `tolerance` of the
+    group's best loss, with that loss as `best_loss`) and the best run. A warning names the
+    group (`where`, given its best run) whose best learning rate or batch size is at the edge
+    of its sweep; `widen` is what the warning asks to widen."""
+    band, best, warns = [], [], []
+    for _, g in df.groupby(by):
+        top_row = g.loc[[g["loss"].idxmin()]]
+        top = top_row.iloc[0]
+        band.append(g[g["loss"] <= top["loss"] * (1 + tolerance)].assign(best_loss=top["loss"]))
+        best.append(top_row)
+        for col, name in (("lr", "learning rate"), ("batch_tokens", "batch size")):
+            if g[col].nunique() > 1 and top[col] in (g[col].min(), g[col].max()):
+                warns.append(
+                    f"{where(top)} the best {name} ({top[col]:.3g}) is at the edge of the "
+                    f"sweep; widen {widen} so the optimum is bracketed"
+                )
+    return pd.concat(band, ignore_index=True), pd.concat(best, ignore_index=True), warns
+
+
 def fit_hparam_laws(
     runs: pd.DataFrame,
     *,
@@ -76,23 +103,11 @@ def fit_hparam_laws(
             "hyperparameter laws need sweeps at two or more compute budgets, found one; "
             "add runs at other budgets"
         )
-    warns = []
-    band, best = [], []
-    for _, g in df.groupby("budget"):
-        C = float(np.exp(np.log(g["C"]).mean()))
-        top_row = g.loc[[g["loss"].idxmin()]]
-        top = top_row.iloc[0]
-        keep = g[g["loss"] <= top["loss"] * (1 + tolerance)].assign(C=C, best_loss=top["loss"])
-        band.append(keep)
-        best.append(top_row.assign(C=C))
-        for col, name in (("lr", "learning rate"), ("batch_tokens", "batch size")):
-            if g[col].nunique() > 1 and top[col] in (g[col].min(), g[col].max()):
-                warns.append(
-                    f"at C={C:.3g} the best {name} ({top[col]:.3g}) is at the edge of the "
-                    "sweep; widen the sweep so the optimum is bracketed"
-                )
-    band = pd.concat(band, ignore_index=True)
-    best = pd.concat(best, ignore_index=True)
+    # Each budget's runs are placed at its geometric-mean compute.
+    df["C"] = df.groupby("budget")["C"].transform(lambda c: float(np.exp(np.log(c).mean())))
+    band, best, warns = _near_optimal(
+        df, "budget", tolerance, lambda top: f"at C={top['C']:.3g}", "the sweep"
+    )
     return HparamLaws(
         lr=fit_power_law(band["C"], band["lr"], level),
         batch=fit_power_law(band["C"], band["batch_tokens"], level),
@@ -244,17 +259,9 @@ def fit_stepfun_laws(
             "StepFun's laws need runs at two or more model sizes and two or more token counts; "
             f"found {len(np.unique(n_cell))} and {len(np.unique(d_cell))}"
         )
-    warns, band = [], []
-    for _, g in df.groupby("cell"):
-        top = g.loc[g["loss"].idxmin()]
-        band.append(g[g["loss"] <= top["loss"] * (1 + tolerance)].assign(best_loss=top["loss"]))
-        for col, name in (("lr", "learning rate"), ("batch_tokens", "batch size")):
-            if g[col].nunique() > 1 and top[col] in (g[col].min(), g[col].max()):
-                warns.append(
-                    f"at N={top['N']:.3g}, D={top['D']:.3g} the best {name} ({top[col]:.3g}) "
-                    "is at the edge of the sweep; widen it so the optimum is bracketed"
-                )
-    band = pd.concat(band, ignore_index=True)
+    band, _, warns = _near_optimal(
+        df, "cell", tolerance, lambda top: f"at N={top['N']:.3g}, D={top['D']:.3g}", "it"
+    )
     return StepFunLaws(
         lr=_fit_loglinear(band, "lr", ("N", "D"), level, bootstrap, seed),
         batch=_fit_loglinear(band, "batch_tokens", ("D",), level, bootstrap, seed + 1),

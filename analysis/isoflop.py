@@ -29,11 +29,7 @@ class IsoflopFit(Allocation):
 
     def to_dict(self) -> dict:
         return {
-            "method": "isoflop",
-            "a": self.a,
-            "b": self.b,
-            "N_opt": self.N_opt.to_dict(),
-            "D_opt": self.D_opt.to_dict(),
+            **self.allocation_dict("isoflop"),
             "n_points": len(self.points),
             "n_budgets": len(self.budgets),
             "budgets": self.budgets[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict(
@@ -57,14 +53,8 @@ def _vertex(logn: np.ndarray, logd: np.ndarray, loss: np.ndarray):
     return x, icpt + slope * x, c0 + c1 * x + c2 * x * x, (c0, c1, c2)
 
 
-def fit_isoflop(
-    points: pd.DataFrame,
-    *,
-    rel_tol: float = 0.1,
-    bootstrap: int = 0,
-    seed: int = 0,
-    level: float = 0.95,
-) -> IsoflopFit:
+def fit_isoflop(points: pd.DataFrame, *, rel_tol: float = 0.1, bootstrap: int = 0,
+                seed: int = 0, level: float = 0.95) -> IsoflopFit:
     """Approach 2 on a frame with columns N, D, C, loss (and optionally `budget` labels).
 
     Runs whose compute lies within a factor (1 + rel_tol) of each other form one budget unless

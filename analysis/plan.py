@@ -201,7 +201,7 @@ def _best_run_config(roots: list[str]) -> str | None:
 def _counts(cfg: Config, shape: dict) -> tuple[dict, int]:
     """(param_counts, FLOPs per token) of the base model with `shape`, counted as lab sweep
     counts (the byte tokenizer's padded vocabulary when the config leaves it to the data)."""
-    from lab.model import flops_per_token, param_counts
+    from lab.accounting import flops_per_token, param_counts
     from lab.sweep import counting_model
 
     model = dataclasses.replace(counting_model(cfg.model), **shape)
@@ -364,6 +364,53 @@ def _write_plan(out: str, planned: Config, header: list[str], sweep: dict,
     _write(paths.join(out, "plan.json"), json.dumps(plan, indent=2) + "\n")
 
 
+def _planned_config(base, cfg: Config, shape: dict, steps: int, batch: int, lr: float,
+                    sched: dict, name: str, runs_root: str,
+                    prediction: tuple[float, float, float]) -> Config:
+    """The base config with the planned shape, steps, batch, lr and schedule, its run
+    directory and its predicted loss with interval."""
+    pred, lo, hi = prediction
+    overrides = {
+        **{f"model.{k}": v for k, v in shape.items()},
+        "train.steps": steps,
+        "train.batch_size": batch,
+        "optim.lr": float(f"{lr:.4g}"),
+        **{f"schedule.{k}": v for k, v in sched.items()},
+        "run.dir": f"{runs_root}/opt",
+        "run.name": f"{name}/opt",
+        "run.predicted_loss": round(pred, 6),
+        "run.predicted_interval": [round(lo, 6), round(hi, 6)],
+    }
+    if cfg.train.eval_every > steps:
+        overrides["train.eval_every"] = 0
+    return override(load_config(base), overrides)
+
+
+def _next_sweep(args: argparse.Namespace, name: str, runs_root: str, N: int, flops: float,
+                frac: dict, sweep_points: list[dict]) -> tuple[dict, list[str]]:
+    """The IsoFLOP sweep around the planned size at its compute, with the planned run's
+    recipe, and the header of its file."""
+    sweep = {
+        "base": rundir.CONFIG,  # the planned run's config, beside the sweep file
+        "kind": "isoflop",
+        "name": f"{name}-isoflop",
+        "out": f"{runs_root}/sweep",
+        "budgets": [float(f"{flops:.6g}")],
+        "sizes": [{"name": p["name"], **p["shape"]} for p in sweep_points],
+        "warmup_fraction": round(frac["warmup_steps"], 6),
+        "decay_fraction": round(frac["decay_steps"], 6),
+        "flops_tolerance": 0.1,
+        "set": {"run.predicted_loss": 0, "run.predicted_interval": []},
+    }
+    header = [
+        f"The next IsoFLOP sweep from `lab plan`: {len(sweep_points)} sizes across "
+        f"±{args.sweep_span} decade around N = {N:,},",
+        f"each trained for {flops:.4g} FLOPs with the planned run's recipe (config.yaml).",
+        f"  lab sweep {paths.join(args.out, 'sweep.yaml')} --dry-run",
+    ]
+    return sweep, header
+
+
 def make_plan(args: argparse.Namespace) -> dict:
     """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
     _check_args(args)
@@ -392,20 +439,8 @@ def make_plan(args: argparse.Namespace) -> dict:
     frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")
-    overrides = {
-        **{f"model.{k}": v for k, v in shape.items()},
-        "train.steps": steps,
-        "train.batch_size": batch,
-        "optim.lr": float(f"{lr:.4g}"),
-        **{f"schedule.{k}": v for k, v in sched.items()},
-        "run.dir": f"{runs_root}/opt",
-        "run.name": f"{name}/opt",
-        "run.predicted_loss": round(pred, 6),
-        "run.predicted_interval": [round(lo, 6), round(hi, 6)],
-    }
-    if cfg.train.eval_every > steps:
-        overrides["train.eval_every"] = 0
-    planned = override(load_config(base), overrides)
+    planned = _planned_config(base, cfg, shape, steps, batch, lr, sched, name, runs_root,
+                              (pred, lo, hi))
     flops = fpt * D
     header = [
         f"Planned by `lab plan` at a budget of C = {C:.4g} FLOPs (6 N D) from",
@@ -420,24 +455,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     ]
 
     sweep_points = _sweep_points(args, cfg, law, N, flops, tokens_per_step)
-    sweep = {
-        "base": rundir.CONFIG,  # the planned run's config, beside the sweep file
-        "kind": "isoflop",
-        "name": f"{name}-isoflop",
-        "out": f"{runs_root}/sweep",
-        "budgets": [float(f"{flops:.6g}")],
-        "sizes": [{"name": p["name"], **p["shape"]} for p in sweep_points],
-        "warmup_fraction": round(frac["warmup_steps"], 6),
-        "decay_fraction": round(frac["decay_steps"], 6),
-        "flops_tolerance": 0.1,
-        "set": {"run.predicted_loss": 0, "run.predicted_interval": []},
-    }
-    sweep_header = [
-        f"The next IsoFLOP sweep from `lab plan`: {len(sweep_points)} sizes across "
-        f"±{args.sweep_span} decade around N = {N:,},",
-        f"each trained for {flops:.4g} FLOPs with the planned run's recipe (config.yaml).",
-        f"  lab sweep {paths.join(args.out, 'sweep.yaml')} --dry-run",
-    ]
+    sweep, sweep_header = _next_sweep(args, name, runs_root, N, flops, frac, sweep_points)
     plan = {
         "C": C,
         "budget_convention": "C = 6 N D (the fit's); flops is the lab's count of the run",

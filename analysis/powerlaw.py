@@ -59,6 +59,16 @@ class Allocation:
         """D_opt is proportional to C^b."""
         return self.D_opt.exponent
 
+    def allocation_dict(self, method: str) -> dict:
+        """The fields every allocation fit writes first: its method, a, b and both laws."""
+        return {
+            "method": method,
+            "a": self.a,
+            "b": self.b,
+            "N_opt": self.N_opt.to_dict(),
+            "D_opt": self.D_opt.to_dict(),
+        }
+
     def compute_optimal(self, C) -> pd.DataFrame:
         """N_opt and D_opt from the fitted power laws at budgets C."""
         C = np.atleast_1d(np.asarray(C, dtype=np.float64))

@@ -59,14 +59,9 @@ def fit_step(csv: Path, plots: Path, bootstrap: int, budget: float, method: str)
                    budgets=[budget], plots_dir=shown_path(plots), sources=[shown_path(csv)])
 
 
-def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
-                  bootstrap: int = 200, extrapolate: float = 10.0,
-                  curves: list[str] = ()) -> dict:
-    """Fit, hold out, predict and plot; returns the JSON-ready result (also the figures'
-    paths under "figures" and the commands under "commands")."""
-    out = Path(out_dir)
-    plots = out / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
+def _marked_points(points: pd.DataFrame | list[dict]) -> tuple[pd.DataFrame, int, bool]:
+    """The study's points with the `held_out` column marking one row; the row's index, and
+    whether the points marked it themselves (else held_out_index chose it)."""
     df = pd.DataFrame(points).reset_index(drop=True)
     for col in ("size", "N", "D", "C", "loss", "budget"):
         if col not in df.columns:
@@ -79,19 +74,12 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     else:
         held = held_out_index(df)
     df["held_out"] = df.index == held
-    df.to_csv(out / "points.csv", index=False)
-    df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
-    target = float(f"{extrapolate * float(df['C'].max()):.3g}")  # a round number to print
+    return df, held, explicit
 
-    iso_csv = "fit_points.csv" if explicit else "points.csv"
-    commands = {"fit": [shlex.join(["lab", "fit", *fit_words(out / csv, plots, bootstrap,
-                                                             target, method)])
-                        for csv, method in (("fit_points.csv", "approach3"),
-                                            (iso_csv, "isoflop"))]}
-    # Approach 3 on all but the held-out point, exactly as the printed command does it.
-    done = fit_step(out / "fit_points.csv", plots, bootstrap, target, "approach3")
-    fit, fit_json, fit_text = done.fit, done.record, done.text
 
+def _held_out_prediction(df: pd.DataFrame, held: int, fit) -> dict:
+    """The fit's prediction for the held-out point against its loss, how far it extrapolates,
+    and its bootstrap interval when the fit has samples."""
     h = df.loc[held]
     predicted = float(fit.predict(h["N"], h["D"]))
     held_out = {"run": h.get("run", ""), "size": h["size"], "N": float(h["N"]),
@@ -105,6 +93,32 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
         preds = law(h["N"], h["D"], *(s[:, i] for i in range(5)))
         lo, hi = np.nanquantile(preds, [(1 - fit.level) / 2, (1 + fit.level) / 2])
         held_out["predicted_interval"] = [float(lo), float(hi)]
+    return held_out
+
+
+def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
+                  bootstrap: int = 200, extrapolate: float = 10.0,
+                  curves: list[str] = ()) -> dict:
+    """Fit, hold out, predict and plot; returns the JSON-ready result (also the figures'
+    paths under "figures" and the commands under "commands")."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    df, held, explicit = _marked_points(points)
+    df.to_csv(out / "points.csv", index=False)
+    df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
+    target = float(f"{extrapolate * float(df['C'].max()):.3g}")  # a round number to print
+
+    iso_csv = "fit_points.csv" if explicit else "points.csv"
+    commands = {"fit": [shlex.join(["lab", "fit", *fit_words(out / csv, plots, bootstrap,
+                                                             target, method)])
+                        for csv, method in (("fit_points.csv", "approach3"),
+                                            (iso_csv, "isoflop"))]}
+    # Approach 3 on all but the held-out point, exactly as the printed command does it.
+    done = fit_step(out / "fit_points.csv", plots, bootstrap, target, "approach3")
+    fit, fit_json, fit_text = done.fit, done.record, done.text
+
+    held_out = _held_out_prediction(df, held, fit)
 
     # Approach 2 on every point; a budget without an interior minimum is reported, not fatal.
     # An explicit held-out run is a budget of its own and stays out; a held-out branch is one

@@ -34,10 +34,11 @@ from flax import nnx
 
 from benchmarks.common import RESULTS, final_eval_loss, load_note, print_rows, row
 from lab import sharding
+from lab.accounting import padded_vocab
 from lab.config import load_config, override
 from lab.data import TrainStream, open_dataset
 from lab.data.cache import default_data_path
-from lab.model import padded_vocab, rope_tables
+from lab.model import rope_tables
 from lab.train import build_trainer
 
 COORD_WIDTHS = [64, 128, 256, 512]

@@ -63,11 +63,50 @@ def _table(title: str, checks: list[tuple[str, float, float]]) -> tuple[str, dic
     return "\n".join(lines), data
 
 
-def run(quick: bool = False) -> list[dict]:
-    from analysis.schedule_law import fit_schedule_law
-    from lab.branch_predict import default_start, lr_sequence, predict_branches, run_curves
-    from lab.config import load_config
+def _measured(run_dir: Path) -> float:
     from lab.metrics import read_json
+
+    return float(read_json(run_dir / "summary.json")["final_eval_loss"])
+
+
+def _check_b(stable: Path, cfg, runs: dict, fit_on: list, cos_cfg, cos_dir: Path
+             ) -> tuple[str, dict]:
+    """B: the law fitted on the stable curve and the branches `fit_on` (one at each branch
+    point), predicting the other branches of `runs` and the cosine run."""
+    from analysis.schedule_law import fit_schedule_law
+    from lab.branch_predict import default_start, lr_sequence, run_curves
+    from lab.config import load_config
+
+    (s1, d1, _), (s2, d2, _) = fit_on
+    curves = {c.name: c for c in run_curves(str(stable))}
+    chosen = [curves[stable.name]] + [curves[runs[k].name] for k in fit_on]
+    law_b = fit_schedule_law(chosen, start=default_start(cfg))
+    checks_b = []
+    for key, run_dir in runs.items():
+        if key not in fit_on:
+            lr = lr_sequence(load_config(run_dir / "config.yaml"))
+            checks_b.append((f"branch {key[0]}+{key[1]} {key[2]}", law_b.final(lr),
+                             _measured(run_dir)))
+    cos_lr = lr_sequence(cos_cfg)
+    checks_b.append((f"cosine, {s2 + d2} steps from scratch", law_b.final(cos_lr),
+                     _measured(cos_dir)))
+    text_b, result = _table(
+        f"B. fitted on the stable run, {s1}+{d1} and {s2}+{d2}: {law_b.describe()}", checks_b)
+    result["law"] = dataclasses.asdict(law_b)
+    return text_b, result
+
+
+def _write_results(text: str, results: dict, seconds: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "schedule-law.txt").write_text(
+        "$ .venv/bin/python -m benchmarks.bench_schedule_law\n\n" + text + "\n")
+    (RESULTS / "schedule-law.json").write_text(
+        json.dumps({**results, "seconds": seconds}, indent=2, default=str) + "\n")
+
+
+def run(quick: bool = False) -> list[dict]:
+    from lab.branch_predict import predict_branches
+    from lab.config import load_config
     from lab.train import train
 
     s1 = 60 if quick else 240
@@ -107,41 +146,23 @@ def run(quick: bool = False) -> list[dict]:
         with contextlib.redirect_stdout(log):
             train(cos_cfg, progress=Quiet())
 
-        def measured(run_dir: Path) -> float:
-            return float(read_json(run_dir / "summary.json")["final_eval_loss"])
-
         runs = {(s, d, sh): _child(stable, s, d, sh) for s, d, sh in
                 [(s1, fit_decays[0], "1-sqrt"), (s1, fit_decays[1], "1-sqrt"),
                  *[(s2, d, "1-sqrt") for d in held], (s2, held[1], "linear")]}
         checks = [(f"branch {s2}+{r['decay_steps']} 1-sqrt", r["predicted"],
-                   measured(runs[(s2, r["decay_steps"], "1-sqrt")])) for r in rows]
+                   _measured(runs[(s2, r["decay_steps"], "1-sqrt")])) for r in rows]
         checks.append((f"branch {s2}+{held[1]} linear", linear[0]["predicted"],
-                       measured(runs[(s2, held[1], "linear")])))
+                       _measured(runs[(s2, held[1], "linear")])))
         checks.append((f"cosine, {s2 + held[1]} steps from scratch",
-                       rows[1]["cosine_predicted"], measured(cos_dir)))
+                       rows[1]["cosine_predicted"], _measured(cos_dir)))
         text_a, results["A"] = _table(
             f"A. fitted on the stable run and the decays {fit_decays} at step {s1} "
             f"(as printed above); predicting at step {s2}:", checks)
         results["A"]["law"] = dataclasses.asdict(law)
 
         # B: the same runs, fitted on one decay at each branch point, predicting the others.
-        curves = {c.name: c for c in run_curves(str(stable))}
         fit_on = [(s1, fit_decays[1], "1-sqrt"), (s2, held[1], "1-sqrt")]
-        chosen = [curves[stable.name]] + [curves[runs[k].name] for k in fit_on]
-        law_b = fit_schedule_law(chosen, start=default_start(cfg))
-        checks_b = []
-        for key, run_dir in runs.items():
-            if key not in fit_on:
-                lr = lr_sequence(load_config(run_dir / "config.yaml"))
-                checks_b.append((f"branch {key[0]}+{key[1]} {key[2]}", law_b.final(lr),
-                                 measured(run_dir)))
-        cos_lr = lr_sequence(cos_cfg)
-        checks_b.append((f"cosine, {s2 + held[1]} steps from scratch", law_b.final(cos_lr),
-                         measured(cos_dir)))
-        text_b, results["B"] = _table(
-            f"B. fitted on the stable run, {s1}+{fit_decays[1]} and {s2}+{held[1]}: "
-            f"{law_b.describe()}", checks_b)
-        results["B"]["law"] = dataclasses.asdict(law_b)
+        text_b, results["B"] = _check_b(stable, cfg, runs, fit_on, cos_cfg, cos_dir)
     seconds = time.perf_counter() - started
     printed += [text_a, text_b, f"{seconds:.0f} s; {load_note()}"]
     text = "\n\n".join(printed)
@@ -149,11 +170,7 @@ def run(quick: bool = False) -> list[dict]:
     notes = (f"configs/demo-base.yaml d48 Muon+μP, stable to {s2}, decays at {s1} and {s2}; "
              "A: fitted at the first point only, B: one decay at each point")
     if not quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "schedule-law.txt").write_text(
-            "$ .venv/bin/python -m benchmarks.bench_schedule_law\n\n" + text + "\n")
-        (RESULTS / "schedule-law.json").write_text(
-            json.dumps({**results, "seconds": seconds}, indent=2, default=str) + "\n")
+        _write_results(text, results, seconds)
     return [row(f"schedule law {k}: {what} |error| on held-back runs",
                 100 * results[k][f"{what}_abs_error"], "%", "goal", 1.0, notes)
             for k in ("A", "B") for what in ("mean", "worst")]

@@ -7,7 +7,7 @@ AdamW, one process on whatever devices JAX finds. Figures:
   beside it), against the lab's tokens/s targets and against the tokens/s the
   matmul peak of the same dtype would give (`lab.mfu.probe_matmul_peak`, measured in this run,
   before and after; the higher is used): the ratio is the MFU, with the model FLOPs of
-  `lab.model.flops_per_token`; and bfloat16 with layers unrolled, remat=dots and remat=full
+  `lab.accounting.flops_per_token`; and bfloat16 with layers unrolled, remat=dots and remat=full
   beside the default (scanned, no remat), with XLA's working memory for each step;
 - compile time of the step for 4 and 16 layers, scanned and unrolled;
 - the checkpoint cost: how long the loop is blocked per asynchronous orbax save of the full
@@ -39,11 +39,11 @@ import numpy as np
 
 from benchmarks.common import load_note, print_rows, row
 from lab import sharding
+from lab.accounting import flops_per_token, param_counts
 from lab.checkpoint import Checkpointer
 from lab.config import Config, load_config, override
 from lab.metrics import MetricsLogger
 from lab.mfu import accelerator_peak_flops, probe_matmul_peak
-from lab.model import flops_per_token, param_counts
 from lab.train import build_trainer, run_loop
 
 SEQ, BATCH, VOCAB = 512, 8, 256

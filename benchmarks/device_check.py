@@ -10,7 +10,7 @@ them, each under `timeout`, and prints the table):
 
 Each piece writes OUT_DIR/PIECE.json (its rows) and prints them; the raw logs stay in OUT_DIR.
 MFU is against the H100/H200 dense bfloat16 peak, 989 TFLOP/s, with the model FLOPs of
-`lab.model.flops_per_token` (6 per weight plus causal attention), as the lab counts everywhere.
+`lab.accounting.flops_per_token` (6 per weight plus causal attention), as the lab counts everywhere.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _steps(overrides: list[str], steps: int) -> dict:
     import jax
 
     from lab import sharding
-    from lab.model import flops_per_token, param_counts
+    from lab.accounting import flops_per_token, param_counts
     from lab.train import build_trainer
 
     cfg = _config(overrides)

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lab import paths, rundir
+from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.branch_plan import check_plan, child_configs, decay_of, planned_pairs
 from lab.config import DECAY_SHAPES, Config, dump_config, load_config
 from lab.errors import UserError
-from lab.model import flops_per_token, param_counts, with_vocab
 from lab.rundir import Status, Summary, write_json_atomic
 
 

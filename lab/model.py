@@ -13,7 +13,6 @@ heads, G query heads per key/value head, E head dim, F MLP width, V vocabulary, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -21,15 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+# Re-exported for the callers that still import them from here (lab.sweep, lab.demo, lab.aot).
+from lab.accounting import flops_per_token, padded_vocab, param_counts, with_vocab  # noqa: F401
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
 from lab.roles import Role, param, specs_of, stack
 from lab.sharding import constrain_activations
-
-
-def padded_vocab(data_vocab: int, multiple: int = 64) -> int:
-    """The model vocabulary for a tokenizer's: rounded up so the head shards and tiles well."""
-    return -(-data_vocab // multiple) * multiple
 
 
 def _matrix(rngs: nnx.Rngs, fan_in: int, fan_out: int, axes: tuple[str, str],
@@ -157,7 +153,7 @@ class Transformer(nnx.Module):
         """`platform` (cpu | gpu | tpu; None = JAX's default backend) is the one the model will
         run on, which picks its kernels (lab.kernels); pass the mesh devices' platform."""
         if cfg.vocab_size <= 0:
-            raise ValueError("ModelConfig.vocab_size must be set (see padded_vocab)")
+            raise ValueError("ModelConfig.vocab_size must be set (see lab.accounting.with_vocab)")
         self.cfg = cfg
         self.kernels = Kernels.build(cfg, platform)
         self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.init_std, rngs)
@@ -225,37 +221,6 @@ def loss_fn(model: Transformer, tokens_BxL1: jax.Array) -> tuple[jax.Array, dict
     return loss, {"ce": ce}
 
 
-# ----------------------------------------------------------------------------- accounting
-
-
-def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Exact parameter counts from the shapes: total, non-embedding (total minus the input
-    embedding; an untied head counts as non-embedding) and the matmul weights."""
-    D, H, K, E, F, V = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_dim,
-                        cfg.vocab_size)
-    attention = D * H * E + 2 * D * K * E + H * E * D
-    mlp = 3 * D * F
-    norms = 2 * D + (2 * E if cfg.qk_norm else 0)
-    per_layer = attention + mlp + norms
-    embedding = V * D
-    head = 0 if cfg.tie_embeddings else D * V
-    total = embedding + cfg.n_layers * per_layer + D + head
-    return {
-        "params": total,
-        "non_embedding_params": total - embedding,
-        "matmul_params": cfg.n_layers * (attention + mlp) + D * V,
-    }
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4), the output head
-    included even when tied, plus attention's scores and weighted sum, 12·L·s·d_attn for full
-    attention, counted once for the causal half: 6·n_layers·seq_len·(n_heads·head_dim)."""
-    counts = param_counts(cfg)
-    attention = 6 * cfg.n_layers * seq_len * cfg.n_heads * cfg.head_dim
-    return 6 * counts["matmul_params"] + attention
-
-
 def param_specs(cfg: ModelConfig) -> dict:
     """Every parameter's logical axes and role (lab.roles.ParamSpec), in a tree like the
     model's parameters as nested dicts; from the abstract model, so nothing is allocated."""
@@ -269,10 +234,3 @@ def mup_lr_scales(cfg: ModelConfig, specs) -> object:
     everywhere."""
     ratio = cfg.mup_base_width / cfg.d_model if cfg.parameterization == "mup" else 1.0
     return jax.tree.map(lambda spec: ratio if spec.role is Role.HIDDEN else 1.0, specs)
-
-
-def with_vocab(cfg: ModelConfig, data_vocab: int) -> ModelConfig:
-    """Fill in vocab_size from the data when the config leaves it at 0."""
-    if cfg.vocab_size:
-        return cfg
-    return dataclasses.replace(cfg, vocab_size=padded_vocab(data_vocab))

@@ -27,6 +27,7 @@ import sys
 
 from lab.errors import UserError
 from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
+from launch.common import after_dashes, resolve_command, run_main
 
 LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
 
@@ -75,16 +76,6 @@ def check_backend(platform: str) -> None:
                         "--platform cpu")
 
 
-def resolve_command(command: list[str]) -> list[str]:
-    """`lab ...` runs as this interpreter's `python -m lab.cli ...`."""
-    if not command:
-        raise UserError("no command: put it after --, e.g. python -m launch.gpu -- lab train "
-                        "configs/gpu/debug.yaml")
-    if command[0] == "lab":
-        return [sys.executable, "-m", "lab.cli", *command[1:]]
-    return list(command)
-
-
 def check_command(command: list[str]) -> None:
     """Read a `lab train` config here, so a mistake fails before the GPU starts."""
     if command[:2] == ["lab", "train"] and len(command) > 2:
@@ -128,24 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        run = resolve_command(command)
-        check_command(command)
-        base = dict(os.environ)
-        env = gpu_env(base, mem_fraction=args.mem_fraction, preallocate=not args.no_preallocate,
-                      gpus=args.gpus, xla_flags=args.xla_flag,
-                      latency_hiding=not args.no_latency_hiding, dump_hlo=args.dump_hlo,
-                      profile_steps=args.profile_steps, profile_dir=args.profile_dir,
-                      platform=args.platform)
-        if not args.dry_run:
-            check_backend(args.platform)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def launch(args: argparse.Namespace) -> int:
+    """Check the command, set the GPU environment and become the command (or show it)."""
+    command = after_dashes(args.command)
+    run = resolve_command(command, "no command: put it after --, e.g. python -m launch.gpu -- "
+                                   "lab train configs/gpu/debug.yaml")
+    check_command(command)
+    base = dict(os.environ)
+    env = gpu_env(base, mem_fraction=args.mem_fraction, preallocate=not args.no_preallocate,
+                  gpus=args.gpus, xla_flags=args.xla_flag,
+                  latency_hiding=not args.no_latency_hiding, dump_hlo=args.dump_hlo,
+                  profile_steps=args.profile_steps, profile_dir=args.profile_dir,
+                  platform=args.platform)
+    if not args.dry_run:
+        check_backend(args.platform)
     print(describe(env, base, run), flush=True)
     if args.dry_run:
         return 0
@@ -155,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot run {run[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
     return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(build_parser(), launch, argv)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from typing import IO
 
 from lab.errors import UserError
+from launch.common import after_dashes, resolve_command, run_main
 
 
 def free_port() -> int:
@@ -43,16 +44,8 @@ def child_env(index: int, processes: int, devices: int, port: int,
     return env
 
 
-def resolve_command(command: list[str]) -> list[str]:
-    """`lab ...` runs as this interpreter's `python -m lab.cli ...`, so an inactive virtualenv
-    still finds the lab; any other command runs as given."""
-    if not command:
-        raise UserError("no command to launch; put it after --, e.g. "
-                        "python -m launch.local --processes 2 --devices 4 -- lab train "
-                        "configs/tiny.yaml")
-    if command[0] == "lab":
-        return [sys.executable, "-m", "lab.cli", *command[1:]]
-    return list(command)
+NO_COMMAND = ("no command to launch; put it after --, e.g. python -m launch.local --processes 2 "
+              "--devices 4 -- lab train configs/tiny.yaml")
 
 
 def _pump(index: int, stream: IO[bytes], out: IO[str], lock: threading.Lock) -> None:
@@ -100,7 +93,7 @@ def launch(command: list[str], processes: int, devices: int, port: int | None = 
     if processes < 1 or devices < 1:
         raise UserError(f"--processes and --devices must be at least 1, got {processes} and "
                         f"{devices}")
-    argv = resolve_command(command)
+    argv = resolve_command(command, NO_COMMAND)
     out = out or sys.stdout
     port = port or free_port()
     lock = threading.Lock()
@@ -175,15 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        return launch(command, args.processes, args.devices, port=args.port or None,
-                      grace=args.grace)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), lambda args: launch(
+        after_dashes(args.command), args.processes, args.devices, port=args.port or None,
+        grace=args.grace), argv)
 
 
 if __name__ == "__main__":

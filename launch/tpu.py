@@ -33,6 +33,7 @@ from pathlib import Path
 
 from lab.errors import UserError
 from lab.paths import safe_name
+from launch.common import after_dashes, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = "scaling-lab"  # on each worker, relative to the home directory
@@ -314,7 +315,19 @@ def local_repo() -> tuple[str | None, str | None]:
     return git("remote", "get-url", "origin"), git("rev-parse", "HEAD")
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class _Parents:
+    """The option groups the actions share (argparse parents)."""
+
+    common: argparse.ArgumentParser  # --dry-run, --zone, --project
+    slice: argparse.ArgumentParser  # which TPU slice
+    create: argparse.ArgumentParser
+    setup: argparse.ArgumentParser
+    job: argparse.ArgumentParser  # the training processes' coordinator and environment
+    sweep: argparse.ArgumentParser
+
+
+def _parents() -> _Parents:
     from lab.errors import ArgumentParser
 
     common = ArgumentParser(add_help=False)
@@ -360,34 +373,46 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "configs/sweeps/ladder-v5e.yaml")
     sweep.add_argument("overrides", nargs="*", metavar="key=value")
     sweep.add_argument("--out", required=True, help="gs:// directory of the sweep's runs")
+    return _Parents(common, slice_, create, setup, job, sweep)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from lab.errors import ArgumentParser
+
+    g = _parents()
     parser = ArgumentParser(prog="python -m launch.tpu",
                             description="Launch the lab on Cloud TPU pods (gcloud) or GKE (xpk).")
     sub = parser.add_subparsers(dest="action", metavar="ACTION", parser_class=ArgumentParser)
     sub.required = True
-    sub.add_parser("create", parents=[common, slice_, create], help="create the slice")
-    sub.add_parser("setup", parents=[common, slice_, setup],
+    sub.add_parser("create", parents=[g.common, g.slice, g.create], help="create the slice")
+    sub.add_parser("setup", parents=[g.common, g.slice, g.setup],
                    help="install the lab at one commit on every worker")
-    p = sub.add_parser("run", parents=[common, slice_, job],
+    p = sub.add_parser("run", parents=[g.common, g.slice, g.job],
                        help="run one command on every worker: -- lab train CONFIG k=v ...")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.add_argument("--log", default="", help="log name on the workers (default: run.name)")
-    sub.add_parser("sweep", parents=[common, slice_, job, sweep],
+    sub.add_parser("sweep", parents=[g.common, g.slice, g.job, g.sweep],
                    help="run a sweep: one job on every worker per run, in order")
-    p = sub.add_parser("logs", parents=[common, slice_], help="follow a log on worker 0")
+    p = sub.add_parser("logs", parents=[g.common, g.slice], help="follow a log on worker 0")
     p.add_argument("log", help="the log name (a run's directory name)")
-    p = sub.add_parser("delete", parents=[common, slice_], help="delete the slice")
-    p = sub.add_parser("up", parents=[common, slice_, create, setup, job],
+    p = sub.add_parser("delete", parents=[g.common, g.slice], help="delete the slice")
+    p = sub.add_parser("up", parents=[g.common, g.slice, g.create, g.setup, g.job],
                        help="create, set up, run a sweep (or a command), delete")
     p.add_argument("--sweep", dest="up_sweep", metavar="SWEEP", help="a sweep file to run")
     p.add_argument("--out", help="gs:// directory of the sweep's runs")
     p.add_argument("--keep", action="store_true", help="keep the slice afterwards")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="-- overrides for the sweep, or a command when there is no --sweep")
+    _add_xpk(sub, g)
+    return parser
+
+
+def _add_xpk(sub, g: _Parents) -> None:
+    """The GKE actions: xpk-run (one command) and xpk-sweep (one workload per run)."""
     for name, text in [("xpk-run", "submit one command as a GKE workload"),
                        ("xpk-sweep", "submit one GKE workload per run of a sweep")]:
-        p = sub.add_parser(name, parents=[common, job] + ([sweep] if name == "xpk-sweep"
-                                                          else []), help=text)
+        p = sub.add_parser(name, parents=[g.common, g.job] + ([g.sweep] if name == "xpk-sweep"
+                                                                else []), help=text)
         p.add_argument("--cluster", required=True, help="the xpk (GKE) cluster")
         p.add_argument("--type", dest="accelerator", default="v5litepod-32")
         p.add_argument("--num-slices", type=int, default=1)
@@ -398,7 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "xpk-run":
             p.add_argument("--workload", required=True, help="the workload name")
             p.add_argument("command", nargs=argparse.REMAINDER)
-    return parser
 
 
 def _installed(package: str) -> str | None:
@@ -406,10 +430,6 @@ def _installed(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def _command(words: list[str]) -> list[str]:
-    return words[1:] if words[:1] == ["--"] else list(words)
 
 
 def coordinator(args: argparse.Namespace, t: Target, steps: list[Step],
@@ -465,7 +485,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
 def _jobs(args: argparse.Namespace) -> list[tuple[str, list[list[str]]]]:
     if args.action == "sweep":
         return sweep_jobs(args.sweep, args.overrides, args.out)
-    words = _command(args.command)
+    words = after_dashes(args.command)
     if args.action == "up" and args.up_sweep:
         if not args.out:
             raise UserError("up --sweep needs --out gs://BUCKET/sweeps/NAME")
@@ -496,7 +516,7 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
         jobs = [(workload_name(prefix, name), cmd)
                 for name, cmd in sweep_jobs(args.sweep, args.overrides, args.out)]
     else:
-        words = _command(args.command)
+        words = after_dashes(args.command)
         if not words:
             raise UserError("no command: put it after --, e.g. -- lab train CONFIG "
                             "run.dir=gs://BUCKET/runs/NAME")
@@ -512,18 +532,17 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
     return steps
 
 
+def launch(args: argparse.Namespace) -> int:
+    """Plan the steps, then show them (--dry-run) or run them."""
+    steps = plan(args)
+    if args.dry_run:
+        show(steps)
+        return 0
+    return execute(steps, getattr(args, "wait_minutes", 240))
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = build_parser().parse_args(argv)
-        steps = plan(args)
-        if args.dry_run:
-            show(steps)
-            return 0
-        return execute(steps, getattr(args, "wait_minutes", 240))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_main(build_parser(), launch, argv)
 
 
 if __name__ == "__main__":

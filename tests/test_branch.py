@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, run_lab
+from lab.accounting import flops_per_token, with_vocab
 from lab.branch import compute_report, planned_pairs
 from lab.config import load_config
 from lab.metrics import read_metrics
-from lab.model import flops_per_token, with_vocab
 
 # A small stable phase: 12 steps, every step logged.
 SMALL = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "model.n_layers=1",

@@ -19,6 +19,7 @@ import pytest
 from analysis.approach3 import optimal_allocation
 from analysis.report import PNG_SIGNATURE, analyse_study, summary_lines, write_report
 from helpers import ROOT, lab_command, lab_env, run_lab
+from lab.accounting import flops_per_token, with_vocab
 from lab.demo import (
     QUICK_STUDY,
     STUDY,
@@ -28,7 +29,6 @@ from lab.demo import (
     plan_study,
 )
 from lab.errors import UserError
-from lab.model import flops_per_token, with_vocab
 
 BYTE_VOCAB = 257
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lab.metrics import read_metrics
-from launch.local import child_env, resolve_command
+from launch.common import resolve_command
+from launch.local import NO_COMMAND, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -31,9 +32,9 @@ def test_child_environment_is_the_sharding_contract():
     assert env == {"PATH": "/bin", "LAB_COORDINATOR": "127.0.0.1:12345",
                    "LAB_NUM_PROCESSES": "2", "LAB_PROCESS_ID": "1", "LAB_LOCAL_DEVICES": "4",
                    "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    assert resolve_command(["lab", "train", "x.yaml"]) == [sys.executable, "-m", "lab.cli",
-                                                           "train", "x.yaml"]
-    assert resolve_command(["echo", "hi"]) == ["echo", "hi"]
+    assert resolve_command(["lab", "train", "x.yaml"], NO_COMMAND) == [
+        sys.executable, "-m", "lab.cli", "train", "x.yaml"]
+    assert resolve_command(["echo", "hi"], NO_COMMAND) == ["echo", "hi"]
 
 
 def test_each_process_sees_its_own_devices_and_prefixes_its_output():

@@ -9,16 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lab.accounting import flops_per_token, padded_vocab, param_counts
 from lab.config import ModelConfig
-from lab.model import (
-    Transformer,
-    flops_per_token,
-    loss_fn,
-    mup_lr_scales,
-    padded_vocab,
-    param_counts,
-    param_specs,
-)
+from lab.model import Transformer, loss_fn, mup_lr_scales, param_specs
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
 

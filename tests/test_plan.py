@@ -29,7 +29,7 @@ def stand_in(cfg, rng, root: Path | None = None) -> float:
     """Train `cfg` without training: write the run directory a finished `lab train` leaves
     (config.yaml, summary.json with the prediction copied as train copies it) with the law's
     loss at the run's (total N, D) times seeded noise."""
-    from lab.model import flops_per_token, param_counts
+    from lab.accounting import flops_per_token, param_counts
     from lab.sweep import counting_model
 
     model = counting_model(cfg.model)

@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from lab.accounting import with_vocab
 from lab.config import MeshConfig, load_config
 from lab.errors import UserError
-from lab.model import Transformer, param_specs, with_vocab
+from lab.model import Transformer, param_specs
 from lab.sharding import (
     bind_address,
     check_tensor_groups,

@@ -18,7 +18,7 @@ from lab.sweep import branch_command, expand_sweep, shape_for_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
-BYTE_VOCAB = 320  # lab.model.padded_vocab(257)
+BYTE_VOCAB = 320  # lab.accounting.padded_vocab(257)
 
 
 def closed_form_counts(d: int, layers: int, heads: int, seq_len: int, vocab: int = BYTE_VOCAB):

@@ -71,7 +71,7 @@ def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small
 
 def test_grad_accumulation_equals_one_batch(small_data, tmp_path):
     from lab import data as labdata
-    from lab.model import with_vocab
+    from lab.accounting import with_vocab
     from lab.sharding import global_batch, make_mesh
     from lab.train import build_trainer
 

@@ -166,14 +166,9 @@ def _longest_seq_len(shards: list[np.ndarray], n_windows: int) -> int:
     return low
 
 
-def eval_batches(
-    dataset: TokenDataset,
-    seq_len: int,
-    batch_size: int,
-    n_batches: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-) -> list[np.ndarray]:
+def eval_batches(dataset: TokenDataset, seq_len: int, batch_size: int, n_batches: int,
+                 process_index: int | None = None, process_count: int | None = None
+                 ) -> list[np.ndarray]:
     """The fixed evaluation set: the first batch_size * n_batches windows of val, in order.
 
     Batch j holds windows [j * batch_size, (j + 1) * batch_size); each process gets its rows.

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from lab import checkpoint, paths, preemption, rundir, sharding
+from lab.accounting import flops_per_token, param_counts
 from lab.branch_plan import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict, validate
@@ -19,7 +20,6 @@ from lab.errors import UserError
 from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_metrics
 from lab.mfu import total_peak_flops
-from lab.model import flops_per_token, param_counts
 from lab.optim import describe_routing
 from lab.profiling import StepProfiler
 from lab.rundir import Status, Summary
@@ -106,7 +106,7 @@ def prepare(cfg: Config) -> Setup:
     the data, the plan, the config against a resumed run's or the parent's, the mesh, the
     batch, the evaluation set and the state to start from."""
     from lab import data as labdata
-    from lab.model import with_vocab
+    from lab.accounting import with_vocab
 
     run_dir = cfg.run.dir
     data_path = cfg.data.path or labdata.default_data_path()
