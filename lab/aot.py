@@ -71,7 +71,7 @@ def topology_devices(topology: str) -> list:
 def with_known_vocab(cfg: Config) -> tuple[Config, str]:
     """The config with model.vocab_size filled in without reading any tokens: the prepared
     data's vocabulary if data.path holds prepared data, else the byte tokenizer's."""
-    from lab.model import padded_vocab, with_vocab
+    from lab.accounting import padded_vocab, with_vocab
 
     if cfg.model.vocab_size:
         return cfg, ""

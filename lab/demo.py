@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import yaml
 
 from lab import presets, rundir
+from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import Config, load_config, override, override_word, overrides_between
 from lab.errors import UserError
 from lab.paths import shown_path
@@ -53,7 +54,7 @@ class Study:
     path: Path
     base: Path  # a lab config every run starts from
     sizes: tuple[dict, ...]  # model overrides, smallest first
-    budgets: tuple[float, ...]  # training FLOPs of each branch (lab.model.flops_per_token)
+    budgets: tuple[float, ...]  # training FLOPs of each branch (lab.accounting.flops_per_token)
     decay_fraction: float  # decay steps / branch step
     lr: dict  # peak learning rate per optimizer name
     bootstrap: int = 200
@@ -140,8 +141,6 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
     """Branch steps per size: a branch at step S decays for round(f S) steps, so it trains
     S (1 + f) steps in all; S is chosen so those steps spend the budget."""
     from lab.branch_plan import check_plan, planned_pairs
-    from lab.model import param_counts
-
     if optim not in study.lr:
         raise UserError(f"the study {study.path} gives no learning rate for {optim!r}; add it "
                         "under lr:")
@@ -173,8 +172,6 @@ def _sized(common: Config, size: dict, optim: str, study: Study,
            vocab: int) -> tuple[Config, int, Any]:
     """The common config at one size with the study's optimizer and learning rate; its FLOPs
     per step and its model with the data's vocabulary."""
-    from lab.model import flops_per_token, with_vocab
-
     cfg = override(common, {**{f"model.{k}": v for k, v in size.items()},
                             "optim.name": optim, "optim.lr": study.lr[optim]})
     model_cfg = with_vocab(cfg.model, vocab)
@@ -187,8 +184,6 @@ def plan_held_out(study: Study, out: Path, file_cfg: Config, common: Config, opt
                   vocab: int, ladder: list[SizePlan]) -> SizePlan:
     """The held-out run: a wider model than every rung, trained straight through for S + D
     steps (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
-    from lab.model import param_counts
-
     size, budget = study.held_out["size"], study.held_out["budget"]
     name = _size_name(size)
     sized, per_step, model_cfg = _sized(common, size, optim, study, vocab)

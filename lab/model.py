@@ -20,8 +20,6 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-# Re-exported for the callers that still import them from here (lab.sweep, lab.demo, lab.aot).
-from lab.accounting import flops_per_token, padded_vocab, param_counts, with_vocab  # noqa: F401
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
 from lab.roles import Role, param, specs_of, stack

@@ -13,7 +13,7 @@ A sweep file names a base config and the axes to vary (docs/launch.md has the fu
 Every run is the product of its sizes, budgets and grid values. N is the non-embedding
 parameter count and D the tokens, counted with `model.vocab_size`, or with the byte tokenizer's
 257 padded to 320 when the config leaves it to the data. FLOPs = flops_per_token x steps x
-batch_size x seq_len (lab.model.flops_per_token, attention included).
+batch_size x seq_len (lab.accounting.flops_per_token, attention included).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from lab import presets
+from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import (
     DECAY_SHAPES,
     INT32_MAX,
@@ -90,9 +91,7 @@ class Sweep:
 
 def counting_model(model: ModelConfig) -> ModelConfig:
     """The model as counted before the data is known: the byte tokenizer's padded vocabulary
-    when model.vocab_size is 0 (lab.model.padded_vocab(257) = 320)."""
-    from lab.model import with_vocab
-
+    when model.vocab_size is 0 (lab.accounting.padded_vocab(257) = 320)."""
     return with_vocab(model, BYTE_VOCAB)
 
 
@@ -106,11 +105,9 @@ def shape_for_params(target: float, base: ModelConfig | None = None, *,
     (and the MLP width) must divide by the mesh's tensor axis. For each width the depth that
     brings N nearest the target is tried (rounded down and up). Among the shapes within
     `tolerance` of the target, the one whose aspect ratio d_model / n_layers is nearest to
-    `aspect_ratio` (in log) wins; N is counted exactly by lab.model.param_counts with the other
-    fields of `base` (vocabulary, tied head, grouped-query ratio, d_ff ratio) kept.
+    `aspect_ratio` (in log) wins; N is counted exactly by lab.accounting.param_counts with the
+    other fields of `base` (vocabulary, tied head, grouped-query ratio, d_ff ratio) kept.
     """
-    from lab.model import param_counts
-
     base = counting_model(base or ModelConfig())
     if target <= 0:
         raise UserError(f"target parameter count must be positive, got {target}")
@@ -324,8 +321,6 @@ def _make_config(common: Config, changes: dict, name: str, budget: float | None,
     """The run's config: the common one with its size and grid values, its steps and
     schedule derived from the sweep, and its name and directory; and the keys the sweep set
     for it (to show)."""
-    from lab.model import flops_per_token, param_counts
-
     where = f"sweep run {name}"
     # A provisional config: its steps are a placeholder until they are derived below.
     sized = _override(common, {**changes, "train.steps": INT32_MAX}, where)
@@ -353,8 +348,6 @@ def _make_config(common: Config, changes: dict, name: str, budget: float | None,
 def _make_run(base: Path, file_cfg: Config, cfg: Config, varied: list[str],
               budget: float | None, branch: dict | None) -> Run:
     """The run of `cfg`: its N, D and C, and the words that give it from the base file."""
-    from lab.model import flops_per_token, param_counts
-
     model = counting_model(cfg.model)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
     words = overrides_between(file_cfg, cfg)
