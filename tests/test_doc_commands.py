@@ -1,4 +1,5 @@
-"""Every `lab ...` command in the code blocks of README.md and docs/*.md runs as written, from a
+"""Every `lab ...` command in the code blocks of README.md and docs/*.md (and every whole
+`lab train`, `lab sweep` or `lab demo` command quoted in their prose) runs as written, from a
 folder outside the checkout (so presets and relative paths are really resolved) and from a
 fresh clone with nothing beside it. Each is checked the cheap way: `lab train` with
 `--print-config` (and each `key=value` must show in the printed config), `lab sweep` with
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 CONFIG_PATH = re.compile(r"^configs/\S+\.ya?ml$")
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+INLINE = re.compile(r"`([^`\n]+)`")
+PRESET_OPTIONS = ("--study", "--base")  # options that name a config file or preset
 # The parser of each subcommand that parses its own arguments (lab.cli hands them over as is).
 PARSERS = {"data": "lab.data.cli", "fit": "analysis.cli", "plan": "analysis.plan",
            "sweep": "lab.sweep", "branch": "lab.branch", "demo": "lab.demo"}
@@ -40,6 +43,7 @@ NEEDS_EARLIER = {
     "plan1/config.yaml": "written by `lab plan ... --out plan1` on the line above it",
     "plan1/sweep.yaml": "written by `lab plan ... --out plan1` on the line above it",
     "/tmp/plan-demo/sweep.yaml": "written by the transcript's `lab plan --out /tmp/plan-demo`",
+    "CHILD/config.yaml": "a branch's config, written by `lab branch` (the prose's placeholder)",
 }
 
 
@@ -105,10 +109,24 @@ def commands_in(text: str, doc: str) -> list[DocCommand]:
     return found
 
 
+def inline_commands_in(text: str, doc: str) -> list[DocCommand]:
+    """The whole commands quoted in prose: `lab train X ...`, `lab sweep X ...` and
+    `lab demo ...` (other spans there are fragments such as `lab fit --method`)."""
+    prose = FENCE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    found = []
+    for span in INLINE.finditer(prose):
+        words = _lab_words(span.group(1))
+        if words and (words[0] == "demo" or words[0] in ("train", "sweep") and len(words) > 1):
+            found.append(DocCommand(doc, prose.count("\n", 0, span.start()) + 1, tuple(words)))
+    return found
+
+
 def documented_commands(root: Path = ROOT) -> list[DocCommand]:
-    docs = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
-    return [c for d in docs for c in commands_in(d.read_text(encoding="utf-8"),
-                                                 str(d.relative_to(root)))]
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text, name = doc.read_text(encoding="utf-8"), str(doc.relative_to(root))
+        found += commands_in(text, name) + inline_commands_in(text, name)
+    return found
 
 
 def _run_lab(argv: list[str]) -> tuple[int, str, str]:
@@ -194,10 +212,13 @@ def check(cmd: DocCommand) -> tuple[list[str], str]:
     words, sub = cmd.words, cmd.words[0]
     if cmd.synopsis:
         return _synopsis_problems(words), ""
+    if "--help" in words:
+        status, _, err = _run_lab(list(words))
+        return ([f"exits {status}: {err.strip()}"] if status else []), ""
     problems = []
-    for word in words[1:]:
+    for before, word in zip(words, words[1:], strict=False):
         path = word.split("=", 1)[1] if "=" in word and not word.startswith("-") else word
-        if CONFIG_PATH.match(path):
+        if CONFIG_PATH.match(path) or before in PRESET_OPTIONS:
             try:
                 presets.resolve(path, folder="sweeps" if sub == "sweep" else "")
             except UserError as e:
@@ -308,13 +329,15 @@ BAD_DOCS = {
                                   "    --base configs/nonexistent.yaml\n```",
     "a choice the synopsis invents": "```sh\nlab fit INPUT... [--method approach3|approach4]\n```",
     "a transcript's command": "```\n$ lab branch runs/x --shape cubic\nsome output\n```",
+    "a study that is no preset": "Run `lab demo --study demo-huge` for more.",
+    "a preset in prose that does not exist": "So `lab train tiny-ish` from any folder.",
 }
 
 
 @pytest.mark.parametrize("text", BAD_DOCS.values(), ids=BAD_DOCS.keys())
 def test_a_wrong_doc_command_fails(text, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    commands = commands_in(text, "fake.md")
+    commands = commands_in(text, "fake.md") + inline_commands_in(text, "fake.md")
     assert len(commands) == 1
     problems, _ = check(commands[0])
     assert problems
@@ -323,9 +346,10 @@ def test_a_wrong_doc_command_fails(text, tmp_path, monkeypatch):
 def test_output_lines_and_prose_are_not_commands():
     text = ("```\n$ lab sweep isoflop-tiny --dry-run\n  then: lab branch runs/a --at 1\n"
             "env X=1 .venv/bin/python -m lab.cli train configs/tiny.yaml\n```\n"
-            "`lab train configs/nonexistent.yaml` in prose\n"
+            "`lab fit --method` in prose\n"
             "```sh\nXLA_FLAGS=--x \\\n  .venv/bin/lab train tiny mesh.fsdp=4  # a comment\n"
             "python -m launch.gpu --gpus 0 -- lab train configs/tiny.yaml\n```\n")
+    assert inline_commands_in(text, "fake.md") == []
     assert [(c.line, c.words) for c in commands_in(text, "fake.md")] == [
         (2, ("sweep", "isoflop-tiny", "--dry-run")),
         (8, ("train", "tiny", "mesh.fsdp=4")),
