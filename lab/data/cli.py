@@ -11,7 +11,7 @@ from lab.data.prep import DEFAULT_VAL_FRACTION, prepare
 from lab.errors import ArgumentParser
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="lab data",
                        description="Prepare token shards and inspect prepared data.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Runs `lab data ARGV`; user mistakes raise UserError (the caller exits with status 2)."""
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     if args.command == "info":
