@@ -79,9 +79,11 @@ def check_backend(platform: str) -> None:
 def check_command(command: list[str]) -> None:
     """Read a `lab train` config here, so a mistake fails before the GPU starts."""
     if command[:2] == ["lab", "train"] and len(command) > 2:
+        from lab import presets
         from lab.config import load_config
 
-        load_config(command[2], command[3:])
+        # As `lab train` reads it: a path, or a preset (from any folder).
+        load_config(presets.resolve(command[2]), command[3:])
 
 
 def describe(env: dict[str, str], base: dict[str, str], argv: list[str]) -> str:

@@ -69,6 +69,16 @@ def test_a_config_mistake_fails_before_the_gpu_starts():
     assert launch_gpu(["--dry-run"]).returncode == 2
 
 
+def test_a_preset_is_checked_from_any_folder(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for name in ("gpu/debug", "configs/gpu/debug.yaml"):
+        result = subprocess.run([sys.executable, "-m", "launch.gpu", "--dry-run", "--", "lab",
+                                 "train", name, "train.steps=300"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert shlex.split(result.stdout)[-3:] == ["train", name, "train.steps=300"]
+
+
 def test_no_cuda_backend_is_one_line_naming_the_install(monkeypatch):
     result = launch_gpu(["--", "lab", "train", "configs/gpu/debug.yaml"])
     if importlib.util.find_spec("jax_cuda12_plugin") is None:  # this machine: no CUDA plugin
