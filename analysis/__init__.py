@@ -16,10 +16,10 @@ from analysis.approach3 import (
     chinchilla_grid,
     compute_optimal,
     fit_approach3,
-    huber_objective,
     law,
     optimal_allocation,
 )
+from analysis.approach3_solver import huber_objective
 from analysis.envelope import EnvelopeFit, fit_envelope
 from analysis.hparams import HparamLaws, fit_hparam_laws
 from analysis.inputs import Inputs, load_inputs

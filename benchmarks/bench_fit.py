@@ -28,9 +28,9 @@ from analysis.approach3 import (
     bootstrap_approach3,
     chinchilla_grid,
     fit_approach3,
-    huber_objective,
     law,
 )
+from analysis.approach3_solver import huber_objective
 from benchmarks.common import print_rows, row
 
 CSV_ENV = "LAB_CHINCHILLA_CSV"

@@ -11,6 +11,7 @@ import pytest
 from scipy import optimize
 
 from analysis import approach3 as a3
+from analysis import approach3_solver as solver
 from analysis.approach3 import fit_approach3, optimal_allocation
 
 # Epoch AI's digitisation of Hoffmann et al.'s Figure 4 (epoch-research/analyzing-chinchilla,
@@ -66,7 +67,7 @@ def test_reproduces_the_replication(chinchilla_fit):
     assert fit.objective <= NOTEBOOK_OBJECTIVE
     assert fit.objective == pytest.approx(1.0182740178e-3, rel=1e-8)
     # The objective recomputed independently in numpy at the reported parameters.
-    assert a3.huber_objective(fit.theta, N, D, L) == pytest.approx(fit.objective, rel=1e-12)
+    assert solver.huber_objective(fit.theta, N, D, L) == pytest.approx(fit.objective, rel=1e-12)
     for k, v in NOTEBOOK_GRID.items():
         assert getattr(fit, k) == pytest.approx(v, rel=1e-3), k
     # Within a tenth of a published standard error of every published estimate.
@@ -106,7 +107,7 @@ def test_no_better_optimum_nearby(chinchilla_fit):
     fit, (N, D, L) = chinchilla_fit
     rng = np.random.default_rng(0)
     for start in [fit.theta] + [fit.theta + rng.normal(0, 0.05, 5) for _ in range(5)]:
-        res = optimize.minimize(a3.huber_objective, start, args=(N, D, L), method="L-BFGS-B")
+        res = optimize.minimize(solver.huber_objective, start, args=(N, D, L), method="L-BFGS-B")
         assert res.fun >= fit.objective * (1 - 1e-9)
 
 
@@ -129,7 +130,7 @@ def test_gradient_and_hessian_match_autodiff():
     grad, hess = jax.jit(jax.grad(objective)), jax.jit(jax.hessian(objective))
     with jax.enable_x64(True):
         thetas = jnp.array([[6.0, 7.5, 0.6, 0.35, 0.37], [2.0, 9.0, -0.5, 0.8, 0.2]])
-        f, g, H = a3._fgh(
+        f, g, H = solver.fgh(
             thetas, jnp.asarray(w)[None], jnp.log(N), jnp.log(D), jnp.log(L), 1e-3
         )
         for i, t in enumerate(thetas):
