@@ -202,7 +202,7 @@ def _counts(cfg: Config, shape: dict) -> tuple[dict, int]:
     """(param_counts, FLOPs per token) of the base model with `shape`, counted as lab sweep
     counts (the byte tokenizer's padded vocabulary when the config leaves it to the data)."""
     from lab.accounting import flops_per_token, param_counts
-    from lab.sweep import counting_model
+    from lab.shapes import counting_model
 
     model = dataclasses.replace(counting_model(cfg.model), **shape)
     return param_counts(model), flops_per_token(model, cfg.train.seq_len)
@@ -216,7 +216,7 @@ def shape_for(target: float, cfg: Config, params: str, aspect_ratio: float) -> d
     """The shape whose parameter count (total or non-embedding, as the law counts N) is nearest
     `target`. The shape search aims at non-embedding N; for total N the target is corrected by
     the embedding a few times and the closest shape kept."""
-    from lab.sweep import shape_for_params
+    from lab.shapes import shape_for_params
 
     tensor = cfg.mesh.tensor if cfg.mesh.tensor > 0 else 1
     aim, tried = float(target), []

@@ -31,12 +31,11 @@ from typing import Any
 import yaml
 
 from lab import presets
-from lab.accounting import flops_per_token, param_counts, with_vocab
+from lab.accounting import flops_per_token, param_counts
 from lab.config import (
     DECAY_SHAPES,
     INT32_MAX,
     Config,
-    ModelConfig,
     load_config,
     override,
     override_word,
@@ -46,13 +45,13 @@ from lab.config import (
 )
 from lab.errors import UserError
 from lab.paths import safe_name, shown_path
+from lab.shapes import counting_model, shape_for_params, shape_name
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
               "tokens", "tokens_per_param", "warmup_fraction", "decay_fraction", "shape",
               "flops_tolerance")
 SHAPE_KEYS = ("aspect_ratio", "head_dim", "min_heads", "multiple", "tensor", "tolerance")
-BYTE_VOCAB = 257  # the byte tokenizer: 256 bytes and an end-of-document token
 
 # Short labels for swept keys in run names; other keys use their last component.
 LABELS = {"optim.lr": "lr", "train.batch_size": "bs", "optim.weight_decay": "wd",
@@ -84,90 +83,6 @@ class Sweep:
     base: Path  # the base config file
     out: str  # the sweep's output directory; run i writes to out/runs[i].slug
     runs: tuple[Run, ...]
-
-
-# ----------------------------------------------------------------------------- shapes
-
-
-def counting_model(model: ModelConfig) -> ModelConfig:
-    """The model as counted before the data is known: the byte tokenizer's padded vocabulary
-    when model.vocab_size is 0 (lab.accounting.padded_vocab(257) = 320)."""
-    return with_vocab(model, BYTE_VOCAB)
-
-
-def shape_for_params(target: float, base: ModelConfig | None = None, *,
-                     aspect_ratio: float = 64.0, head_dim: int = 64, min_heads: int = 4,
-                     multiple: int = 64, tensor: int = 1, tolerance: float = 0.2) -> dict:
-    """Model overrides giving about `target` non-embedding parameters.
-
-    The rule: widths d_model run over multiples of `multiple`; the head size is `head_dim`, or
-    d_model / min_heads for models too narrow to have min_heads heads of that size; n_heads
-    (and the MLP width) must divide by the mesh's tensor axis. For each width the depth that
-    brings N nearest the target is tried (rounded down and up). Among the shapes within
-    `tolerance` of the target, the one whose aspect ratio d_model / n_layers is nearest to
-    `aspect_ratio` (in log) wins; N is counted exactly by lab.accounting.param_counts with the
-    other fields of `base` (vocabulary, tied head, grouped-query ratio, d_ff ratio) kept.
-    """
-    base = counting_model(base or ModelConfig())
-    if target <= 0:
-        raise UserError(f"target parameter count must be positive, got {target}")
-    group = base.n_heads // base.kv_heads if base.n_kv_heads else 0
-    ff_ratio = base.d_ff / base.d_model if base.d_ff else 0.0
-
-    def shape(d: int, layers: int) -> dict | None:
-        hd = min(head_dim, d // min_heads)
-        if hd < 2 or hd % 2 or d % hd:
-            return None
-        heads = d // hd
-        out = {"d_model": d, "n_layers": layers, "n_heads": heads}
-        if group:
-            if heads % group:
-                return None
-            out["n_kv_heads"] = heads // group
-        if ff_ratio:
-            out["d_ff"] = max(multiple, round(ff_ratio * d / multiple) * multiple)
-        ff = out.get("d_ff", 3 * d)
-        if heads % tensor or ff % tensor:
-            return None
-        return out
-
-    def count(s: dict) -> int:
-        return param_counts(dataclasses.replace(base, **s))["non_embedding_params"]
-
-    candidates = []  # (shape, N)
-    d = multiple
-    while True:
-        one = shape(d, 1)
-        if one is not None:
-            n1, n2 = count(one), count({**one, "n_layers": 2})
-            per_layer, fixed = n2 - n1, n1 - (n2 - n1)
-            depth = (target - fixed) / per_layer
-            for layers in {max(1, math.floor(depth)), max(1, math.ceil(depth))}:
-                s = {**one, "n_layers": layers}
-                candidates.append((s, count(s)))
-            if n1 > target * (1 + tolerance):
-                break
-        d += multiple
-        if d > 1 << 17:
-            break
-
-    def off(n: int) -> float:
-        return abs(math.log(n / target))
-
-    near = [(s, n) for s, n in candidates if abs(n / target - 1) <= tolerance]
-    if not near:
-        closest = min(candidates, key=lambda c: off(c[1]), default=None)
-        hint = f"; the closest is {_shape_name(closest[0])} with N={closest[1]:,}" if closest \
-            else ""
-        raise UserError(f"no model shape has N within {tolerance:.0%} of {target:,.0f}{hint}; "
-                        "change the target, lower shape.multiple, or give the shape explicitly")
-    best, _ = min(near, key=lambda c: (abs(math.log(c[0]["d_model"] / c[0]["n_layers"]
-                                                    / aspect_ratio)), off(c[1])))
-    return best
-
-
-def _shape_name(shape: dict) -> str:
-    return f"d{shape['d_model']}-l{shape['n_layers']}"
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -299,7 +214,7 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
             sizes, budgets, token_list, itertools.product(*grid.values())):
         if not isinstance(size, dict):
             size = shape_for_params(float(size), common.model, **shape_opts)
-            size_name = size_name or _shape_name(size)
+            size_name = size_name or shape_name(size)
         changes = {**{f"model.{k}": v for k, v in size.items()},
                    **dict(zip(grid, values, strict=True))}
         parts = [f"C{_short(budget)}" if budget else "", size_name,
@@ -425,7 +340,7 @@ def _sizes(spec: dict, where: str) -> list[tuple[str, Any]]:
             item = dict(item)
             label = str(item.pop("name", "") or "")
             if "d_model" in item and "n_layers" in item and not label:
-                label = _shape_name(item)
+                label = shape_name(item)
             sizes.append((label, {k.removeprefix("model."): v for k, v in item.items()}))
         elif _is_number(item) and float(item) > 0:
             sizes.append(("", float(item)))

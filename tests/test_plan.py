@@ -30,7 +30,7 @@ def stand_in(cfg, rng, root: Path | None = None) -> float:
     (config.yaml, summary.json with the prediction copied as train copies it) with the law's
     loss at the run's (total N, D) times seeded noise."""
     from lab.accounting import flops_per_token, param_counts
-    from lab.sweep import counting_model
+    from lab.shapes import counting_model
 
     model = counting_model(cfg.model)
     counts = param_counts(model)

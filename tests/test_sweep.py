@@ -14,7 +14,8 @@ import yaml
 
 from lab.config import load_config
 from lab.errors import UserError
-from lab.sweep import branch_command, expand_sweep, shape_for_params
+from lab.shapes import shape_for_params
+from lab.sweep import branch_command, expand_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
