@@ -212,9 +212,12 @@ def check_train_command(command: list[str]) -> None:
     no disk, so checkpoints on a worker's own disk could not be restored by the others."""
     if command[:2] != ["lab", "train"] or len(command) < 3:
         return
+    from lab import presets
     from lab.config import load_config
 
-    cfg = load_config(ROOT / command[2] if not Path(command[2]).is_absolute() else command[2],
+    # The workers run it from the repository's root: a path from there, or else a preset.
+    local = ROOT / command[2]
+    cfg = load_config(str(local) if local.is_file() else presets.resolve(command[2]),
                       command[3:])
     if not cfg.run.dir.startswith("gs://"):
         raise UserError(f"run.dir is {cfg.run.dir!r}; a pod run needs it on Cloud Storage, "

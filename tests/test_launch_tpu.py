@@ -112,6 +112,12 @@ def test_single_run_needs_gs_paths_and_logs_follow_worker_0(capsys):
     assert words[-1] == "logs/first.log"
     ((_, logs),) = dry_run(capsys, ["logs", *SLICE, "first"])
     assert "--worker=0" in logs and option(logs, "--command").endswith("logs/first.log")
+    # A preset name is checked as the workers' `lab train` reads it.
+    steps = dry_run(capsys, ["run", *SLICE, "--", "lab", "train", "tpu/v5e-ladder",
+                             "run.dir=gs://b/r/preset"])
+    assert shlex.split(option(steps[0][1], "--command"))[-1] == "logs/preset.log"
+    assert tpu.main(["run", *SLICE, "--dry-run", "--", "lab", "train", "tpu/nope"]) == 2
+    assert "is no preset" in capsys.readouterr().err
 
 
 def test_tpu_vm_create_and_delete_without_queueing(capsys):
