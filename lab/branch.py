@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-from lab import paths, rundir
+from lab import paths, preemption, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.branch_plan import check_plan, child_configs, decay_of, planned_pairs
 from lab.config import DECAY_SHAPES, Config, dump_config, load_config
@@ -78,21 +78,29 @@ def train_runs(configs: list[Config], report: Callable[[str, Config, Summary | N
     `report(event, config, summary)` is told of each run: "skipped" (finished already, with its
     summary), "starting" (before it trains) and "trained" (with the summary it ended with).
     `progress` goes to lab.train.train; with `stop_on_failure` the first run that does not
-    finish (failed, diverged, preempted) ends the list."""
+    finish (failed, diverged, preempted) ends the list.
+
+    SIGTERM / SIGINT stop the list: the signal handler is held across the runs, so a signal that
+    lands after a run's loop (its last save) or between runs is not lost with the next run's
+    start; the runs not started then count as preempted."""
     from lab.train import train
 
     statuses = {}
-    for cfg in configs:
-        summary = rundir.read_summary(cfg.run.dir)
-        if summary is not None and summary.finished:
-            report("skipped", cfg, summary)
-        else:
-            report("starting", cfg, None)
-            summary = Summary.from_dict(train(cfg, progress=progress))
-            report("trained", cfg, summary)
-        statuses[paths.name(cfg.run.dir)] = str(summary.status)
-        if stop_on_failure and not summary.finished:
-            break
+    with preemption.caught() as stop:
+        for cfg in configs:
+            if stop.requested:
+                statuses[paths.name(cfg.run.dir)] = str(Status.PREEMPTED)
+                continue
+            summary = rundir.read_summary(cfg.run.dir)
+            if summary is not None and summary.finished:
+                report("skipped", cfg, summary)
+            else:
+                report("starting", cfg, None)
+                summary = Summary.from_dict(train(cfg, progress=progress))
+                report("trained", cfg, summary)
+            statuses[paths.name(cfg.run.dir)] = str(summary.status)
+            if stop_on_failure and not summary.finished:
+                break
     return statuses
 
 

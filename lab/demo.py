@@ -23,7 +23,6 @@ import json
 import os
 import resource
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from lab import presets, rundir
+from lab import preemption, presets, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import Config, load_config, override, override_word, overrides_between
 from lab.errors import UserError
@@ -41,7 +40,7 @@ from lab.rundir import Status
 STUDY = presets.root() / "demo.yaml"
 QUICK_STUDY = presets.root() / "demo-quick.yaml"
 EXIT_INTERRUPTED = 130
-INTERRUPTED = "interrupted"  # the study's status after Ctrl-C outside a run (not a run's Status)
+INTERRUPTED = "interrupted"  # the study's status after Ctrl-C twice (not a run's Status)
 
 
 # ----------------------------------------------------------------------------- the study file
@@ -514,14 +513,14 @@ def main(argv: list[str]) -> int:
           flush=True)
 
     progress = StudyProgress(_run_list(plans), stream)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with open(out / "demo.log", "a") as log:
+        # SIGTERM / Ctrl-C anywhere in the runs: the running one checkpoints and stops, and no
+        # other starts (held across the whole study, so a signal between runs is not lost).
+        with preemption.caught(), open(out / "demo.log", "a") as log:
             status = run_study(study, plans, progress, log)
-    except KeyboardInterrupt:  # outside a training loop (one checkpoints and returns instead)
+    except KeyboardInterrupt:  # Ctrl-C twice
         status = INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
         progress.close()
     if status != Status.FINISHED:
         rerun = shlex.join(["lab", "demo", *argv])
@@ -550,8 +549,3 @@ def main(argv: list[str]) -> int:
     print("\n".join(summary_lines(result, compute, timing)))
     print(f"report: {out / 'report.html'} (fit: {out / 'fit.json'})")
     return 0
-
-
-def _interrupt(signum, frame) -> None:
-    """SIGTERM outside a training loop stops like Ctrl-C (a loop checkpoints first)."""
-    raise KeyboardInterrupt

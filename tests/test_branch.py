@@ -227,3 +227,33 @@ def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, m
     assert (parent / "branches.json").exists() == main_process
     for child in children:
         assert (child / "config.yaml").exists() == main_process
+
+
+def test_a_signal_after_a_runs_loop_stops_the_runs_after_it(tmp_path, monkeypatch):
+    """SIGTERM that lands after run 1's training loop (during its last save) leaves run 1
+    finished; run 2 must not start, as it would if its own start forgot the signal."""
+    import signal
+
+    import lab.train
+    from lab import preemption
+    from lab.branch import train_runs
+    from lab.config import override
+    from lab.rundir import Status
+
+    trained = []
+
+    def fake_train(cfg, progress=None):  # a run whose last save is hit by SIGTERM
+        with preemption.caught() as caught:  # as lab.train.train holds it
+            trained.append(cfg.run.name)
+            caught._handle(signal.SIGTERM, None)  # the handler, as the signal would call it
+        return {"status": "finished", "steps": cfg.train.steps, "final_eval_loss": 1.0}
+
+    monkeypatch.setattr(lab.train, "train", fake_train)
+    base = load_config(TINY)
+    runs = [override(base, {"run.dir": str(tmp_path / n), "run.name": n}) for n in ("a", "b")]
+    events = []
+    statuses = train_runs(runs, lambda event, cfg, summary: events.append((event, cfg.run.name)))
+    assert trained == ["a"]
+    assert statuses == {"a": Status.FINISHED, "b": Status.PREEMPTED}
+    assert ("starting", "b") not in events
+    assert preemption.PREEMPTION.depth == 0  # the handlers are given back

@@ -279,14 +279,15 @@ def sigterm_and_rerun(reference: Path, run_dir: Path, data: str, signals: int, s
         deadline = time.time() + 120
         while not handler_installed(proc.pid) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
-        if rng.random() < 0.5:
-            time.sleep(rng.uniform(0, 3.0))
-        else:
-            target = rng.randint(1, 24)
+        if rng.random() < 0.5:  # within a second of the start: mostly before the first step
+            time.sleep(rng.uniform(0, 1.0))
+        else:  # at a step; six or more steps before the end, so the signal lands while the
+            # loop runs even where a step takes a few tens of milliseconds
+            target = rng.randint(1, 18)
             while proc.poll() is None and max(losses(run_dir), default=0) < target \
                     and time.time() < deadline:
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0, 0.2))
+            time.sleep(rng.uniform(0, 0.05))
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, (proc.returncode, out[-1000:], err[-2000:])
