@@ -533,18 +533,6 @@ def _check_relations(config: Config) -> None:
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
 
 
-def _validate_branch(b: BranchConfig) -> None:
-    if b.shape:
-        _choice("branch.shape", b.shape, DECAY_SHAPES)
-    _require(b.final_ratio == -1.0 or 0 <= b.final_ratio <= 1,
-             "branch.final_ratio must lie in [0, 1] (or -1: schedule.final_ratio)")
-    for key, values in [("branch.at_steps", b.at_steps), ("branch.at_tokens", b.at_tokens),
-                        ("branch.at_tokens_per_param", b.at_tokens_per_param),
-                        ("branch.decay_steps", b.decay_steps),
-                        ("branch.decay_fractions", b.decay_fractions)]:
-        _require(all(v > 0 for v in values), f"{key} must hold positive numbers, got {values}")
-
-
 # ----------------------------------------------------------------------------- typed changes
 
 
