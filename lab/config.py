@@ -446,16 +446,6 @@ def describe_type(hint: Any) -> str:
     return hint.__name__
 
 
-def _yaml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
-    if isinstance(value, str):
-        return value or '""'
-    return str(value)
-
-
 def config_keys() -> list[tuple[str, str, str]]:
     """(key, type, default) of every config key, read from the schema, for `lab train --help`."""
     rows = []
@@ -464,8 +454,8 @@ def config_keys() -> list[tuple[str, str, str]]:
         hints = typing.get_type_hints(cls, include_extras=True)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            rows.append((f"{section.name}.{f.name}", describe_type(hints[f.name]),
-                         _yaml_value(default)))
+            shown = '""' if default == "" else override_word(default)  # as typed after key=
+            rows.append((f"{section.name}.{f.name}", describe_type(hints[f.name]), shown))
     return rows
 
 
