@@ -364,10 +364,10 @@ def _write_plan(out: str, planned: Config, header: list[str], sweep: dict,
     _write(paths.join(out, "plan.json"), json.dumps(plan, indent=2) + "\n")
 
 
-def _planned_config(base, cfg: Config, shape: dict, steps: int, batch: int, lr: float,
-                    sched: dict, name: str, runs_root: str,
+def _planned_config(cfg: Config, shape: dict, steps: int, batch: int, lr: float, sched: dict,
+                    name: str, runs_root: str,
                     prediction: tuple[float, float, float]) -> Config:
-    """The base config with the planned shape, steps, batch, lr and schedule, its run
+    """The base config `cfg` with the planned shape, steps, batch, lr and schedule, its run
     directory and its predicted loss with interval."""
     pred, lo, hi = prediction
     overrides = {
@@ -383,7 +383,7 @@ def _planned_config(base, cfg: Config, shape: dict, steps: int, batch: int, lr: 
     }
     if cfg.train.eval_every > steps:
         overrides["train.eval_every"] = 0
-    return override(load_config(base), overrides)
+    return override(cfg, overrides)
 
 
 def _next_sweep(args: argparse.Namespace, name: str, runs_root: str, N: int, flops: float,
@@ -439,7 +439,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")
-    planned = _planned_config(base, cfg, shape, steps, batch, lr, sched, name, runs_root,
+    planned = _planned_config(cfg, shape, steps, batch, lr, sched, name, runs_root,
                               (pred, lo, hi))
     flops = fpt * D
     header = [
