@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab.errors import UserError
+
+if TYPE_CHECKING:
+    from lab.config import Config
 
 
 def after_dashes(words: list[str]) -> list[str]:
@@ -23,6 +28,21 @@ def resolve_command(command: list[str], missing: str) -> list[str]:
     if command[0] == "lab":
         return [sys.executable, "-m", "lab.cli", *command[1:]]
     return list(command)
+
+
+def train_config(command: list[str], folder: Path | None = None) -> Config | None:
+    """The config a `lab train CONFIG [key=value ...]` command would train with, read here so a
+    mistake fails before anything starts; None for any other command. CONFIG is read as that
+    `lab train` reads it: a file (relative to `folder`, where the command will run, if given),
+    else a preset."""
+    if command[:2] != ["lab", "train"] or len(command) < 3:
+        return None
+    from lab import presets
+    from lab.config import load_config
+
+    local = Path(folder or "", command[2])
+    return load_config(str(local) if local.is_file() else presets.resolve(command[2]),
+                       command[3:])
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],

@@ -27,7 +27,7 @@ import sys
 
 from lab.errors import UserError
 from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
-from launch.common import after_dashes, resolve_command, run_main
+from launch.common import after_dashes, resolve_command, run_main, train_config
 
 LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
 
@@ -76,16 +76,6 @@ def check_backend(platform: str) -> None:
                         "--platform cpu")
 
 
-def check_command(command: list[str]) -> None:
-    """Read a `lab train` config here, so a mistake fails before the GPU starts."""
-    if command[:2] == ["lab", "train"] and len(command) > 2:
-        from lab import presets
-        from lab.config import load_config
-
-        # As `lab train` reads it: a path, or a preset (from any folder).
-        load_config(presets.resolve(command[2]), command[3:])
-
-
 def describe(env: dict[str, str], base: dict[str, str], argv: list[str]) -> str:
     """The changed environment and the command, as one line a shell can run."""
     changed = [f"{k}={v}" for k, v in env.items() if base.get(k) != v]
@@ -126,7 +116,7 @@ def launch(args: argparse.Namespace) -> int:
     command = after_dashes(args.command)
     run = resolve_command(command, "no command: put it after --, e.g. python -m launch.gpu -- "
                                    "lab train configs/gpu/debug.yaml")
-    check_command(command)
+    train_config(command)  # a config mistake fails before the GPU starts
     base = dict(os.environ)
     env = gpu_env(base, mem_fraction=args.mem_fraction, preallocate=not args.no_preallocate,
                   gpus=args.gpus, xla_flags=args.xla_flag,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lab.errors import UserError
 from lab.paths import safe_name
-from launch.common import after_dashes, run_main
+from launch.common import after_dashes, run_main, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKDIR = "scaling-lab"  # on each worker, relative to the home directory
@@ -210,16 +210,8 @@ def log_name(text: str) -> str:
 def check_train_command(command: list[str]) -> None:
     """A `lab train` command must be valid here and write to gs://: the hosts of a pod share
     no disk, so checkpoints on a worker's own disk could not be restored by the others."""
-    if command[:2] != ["lab", "train"] or len(command) < 3:
-        return
-    from lab import presets
-    from lab.config import load_config
-
-    # The workers run it from the repository's root: a path from there, or else a preset.
-    local = ROOT / command[2]
-    cfg = load_config(str(local) if local.is_file() else presets.resolve(command[2]),
-                      command[3:])
-    if not cfg.run.dir.startswith("gs://"):
+    cfg = train_config(command, folder=ROOT)  # the workers run it from the repository's root
+    if cfg is not None and not cfg.run.dir.startswith("gs://"):
         raise UserError(f"run.dir is {cfg.run.dir!r}; a pod run needs it on Cloud Storage, "
                         "e.g. run.dir=gs://BUCKET/runs/NAME")
 
