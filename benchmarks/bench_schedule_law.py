@@ -64,9 +64,9 @@ def _table(title: str, checks: list[tuple[str, float, float]]) -> tuple[str, dic
 
 
 def _measured(run_dir: Path) -> float:
-    from lab.metrics import read_json
+    from lab.rundir import read_summary
 
-    return float(read_json(run_dir / "summary.json")["final_eval_loss"])
+    return float(read_summary(run_dir).final_eval_loss)
 
 
 def _check_b(stable: Path, cfg, runs: dict, fit_on: list, cos_cfg, cos_dir: Path
@@ -74,6 +74,7 @@ def _check_b(stable: Path, cfg, runs: dict, fit_on: list, cos_cfg, cos_dir: Path
     """B: the law fitted on the stable curve and the branches `fit_on` (one at each branch
     point), predicting the other branches of `runs` and the cosine run."""
     from analysis.schedule_law import fit_schedule_law
+    from lab import rundir
     from lab.branch_predict import default_start, lr_sequence, run_curves
     from lab.config import load_config
 
@@ -84,7 +85,7 @@ def _check_b(stable: Path, cfg, runs: dict, fit_on: list, cos_cfg, cos_dir: Path
     checks_b = []
     for key, run_dir in runs.items():
         if key not in fit_on:
-            lr = lr_sequence(load_config(run_dir / "config.yaml"))
+            lr = lr_sequence(load_config(rundir.config_path(run_dir)))
             checks_b.append((f"branch {key[0]}+{key[1]} {key[2]}", law_b.final(lr),
                              _measured(run_dir)))
     cos_lr = lr_sequence(cos_cfg)

@@ -131,6 +131,7 @@ def _lab_train(args: list[str], log: Path) -> subprocess.Popen:
 def resume(smoke: bool, out: Path) -> list[dict]:
     """50 steps straight, and 50 steps killed (SIGKILL) after step 30 and rerun: every logged
     loss and the final eval loss must agree (deterministic GPU reductions for both)."""
+    from lab import rundir
     from lab.metrics import read_metrics
 
     model = [o for o in SMOKE if "vocab" not in o] if smoke else [
@@ -148,7 +149,7 @@ def resume(smoke: bool, out: Path) -> list[dict]:
     p = _lab_train([*common, f"run.dir={killed}"], log)
     deadline = time.monotonic() + 600
     while p.poll() is None and time.monotonic() < deadline:
-        if (killed / "metrics.jsonl").exists() and any(
+        if Path(rundir.metrics_path(killed)).exists() and any(
                 m["step"] >= 30 for m in read_metrics(killed)):
             break
         time.sleep(0.2)
@@ -160,14 +161,13 @@ def resume(smoke: bool, out: Path) -> list[dict]:
     a, b = read_metrics(straight), read_metrics(killed)
     by_step = {m["step"]: m["loss"] for m in b}
     worst = max(abs(m["loss"] - by_step[m["step"]]) / abs(m["loss"]) for m in a)
-    sa = json.loads((straight / "summary.json").read_text())
-    sb = json.loads((killed / "summary.json").read_text())
+    sa, sb = rundir.read_summary(straight), rundir.read_summary(killed)
     return [{"figure": "killed + resumed vs straight: worst loss difference (rel.)",
              "value": worst, "unit": "", "note": f"SIGKILL at logged step {killed_at}, "
              f"checkpoints every 10; steps {sorted(by_step) == [m['step'] for m in a]}"},
             {"figure": "killed + resumed vs straight: final eval loss",
-             "value": sb["final_eval_loss"], "unit": "",
-             "note": f"straight {sa['final_eval_loss']:.6f}, status {sb['status']}"}]
+             "value": sb.final_eval_loss, "unit": "",
+             "note": f"straight {sa.final_eval_loss:.6f}, status {sb.status}"}]
 
 
 PIECES = {"throughput": throughput, "attention": attention, "muon": muon}
