@@ -11,7 +11,9 @@ the current mesh re-shards exactly, so a run saved on one mesh resumes on anothe
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -59,6 +61,29 @@ def _held_stderr() -> Iterator[None]:
         real.write(held.getvalue())
     finally:
         sys.stderr = real
+
+
+class _DropFailedRestoreTasks(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' reports for orbax's own reads.
+
+    When a restore fails, orbax has started one read task per array; the first error is raised
+    (and explained in one line), and the others are left unretrieved. asyncio logs each when it
+    is garbage-collected, which may be at exit, through whatever handler logging has, so
+    holding sys.stderr does not catch them. Other asyncio reports pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not (message.startswith("Task exception was never retrieved")
+                    and "/orbax/" in message)
+
+
+_DROP_FAILED_RESTORE_TASKS = _DropFailedRestoreTasks()
+
+
+def _forget_failed_restore() -> None:
+    """After a failed restore: drop its unretrieved read tasks' reports, now and at exit."""
+    logging.getLogger("asyncio").addFilter(_DROP_FAILED_RESTORE_TASKS)  # once: a set
+    gc.collect()
 
 
 class Checkpointer:
@@ -125,6 +150,7 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the previous)
+                _forget_failed_restore()
                 if step is not None:
                     raise UserError(f"checkpoint {candidate} in {self.directory} cannot be read "
                                     f"({type(e).__name__}); choose another step") from None
