@@ -80,10 +80,10 @@ class _DropFailedRestoreTasks(logging.Filter):
 _DROP_FAILED_RESTORE_TASKS = _DropFailedRestoreTasks()
 
 
-def _forget_failed_restore() -> None:
-    """After a failed restore: drop its unretrieved read tasks' reports, now and at exit."""
+def _drop_failed_read_reports() -> None:
+    """From the first restore on, drop the reports of a failed restore's unretrieved read tasks
+    (installed before the restore: orbax's own event loop may free them before it raises)."""
     logging.getLogger("asyncio").addFilter(_DROP_FAILED_RESTORE_TASKS)  # once: a set
-    gc.collect()
 
 
 class Checkpointer:
@@ -139,6 +139,7 @@ class Checkpointer:
             candidates = [step]
         else:
             candidates = steps[::-1]
+        _drop_failed_read_reports()
         for candidate in candidates:
             items = {"state": ocp.args.StandardRestore(abstract_state)}
             if data_iterator is not None:
@@ -150,7 +151,7 @@ class Checkpointer:
             except UserError:
                 raise
             except Exception as e:  # noqa: BLE001 (any unreadable checkpoint: try the previous)
-                _forget_failed_restore()
+                gc.collect()  # report (and drop) the failed reads now, not at exit
                 if step is not None:
                     raise UserError(f"checkpoint {candidate} in {self.directory} cannot be read "
                                     f"({type(e).__name__}); choose another step") from None
