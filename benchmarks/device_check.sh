@@ -2,7 +2,7 @@
 # The lab on one NVIDIA H100/H200, in at most 8 minutes: each piece of benchmarks/device_check.py
 # under its own `timeout`, the raw output under benchmarks/results/device-check-DATE/, then a
 # table. Installs nothing from the internet but the cuda12 extra (pip install -e '.[cuda12]'),
-# and that only when jax's CUDA plugin is missing.
+# and that only when the installed jax sees no GPU (any CUDA plugin that does is used as it is).
 #   bash benchmarks/device_check.sh            # on the GPU machine
 #   SMOKE=1 bash benchmarks/device_check.sh    # small, on the CPU: checks the script only
 set -uo pipefail
@@ -14,7 +14,7 @@ FLAGS=()
 if [ -n "${SMOKE:-}" ]; then
   FLAGS=(--smoke)
   export JAX_PLATFORMS=cpu
-elif ! "$PY" -c 'import jax_cuda12_plugin' 2>/dev/null; then
+elif ! "$PY" -c 'import jax; assert jax.default_backend() == "gpu"' 2>/dev/null; then
   timeout 120 "$PY" -m pip install --quiet -e '.[cuda12]' || { echo "install failed"; exit 1; }
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
