@@ -19,8 +19,8 @@ elif ! "$PY" -c 'import jax; assert jax.default_backend() == "gpu"' 2>/dev/null;
 fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
   "$PY" -c 'import jax; print("jax", jax.__version__, jax.devices())'; } > "$OUT/env.txt" 2>&1
-# seconds per piece: 100 + 70 + 110 + 140 = 420, leaving a minute for start-up and the install
-for piece in throughput:100 attention:70 muon:110 resume:140; do
+# seconds per piece: 100 + 70 + 150 + 140 = 460, leaving a minute for start-up and the install
+for piece in throughput:100 attention:70 muon:150 resume:140; do
   name=${piece%%:*}
   echo "--- $name (at most ${piece##*:} s)"
   timeout -s KILL "${piece##*:}" "$PY" benchmarks/device_check.py "$name" "$OUT" "${FLAGS[@]}" \

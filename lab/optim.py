@@ -169,6 +169,7 @@ def build_optimizer(
             momentum=optim_cfg.muon_momentum,
             nesterov=optim_cfg.muon_nesterov,
             ns_steps=optim_cfg.muon_ns_steps,
+            compute_dtype=jnp.dtype(optim_cfg.muon_ns_dtype),
             scaling=optim_cfg.muon_scaling,
             weight_decay=optim_cfg.weight_decay,
         )

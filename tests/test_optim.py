@@ -241,6 +241,34 @@ def test_first_step_of_each_group_in_closed_form(make):
         np.testing.assert_allclose(np.asarray(new[names]), want, atol=3e-6, err_msg=str(names))
 
 
+@pytest.mark.parametrize("ns_dtype, low, high", [("float32", 0.0, 3e-5),
+                                                   ("bfloat16", 1e-3, 3.5e-2)])
+def test_muon_ns_dtype_reaches_newton_schulz(ns_dtype, low, high):
+    """optim.muon_ns_dtype sets the operands of every Newton-Schulz product: float32 ones ask
+    for HIGHEST (true float32), bfloat16 ones carry bf16; the first Muon step against float64
+    is within that dtype's error (the bounds of test_muon's preset-shape table) and, for
+    bfloat16, measurably off (so the setting did reach the products)."""
+    params, specs = scanned_tree()
+    params = random_like(params, 5)
+    grads = random_like(params, 6, std=1e-3)
+    lr, wd = 0.02, 0.1
+    cfg = OptimConfig(name="muon", lr=lr, weight_decay=wd, muon_ns_dtype=ns_dtype)
+    opt = build_optimizer(cfg, ScheduleConfig(), 10, specs)
+    lowered = jax.jit(opt.update).lower(grads, opt.init(params), params).as_text()
+    dots = [line for line in lowered.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all(("bf16" in d) == (ns_dtype == "bfloat16") for d in dots)
+    assert all(("HIGHEST" in d) == (ns_dtype == "float32") for d in dots)
+    new, p0, g0 = flat(run(opt, params, [grads])), flat(params), flat(grads)
+    for names, w in p0.items():
+        if expected_label(names) != "muon":
+            continue
+        w64, g64 = np.asarray(w, np.float64), np.asarray(g0[names], np.float64)
+        step = (w64 - np.asarray(new[names], np.float64)) / lr - wd * w64
+        want = 0.2 * np.sqrt(max(w.shape[-2:])) * ns64(g64)
+        err = np.linalg.norm(step - want) / np.linalg.norm(want)
+        assert low <= err < high, (names, err)
+
+
 def test_lr_scales_scale_the_whole_update_including_decay():
     """A leaf with scale s moves exactly as under optax.adamw with learning rate s * lr."""
     params, specs = unrolled_tree()
