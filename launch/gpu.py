@@ -7,7 +7,8 @@
 It sets the environment JAX reads on GPUs and then becomes the command (exec), so signals and
 the exit status are the command's own:
 - JAX_PLATFORMS=cuda, so a missing GPU is an error instead of a silent fall back to the CPU
-  (and without jax's CUDA plugin the launcher stops first, naming `pip install -e '.[cuda12]'`);
+  (and without a CUDA plugin of jax, 12 or 13, the launcher stops first, naming
+  `pip install -e '.[cuda12]'`);
 - XLA_PYTHON_CLIENT_MEM_FRACTION (the share of GPU memory JAX preallocates), or
   XLA_PYTHON_CLIENT_PREALLOCATE=false with --no-preallocate (slower, but shows real usage);
 - XLA_FLAGS: --xla_gpu_enable_latency_hiding_scheduler=true (overlaps collectives with
@@ -66,13 +67,16 @@ def gpu_env(base: dict[str, str], *, mem_fraction: float | None = 0.9, prealloca
 
 
 CUDA_INSTALL = "pip install -e '.[cuda12]'"
+# jax's CUDA plugins by CUDA major version: the cuda12 extra installs the first; a machine whose
+# jax came with CUDA 13 (as NVIDIA's and cloud images now ship) has the second, and it serves.
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin")
 
 
 def check_backend(platform: str) -> None:
-    """A CUDA run needs jax's CUDA plugin; without it JAX would fail deep in start-up."""
-    if platform == "cuda" and importlib.util.find_spec("jax_cuda12_plugin") is None:
-        raise UserError(f"no CUDA backend for JAX here (jax_cuda12_plugin is not installed); "
-                        f"install it with {CUDA_INSTALL}, or rehearse on the CPU with "
+    """A CUDA run needs one of jax's CUDA plugins; without it JAX would fail deep in start-up."""
+    if platform == "cuda" and not any(importlib.util.find_spec(p) for p in CUDA_PLUGINS):
+        raise UserError(f"no CUDA backend for JAX here (no {' or '.join(CUDA_PLUGINS)}); "
+                        f"install one with {CUDA_INSTALL}, or rehearse on the CPU with "
                         "--platform cpu")
 
 

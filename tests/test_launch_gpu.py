@@ -14,7 +14,7 @@ import pytest
 
 from lab.errors import UserError
 from lab.profiling import StepProfiler, parse_window
-from launch.gpu import CUDA_INSTALL, LATENCY_HIDING, check_backend, gpu_env
+from launch.gpu import CUDA_INSTALL, CUDA_PLUGINS, LATENCY_HIDING, check_backend, gpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,17 +81,20 @@ def test_a_preset_is_checked_from_any_folder(tmp_path):
 
 def test_no_cuda_backend_is_one_line_naming_the_install(monkeypatch):
     result = launch_gpu(["--", "lab", "train", "configs/gpu/debug.yaml"])
-    if importlib.util.find_spec("jax_cuda12_plugin") is None:  # this machine: no CUDA plugin
+    if not any(importlib.util.find_spec(p) for p in CUDA_PLUGINS):  # this machine: no plugin
         assert result.returncode == 2 and result.stdout == ""
         assert result.stderr.count("\n") == 1
         assert "pip install -e '.[cuda12]'" in result.stderr
-    # The check itself, both ways, whatever this machine has installed.
+    # The check itself, whatever this machine has installed: no plugin, or either one alone
+    # (the H200 this was checked on had jax's CUDA 13 plugin and no CUDA 12 one).
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=re.escape(CUDA_INSTALL)):
         check_backend("cuda")
     check_backend("cpu")  # a CPU rehearsal needs no plugin
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
-    check_backend("cuda")
+    for present in CUDA_PLUGINS:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, present=present: object() if name == present else None)
+        check_backend("cuda")
 
 
 CHILD = """
