@@ -63,27 +63,22 @@ def _held_stderr() -> Iterator[None]:
         sys.stderr = real
 
 
-class _DropFailedRestoreTasks(logging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' reports for orbax's own reads.
+def _not_a_failed_orbax_read(record: logging.LogRecord) -> bool:
+    """A logging filter that drops asyncio's 'Task exception was never retrieved' reports for
+    orbax's own reads.
 
     When a restore fails, orbax has started one read task per array; the first error is raised
     (and explained in one line), and the others are left unretrieved. asyncio logs each when it
     is garbage-collected, which may be at exit, through whatever handler logging has, so
     holding sys.stderr does not catch them. Other asyncio reports pass."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not (message.startswith("Task exception was never retrieved")
-                    and "/orbax/" in message)
-
-
-_DROP_FAILED_RESTORE_TASKS = _DropFailedRestoreTasks()
+    message = str(record.msg)
+    return not (message.startswith("Task exception was never retrieved") and "/orbax/" in message)
 
 
 def _drop_failed_read_reports() -> None:
     """From the first restore on, drop the reports of a failed restore's unretrieved read tasks
     (installed before the restore: orbax's own event loop may free them before it raises)."""
-    logging.getLogger("asyncio").addFilter(_DROP_FAILED_RESTORE_TASKS)  # once: a set
+    logging.getLogger("asyncio").addFilter(_not_a_failed_orbax_read)  # once: a set
 
 
 class Checkpointer:

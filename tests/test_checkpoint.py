@@ -295,7 +295,7 @@ def test_unretrieved_orbax_reads_are_not_reported_once_restoring(caplog, tmp_pat
         assert [r.getMessage().splitlines()[1] for r in caplog.records] == [
             f"future: {_Future('/home/me/my_code.py')!r}"]
     finally:
-        asyncio_logger.removeFilter(checkpoint._DROP_FAILED_RESTORE_TASKS)
+        asyncio_logger.removeFilter(checkpoint._not_a_failed_orbax_read)
 
 
 def handler_installed(pid: int) -> bool:
