@@ -13,7 +13,9 @@ OUTSIDE = ("DESIGN" + ".md", "../" + "shared")
 SKIP_DIRS = {".git", ".venv", ".cache", ".ci", "__pycache__", ".pytest_cache", ".ruff_cache",
              "runs", "build", "dist"}
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-RECORD = re.compile(r"\b((?:vm|[\w.-]+)-\d{8}-\d{6}(?:-quick)?\.json|mup-raw\.json)\b")
+# A record is cited by its path under benchmarks/results/, or by its bare file name in backticks
+# (run-directory files such as `summary.json` have no hyphen in their names; records do).
+RECORD = re.compile(r"benchmarks/results/([\w.-]+\.\w+)|`([\w.]*-[\w.-]*\.(?:txt|json|csv|png))`")
 
 
 def repository_files() -> list[Path]:
@@ -44,16 +46,22 @@ def test_no_file_points_outside_the_repository():
     assert not offenders, "write the fact down in the repository instead:\n" + "\n".join(offenders)
 
 
+def cited_records(text: str) -> set[str]:
+    return {path or name for path, name in RECORD.findall(text)}
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_cited_benchmark_records_exist(doc):
     results = ROOT / "benchmarks" / "results"
-    cited = set(RECORD.findall(doc.read_text(encoding="utf-8")))
+    cited = cited_records(doc.read_text(encoding="utf-8"))
     missing = sorted(name for name in cited if not (results / name).is_file())
     assert not missing, f"{doc.name} cites records absent from benchmarks/results: {missing}"
 
 
 def test_the_record_pattern_finds_citations():
     text = ("(`benchmarks/results/vm-20261123-223326.json`, `vm-20261124-002637.json`; "
-            "raw numbers in `mup-raw.json`)")
-    assert set(RECORD.findall(text)) == {"vm-20261123-223326.json", "vm-20261124-002637.json",
-                                         "mup-raw.json"}
+            "raw numbers in `mup-raw.json`), output in\n`benchmarks/results/demo-full-20261129.txt`"
+            " and `against-502e82b-bfloat16.txt`; the run writes `summary.json` and `fit.json`")
+    assert cited_records(text) == {"vm-20261123-223326.json", "vm-20261124-002637.json",
+                                   "mup-raw.json", "demo-full-20261129.txt",
+                                   "against-502e82b-bfloat16.txt"}
