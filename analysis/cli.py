@@ -83,8 +83,6 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    help="log-uniform compute bins of the envelope (default 30)")
     p.add_argument("--curve-loss", default="loss",
                    help="metrics.jsonl field the envelope reads (default loss)")
-    p.add_argument("--tolerance", type=float, default=0.0025,
-                   help="near-optimal band of the hparam laws (default 0.0025 = 0.25%%)")
 
 
 def method_options(args: argparse.Namespace) -> dict:

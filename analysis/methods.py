@@ -101,18 +101,14 @@ class HparamFits:
         return out
 
 
-def fit_hparams(points: pd.DataFrame, *, tolerance: float = 0.0025, rel_tol: float = 0.1,
-                level: float = 0.95, bootstrap: int = 0, seed: int = 0,
-                params: str = "total") -> HparamFits:
+def fit_hparams(points: pd.DataFrame, *, rel_tol: float = 0.1, level: float = 0.95,
+                bootstrap: int = 0, seed: int = 0, params: str = "total") -> HparamFits:
     """Both forms of the hyperparameter laws; a form the runs cannot support is left out
-    (StepFun's intervals take 1,000 resamples unless `bootstrap` says otherwise)."""
-    kw = {"tolerance": tolerance, "rel_tol": rel_tol, "level": level}
+    (intervals take 1,000 resamples of the groups unless `bootstrap` says otherwise)."""
+    kw = {"rel_tol": rel_tol, "level": level, "bootstrap": bootstrap or 1000, "seed": seed}
     fits, why = {}, {}
-    for name, fn, extra in (
-        ("deepseek", fit_hparam_laws, {}),
-        ("stepfun", fit_stepfun_laws,
-         {"bootstrap": bootstrap or 1000, "seed": seed, "params": params}),
-    ):
+    for name, fn, extra in (("deepseek", fit_hparam_laws, {}),
+                            ("stepfun", fit_stepfun_laws, {"params": params})):
         try:
             fits[name] = fn(points, **kw, **extra)
         except UserError as err:
@@ -158,40 +154,52 @@ def _describe_allocation_laws(title: str, count: int, what: str) -> Callable[[An
     return describe
 
 
+def _vertex_table(vertices: pd.DataFrame, keys: tuple[str, ...]) -> str:
+    """Each group's optimum (the vertex of its quadratic), its curvature and any problem."""
+    def cell(x):
+        return "-" if pd.isna(x) else x
+    return format_table(
+        [*keys, "runs", "lr_opt", "batch_opt (tokens)", "loss at optimum", "curvature in ln lr",
+         "problem"],
+        [[*(r[k] for k in keys), int(r["n_runs"]), cell(r["lr_opt"]), cell(r["batch_opt"]),
+          cell(r["loss_opt"]), cell(r["h_lr"]), r["problem"] or "-"]
+         for _, r in vertices.iterrows()])
+
+
 def _describe_hparams(fits: HparamFits) -> str:
     out, fit, sf = [], fits.deepseek, fits.stepfun
+    how = ("the vertex of a quadratic in ln lr (and ln batch) per {group}, power laws through "
+           "the vertices, intervals from resampling whole {group}s")
     if fit is not None:
-        out.append(
-            f"Hyperparameter laws in C (DeepSeek LLM's form): {len(fit.band)} runs within "
-            f"{fit.tolerance:.2%} of the best at {len(fit.best)} budgets"
-        )
-        rows = _law_rows("lr", fit.lr) + _law_rows("batch (tokens)", fit.batch)
-        rows += [
-            ["DeepSeek LLM lr", "0.3118·C^-0.1250", ""],
-            ["DeepSeek LLM batch", "0.2920·C^0.3271", ""],
-        ]
-        out.append(format_table(["quantity", "value", f"{fit.lr.level:.0%} interval"], rows))
+        out.append(f"Hyperparameter laws in C (DeepSeek LLM's form): {len(fit.vertices)} "
+                   f"budgets; {how.format(group='budget')}")
+        rows = []
+        for name, law in (("lr", fit.lr), ("batch (tokens)", fit.batch)):
+            rows += _law_rows(name, law) if law is not None else [[name, "no law", ""]]
+        rows += [["DeepSeek LLM lr", "0.3118·C^-0.1250", ""],
+                 ["DeepSeek LLM batch", "0.2920·C^0.3271", ""]]
+        level = (fit.lr or fit.batch).level
+        out.append(format_table(["quantity", "value", f"{level:.0%} interval"], rows))
+        out.append("each budget's optimum:")
+        out.append(_vertex_table(fit.vertices, ("C",)))
     if sf is not None:
-        out.append(
-            f"\nHyperparameter laws in N and D (StepFun's form, Li et al. 2025): "
-            f"{len(sf.band)} runs within {sf.tolerance:.2%} of the best of their (N, D) cell, "
-            f"{sf.band['cell'].nunique()} cells"
-        )
+        out.append(f"\nHyperparameter laws in N and D (StepFun's form, Li et al. 2025): "
+                   f"{len(sf.vertices)} (N, D) cells; {how.format(group='cell')}")
         rows = []
         for name, law in (("lr", sf.lr), ("batch (tokens)", sf.batch)):
+            if law is None:
+                rows.append([name, "no law", ""])
+                continue
             rows.append([f"{name} coefficient", law.coef, interval(law.coef_interval)])
             for v, p, iv in zip(law.variables, law.exponents, law.exponent_intervals,
                                 strict=True):
                 rows.append([f"{name} exponent of {v}", p, interval(iv)])
         rows.append(["Li et al. 2025 lr", "1.79·N^-0.713·D^0.307", ""])
         rows.append(["Li et al. 2025 batch", "0.58·D^0.571", ""])
-        out.append(format_table(["quantity", "value", f"{sf.lr.level:.0%} interval"], rows))
-        out.append("near-optimal runs the fit used:")
-        band = sf.band.sort_values(["N", "D", "loss"])
-        out.append(format_table(
-            ["run", "N", "D", "lr", "batch (tokens)", "loss", "over best"],
-            [[str(r["run"]), r["N"], r["D"], r["lr"], r["batch_tokens"], r["loss"],
-              f"{r['loss'] / r['best_loss'] - 1:.3%}"] for _, r in band.iterrows()]))
+        level = (sf.lr or sf.batch).level
+        out.append(format_table(["quantity", "value", f"{level:.0%} interval"], rows))
+        out.append("each cell's optimum:")
+        out.append(_vertex_table(sf.vertices, ("N", "D")))
     return "\n".join(out)
 
 
@@ -288,7 +296,7 @@ register(Method(
     allocation=True, plot=_plot("plot_envelope")))
 register(Method(
     name="hparams", fit=fit_hparams, table="points",
-    options=(*BOOTSTRAP, "tolerance", "rel_tol", "params"), describe=_describe_hparams,
+    options=(*BOOTSTRAP, "rel_tol", "params"), describe=_describe_hparams,
     plot=_plot_hparams))
 register(Method(
     name="critical-batch", fit=fit_critical_batch, table="batch_curves",

@@ -5,14 +5,16 @@
 An INPUT is a fit JSON (`lab fit --json`: an approach3 fit gives the loss law; an hparams fit
 gives learning-rate and batch laws; a critical-batch fit gives B_crit(L)) or a run directory
 (Approach 3 is fitted on the runs under it first). At the budget C (FLOPs, C = 6 N D as in the
-fit) the law's optimum N_opt, D_opt becomes:
+fit) the law's optimum N_opt becomes a shape, and the shape's own N gets D = C / (6 N) tokens,
+so the planned run spends the budget (to within one step) even where N differs from N_opt:
 
 - DIR/config.yaml, ready for `lab train`: the shape nearest N_opt (lab.sweep's shape search),
-  D_opt tokens as a step count, the learning rate and batch from the fitted laws (StepFun's
+  D tokens as a step count, the learning rate and batch from the fitted laws (StepFun's
   form first, then DeepSeek's, then the critical batch at the predicted loss) or else from the
   base config (μP transfer when model.parameterization is mup), and the predicted final loss
-  with its interval in the header and in run.predicted_loss, which training copies into
-  summary.json so `lab fit` prints prediction against outcome;
+  with its interval (widened by what the lr and batch laws' uncertainty may cost, where those
+  laws came with bootstrap draws) in the header and in run.predicted_loss, which training
+  copies into summary.json so `lab fit` prints prediction against outcome;
 - DIR/sweep.yaml, ready for `lab sweep`: the next IsoFLOP sweep, sizes log-spaced across
   ±0.5 decade around the planned N at the planned run's FLOPs, same recipe;
 - DIR/plan.json: N, D, C, predicted_loss, interval and the source of every choice.
@@ -31,7 +33,7 @@ import numpy as np
 import yaml
 
 from analysis import paths
-from analysis.hparams import LogLinearLaw
+from analysis.hparams import LogLinearLaw, excess_log_loss
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
@@ -96,8 +98,8 @@ class Laws:
 
     loss: LossLaw
     loss_source: str
-    stepfun: dict | None = None  # {"lr": LogLinearLaw, "batch": LogLinearLaw, "params": ...}
-    deepseek: dict | None = None  # {"lr": PowerLaw, "batch": PowerLaw} in C
+    stepfun: dict | None = None  # {"lr", "batch": LogLinearLaw or None, "params", "curvature"}
+    deepseek: dict | None = None  # {"lr", "batch": LogLinearLaw in C or None, "curvature"}
     critical: PowerLaw | None = None  # B_crit(L) in tokens
     sources: dict = dataclasses.field(default_factory=dict)  # kind -> the input it came from
     run_roots: list = dataclasses.field(default_factory=list)  # run directories behind the fit
@@ -144,12 +146,15 @@ def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float
         elif method == "hparams":
             if d.get("stepfun"):
                 s = d["stepfun"]
-                extra["stepfun"] = ({"lr": LogLinearLaw.from_dict(s["lr"]),
-                                     "batch": LogLinearLaw.from_dict(s["batch_tokens"]),
-                                     "params": s.get("params", "total")}, item)
-            if d.get("lr"):
-                extra["deepseek"] = ({"lr": _power_law(d["lr"]),
-                                      "batch": _power_law(d["batch_tokens"])}, item)
+                extra["stepfun"] = ({"lr": s.get("lr") and LogLinearLaw.from_dict(s["lr"]),
+                                     "batch": s.get("batch_tokens")
+                                     and LogLinearLaw.from_dict(s["batch_tokens"]),
+                                     "params": s.get("params", "total"),
+                                     "curvature": s.get("curvature") or {}}, item)
+            if d.get("lr") or d.get("batch_tokens"):
+                extra["deepseek"] = ({k: d.get(j) and LogLinearLaw.from_power_law(d[j])
+                                      for k, j in (("lr", "lr"), ("batch", "batch_tokens"))}
+                                     | {"curvature": d.get("curvature") or {}}, item)
         elif method == "critical-batch":
             extra["critical"] = (_power_law(d["law"]), item)
         else:
@@ -246,25 +251,36 @@ def _round_batch(tokens: float, seq_len: int) -> int:
     return max(BATCH_MULTIPLE, BATCH_MULTIPLE * round(seqs / BATCH_MULTIPLE))
 
 
+def _hparam_laws(laws: Laws, n_by: dict, D: float, flops: float) -> tuple:
+    """(the hyperparameter laws the plan uses, where they are evaluated, their form's name
+    and source), StepFun's form first; None when there are none."""
+    if laws.stepfun and laws.stepfun["lr"]:
+        n = n_by[laws.stepfun["params"]]
+        return laws.stepfun, {"N": n, "D": D}, "StepFun law", laws.sources["stepfun"]
+    if laws.deepseek:
+        return laws.deepseek, {"C": flops}, "DeepSeek-form law", laws.sources["deepseek"]
+    return None, None, None, None
+
+
+def _law_text(law: LogLinearLaw) -> str:
+    return f"{law.coef:.4g}·" + "·".join(f"{v}^{p:.3f}" for v, p in zip(
+        law.variables, law.exponents, strict=True))
+
+
 def choose_hparams(laws: Laws, cfg: Config, n_by: dict, D: float, flops: float) -> tuple:
     """(lr, batch tokens or None, lr source, batch source, warnings) for a run of N parameters
     (n_by: {"total": ..., "non_embedding": ...}) and D tokens costing `flops`."""
     warns = []
-    if laws.stepfun:
-        s = laws.stepfun
-        n = n_by[s["params"]]
-        lr = s["lr"](N=n, D=D)
-        src = laws.sources["stepfun"]
-        return (lr, s["batch"](D=D), f"StepFun law lr = {s['lr'].coef:.4g}·N^"
-                f"{s['lr'].exponents[0]:.3f}·D^{s['lr'].exponents[1]:.3f} ({src})",
-                f"StepFun law batch = {s['batch'].coef:.4g}·D^{s['batch'].exponents[0]:.3f} "
-                f"tokens ({src})", warns)
-    if laws.deepseek:
-        d, src = laws.deepseek, laws.sources["deepseek"]
-        return (float(d["lr"](flops)), float(d["batch"](flops)),
-                f"DeepSeek-form law lr = {d['lr'].coef:.4g}·C^{d['lr'].exponent:.4f} ({src})",
-                f"DeepSeek-form law batch = {d['batch'].coef:.4g}·C^{d['batch'].exponent:.4f} "
-                f"tokens ({src})", warns)
+    form, x, name, src = _hparam_laws(laws, n_by, D, flops)
+    lr = lr_src = batch_tokens = batch_src = None
+    if form and form["lr"]:
+        lr, lr_src = form["lr"](**x), f"{name} lr = {_law_text(form['lr'])} ({src})"
+    if form and form["batch"]:
+        xb = {v: x[v] for v in form["batch"].variables}
+        batch_tokens = form["batch"](**xb)
+        batch_src = f"{name} batch = {_law_text(form['batch'])} tokens ({src})"
+    if lr is not None:
+        return lr, batch_tokens, lr_src, batch_src, warns
     lr = cfg.optim.lr
     if cfg.model.parameterization == "mup":
         lr_src = "μP transfer: the base config's lr (model.parameterization=mup)"
@@ -272,7 +288,41 @@ def choose_hparams(laws: Laws, cfg: Config, n_by: dict, D: float, flops: float) 
         lr_src = "the base config's lr, not transferred (standard parameterization)"
         warns.append("no learning-rate law and the base is not μP: the lr is the base config's "
                      "as it is; fit `lab fit --method hparams` or use model.parameterization=mup")
-    return lr, None, lr_src, None, warns
+    return lr, batch_tokens, lr_src, batch_src, warns
+
+
+def hparam_excess(laws: Laws, n_by: dict, D: float, flops: float, lr: float,
+                  batch_tokens: float, level: float) -> dict:
+    """What the lr and batch laws' uncertainty may cost the planned run: under each bootstrap
+    draw of the laws (a plausible true optimum) the planned (ln lr, ln batch) misses it by d,
+    and ln loss rises by 1/2 d' H d, H the curvature of ln loss the hparams fit measured. The
+    `level` quantile of that rise widens the interval's upper end (a rise only: a missed
+    optimum never lowers the loss). `carried` says whether it could be computed, `note` why
+    not or how."""
+    form, x, name, _ = _hparam_laws(laws, n_by, D, flops)
+    out = {"carried": False, "level_quantile": 0.0, "median": 0.0}
+    if form is None:
+        return out | {"note": "not carried: no lr or batch law among the inputs (the lr and "
+                      "batch are the base config's or the critical batch's)"}
+    axes, deltas, missing = [], [], []
+    for axis, planned in (("lr", lr), ("batch", batch_tokens)):
+        law = form[axis]
+        draws = law and law.log_draws(**{v: x[v] for v in law.variables})
+        if draws is None or not form["curvature"].get(axis):
+            missing.append(axis)
+            continue
+        axes.append(axis)
+        deltas.append(np.log(planned) - draws)
+    if not axes:
+        return out | {"note": f"not carried: the {name}s have no bootstrap draws or measured "
+                      "curvature (refit them with this version of `lab fit --method hparams`)"}
+    rise = excess_log_loss(np.stack(deltas, axis=1), form["curvature"], tuple(axes))
+    left = f"; the {' and '.join(missing)} law's is not (no draws or curvature)" if missing else ""
+    return {"carried": True, "axes": axes, "level_quantile": float(np.quantile(rise, level)),
+            "median": float(np.median(rise)),
+            "note": f"carried: the {name}s' bootstrap draws through the measured curvature of "
+                    f"ln loss raise the upper end by the {level:.0%} quantile of the excess "
+                    f"ln loss{left}"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,14 +475,18 @@ def make_plan(args: argparse.Namespace) -> dict:
     counts, fpt = _counts(cfg, shape)
     n_by = {"total": counts["params"], "non_embedding": counts["non_embedding_params"]}
     seq = cfg.train.seq_len
-    lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_opt,
-                                                                fpt * D_opt)
+    N = n_by[law.params]
+    D_target = C / (6 * N)  # the shape's own N spends the budget, not N_opt
+    lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_target,
+                                                                fpt * D_target)
     batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns)
     tokens_per_step = batch * seq
-    steps = max(1, round(D_opt / tokens_per_step))
+    steps = max(1, round(D_target / tokens_per_step))
     D = steps * tokens_per_step
-    N = n_by[law.params]
-    pred, lo, hi = law.predict(N, D, args.level)
+    pred, lo, law_hi = law.predict(N, D, args.level)
+    excess = hparam_excess(laws, n_by, D_target, fpt * D_target, float(f"{lr:.4g}"),
+                           tokens_per_step, args.level)
+    hi = law_hi * float(np.exp(excess["level_quantile"]))
     if law.interval_method == "residual":
         warns.append("the interval is residual-based, too narrow far beyond the fitted runs; "
                      "fit with --bootstrap K for a bootstrap interval")
@@ -446,9 +500,10 @@ def make_plan(args: argparse.Namespace) -> dict:
         f"Planned by `lab plan` at a budget of C = {C:.4g} FLOPs (6 N D) from",
         f"  {laws.loss_source}",
         f"N = {N:,} parameters ({law.params}; N_opt = {N_opt:.4g}), D = {D:,} tokens "
-        f"(D_opt = {D_opt:.4g}), {flops:.4g} FLOPs as the lab counts them.",
+        f"= C / (6 N) in whole steps (D_opt = {D_opt:.4g}): 6 N D = {6 * N * D:.4g}; "
+        f"{flops:.4g} FLOPs as the lab counts them.",
         f"Predicted final eval loss {pred:.4f}, {args.level:.0%} interval [{lo:.4f}, {hi:.4f}] "
-        f"({law.interval_method}).",
+        f"({law.interval_method}); lr and batch laws' uncertainty {excess['note']}.",
         f"lr {lr:.4g}: {lr_src}.",
         f"batch {batch} x {seq} tokens: {batch_src}.",
         f"  lab train {rundir.config_path(args.out)}",
@@ -458,9 +513,11 @@ def make_plan(args: argparse.Namespace) -> dict:
     sweep, sweep_header = _next_sweep(args, name, runs_root, N, flops, frac, sweep_points)
     plan = {
         "C": C,
-        "budget_convention": "C = 6 N D (the fit's); flops is the lab's count of the run",
+        "budget_convention": "C = 6 N D (the fit's): D = C / (6 N) for the planned shape's N, "
+                             "rounded to whole steps; flops is the lab's count of the run",
         "N": N,
         "D": D,
+        "C_planned": 6 * N * D,
         "N_opt": N_opt,
         "D_opt": D_opt,
         "params": law.params,
@@ -474,6 +531,8 @@ def make_plan(args: argparse.Namespace) -> dict:
         "interval": [lo, hi],
         "level": args.level,
         "interval_method": law.interval_method,
+        "loss_law_interval": [lo, law_hi],
+        "hparam_uncertainty": excess,
         "sources": {"loss_law": laws.loss_source, "lr": lr_src, "batch": batch_src,
                     "base_config": str(base), "interval": law.interval_method},
         "sweep": sweep_points,
@@ -500,10 +559,12 @@ def report(plan: dict, out: str) -> str:
     lines = [
         f"budget C = {plan['C']:.4g} FLOPs: N_opt = {plan['N_opt']:.4g}, D_opt = "
         f"{plan['D_opt']:.4g}",
-        f"planned run: N = {plan['N']:,} ({plan['params']}), D = {plan['D']:,} tokens, "
+        f"planned run: N = {plan['N']:,} ({plan['params']}), D = C / (6 N) = {plan['D']:,} "
+        f"tokens (6 N D = {plan['C_planned']:.4g}), "
         f"{plan['steps']} steps of {plan['batch_size']} x {plan['seq_len']}, lr {plan['lr']:.4g}",
         f"predicted final eval loss {plan['predicted_loss']:.4f}, {plan['level']:.0%} interval "
         f"[{lo:.4f}, {hi:.4f}] ({plan['interval_method']})",
+        f"lr and batch laws' uncertainty: {plan['hparam_uncertainty']['note']}",
         f"lr: {plan['sources']['lr']}",
         f"batch: {plan['sources']['batch']}",
         f"next IsoFLOP sweep: {len(plan['sweep'])} sizes, N from "

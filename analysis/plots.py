@@ -191,20 +191,20 @@ def plot_envelope(
 
 
 def plot_hparams(laws: HparamLaws, runs: pd.DataFrame, out_dir: str) -> list[str]:
-    """hparams.png: learning rate and batch size against compute, the near-optimal band, the
-    fitted laws and DeepSeek LLM's for reference."""
+    """hparams.png: learning rate and batch size against compute, every run, each budget's
+    optimum (the vertex of its quadratic), the fitted laws and DeepSeek LLM's for reference."""
     fig, axes = _figure(2)
-    band = laws.band
-    cline = _compute_range(band["C"])
+    v = laws.vertices
+    cline = _compute_range(v["C"])
     for ax, col, law, ref, name in (
         (axes[0], "lr", laws.lr, DEEPSEEK_LR, "learning rate"),
         (axes[1], "batch_tokens", laws.batch, DEEPSEEK_BATCH, "batch size (tokens)"),
     ):
+        opt = "lr_opt" if col == "lr" else "batch_opt"
         ax.scatter(runs["C"], runs[col], s=8, color="lightgray", label="all runs")
-        ax.scatter(
-            band["C"], band[col], s=14, color="C0", label=f"within {laws.tolerance:.2%} of best"
-        )
-        ax.plot(cline, law(cline), "C0-", label=f"fit: {law.coef:.3g}·C^{law.exponent:.4f}")
+        ax.scatter(v["C"], v[opt], s=18, color="C0", label="each budget's optimum (vertex)")
+        if law is not None:
+            ax.plot(cline, law(cline), "C0-", label=f"fit: {law.coef:.3g}·C^{law.exponent:.4f}")
         ax.plot(
             cline, ref[0] * cline ** ref[1], "k--", lw=0.8, label=f"DeepSeek: {ref[0]}·C^{ref[1]}"
         )

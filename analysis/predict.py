@@ -51,6 +51,11 @@ class LossLaw:
 
     def optimum(self, C: float) -> tuple[float, float, float]:
         """(N_opt, D_opt, loss) at budget C = 6 N D."""
+        if not (np.isfinite(self.theta).all() and min(self.A, self.B, self.alpha, self.beta) > 0):
+            raise UserError(
+                f"the loss law (A={self.A:g}, B={self.B:g}, alpha={self.alpha:g}, "
+                f"beta={self.beta:g}) has no compute-optimal allocation: A, B, alpha and beta "
+                "must be positive; refit on runs spanning more N and D")
         N, D, L = optimal_allocation(C, *self.theta)
         return float(N), float(D), float(L)
 

@@ -8,7 +8,7 @@ from scipy import stats
 
 from analysis import fit_envelope, fit_hparam_laws, fit_isoflop, fit_power_law, group_budgets
 from analysis.approach3 import law, optimal_allocation
-from analysis.hparams import DEEPSEEK_BATCH, DEEPSEEK_LR
+from analysis.hparams import DEEPSEEK_BATCH, DEEPSEEK_LR, fit_vertex
 from lab.errors import UserError
 
 
@@ -212,23 +212,48 @@ def test_hparams_recover_random_laws(seed):
     assert laws.batch.exponent == pytest.approx(batch_law[1], abs=0.03)
 
 
-def test_hparam_band_is_within_tolerance_of_each_budgets_best():
-    rng = np.random.default_rng(1)
-    runs = hparam_sweep(rng, DEEPSEEK_LR, DEEPSEEK_BATCH)
-    laws = fit_hparam_laws(runs, tolerance=0.0025)
-    best = runs.groupby("C")["loss"].min()
-    for C, group in runs.groupby("C"):
-        inside = group[group["loss"] <= best[C] * 1.0025]
-        assert len(laws.band[np.isclose(laws.band["C"], C)]) == len(inside)
-    assert len(laws.best) == runs["C"].nunique()
+def test_vertex_is_the_closed_form_optimum():
+    """On a noiseless bowl that is exactly quadratic in (ln lr, ln batch), with a cross term,
+    the vertex is the optimum and the fitted curvature the bowl's Hessian, to rounding."""
+    rng = np.random.default_rng(4)
+    H = np.array([[0.04, 0.01], [0.01, 0.02]])  # d2 ln L in (ln lr, ln batch)
+    lr_opt, b_opt = 3e-3, 2.5e5
+    u, v = np.meshgrid(np.linspace(-1.3, 1.5, 7) + rng.uniform(-0.2, 0.2),
+                       np.linspace(-1.0, 1.6, 5))
+    u, v = u.ravel(), v.ravel()
+    z = np.stack([u, v], axis=1)
+    loss = 2.5 * np.exp(0.5 * np.einsum("ra,ab,rb->r", z, H, z))
+    got = fit_vertex(pd.DataFrame({"lr": lr_opt * np.exp(u), "batch_tokens": b_opt * np.exp(v),
+                                   "loss": loss}))
+    assert got["problem"] == ""
+    assert got["lr_opt"] == pytest.approx(lr_opt, rel=1e-9)
+    assert got["batch_opt"] == pytest.approx(b_opt, rel=1e-9)
+    assert got["loss_opt"] == pytest.approx(2.5, rel=1e-12)
+    assert (got["h_lr"], got["h_batch"], got["h_cross"]) == pytest.approx((0.04, 0.02, 0.01))
 
 
-def test_hparams_warn_when_the_best_is_at_the_sweep_edge():
-    rng = np.random.default_rng(2)
+def test_vertex_guards_report_and_leave_out():
+    """A bowl that opens downward, a vertex beyond the sweep, too few values: each is reported
+    (a warning naming the budget) and that budget is left out of the law, not used."""
+    rng = np.random.default_rng(5)
     runs = hparam_sweep(rng, DEEPSEEK_LR, DEEPSEEK_BATCH)
-    runs = runs[runs["lr"] <= runs.groupby("C")["lr"].transform("median")]  # lower half only
-    laws = fit_hparam_laws(runs)
-    assert any("learning rate" in w and "edge" in w for w in laws.warnings)
+    budgets = sorted(runs["C"].unique())
+    first, second = runs["C"] == budgets[0], runs["C"] == budgets[1]
+    runs.loc[first, "loss"] = 10 - runs.loc[first, "loss"]  # a cap, not a bowl
+    low = np.sort(runs[second]["lr"].unique())[3]  # 4 of 9 learning rates, all below lr*
+    runs = runs[~second | (runs["lr"] <= low)]
+    laws = fit_hparam_laws(runs, bootstrap=50)
+    v = laws.vertices
+    assert "does not open upward" in v["problem"].iloc[0] and np.isnan(v["lr_opt"].iloc[0])
+    assert "lr optimum" in v["problem"].iloc[1] and "outside the sweep" in v["problem"].iloc[1]
+    assert np.isnan(v["lr_opt"].iloc[1]) and not np.isnan(v["batch_opt"].iloc[1])
+    assert laws.lr.n == len(budgets) - 2 and laws.batch.n == len(budgets) - 1
+    assert sum("left out of the lr" in w for w in laws.warnings) == 2
+    # The other budgets still give the law.
+    assert laws.lr.exponent == pytest.approx(DEEPSEEK_LR[1], abs=0.01)
+    two = fit_vertex(pd.DataFrame({"lr": [1e-3, 2e-3] * 3, "batch_tokens": [1e5] * 6,
+                                   "loss": [3.0, 3.1, 3.0, 3.1, 3.0, 3.1]}))
+    assert "3 or more values" in two["problem"] and np.isnan(two["lr_opt"])
 
 
 def test_hparams_read_batch_size_times_seq_len():

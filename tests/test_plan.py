@@ -151,28 +151,57 @@ def test_residual_interval_matches_closed_form():
     assert (lo, hi) == pytest.approx((pred * np.exp(-t * s), pred * np.exp(t * s)))
 
 
-def test_hparam_laws_feed_the_plan(tmp_path, monkeypatch):
-    """With a StepFun fit among the inputs, the plan's lr and batch come from its laws."""
+def test_hparam_laws_feed_the_plan_and_it_spends_the_budget(tmp_path, monkeypatch):
+    """With a StepFun fit among the inputs, the plan's lr and batch come from its laws; the
+    planned shape's own N gets D = C / (6 N), so 6 N D and the config's tokens agree with the
+    budget to within half a step; and the lr law's bootstrap draws, through the measured
+    curvature, widen the interval's upper end by the closed-form quantile of the excess loss."""
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(1)
     run_sweep(first_sweep(tmp_path), rng, tmp_path, out="runs/round0")
     assert fit_cli.main(["runs", "--json", "fit.json"]) == 0
+    draws = np.column_stack([np.log(2.0) + rng.normal(0, 0.3, 400), np.full(400, -0.5),
+                             np.full(400, 0.1)])  # the lr law, uncertain in its coefficient
     hp = {"method": "hparams", "stepfun": {
         "params": "non_embedding",  # as the fit counts N
         "lr": {"variables": ["N", "D"], "coef": 2.0, "exponents": {"N": -0.5, "D": 0.1},
-               "coef_interval": [1, 3], "exponent_intervals": {"N": [-1, 0], "D": [0, 1]}},
+               "coef_interval": [1, 3], "exponent_intervals": {"N": [-1, 0], "D": [0, 1]},
+               "bootstrap": draws.tolist()},
         "batch_tokens": {"variables": ["D"], "coef": 0.5, "exponents": {"D": 0.5},
-                         "coef_interval": [0, 1], "exponent_intervals": {"D": [0, 1]}}}}
+                         "coef_interval": [0, 1], "exponent_intervals": {"D": [0, 1]}},
+        "curvature": {"lr": 0.04, "batch": None, "lr_batch": None}}}
     Path("hp.json").write_text(json.dumps(hp))
     assert plan_cli.main(["fit.json", "hp.json", "--budget", "1e14", "--out", "p", "--base",
                           TINY, "--aspect-ratio", "32"]) == 0
     plan = json.loads(Path("p/plan.json").read_text())
     cfg = load_config(Path("p/config.yaml"))
+    N, D, C = plan["N"], plan["D"], plan["C"]
+    step_tokens = cfg.train.batch_size * cfg.train.seq_len
+    assert cfg.train.steps * step_tokens == D
+    assert abs(6 * N * D / C - 1) <= step_tokens / (2 * D)  # within half a step
+    assert plan["C_planned"] == pytest.approx(6 * N * D)
+    assert abs(N / plan["N_opt"] - 1) > 0.01  # the shape missed N_opt: D_opt would not spend C
+    D_target = C / (6 * N)
     assert plan["interval_method"] == "residual"
-    assert cfg.optim.lr == pytest.approx(2.0 * plan["N"] ** -0.5 * plan["D_opt"] ** 0.1, rel=1e-3)
-    want = 0.5 * plan["D_opt"] ** 0.5 / cfg.train.seq_len
+    assert cfg.optim.lr == pytest.approx(2.0 * N ** -0.5 * D_target ** 0.1, rel=1e-3)
+    want = 0.5 * D_target ** 0.5 / cfg.train.seq_len
     assert abs(cfg.train.batch_size - want) <= 4 and cfg.train.batch_size % 8 == 0
     assert "StepFun" in plan["sources"]["lr"] and "StepFun" in plan["sources"]["batch"]
+    # Each draw is a plausible true optimum; the planned lr misses it by delta in ln lr.
+    delta = np.log(cfg.optim.lr) - (draws[:, 0] - 0.5 * np.log(N) + 0.1 * np.log(D_target))
+    rise = np.quantile(0.5 * 0.04 * delta**2, 0.95)
+    lo, hi = plan["loss_law_interval"]
+    assert plan["interval"] == pytest.approx([lo, hi * np.exp(rise)], rel=1e-9)
+    assert rise > 1e-3 and plan["hparam_uncertainty"]["carried"]
+    assert "batch law's is not" in plan["hparam_uncertainty"]["note"]
+    # Without draws the plan says plainly that the interval leaves them out.
+    del hp["stepfun"]["lr"]["bootstrap"]
+    Path("hp.json").write_text(json.dumps(hp))
+    assert plan_cli.main(["fit.json", "hp.json", "--budget", "1e14", "--out", "q", "--base",
+                          TINY, "--aspect-ratio", "32"]) == 0
+    plan = json.loads(Path("q/plan.json").read_text())
+    assert plan["interval"] == plan["loss_law_interval"]
+    assert plan["hparam_uncertainty"]["note"].startswith("not carried")
 
 
 def test_plan_mistakes_are_one_line_errors(tmp_path):
@@ -185,6 +214,13 @@ def test_plan_mistakes_are_one_line_errors(tmp_path):
                                "beta": 0.3}))
     with pytest.raises(UserError, match="lacks residuals"):
         plan_cli.main([str(old), "--budget", "1e14", "--out", str(tmp_path / "p")])
+    flat = tmp_path / "flat.json"  # a degenerate law: no allocation (it divided by zero)
+    flat.write_text(json.dumps({"method": "approach3", "E": 2, "A": 0, "B": 0, "alpha": 0,
+                                "beta": 0, "residuals": [0.0] * 8}))
+    with pytest.raises(UserError, match="no compute-optimal allocation"):
+        plan_cli.main([str(flat), "--budget", "1e14", "--out", str(tmp_path / "p"), "--base",
+                       TINY])
+    assert not (tmp_path / "p").exists()
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "plan", str(bad), "--budget", "-1",
                            "--out", "x"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
