@@ -248,6 +248,13 @@ CATALOGUE = [
     ("fit a collinear design (D = 20 N)",
      lambda s: ["fit", s.points(np.logspace(6, 8, 8), 20 * np.logspace(6, 8, 8))],
      "cannot separate N from D"),
+    # Plans.
+    ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
+     lambda s: ["plan", s.write("flat.json", json.dumps(
+         {"method": "approach3", "E": 2, "A": 0, "B": 0, "alpha": 0, "beta": 0,
+          "residuals": [0.0] * 8})), "--budget", "1e14", "--out", str(s.tmp / "plan"),
+         "--base", TINY],
+     "no compute-optimal allocation"),
 ]
 
 

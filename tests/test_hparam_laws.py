@@ -117,16 +117,16 @@ def test_lab_fit_critical_batch_from_run_directories(tmp_path, capsys):
 # Both forms at 1% loss noise, the run-to-run scatter of real runs (0.4-1.6% here): the sweeps
 # of benchmarks/bench_hparams.py (one bowl per group, 9 learning rates x 5 batch sizes).
 #
-# Tolerances, from the noise: a group's 45 runs put its lr vertex within about 0.042 in ln lr
-# (1 sd: the gradient's sd sigma / sqrt(sum u^2) = 0.01 / 6 over the curvature 0.04), the batch
-# vertex within 0.076; over DeepSeek's 6 budgets (sum of squares of ln C: 33) the exponents' sd
-# is then 0.007 (lr) and 0.013 (batch), over StepFun's 16 cells a little more per exponent (two
-# of them share the lr vertices). The benchmark measured 95th percentiles of |error| over 200
-# seeds close to twice those sds (benchmarks/results/hparams-recovery.txt); the tolerances are
-# about 3 sds, so nearly every seed must fall within them.
+# Tolerances, from the noise: a group's 45 runs put its lr vertex within about 0.04 in ln lr
+# (1 sd: the gradient's sd sigma / sqrt(sum u^2) = 0.01 / 6 over the curvature 0.04) and its
+# batch vertex within about 0.08; a law through 6 budgets (sum of squares of ln C: 33) or 16
+# cells turns that into an exponent error of order 0.01. Measured over 200 seeds
+# (benchmarks/results/hparams-recovery.txt), the 95th percentiles of |error| were 0.020 (lr)
+# and 0.042 (batch) for DeepSeek's form, 0.025, 0.026 and 0.048 for StepFun's; each tolerance
+# is about 1.2 times its 95th percentile, so a law misses it in under 10% of seeds.
 NOISE_TOLERANCE = {
-    ("deepseek", "lr"): (0.025,), ("deepseek", "batch"): (0.045,),
-    ("stepfun", "lr"): (0.035, 0.045), ("stepfun", "batch"): (0.06,),
+    ("deepseek", "lr"): (0.025,), ("deepseek", "batch"): (0.05,),
+    ("stepfun", "lr"): (0.03, 0.03), ("stepfun", "batch"): (0.06,),
 }
 SEEDS = range(1000, 1010)  # not the benchmark's seeds
 
@@ -154,10 +154,11 @@ def _noisy_fits(form: str) -> list[tuple[dict, dict]]:
 
 @pytest.mark.parametrize("form", ["deepseek", "stepfun"])
 def test_hparam_laws_hold_at_one_percent_noise(form):
-    """The vertex method recovers every exponent within its tolerance in at least 9 of 10
-    seeds, and its 80% intervals cover the truth in 60% to 95% of cases (not more: an interval
-    made wide enough to always cover would fail). The old near-optimal band (runs within 0.25%
-    of the best) misses the same tolerances in at least 3 of the 10."""
+    """Over 10 seeds x 2 laws, the vertex method recovers a law's exponents within their
+    tolerances in at least 18 of the 20, and its 80% intervals cover the truth in 60% to 95% of
+    cases (not more: an interval made wide enough to always cover would fail). The old
+    near-optimal band (runs within 0.25% of the best) misses the same tolerances in at least 5
+    of the 20 (measured: 11 for DeepSeek's form, 15 for StepFun's)."""
     from benchmarks.bench_hparams import truth
 
     fits = _noisy_fits(form)
@@ -173,4 +174,4 @@ def test_hparam_laws_hold_at_one_percent_noise(form):
     n = len(fits)
     assert sum(within) >= 2 * n - 2, f"vertex method within tolerance {sum(within)} of {2 * n}"
     assert 0.6 <= np.mean(covered) <= 0.95, f"80% intervals covered {np.mean(covered):.0%}"
-    assert sum(band_within) <= 2 * n - 3, f"band method within {sum(band_within)} of {2 * n}"
+    assert sum(band_within) <= 2 * n - 5, f"band method within {sum(band_within)} of {2 * n}"
