@@ -15,9 +15,9 @@ upward, or whose vertex lies outside the swept range, is reported and left out o
 (it only bounds the optimum). The power laws are fitted by least squares in log space through
 the vertices, one point per group, and their intervals come from resampling whole groups.
 
-DeepSeek picked instead the runs within 0.25% of each budget's best loss. Real run-to-run
-scatter (0.4-1.6% here) is wider than that band, so noise picks it: the quadratic uses every
-run of the group and averages the noise out (docs/planning.md has the measured difference).
+DeepSeek picked instead the runs within 0.25% of each budget's best loss. Where run-to-run
+scatter is wider than that band, noise picks it: the quadratic uses every run of the group and
+averages the noise out (docs/planning.md has the measured difference at 1% noise).
 """
 
 from __future__ import annotations

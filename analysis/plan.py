@@ -317,12 +317,12 @@ def hparam_excess(laws: Laws, n_by: dict, D: float, flops: float, lr: float,
         return out | {"note": f"not carried: the {name}s have no bootstrap draws or measured "
                       "curvature (refit them with this version of `lab fit --method hparams`)"}
     rise = excess_log_loss(np.stack(deltas, axis=1), form["curvature"], tuple(axes))
+    q = float(np.quantile(rise, level))
     left = f"; the {' and '.join(missing)} law's is not (no draws or curvature)" if missing else ""
-    return {"carried": True, "axes": axes, "level_quantile": float(np.quantile(rise, level)),
-            "median": float(np.median(rise)),
+    return {"carried": True, "axes": axes, "level_quantile": q, "median": float(np.median(rise)),
             "note": f"carried: the {name}s' bootstrap draws through the measured curvature of "
                     f"ln loss raise the upper end by the {level:.0%} quantile of the excess "
-                    f"ln loss{left}"}
+                    f"loss, {np.expm1(q):.3%}{left}"}
 
 
 # ---------------------------------------------------------------------------------------------

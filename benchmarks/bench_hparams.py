@@ -197,7 +197,8 @@ def main() -> int:
     args = p.parse_args()
     seeds = 20 if args.quick else 200
     text, _ = report(seeds)
-    head = f"$ python -m benchmarks.bench_hparams{' --quick' if args.quick else ''}\n"
+    head = ("$ .venv/bin/python -m benchmarks.bench_hparams"
+            f"{' --quick' if args.quick else ''}{f' --out {args.out}' if args.out else ''}\n")
     return write_report(head + text, args.out)
 
 
