@@ -70,8 +70,9 @@ def predict_branches(run_dir: str, pairs: list[tuple[int, int]], shape: str,
     """Fit the law on a run and its finished branches, then predict the final eval loss of
     each planned branch (step, decay) and of a cosine run of the same length."""
     parent = load_config(rundir.config_path(run_dir))
-    law = fit_schedule_law(curves if curves is not None else run_curves(run_dir),
-                           start=default_start(parent))
+    curves = curves if curves is not None else run_curves(run_dir)
+    law = fit_schedule_law(curves, start=default_start(parent),
+                           train_loss=eval_points(run_dir) < MIN_EVALS)
     rows = []
     for step, decay in pairs:
         child = child_config(parent, run_dir, step, decay, shape, final_ratio)
