@@ -6,7 +6,6 @@ The protocol, for each of two seeds (a d48 Muon + μP model of configs/demo-base
 16 x 128 tokens, warmup 30):
 
 1. a stable WSD run (no decay) to step 800, eval every 20 steps, checkpoints at 300 and 600;
-   its curve is the only one that reaches the held-out runs' lengths (640-800 steps)
 2. fitted: the stable curve (from step 60, twice the warmup) and two 1-sqrt decays to zero
    branched at 300 (60 and 150 steps), eval every 5 steps;
 3. predicted, never fitted: 1-sqrt decays of 40, 120 and 200 steps branched at 600 (other
@@ -15,14 +14,16 @@ The protocol, for each of two seeds (a d48 Muon + μP model of configs/demo-base
 
 Every eval is on the same 64 x 16 x 128 = 131k validation tokens. Scores, per law and seed:
 the relative error of each final loss; the relative error of each annealing gain (the stable
-run's loss at the same step minus the final loss, predicted by the law's stable curve); and
-whether the predicted order of the four 720-step schedules (1-sqrt, linear and cosine decays at
-600, cosine from scratch) matches the measured one (concordant pairs of 6). Beside them: the
-eval noise (the step-to-step scatter of the 5-step eval curves, from second differences) and
-the seed floor (how far the two seeds' measured losses and gains differ). Last, a simulation:
-each law's seed-0 fit taken as the truth, the fitted curves regenerated from it at the same
-points with the measured eval noise, both laws refitted and scored the same way, so that the
-error the protocol's noise alone causes stands beside the real errors.
+run's loss at the same step minus the final loss; measured, the stable loss is a straight line
+fitted to the stable evals within 100 steps, since one eval at the peak learning rate scatters;
+predicted, the law's own stable curve); and whether the predicted order of the four 720-step
+schedules (1-sqrt, linear and cosine decays at 600, cosine from scratch) matches the measured
+one (concordant pairs of 6). Beside them: the eval noise of each fitted curve (its
+point-to-point scatter, from second differences) and the seed floor (how far the two seeds'
+measured losses and gains differ). Last, a simulation: each law's seed-0 fit taken as the
+truth, the fitted curves redrawn from it at the same points with each curve's measured noise,
+both laws refitted and scored the same way, so that the error the protocol's noise alone
+causes stands beside the real errors.
 
     .venv/bin/python -m benchmarks.bench_schedule_law [--quick] [--keep DIR]
 
@@ -78,6 +79,14 @@ def eval_noise(losses: np.ndarray) -> float:
     """The white-noise level of an evenly spaced, smooth-but-noisy curve: for white noise of
     standard deviation s, the second differences have standard deviation s * sqrt(6)."""
     return float(np.std(np.diff(np.asarray(losses, float), 2)) / np.sqrt(6))
+
+
+def stable_at(n: np.ndarray, loss: np.ndarray, T: int, window: int = 100) -> float:
+    """The stable run's loss at step T: a straight line fitted to its evals within `window`
+    steps of T, read at T (one eval at a high learning rate scatters by a few hundredths)."""
+    near = np.abs(n - T) <= window
+    slope, intercept = np.polyfit(n[near].astype(float), loss[near], 1)
+    return float(slope * T + intercept)
 
 
 def score(law, held: list[dict]) -> dict:
@@ -137,15 +146,14 @@ def _seed_runs(tmp: Path, seed: int, scale: float, log: io.StringIO) -> tuple[li
                                  "schedule.name=cosine", "train.eval_every=0"])
     _train(cos_cfg, log)
     held_dirs.append((f"cosine {s(COSINE_STEPS)} from scratch", cos_dir, True))
-    at_step = dict(zip(stable.n.tolist(), stable.loss.tolist(), strict=True))
     held = []
     for name, run_dir, ranked in held_dirs:
         curve = load_curve(str(run_dir), use_eval=True)
         assert curve.final_eval is not None, f"{run_dir} did not finish: {log.getvalue()[-2000:]}"
         T = len(curve.lr)
         held.append({"name": name, "lr": curve.lr, "stable_lr": stable.lr, "T": T,
-                     "measured": curve.final_eval, "measured_stable": at_step[T],
-                     "ranked": ranked, "decay_curve": curve.loss})
+                     "measured": curve.final_eval, "ranked": ranked,
+                     "measured_stable": stable_at(stable.n, stable.loss, T)})
     return fitted, held
 
 
@@ -160,10 +168,11 @@ def _fit_both(fitted: list, start: int) -> dict:
             "multipower": fit_multipower_law(fitted, start=start)}
 
 
-def _simulate(truth, fitted: list, held: list[dict], noise: float, start: int,
+def _simulate(truth, fitted: list, held: list[dict], noise: list[float], start: int,
               seed: int) -> dict:
-    """Both laws refitted on curves drawn from `truth` at the fitted points with white eval
-    noise, and scored against the truth's own losses: the error the protocol's noise causes."""
+    """Both laws refitted on curves drawn from `truth` at the fitted points, each with its
+    measured white noise, and scored against the truth's own losses: the error the protocol's
+    noise alone causes."""
     from analysis.schedule_law import Curve
 
     rng = np.random.default_rng(seed)
@@ -173,7 +182,8 @@ def _simulate(truth, fitted: list, held: list[dict], noise: float, start: int,
                                "multipower_gain": []}
     for _ in range(SIM_DRAWS):
         drawn = [Curve(c.name, c.lr, c.n, truth.curve(c.lr)[c.n]
-                       + noise * rng.standard_normal(len(c.n))) for c in fitted]
+                       + sigma * rng.standard_normal(len(c.n)))
+                 for c, sigma in zip(fitted, noise, strict=True)]
         for name, law in _fit_both(drawn, start).items():
             s = score(law, exact)
             errors[name].append(s["mean_abs_error"])
@@ -207,9 +217,9 @@ def _floor(helds: list[list[dict]]) -> dict:
             "measured_orders_agree": len(set(orders)) == 1}
 
 
-def _seed_result(fitted: list, held: list[dict], start: int) -> tuple[dict, dict, float]:
+def _seed_result(fitted: list, held: list[dict], start: int) -> tuple[dict, dict, list]:
     laws = _fit_both(fitted, start)
-    noise = float(np.mean([eval_noise(c.loss) for c in fitted[1:]]))
+    noise = [eval_noise(c.loss) for c in fitted]  # the stable curve's, then each decay's
     return laws, {name: score(law, held) for name, law in laws.items()}, noise
 
 
@@ -240,14 +250,17 @@ def run(quick: bool = False, keep: str | None = None) -> list[dict]:
             fitted, held = _seed_runs(Path(tmp), seed, scale, log)
             laws, scores, noise = _seed_result(fitted, held, start)
             helds.append(held)
-            level = float(np.mean([c.loss[-1] for c in fitted[1:]]))
+            level = float(np.mean([c.loss[-1] for c in fitted]))
+            decay_noise = float(np.mean(noise[1:]))
             lines += [f"seed {seed}: fitted on {', '.join(c.name for c in fitted)} "
-                      f"({sum(len(c.n) for c in fitted)} eval points); eval noise "
-                      f"{noise:.4f} nats ({noise / level:.2%}) from the 5-step decay curves"]
+                      f"({' + '.join(str(len(c.n)) for c in fitted)} eval points); "
+                      f"point-to-point eval noise {noise[0]:.4f} nats ({noise[0] / level:.2%}) "
+                      f"on the stable curve (every 20 steps), {decay_noise:.4f} "
+                      f"({decay_noise / level:.2%}) on the decays (every 5 steps)"]
             lines += [f"  {law.name}: {law.describe()}" for law in laws.values()]
             lines += _seed_table(seed, held, scores)
             results["seeds"][seed] = {
-                "noise": noise, "noise_relative": noise / level,
+                "noise_stable": noise[0], "noise_decays": decay_noise, "loss_level": level,
                 "laws": {k: {f: v for f, v in vars(law).items()} for k, law in laws.items()},
                 "runs": [h["name"] for h in held],
                 "measured": [h["measured"] for h in held],
@@ -255,6 +268,7 @@ def run(quick: bool = False, keep: str | None = None) -> list[dict]:
             if seed == SEEDS[0]:
                 sim = {f"truth {k}": _simulate(law, fitted, held, noise, start, seed)
                        for k, law in laws.items()}
+        results["run_seconds"] = _run_seconds(Path(tmp))
     results["floor"] = _floor(helds)
     results["summary"] = _summary(results)
     results["simulation"] = sim
@@ -264,8 +278,9 @@ def run(quick: bool = False, keep: str | None = None) -> list[dict]:
     print(text)
     if not quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "schedule-law.txt").write_text(
-            "$ .venv/bin/python -m benchmarks.bench_schedule_law\n\n" + text + "\n")
+        command = "$ .venv/bin/python -m benchmarks.bench_schedule_law" + (
+            " --keep DIR  (runs already finished in DIR are read, not retrained)" if keep else "")
+        (RESULTS / "schedule-law.txt").write_text(command + "\n\n" + text + "\n")
         (RESULTS / "schedule-law.json").write_text(
             json.dumps({**results, "seconds": seconds}, indent=2, default=_plain) + "\n")
     notes = "2 seeds, d48 Muon+μP; fitted on stable + 2 decays, 6 unseen schedules"
@@ -280,6 +295,18 @@ def run(quick: bool = False, keep: str | None = None) -> list[dict]:
     rows.append(row("seed floor: mean |seed 0 - seed 1| of final losses",
                     100 * results["floor"]["final"], "%", "-", None, notes))
     return rows
+
+
+def _run_seconds(root: Path) -> dict:
+    """What the runs under `root` report they spent (compile, train, eval), summed: with
+    `--keep` the runs may have been trained by an earlier call."""
+    total = {"runs": 0, "compile_seconds": 0.0, "train_seconds": 0.0, "eval_seconds": 0.0}
+    for summary in root.rglob("summary.json"):
+        data = json.loads(summary.read_text())
+        total["runs"] += 1
+        for key in ("compile_seconds", "train_seconds", "eval_seconds"):
+            total[key] += float(data.get(key) or 0.0)
+    return total
 
 
 def _plain(x):
@@ -304,7 +331,10 @@ def _closing(results: dict, seconds: float) -> list[str]:
         lines.append(f"  {truth}: refitted tissue mean |error| {errs['tissue']:.2%} (gains "
                      f"{errs['tissue_gain']:.1%}), multipower {errs['multipower']:.2%} "
                      f"(gains {errs['multipower_gain']:.1%})")
-    lines.append(f"{seconds:.0f} s; {load_note()}")
+    spent = results["run_seconds"]
+    lines.append(f"{seconds:.0f} s for this call; the {spent['runs']} runs report "
+                 f"{spent['compile_seconds']:.0f} s compiling, {spent['train_seconds']:.0f} s "
+                 f"training and {spent['eval_seconds']:.0f} s evaluating; {load_note()}")
     return lines
 
 

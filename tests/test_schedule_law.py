@@ -13,6 +13,7 @@ from benchmarks.bench_schedule_law import (
     gain_errors,
     ranking_agreement,
     relative_errors,
+    stable_at,
 )
 from lab import schedules
 from lab.errors import UserError
@@ -184,6 +185,14 @@ def test_benchmark_scores_on_a_hand_computed_case():
     # Ranking: predicted order a < b < c, measured a < c < b: 2 of 3 pairs right.
     assert ranking_agreement([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == (2, 3)
     assert ranking_agreement([1.0, 2.0, 3.0], [1.5, 2.5, 3.5]) == (3, 3)
+    # The stable loss at step T from a line through the evals within the window: exact on a
+    # line, at the centre or at the end (one-sided); at the centre of symmetric points, their
+    # mean (1, 3, 2 at 80, 100, 120: 2), whatever lies outside the window (9 at 140).
+    n = np.arange(0, 201, 20)
+    assert stable_at(n, 3.0 - 0.001 * n, 100) == pytest.approx(2.9)
+    assert stable_at(n, 3.0 - 0.001 * n, 200) == pytest.approx(2.8)
+    assert stable_at(np.array([80, 100, 120, 140]), np.array([1.0, 3.0, 2.0, 9.0]), 100,
+                     window=20) == pytest.approx(2.0)
     # Eval noise from second differences: white noise of 0.01 on a straight line.
     rng = np.random.default_rng(0)
     noisy = np.linspace(3, 2, 20000) + 0.01 * rng.standard_normal(20000)
