@@ -1,7 +1,7 @@
 """`lab fit`: fit scaling laws to run directories or CSV files and print what they imply.
 
     lab fit INPUT... [--method approach3|isoflop|envelope|hparams|critical-batch]
-                     [--bootstrap K] [--json OUT] [--plots DIR]
+                     [--bootstrap K] [--json OUT] [--plots DIR] [--backtest [--folds K]]
 
 An INPUT is a run directory (searched recursively for summary.json) or a CSV with columns N,
 loss and either D or C (then D = C / 6N); Epoch AI's `Model Size`, `Training FLOP`, `loss`
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_budgets, metavar="C1,C2,...",
                    help="compute budgets (FLOPs) to report the optimal N, D for; default: the "
                         "largest in the data times 1, 10 and 100")
+    p.add_argument("--backtest", action="store_true",
+                   help="also backtest the law by compute: fit on the smaller budgets, predict "
+                        "the larger ones, against three naive baselines; calibrates the "
+                        "prediction intervals by its out-of-sample errors")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="with --backtest: K quantile cuts of C for points without a few "
+                        "distinct budgets (default 4), or the last K budgets as cuts")
     _add_point_options(p)
     _add_method_settings(p)
     return p
@@ -98,6 +105,7 @@ def run_fit(args: argparse.Namespace) -> FitResult:
         raise UserError(f"--bootstrap must be 0 or more, got {args.bootstrap}")
     if not 0 < args.level < 1:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
+    check_backtest_args(args)
     check_outputs(args.json, args.plots)  # before the work, not after it
     inputs = load_inputs(
         args.inputs,
@@ -105,9 +113,25 @@ def run_fit(args: argparse.Namespace) -> FitResult:
         params=args.params,
         include_stable_parents=args.include_stable_parents,
     )
+    backtest = ({"folds": args.folds, "level": args.level, "rel_tol": args.budget_tolerance}
+                if args.backtest else None)
     return analyse(args.method, inputs, options=method_options(args), budgets=args.budgets,
                    drop_highest=args.drop_highest_loss, curve_loss=args.curve_loss,
-                   params=args.params, plots_dir=args.plots, sources=list(args.inputs))
+                   params=args.params, plots_dir=args.plots, sources=list(args.inputs),
+                   backtest=backtest)
+
+
+def check_backtest_args(args: argparse.Namespace) -> None:
+    """--backtest and --folds make sense together, for a method that predicts a loss."""
+    from analysis.backtest import PREDICTORS
+
+    if args.folds is not None and not args.backtest:
+        raise UserError("--folds needs --backtest; add --backtest or drop --folds")
+    if args.folds is not None and args.folds < 1:
+        raise UserError(f"--folds must be at least 1, got {args.folds}")
+    if args.backtest and args.method not in PREDICTORS:
+        raise UserError(f"--backtest needs a method that predicts a loss at (N, D) "
+                        f"({', '.join(PREDICTORS)}); --method {args.method} does not")
 
 
 def check_outputs(json_path: str | None, plots_dir: str | None) -> None:

@@ -343,13 +343,16 @@ class FitResult:
 def analyse(method: str, inputs: Inputs, *, options: dict | None = None,
             budgets: list[float] | None = None, drop_highest: int = 0,
             curve_loss: str = "loss", params: str = "non_embedding",
-            plots_dir: str | None = None, sources: list[str] = ()) -> FitResult:
+            plots_dir: str | None = None, sources: list[str] = (),
+            backtest: dict | None = None) -> FitResult:
     """Fit `method` to the inputs and describe it. `budgets` (FLOPs) are where the allocation
     is reported (default: the largest compute in the data times 1, 10 and 100); the K highest-
-    loss points are left out first with `drop_highest`; `plots_dir` receives the figures."""
+    loss points are left out first with `drop_highest`; `plots_dir` receives the figures;
+    `backtest` (the keywords of analysis.backtest.backtest) adds its backtest and calibrates
+    the prediction intervals by it."""
     try:
         return _analyse(method_named(method), inputs, options or {}, budgets, drop_highest,
-                        curve_loss, params, plots_dir, list(sources))
+                        curve_loss, params, plots_dir, list(sources), backtest)
     except UserError as err:
         parents = sum("stable" in why for _, why in inputs.skipped)
         if not parents:
@@ -360,8 +363,15 @@ def analyse(method: str, inputs: Inputs, *, options: dict | None = None,
 
 def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | None,
              drop_highest: int, curve_loss: str, params: str, plots_dir: str | None,
-             sources: list[str]) -> FitResult:
+             sources: list[str], backtest: dict | None = None) -> FitResult:
     points = drop_highest_loss(inputs.points, drop_highest)
+    checked = None
+    if backtest is not None:  # first: its mistakes are found before the full fit
+        from analysis.backtest import add_backtest
+        from analysis.backtest import backtest as run_backtest
+
+        by_budget = True if inputs.csv.empty else None  # run directories: cut at budgets
+        checked = run_backtest(points, m.name, by_budget=by_budget, **backtest)
     tables = {"points": lambda: points, "curves": lambda: inputs.curves(curve_loss),
               "batch_curves": lambda: inputs.batch_curves(curve_loss)}
     data = tables[m.table]()
@@ -385,6 +395,8 @@ def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | No
     elif plots_dir:
         record["plots"] = []
     text = describe(m.name, result, budgets, inputs.n_label)
+    if checked is not None:
+        text = add_backtest(record, text, checked)
     if len(planned):
         text += "\n\n" + describe_predictions(planned)
     return FitResult(result, jsonable(record), text)

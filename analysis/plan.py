@@ -169,7 +169,10 @@ def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float
         pts = load_inputs(run_dirs).points
         fit = fit_approach3(pts["N"], pts["D"], pts["loss"], bootstrap=bootstrap, seed=seed,
                             level=level)
-        loss = LossLaw.from_dict(fit.to_dict() | fit_record(fit, pts["N"], pts["D"], pts["loss"]))
+        from analysis.backtest import calibration_of
+
+        loss = LossLaw.from_dict(fit.to_dict() | fit_record(fit, pts["N"], pts["D"], pts["loss"])
+                                 | calibration_of(pts, level))
         loss_source = f"Approach 3 fitted on {len(pts)} runs under {', '.join(run_dirs)}"
         run_roots += run_dirs
     if loss is None:
@@ -487,9 +490,10 @@ def make_plan(args: argparse.Namespace) -> dict:
     excess = hparam_excess(laws, n_by, D_target, fpt * D_target, float(f"{lr:.4g}"),
                            tokens_per_step, args.level)
     hi = law_hi * float(np.exp(excess["level_quantile"]))
-    if law.interval_method == "residual":
-        warns.append("the interval is residual-based, too narrow far beyond the fitted runs; "
-                     "fit with --bootstrap K for a bootstrap interval")
+    if law.interval_method != "calibrated":
+        warns.append(f"the interval ({law.interval_method}) is not calibrated by out-of-sample "
+                     "errors and can be far too narrow beyond the fitted runs; `lab fit RUNS "
+                     "--backtest --json fit.json` calibrates it")
     frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")

@@ -12,10 +12,17 @@ scatter of runs around the law to the uncertainty of the law itself.
   residuals on n - 5 degrees of freedom, t Student's quantile, J the gradient of the log law
   in (log A, log B, log E, alpha, beta) at the fitted points and g at the new one (the delta
   method; linear in the parameters, so it can still be narrow far outside the fitted range).
+- "calibrated": after a backtest (`lab fit --backtest`), the residual interval's shape with its
+  width set by out-of-sample errors: the prediction times exp(± q s sqrt(1 + g' (J'J)^-1 g)),
+  q the split-conformal quantile of the backtest's standardized scores |log(y / ŷ)| / (s
+  sqrt(1 + g' (J'J)^-1 g)), each scored with the fit of its own fold (analysis.backtest). The
+  scale still grows with the distance from the fitted points; q carries what the law's own
+  residuals cannot: its misspecification and noise it does not model.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +47,7 @@ class LossLaw:
     samples: np.ndarray | None = None  # K x 5 (E, A, B, alpha, beta) bootstrap refits
     points: np.ndarray | None = None  # n x 2: the fitted points' N and D
     params: str = "total"  # which parameter count N is: total or non_embedding
+    calibration: np.ndarray | None = None  # out-of-sample standardized scores of a backtest
 
     @property
     def theta(self) -> tuple[float, float, float, float, float]:
@@ -47,6 +55,8 @@ class LossLaw:
 
     @property
     def interval_method(self) -> str:
+        if self.calibration is not None and len(self.calibration):
+            return "calibrated"
         return "bootstrap" if self.samples is not None and len(self.samples) >= 2 else "residual"
 
     def optimum(self, C: float) -> tuple[float, float, float]:
@@ -64,10 +74,12 @@ class LossLaw:
         if not 0 < level < 1:
             raise UserError(f"the interval level must be between 0 and 1, got {level}")
         pred = float(law(N, D, *self.theta))
-        r = np.asarray(self.residuals, dtype=np.float64)
-        n = len(r)
-        dof = n - N_PARAMS
         q = [(1 - level) / 2, (1 + level) / 2]
+        if self.interval_method == "calibrated":
+            half = conformal_quantile(self.calibration, level) * float(self.scale(N, D)[0])
+            return pred, pred * math.exp(-half), pred * math.exp(half)
+        r = np.asarray(self.residuals, dtype=np.float64)
+        n, dof = len(r), len(r) - N_PARAMS
         if self.interval_method == "bootstrap":
             s = np.asarray(self.samples, dtype=np.float64)
             preds = law(N, D, *(s[:, i] for i in range(5)))
@@ -79,20 +91,28 @@ class LossLaw:
             outcomes = preds[:, None] * np.exp(noise)
             lo, hi = np.quantile(outcomes, q)
             return pred, float(lo), float(hi)
+        half = float(stats.t.ppf(q[1], dof)) * float(self.scale(N, D)[0])
+        return pred, pred * math.exp(-half), pred * math.exp(half)
+
+    def scale(self, N, D) -> np.ndarray:
+        """s sqrt(1 + g' (J'J)^-1 g) at each (N, D): the log-space standard error of one new
+        outcome (s from the residuals on n - 5 degrees of freedom, g the log law's gradient);
+        without the fitted points, s alone."""
+        r = np.asarray(self.residuals, dtype=np.float64)
+        dof = len(r) - N_PARAMS
         if dof < 1:
             raise UserError(
-                f"a residual interval needs more than {N_PARAMS} fitted points, the fit has {n}; "
-                "add runs or fit with --bootstrap"
+                f"a residual interval needs more than {N_PARAMS} fitted points, the fit has "
+                f"{len(r)}; add runs or fit with --bootstrap"
             )
         s = float(np.sqrt(np.sum(r * r) / dof))
-        t = float(stats.t.ppf(q[1], dof))
-        leverage = 0.0
-        if self.points is not None:
-            J = self.gradient(self.points[:, 0], self.points[:, 1])
-            g = self.gradient(np.atleast_1d(N), np.atleast_1d(D))[0]
-            leverage = float(g @ np.linalg.pinv(J.T @ J) @ g)
-        half = t * s * np.sqrt(1.0 + leverage)
-        return pred, pred * float(np.exp(-half)), pred * float(np.exp(half))
+        N, D = np.atleast_1d(np.asarray(N, np.float64)), np.atleast_1d(np.asarray(D, np.float64))
+        if self.points is None:
+            return np.full(len(N), s)
+        J = self.gradient(self.points[:, 0], self.points[:, 1])
+        g = self.gradient(N, D)
+        leverage = np.einsum("ij,jk,ik->i", g, np.linalg.pinv(J.T @ J), g)
+        return s * np.sqrt(1.0 + leverage)
 
     def gradient(self, N, D) -> np.ndarray:
         """d log L / d (log A, log B, log E, alpha, beta) at each (N, D): rows of J."""
@@ -122,7 +142,27 @@ class LossLaw:
             samples=None if not samples else np.asarray(samples, dtype=np.float64),
             params=str(d.get("params", "total")),
             points=None if not d.get("points") else np.asarray(d["points"], dtype=np.float64),
+            calibration=_scores(d.get("calibration")),
         )
+
+
+def _scores(calibration: dict | None) -> np.ndarray | None:
+    scores = (calibration or {}).get("scores")
+    return None if not scores else np.asarray(scores, dtype=np.float64)
+
+
+def conformal_quantile(scores, level: float) -> float:
+    """The split-conformal quantile of `scores` at `level`: the ceil((n + 1) level)-th smallest
+    (Vovk et al.; Lei et al. 2018), which covers a new exchangeable score with probability at
+    least `level`. With too few scores for that rank, the largest (see enough_scores)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    k = math.ceil((len(s) + 1) * level)
+    return float(s[min(k, len(s)) - 1])
+
+
+def enough_scores(n: int, level: float) -> bool:
+    """Whether n scores give a conformal quantile at `level` (else it is capped at the largest)."""
+    return math.ceil((n + 1) * level) <= n
 
 
 def fit_record(fit, N, D, loss) -> dict:

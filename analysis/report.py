@@ -260,7 +260,8 @@ SMOKE_TEST = ("SMOKE TEST: this quick study checks that every step runs; its mod
 
 
 def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
-    """What must be read before any number: a smoke test's notice, then the fit's warnings."""
+    """What must be read before any number: a smoke test's notice, the fit's warnings, and a
+    backtest's verdict when the law did not beat every naive baseline."""
     lines = [SMOKE_TEST] if smoke_test else []
     warnings = result.get("warnings") or []
     iso_warnings = (result.get("isoflop") or {}).get("warnings") or []
@@ -271,6 +272,9 @@ def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
         lines += [f"  - IsoFLOP: {w}" for w in iso_warnings]
     if result.get("degenerate"):
         lines.append("The Approach 3 fit is degenerate: its parameters are not shown as a law.")
+    verdict = (result.get("backtest") or {}).get("verdict")
+    if verdict:  # a naive baseline predicted the larger runs as well as the law
+        lines.append(f"WARNING: {verdict}.")
     return lines
 
 
