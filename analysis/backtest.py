@@ -100,31 +100,34 @@ def register_predictor(name: str, fit: Callable[..., Fitted]) -> None:
 # The cuts.
 
 
-def fold_cuts(points: pd.DataFrame, folds: int | None = None, rel_tol: float = 0.1,
-              by_budget: bool | None = None) -> tuple[str, list[float]]:
-    """("budgets" | "quantiles", the cuts c_k ascending).
+def fold_keys(points: pd.DataFrame, folds: int | None = None, rel_tol: float = 0.1,
+              by_budget: bool | None = None) -> tuple[str, np.ndarray, list[float]]:
+    """("budgets" | "quantiles", each point's compute key, the cuts ascending): fold k fits the
+    points whose key is at most cut k and predicts the others.
 
-    By budget (the points' `budget` column, else analysis.points.group_budgets): every budget
-    below the largest, the last `folds` of them when given. That is the rule for run
-    directories (`by_budget` True), for a `budget` column, and for points where at least three
-    quarters of the budgets hold BUDGET_POINTS points or more. Otherwise C is continuous (as in
-    Chinchilla's digitised points): `folds` (default 4) cuts at its quantiles k / (folds + 1).
+    By budget (the points' `budget` column, else analysis.points.group_budgets), a point's key
+    is the median C of its budget, and the cuts are every budget's key below the largest (the
+    last `folds` of them when given). That is the rule for run directories (`by_budget` True),
+    for a `budget` column, and for points where at least three quarters of the budgets hold
+    BUDGET_POINTS points or more. Otherwise C is continuous (as in Chinchilla's digitised
+    points): the key is C, and `folds` (default 4) cuts at its quantiles k / (folds + 1).
     """
     C = points["C"].to_numpy(np.float64)
     labels = (points["budget"].to_numpy() if "budget" in points.columns
               else group_budgets(C, rel_tol))
-    names, sizes = np.unique(labels, return_counts=True)
+    names, index, sizes = np.unique(labels, return_inverse=True, return_counts=True)
     if by_budget is None:
         by_budget = "budget" in points.columns or np.mean(sizes >= BUDGET_POINTS) >= 0.75
-    if by_budget:
-        if len(names) < 2:
-            raise UserError("the backtest needs points at 2 or more compute budgets and all of "
-                            "them share one; add runs at another budget")
-        cuts = sorted(float(C[labels == b].max()) for b in names)[:-1]
-        return "budgets", cuts[-folds:] if folds else cuts
-    k = folds or 4
-    qs = np.quantile(C, np.arange(1, k + 1) / (k + 1))
-    return "quantiles", sorted({float(q) for q in qs if (C > q).any()})
+    if not by_budget:
+        k = folds or 4
+        qs = np.quantile(C, np.arange(1, k + 1) / (k + 1))
+        return "quantiles", C, sorted({float(q) for q in qs if (C > q).any()})
+    if len(names) < 2:
+        raise UserError("the backtest needs points at 2 or more compute budgets and all of "
+                        "them share one; add runs at another budget")
+    medians = np.array([np.median(C[index == i]) for i in range(len(names))])
+    cuts = sorted(float(m) for m in medians)[:-1]
+    return "budgets", medians[index], cuts[-folds:] if folds else cuts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +155,7 @@ class Fold:
     law: dict
     baselines: dict
     interval: str  # "calibrated by K earlier scores" or the fold fit's own ("residual")
-    C: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # predicted points
+    key: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))  # predicted points
     scores: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
 
     def to_dict(self) -> dict:
@@ -161,15 +164,15 @@ class Fold:
                 "baselines": self.baselines, "interval": self.interval}
 
 
-def _fold(points: pd.DataFrame, cut: float, fitter: Callable[..., Fitted], starts,
-          level: float, earlier: list[Fold]) -> Fold:
-    fitted, query = points[points["C"] <= cut], points[points["C"] > cut]
+def _fold(points: pd.DataFrame, key: np.ndarray, cut: float, fitter: Callable[..., Fitted],
+          starts, level: float, earlier: list[Fold]) -> Fold:
+    fitted, query = points[key <= cut], points[key > cut]
     if len(fitted) < MIN_FIT_POINTS:
         raise UserError(f"{len(fitted)} points at or below the cut, {MIN_FIT_POINTS} needed")
     model = fitter(fitted, starts)
     pred, scale = model.predict(query), model.scale(query)
     y = query["loss"].to_numpy(np.float64)
-    prior = np.concatenate([f.scores[f.C <= cut] for f in earlier] or [np.zeros(0)])
+    prior = np.concatenate([f.scores[f.key <= cut] for f in earlier] or [np.zeros(0)])
     if len(prior):
         half = conformal_quantile(prior, level) * scale
         lo, hi = pred * np.exp(-half), pred * np.exp(half)
@@ -182,7 +185,7 @@ def _fold(points: pd.DataFrame, cut: float, fitter: Callable[..., Fitted], start
     return Fold(cut=float(cut), n_fit=len(fitted), n_predict=len(query),
                 extrapolation=extrapolation, law=errors(pred, y, lo, hi),
                 baselines={b: errors(base[b], y) for b in BASELINES}, interval=how,
-                C=query["C"].to_numpy(np.float64), scores=np.abs(np.log(y / pred)) / scale)
+                key=key[key > cut], scores=np.abs(np.log(y / pred)) / np.maximum(scale, 1e-12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +254,7 @@ def backtest(points: pd.DataFrame, method: str = "approach3", *, folds: int | No
              level: float = 0.95, rel_tol: float = 0.1, by_budget: bool | None = None,
              starts: np.ndarray | None = None) -> Backtest:
     """The rolling-origin backtest of `method` on points (columns N, D, C, loss; a `budget`
-    column sets the budgets; `by_budget` as fold_cuts takes it). `starts`: Approach 3's grid
+    column sets the budgets; `by_budget` as fold_keys takes it). `starts`: Approach 3's grid
     per fold (default coarse_grid())."""
     if method not in PREDICTORS:
         raise UserError(f"--backtest needs a method that predicts a loss at (N, D): "
@@ -263,12 +266,12 @@ def backtest(points: pd.DataFrame, method: str = "approach3", *, folds: int | No
     check_points(points, ("N", "D", "C", "loss"), min_points=MIN_FIT_POINTS + 1,
                  what="the backtest")
     points = points.sort_values("C").reset_index(drop=True)
-    mode, cuts = fold_cuts(points, folds, rel_tol, by_budget)
+    mode, key, cuts = fold_keys(points, folds, rel_tol, by_budget)
     starts = coarse_grid() if starts is None and method == "approach3" else starts
     done, skipped = [], []
     for cut in cuts:
         try:
-            done.append(_fold(points, cut, PREDICTORS[method], starts, level, done))
+            done.append(_fold(points, key, cut, PREDICTORS[method], starts, level, done))
         except UserError as err:
             skipped.append({"cut": float(cut), "reason": str(err)})
     if not done:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from analysis.approach3 import chinchilla_grid, fit_approach3, law, optimal_allocation
-from analysis.backtest import backtest, fold_cuts
+from analysis.backtest import backtest, fold_keys
 from analysis.baselines import BASELINES, predict_baselines
 from analysis.cli import main as fit_main
 from analysis.predict import LossLaw, conformal_quantile, fit_record
@@ -77,12 +77,18 @@ def test_baselines_match_their_definitions():
 def test_quantile_cuts_for_continuous_compute_and_budgets_otherwise():
     rng = np.random.default_rng(0)
     C = np.exp(rng.uniform(40, 50, 100))
-    mode, cuts = fold_cuts(frame(C, C, C, C), folds=3)
-    assert mode == "quantiles" and cuts == pytest.approx(list(np.quantile(C, [0.25, 0.5, 0.75])))
+    mode, key, cuts = fold_keys(frame(C, C, C, C), folds=3)
+    assert mode == "quantiles" and (key == C).all()
+    assert cuts == pytest.approx(list(np.quantile(C, [0.25, 0.5, 0.75])))
     N, D, C = isoflop(BUDGETS)
-    mode, cuts = fold_cuts(frame(N, D, C, C))
-    assert mode == "budgets" and cuts == pytest.approx(list(BUDGETS[:-1]))
-    assert fold_cuts(frame(N, D, C, C), folds=2)[1] == pytest.approx(list(BUDGETS[-3:-1]))
+    C = C * np.exp(rng.uniform(-0.05, 0.05, len(C)))  # a budget's runs spend it within 5%
+    mode, key, cuts = fold_keys(frame(N, D, C, C))
+    assert mode == "budgets" and cuts == pytest.approx(list(BUDGETS[:-1]), rel=0.05)
+    assert len(set(key)) == len(BUDGETS) and (key[:5] == np.median(C[:5])).all()
+    assert fold_keys(frame(N, D, C, C), folds=2)[2] == cuts[-2:]
+    # A `budget` column sets the budgets, whatever their C.
+    labelled = frame(N, D, C, C).assign(budget=np.arange(len(C)) // 15)
+    assert len(fold_keys(labelled)[2]) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,6 +128,12 @@ class Setting:
         frame.to_csv(path, index=False)
         return str(path)
 
+    def budgets(self, labels: list[int]) -> str:
+        """good_points with a `budget` column: the budgets the backtest cuts at."""
+        frame = pd.read_csv(self.good_points()).assign(budget=labels)
+        frame.to_csv(self.tmp / "points.csv", index=False)
+        return str(self.tmp / "points.csv")
+
     def good_points(self) -> str:
         rng = np.random.default_rng(0)
         return self.points(np.exp(rng.uniform(16, 20, 12)), np.exp(rng.uniform(18, 24, 12)))
@@ -248,6 +254,22 @@ CATALOGUE = [
     ("fit a collinear design (D = 20 N)",
      lambda s: ["fit", s.points(np.logspace(6, 8, 8), 20 * np.logspace(6, 8, 8))],
      "cannot separate N from D"),
+    ("fit --backtest --folds 0", lambda s: ["fit", s.good_points(), "--backtest", "--folds", "0"],
+     "--folds must be at least 1"),
+    ("fit --folds without --backtest", lambda s: ["fit", s.good_points(), "--folds", "3"],
+     "--folds needs --backtest"),
+    ("fit --backtest of a method that predicts no loss",
+     lambda s: ["fit", s.good_points(), "--method", "isoflop", "--backtest"],
+     "needs a method that predicts a loss"),
+    ("fit --backtest with 7 points",
+     lambda s: ["fit", s.points(np.logspace(6, 8, 7), [1e9, 1e8, 1e10] * 2 + [1e9]),
+                "--backtest"],
+     "the backtest needs at least 8 points"),
+    ("fit --backtest at one budget", lambda s: ["fit", s.budgets([0] * 12), "--backtest"],
+     "needs points at 2 or more compute budgets"),
+    ("fit --backtest with no fold to fit",
+     lambda s: ["fit", s.budgets([0] * 6 + [1] * 6), "--backtest"],
+     "no fold of the backtest could be fitted"),
     # Plans.
     ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
      lambda s: ["plan", s.write("flat.json", json.dumps(

@@ -135,7 +135,7 @@ def test_interval_coverage_over_seeds():
                     _, lo, hi = lw.predict(n, d, level=0.9)
                     hits[kind].append(lo <= y <= hi)
     assert laws["residual"].interval_method == "residual"
-    assert np.mean(hits["bootstrap"]) == pytest.approx(0.9, abs=0.1)
+    assert 0.8 <= np.mean(hits["bootstrap"]) <= 0.95  # not too narrow, and not too wide
     assert 0.5 <= np.mean(hits["residual"]) <= np.mean(hits["bootstrap"])
 
 
