@@ -58,7 +58,7 @@ def run(quick: bool = False) -> list[dict]:
             text, wall, cpu = _lab_fit(words)
             shown = ["lab", "fit", "$LAB_CHINCHILLA_CSV", *extra, "--backtest", "--json",
                      "OUT"]
-            printed += [f"$ {' '.join(shown)}", text.rstrip(),
+            printed += [f"$ {' '.join(shown)}", text.rstrip().replace(str(out), "OUT"),
                         f"time: {wall:.1f} s wall, {cpu:.1f} s CPU; the plain fit (no "
                         f"--backtest) {plain_wall:.1f} s wall, {plain_cpu:.1f} s CPU", ""]
             bt = json.loads(out.read_text())["backtest"]

@@ -199,3 +199,39 @@ def test_calibrated_interval_is_the_conformal_quantile_times_the_scale():
     assert conformal_quantile(scores, 0.9) == pytest.approx(1.8)
     assert (lo, hi) == pytest.approx((pred * np.exp(-1.8 * s), pred * np.exp(1.8 * s)))
     assert lw.interval_method == "calibrated"
+
+
+def test_lab_plan_reads_the_calibrated_interval(tmp_path, monkeypatch, capsys):
+    """`lab fit --backtest --json` keeps the scores; `lab plan` on that JSON gives the calibrated
+    interval (the conformal quantile times the law's scale at the planned run), and says when
+    an interval is not calibrated."""
+    from pathlib import Path
+
+    from analysis import plan as plan_cli
+
+    monkeypatch.setattr("analysis.approach3.chinchilla_grid", lambda: STARTS)
+    monkeypatch.setattr("analysis.backtest.coarse_grid", lambda: STARTS)
+    rng = np.random.default_rng(5)
+    N, D, C = isoflop(BUDGETS)
+    frame(N, D, C, law(N, D, *TRUTH) * np.exp(rng.normal(0, 0.004, len(N)))).to_csv(
+        tmp_path / "points.csv", index=False)
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    plans = {}
+    for name, extra in (("calibrated", ["--backtest"]), ("plain", [])):
+        fit_json = tmp_path / f"{name}.json"
+        assert fit_main([str(tmp_path / "points.csv"), "--json", str(fit_json), *extra]) == 0
+        assert plan_cli.main([str(fit_json), "--budget", "1e14", "--out", str(tmp_path / name),
+                              "--base", tiny, "--aspect-ratio", "32", "--level", "0.9"]) == 0
+        plans[name] = json.loads((tmp_path / name / "plan.json").read_text())
+    capsys.readouterr()
+    plan = plans["calibrated"]
+    record = json.loads((tmp_path / "calibrated.json").read_text())
+    lw = LossLaw.from_dict(record)
+    q = conformal_quantile(record["calibration"]["scores"], 0.9)
+    half = q * lw.scale(plan["N"], plan["D"])[0]
+    assert plan["interval_method"] == "calibrated"
+    assert plan["interval"] == pytest.approx([plan["predicted_loss"] * np.exp(-half),
+                                              plan["predicted_loss"] * np.exp(half)])
+    assert not any("not calibrated" in w for w in plan["warnings"])
+    assert plans["plain"]["interval_method"] == "residual"
+    assert any("not calibrated" in w for w in plans["plain"]["warnings"])
