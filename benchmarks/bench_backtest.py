@@ -166,10 +166,11 @@ def run(quick: bool = False) -> list[dict]:
         rows.append(row(f"90% interval coverage, {name}", 100 * calibrated, "%",
                         "residual interval", 100 * residual, "goal 80-95%"))
     note = load_note()
-    print("\n".join(printed) + note)
+    printed.append(note)
+    print("\n".join(printed))
     if not quick and records:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "backtest-chinchilla.txt").write_text("\n".join(printed) + note + "\n")
+        (RESULTS / "backtest-chinchilla.txt").write_text("\n".join(printed) + "\n")
         (RESULTS / "backtest-chinchilla.json").write_text(
             json.dumps({"load": note, "cases": records, "coverage": coverage}, indent=2) + "\n")
     return rows
