@@ -69,8 +69,8 @@ class Approach3Predictor:
 
 
 def coarse_grid() -> np.ndarray:
-    """Every third start of the published grid in a, b (0, 15 and 10, 25 mixed), all of e,
-    alpha, beta: 500 starts; each runs to convergence as in the full fit."""
+    """The published grid's starts with a in {0, 10, 20} and b in {5, 15, 25}, all of e, alpha
+    and beta: 1,125 of its 4,500; each runs to convergence as in the full fit."""
     grid = chinchilla_grid()
     keep = np.isin(grid[:, 0], (0.0, 10.0, 20.0)) & np.isin(grid[:, 1], (5.0, 15.0, 25.0))
     return grid[keep]

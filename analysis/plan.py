@@ -491,9 +491,8 @@ def make_plan(args: argparse.Namespace) -> dict:
                            tokens_per_step, args.level)
     hi = law_hi * float(np.exp(excess["level_quantile"]))
     if law.interval_method != "calibrated":
-        warns.append(f"the interval ({law.interval_method}) is not calibrated by out-of-sample "
-                     "errors and can be far too narrow beyond the fitted runs; `lab fit RUNS "
-                     "--backtest --json fit.json` calibrates it")
+        warns.append(f"the {law.interval_method} interval is not calibrated, can be too narrow "
+                     "beyond the fitted runs; `lab fit RUNS --backtest --json F` calibrates it")
     frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")
