@@ -184,3 +184,25 @@ def test_lab_plan_reads_the_calibrated_interval(tmp_path, monkeypatch, capsys):
     assert not any("not calibrated" in w for w in plan["warnings"])
     assert plans["plain"]["interval_method"] == "residual"
     assert any("not calibrated" in w for w in plans["plain"]["warnings"])
+
+
+def test_run_directories_are_cut_at_their_budgets(tmp_path, monkeypatch, capsys):
+    """`lab fit RUNS --backtest --folds 2` on run directories: the cuts are the last two budgets
+    below the largest (each run's C from its summary's flops)."""
+    from analysis_helpers import make_run
+
+    monkeypatch.setattr("analysis.approach3.chinchilla_grid", lambda: STARTS)
+    monkeypatch.setattr("analysis.backtest.coarse_grid", lambda: STARTS)
+    rng = np.random.default_rng(2)
+    N, D, C = isoflop(BUDGETS)
+    for i, (n, d) in enumerate(zip(N, D, strict=True)):
+        make_run(tmp_path / "runs", f"r{i}", N=n, D=d,
+                 loss=law(n, d, *TRUTH) * np.exp(rng.normal(0, 0.004)))
+    out = tmp_path / "fit.json"
+    assert fit_main([str(tmp_path / "runs"), "--backtest", "--folds", "2", "--params", "total",
+                     "--json", str(out)]) == 0
+    folds = json.loads(out.read_text())["backtest"]["folds"]
+    assert [f["cut"] for f in folds] == pytest.approx(list(BUDGETS[-3:-1]))
+    assert [f["n_fit"] for f in folds] == [20, 25]
+    printed = capsys.readouterr().out
+    assert "Backtest of approach3 by compute (2 folds, cuts at the budgets)" in printed
