@@ -3,8 +3,12 @@ step's error: the tiny config trained with `optim.name=muon` for each dtype over
 (`run.seed`, which sets the initial parameters), the final losses compared with the spread the
 seeds alone give.
 
-    nice -n 10 .venv/bin/python -m benchmarks.muon_ns_dtype_curves \
-        --out benchmarks/results/muon-ns-dtype-tiny.txt
+    nice -n 10 .venv/bin/python -m benchmarks.muon_ns_dtype_curves --jobs 3 \
+        --runs-dir /tmp/muon-ns-runs --out benchmarks/results/muon-ns-dtype-tiny.txt
+
+Each run is `lab train configs/tiny.yaml optim.name=muon optim.muon_ns_dtype=D run.seed=S
+checkpoint.every_steps=0 run.dir=RUNS/D-S`, up to --jobs at once; a run already finished in
+--runs-dir is read, not trained again (lab train says so and does nothing).
 
 The rule (issue 22): if the mean final eval loss of the two dtypes differs by less than the
 seed spread (the sample standard deviation over seeds, pooled over both dtypes), bfloat16 is
@@ -16,7 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,16 +31,33 @@ DTYPES = ("float32", "bfloat16")
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def train_curve(dtype: str, seed: int, run_dir: Path) -> dict:
-    """One tiny-config Muon run: its final eval loss, final train loss and logged curve."""
-    from benchmarks.common import final_eval_loss
+def train_all(runs_dir: Path, seeds: int, jobs: int) -> None:
+    """Every (dtype, seed) run of the tiny config with Muon, `jobs` processes at a time."""
+    pending = [(d, s) for s in range(seeds) for d in DTYPES]
+    running: list[subprocess.Popen] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            dtype, seed = pending.pop(0)
+            command = [sys.executable, "-m", "lab.cli", "train", str(TINY), "optim.name=muon",
+                       f"optim.muon_ns_dtype={dtype}", f"run.seed={seed}",
+                       "checkpoint.every_steps=0", f"run.dir={runs_dir / f'{dtype}-{seed}'}"]
+            running.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL))
+        time.sleep(1)
+        for p in [p for p in running if p.poll() is not None]:
+            if p.returncode:
+                raise SystemExit(f"a run failed: {' '.join(p.args)}")
+            running.remove(p)
+
+
+def read_curve(dtype: str, seed: int, run_dir: Path) -> dict:
+    """One finished run: its final eval loss, final train loss and logged curve."""
     from lab.metrics import read_metrics
 
-    eval_loss = final_eval_loss(TINY, {"optim.name": "muon", "optim.muon_ns_dtype": dtype,
-                                       "run.seed": seed}, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
     curve = {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
-    return {"dtype": dtype, "seed": seed, "final_eval_loss": eval_loss,
-            "final_loss": curve[max(curve)], "curve": curve}
+    return {"dtype": dtype, "seed": seed, "final_eval_loss": summary["final_eval_loss"],
+            "final_loss": curve[max(curve)], "train_seconds": summary.get("train_seconds"),
+            "curve": curve}
 
 
 def compare(runs: list[dict]) -> dict:
@@ -56,12 +78,13 @@ def compare(runs: list[dict]) -> dict:
             "bfloat16_within_seed_spread": abs(difference) < spread}
 
 
-def report(runs: list[dict], verdict: dict, seconds: float) -> str:
+def report(runs: list[dict], verdict: dict) -> str:
     lines = ["Muon on configs/tiny.yaml (200 steps), Newton-Schulz operands float32 vs bfloat16",
-             f"({len(runs)} runs, {seconds:.0f} s, {load_note()})", "",
-             "| dtype | seed | final eval loss | final train loss |", "|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['seed']} | {r['final_eval_loss']:.5f} | "
-              f"{r['final_loss']:.5f} |" for r in runs]
+             f"({len(runs)} runs on the CPU; at the report: {load_note()})", "",
+             "| dtype | seed | final eval loss | final train loss | train s |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['dtype']} | {r['seed']} | {r['final_eval_loss']:.6f} | "
+              f"{r['final_loss']:.6f} | {r['train_seconds']:.0f} |" for r in runs]
     m = verdict["means"]
     lines += ["", f"mean final eval loss: float32 {m['float32']:.5f}, bfloat16 {m['bfloat16']:.5f}",
               f"difference (bfloat16 - float32): {verdict['difference']:+.5f}",
@@ -79,14 +102,16 @@ def report(runs: list[dict], verdict: dict, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once")
+    parser.add_argument("--runs-dir", type=Path, required=True,
+                        help="where the runs go (finished ones there are reused)")
     parser.add_argument("--out", type=Path, help="also write the report here (and .json beside)")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [train_curve(d, s, Path(tmp) / f"{d}-{s}")
-                for s in range(args.seeds) for d in DTYPES]
+    train_all(args.runs_dir, args.seeds, args.jobs)
+    runs = [read_curve(d, s, args.runs_dir / f"{d}-{s}")
+            for s in range(args.seeds) for d in DTYPES]
     verdict = compare(runs)
-    text = report(runs, verdict, time.perf_counter() - started)
+    text = report(runs, verdict)
     if args.out:
         args.out.with_suffix(".json").write_text(json.dumps(
             {"runs": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
