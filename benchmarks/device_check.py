@@ -1,16 +1,16 @@
-"""A short check of the lab on one NVIDIA H100/H200, one piece per call (device_check.sh runs
-them, each under `timeout`, and prints the table):
+"""The lab on one NVIDIA H100/H200: the device sweep of the ~1B train step, and two checks
+(device_check.sh runs them, each under `timeout`, and prints the table):
 
-    python benchmarks/device_check.py throughput OUT_DIR   # tokens/s and MFU, ~1B model
-    python benchmarks/device_check.py attention  OUT_DIR   # attention=xla vs cudnn, one batch
-    python benchmarks/device_check.py muon       OUT_DIR   # Muon step time against AdamW
-    python benchmarks/device_check.py resume     OUT_DIR   # SIGKILL at ~step 30 of 50, resume
-    python benchmarks/device_check.py table      OUT_DIR   # the table of what the pieces wrote
-    add --smoke to run any piece small, on the CPU (checks the code, measures nothing)
+    python benchmarks/device_check.py sweep     OUT_DIR  # the sweep (benchmarks/device_sweep.py)
+    python benchmarks/device_check.py table     OUT_DIR  # the tables of what was written
+    python benchmarks/device_check.py attention OUT_DIR  # attention=xla vs cudnn, one batch
+    python benchmarks/device_check.py resume    OUT_DIR  # SIGKILL at ~step 30 of 50, resume
+    python benchmarks/device_check.py variant   OUT_DIR NAME [--steps N] [--set KEY=VALUE]...
+                                                         # one sweep variant (the sweep runs it)
+    add --smoke to run any of them small, on the CPU (checks the code, measures nothing)
 
-Each piece writes OUT_DIR/PIECE.json (its rows) and prints them; the raw logs stay in OUT_DIR.
-MFU is against the H100/H200 dense bfloat16 peak, 989 TFLOP/s, with the model FLOPs of
-`lab.accounting.flops_per_token` (6 per weight plus causal attention), as the lab counts everywhere.
+The sweep appends its rows to OUT_DIR/sweep.jsonl as each variant finishes; the checks write
+OUT_DIR/PIECE.json; the raw logs stay in OUT_DIR.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -28,81 +27,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PEAK_FLOPS = 989e12  # H100/H200 SXM dense bf16
-# The ~1B model: d 2048, 16 layers, 16 heads of 128, SwiGLU, a 32K vocabulary, sequences of
-# 2048, bfloat16 matmuls and activations, cuDNN attention, the loss in chunks.
-BIG = ["model.d_model=2048", "model.n_layers=16", "model.n_heads=16", "model.vocab_size=32768",
-       "train.seq_len=2048", "train.batch_size=8", "model.compute_dtype=bfloat16",
-       "model.activation_dtype=bfloat16", "model.loss_chunk=1024", "model.remat=dots"]
-SMOKE = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=256",
-         "train.seq_len=64", "train.batch_size=8"]
+from benchmarks import device_sweep  # noqa: E402 (after the path that finds it)
 
 
-def _config(overrides: list[str]):
-    from lab.config import load_config
-
-    return load_config(None, [*overrides, "train.steps=1000", "train.log_every=1000"])
-
-
-def _batch(cfg, mesh, seed: int):
-    import numpy as np
-
-    from lab import sharding
-
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
-    return sharding.global_batch(tokens.astype(np.int32), mesh)
-
-
-def _steps(overrides: list[str], steps: int) -> dict:
-    """Build the trainer, compile, then time `steps` steps (each waited for)."""
+def first_step(overrides: list[str], smoke: bool) -> dict:
+    """The first step's metrics (loss, gradient norm) from the untouched initial parameters."""
     import jax
 
     from lab import sharding
-    from lab.accounting import flops_per_token, param_counts
     from lab.train import build_trainer
 
-    cfg = _config(overrides)
+    cfg = device_sweep.load(overrides, smoke)
     trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
-    batches = [_batch(cfg, trainer.mesh, i) for i in range(2)]
-    state = trainer.init_state()
-    started = time.perf_counter()
+    batch = device_sweep.random_batch(cfg, trainer.mesh, 0)
     with jax.set_mesh(trainer.mesh):
-        state, metrics = trainer.train_step(state, batches[0])
-        first = {k: float(v) for k, v in metrics.items()}  # the untouched initial parameters
-        compile_s = time.perf_counter() - started
-        times = []
-        for i in range(steps):
-            started = time.perf_counter()
-            state, metrics = trainer.train_step(state, batches[i % 2])
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - started)
-    tokens = cfg.train.batch_size * cfg.train.seq_len
-    step_s = statistics.median(times)
-    fpt = flops_per_token(cfg.model, cfg.train.seq_len)
-    return {"params": param_counts(cfg.model)["params"], "step_s": step_s, "best_s": min(times),
-            "tokens_per_s": tokens / step_s, "mfu": fpt * tokens / step_s / PEAK_FLOPS,
-            "compile_s": compile_s, "first": first, "devices": jax.device_count(),
-            "device": jax.devices()[0].device_kind}
-
-
-def throughput(smoke: bool) -> list[dict]:
-    r = _steps((SMOKE + ["model.attention=xla"]) if smoke else
-               BIG + ["model.attention=cudnn"], 3 if smoke else 10)
-    note = f"{r['params'] / 1e9:.2f}B params, {r['device']} x{r['devices']}"
-    return [{"figure": "train step tokens/s (~1B, bf16, cudnn)", "value": r["tokens_per_s"],
-             "unit": "tokens/s", "note": note},
-            {"figure": "MFU of 989 TFLOP/s", "value": r["mfu"], "unit": "",
-             "note": f"median step {r['step_s']:.3f} s (best {r['best_s']:.3f} s), first step "
-                     f"{r['compile_s']:.0f} s"}]
+        _, metrics = trainer.train_step(trainer.init_state(), batch)
+        return {k: float(v) for k, v in metrics.items()}
 
 
 def attention(smoke: bool) -> list[dict]:
     """The same parameters (seed) and batch through both implementations: the first step's loss
     and gradient norm, computed before any update."""
-    base = SMOKE if smoke else [*BIG[:-2], "train.batch_size=4", "model.n_layers=4"]
+    base = ["model.loss_chunk=0", "model.remat=none", "train.batch_size=4", "model.n_layers=4"]
     impls = ("xla", "xla") if smoke else ("xla", "cudnn")
-    a, b = (_steps([*base, f"model.attention={impl}"], 1)["first"] for impl in impls)
+    a, b = (first_step([*base, f"model.attention={impl}"], smoke) for impl in impls)
     rows = []
     for key in ("loss", "grad_norm"):
         rel = abs(a[key] - b[key]) / abs(a[key])
@@ -110,22 +58,6 @@ def attention(smoke: bool) -> list[dict]:
                      "value": rel, "unit": "",
                      "note": f"{a[key]:.6g} vs {b[key]:.6g}; bf16 activations, ~1e-2 expected: "
                              f"{'ok' if rel < 2e-2 else 'DISAGREE'}"})
-    return rows
-
-
-def muon(smoke: bool) -> list[dict]:
-    """Muon's step time over AdamW's, with Newton-Schulz products in true float32 (the default)
-    and with bfloat16 operands (optim.muon_ns_dtype=bfloat16)."""
-    base = (SMOKE + ["model.attention=xla"]) if smoke else BIG + ["model.attention=cudnn"]
-    steps = 3 if smoke else 8
-    adamw = _steps([*base, "optim.name=adamw"], steps)
-    rows = []
-    for ns_dtype in ("float32", "bfloat16"):
-        muon_ = _steps([*base, "optim.name=muon", f"optim.muon_ns_dtype={ns_dtype}"], steps)
-        rows.append({"figure": f"Muon ({ns_dtype} Newton-Schulz) step / AdamW step",
-                     "value": muon_["step_s"] / adamw["step_s"], "unit": "x",
-                     "note": f"median Muon {muon_['step_s']:.3f} s, AdamW {adamw['step_s']:.3f} s "
-                             f"a step (best {muon_['best_s']:.3f}, {adamw['best_s']:.3f}; ~1B)"})
     return rows
 
 
@@ -140,7 +72,7 @@ def resume(smoke: bool, out: Path) -> list[dict]:
     from lab import rundir
     from lab.metrics import read_metrics
 
-    model = [o for o in SMOKE if "vocab" not in o] if smoke else [
+    model = [o for o in device_sweep.SMOKE if "vocab" not in o] if smoke else [
         "model.d_model=512", "model.n_layers=8", "model.n_heads=8", "train.seq_len=1024",
         "train.batch_size=16", "model.compute_dtype=bfloat16", "model.attention=cudnn"]
     common = [str(ROOT / "configs" / "tiny.yaml"), *model,
@@ -176,15 +108,18 @@ def resume(smoke: bool, out: Path) -> list[dict]:
              "note": f"straight {sa.final_eval_loss:.6f}, status {sb.status}"}]
 
 
-PIECES = {"throughput": throughput, "attention": attention, "muon": muon}
+CHECKS = {"attention": lambda smoke, out: attention(smoke), "resume": resume}
 
 
 def table(out: Path) -> None:
-    print(f"{'figure':58} {'value':>12} {'unit':>8}  note")
-    for piece in [*PIECES, "resume"]:
+    """The sweep's table (when it ran), then the checks' rows."""
+    rows = device_sweep.read_rows(out)
+    if rows:
+        print(device_sweep.table(rows))
+    for piece in CHECKS:
         path = out / f"{piece}.json"
         if not path.exists():
-            print(f"{piece + ': no result (failed or timed out; see its log)':58}")
+            print(f"{piece}: no result (not run, failed or timed out; see its log)")
             continue
         for r in json.loads(path.read_text()):
             print(f"{r['figure']:58} {r['value']:>12.4g} {r['unit']:>8}  {r['note']}")
@@ -192,9 +127,18 @@ def table(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("piece", choices=[*PIECES, "resume", "table"])
+    parser.add_argument("piece", choices=["sweep", "table", "variant", *CHECKS])
     parser.add_argument("out", type=Path)
+    parser.add_argument("name", nargs="?", help="variant: its name")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="variant: a config override over the preset (repeatable)")
     parser.add_argument("--smoke", action="store_true", help="small and on the CPU")
+    parser.add_argument("--budget", type=float, default=450,
+                        help="sweep: seconds for all its variants (450)")
+    parser.add_argument("--only", help="sweep: these variants (comma-separated names)")
+    parser.add_argument("--steps", type=int, default=10, help="variant: timed steps")
+    parser.add_argument("--lab-xla-flags", action="store_true",
+                        help="variant: its environment has launch.gpu's XLA flags (recorded)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.piece == "table":
@@ -203,8 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     from lab import compile_cache
 
     compile_cache.enable()
-    rows = resume(args.smoke, args.out) if args.piece == "resume" else \
-        PIECES[args.piece](args.smoke)
+    if args.piece == "sweep":
+        device_sweep.sweep(args.out, args.smoke, args.budget,
+                           args.only.split(",") if args.only else None)
+        return 0
+    if args.piece == "variant":
+        return device_sweep.run_child(args.out, args.name, args.set, args.steps,
+                                      args.smoke, args.lab_xla_flags)
+    rows = CHECKS[args.piece](args.smoke, args.out)
     (args.out / f"{args.piece}.json").write_text(json.dumps(rows, indent=1))
     for r in rows:
         print(f"{r['figure']}: {r['value']:.4g} {r['unit']} ({r['note']})")

@@ -123,6 +123,7 @@ Seed = Annotated[int, Range(0, SEED_LIMIT, hi_open=True, note="JAX keeps 32 bits
 # The choices of the string-valued keys, written once: the modules that implement them import
 # the constants (kept here, free of jax, so that reading a config stays light).
 Dtype = Literal["float32", "bfloat16"]
+NsDtype = Literal["auto", "float32", "bfloat16"]  # lab.optim.newton_schulz_dtype
 Attention = Literal["auto", "xla", "cudnn", "splash", "blocked"]
 Remat = Literal["none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"]
 Parameterization = Literal["sp", "mup"]
@@ -247,10 +248,10 @@ class OptimConfig:
     muon_momentum: Decay = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: PositiveInt = 5
-    # Newton-Schulz matmul operands: float32 (true float32 products, the exact default) or
-    # bfloat16 (float32 accumulation, as Keller Jordan's reference): Muon's step was 2.4x
-    # faster on an H200 (docs/performance.md); on a TPU the gain is unmeasured
-    muon_ns_dtype: Dtype = "float32"
+    # Newton-Schulz matmul operands: float32 (true float32 products), bfloat16 (float32
+    # accumulation, as Keller Jordan's reference: Muon's step 2.4x faster on an H200), or auto:
+    # bfloat16 on GPU and TPU, float32 on CPU (tiny-config curves, docs/optimization.md)
+    muon_ns_dtype: NsDtype = "auto"
     muon_scaling: MuonScaling = "moonlight"
     muon_lr_ratio: PositiveFloat = 1.0
 

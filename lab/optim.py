@@ -130,13 +130,25 @@ def scale_by_lr_scales(lr_scales, specs) -> optax.GradientTransformation | None:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+def newton_schulz_dtype(ns_dtype: str, platform: str | None = None) -> jnp.dtype:
+    """optim.muon_ns_dtype's operand dtype on a platform (cpu | gpu | tpu; None = this host's
+    default backend): auto is bfloat16 on accelerators, where float32 products cost Muon its
+    speed, and float32 on CPUs, where bfloat16 buys nothing."""
+    if ns_dtype == "auto":
+        on_cpu = (platform or jax.default_backend()) == "cpu"
+        ns_dtype = "float32" if on_cpu else "bfloat16"
+    return jnp.dtype(ns_dtype)
+
+
 def build_optimizer(
-    optim_cfg, schedule_cfg, total_steps: int, specs, lr_scales=None
+    optim_cfg, schedule_cfg, total_steps: int, specs, lr_scales=None,
+    platform: str | None = None,
 ) -> optax.GradientTransformation:
     """The whole optimizer for parameters with these ParamSpecs (lab.roles; a tree like them).
     The settings are those of a validated config (lab.config.validate checks them).
 
     AdamW is ``optax.adamw`` on the schedule with decoupled weight decay masked to matrices.
+    ``platform`` (cpu | gpu | tpu; None = this host's) resolves ``optim.muon_ns_dtype=auto``.
     Muon runs on the schedule times ``optim.muon_lr_ratio`` with the same weight decay.
     ``lr_scales`` (a tree like `specs` of floats, e.g. μP's) multiplies each parameter's whole
     final update, weight-decay term included: every parameter then moves exactly as it would
@@ -169,7 +181,7 @@ def build_optimizer(
             momentum=optim_cfg.muon_momentum,
             nesterov=optim_cfg.muon_nesterov,
             ns_steps=optim_cfg.muon_ns_steps,
-            compute_dtype=jnp.dtype(optim_cfg.muon_ns_dtype),
+            compute_dtype=newton_schulz_dtype(optim_cfg.muon_ns_dtype, platform),
             scaling=optim_cfg.muon_scaling,
             weight_decay=optim_cfg.weight_decay,
         )

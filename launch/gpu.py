@@ -11,8 +11,9 @@ the exit status are the command's own:
   `pip install -e '.[cuda12]'`);
 - XLA_PYTHON_CLIENT_MEM_FRACTION (the share of GPU memory JAX preallocates), or
   XLA_PYTHON_CLIENT_PREALLOCATE=false with --no-preallocate (slower, but shows real usage);
-- XLA_FLAGS: --xla_gpu_enable_latency_hiding_scheduler=true (overlaps collectives with
-  compute), any --xla-flag, and --xla_dump_to with --dump-hlo;
+- XLA_FLAGS: the lab's GPU flags (XLA_GPU_FLAGS below, from MaxText's and NVIDIA JAX-Toolbox's
+  GPU scripts; --no-xla-defaults leaves them out), then the user's own (XLA_FLAGS already set,
+  then each --xla-flag), which win where they name the same flag; --xla_dump_to with --dump-hlo;
 - CUDA_VISIBLE_DEVICES with --gpus;
 - LAB_PROFILE_STEPS / LAB_PROFILE_DIR with --profile-steps: a jax.profiler trace of those steps
   (see lab/profiling.py).
@@ -21,6 +22,7 @@ the exit status are the command's own:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import shlex
@@ -30,13 +32,66 @@ from lab.errors import UserError
 from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
 from launch.common import after_dashes, resolve_command, run_main, train_config
 
-LATENCY_HIDING = "--xla_gpu_enable_latency_hiding_scheduler=true"
+
+@dataclasses.dataclass(frozen=True)
+class XlaFlag:
+    flag: str  # --name=value, as XLA_FLAGS takes it
+    source: str  # where the anchors set it
+    effect: str
+
+
+MAXTEXT_A3 = "MaxText end_to_end/gpu/a3/*.sh, configs/a3/*/1vm.sh"
+TOOLBOX = "JAX-Toolbox rosetta/docs/GPU_performance.md"
+# Only flags that act on one GPU (the collective combine thresholds and pipelined collectives of
+# the same scripts need several). None is yet shown to help on the lab's models: the device sweep
+# (benchmarks/device_check.py) measures them together against the baseline without them.
+XLA_GPU_FLAGS = (
+    XlaFlag("--xla_gpu_enable_latency_hiding_scheduler=true",
+            f"{MAXTEXT_A3}; {TOOLBOX}; set in JAX-Toolbox's images",
+            "schedules asynchronous collectives and copies to overlap compute"),
+    XlaFlag("--xla_gpu_enable_triton_gemm=false", f"{MAXTEXT_A3}; {TOOLBOX}",
+            "matmuls go to cuBLAS instead of Triton-generated kernels"),
+    XlaFlag("--xla_gpu_enable_command_buffer=",
+            f"{MAXTEXT_A3} (as --xla_gpu_graph_level=0, the switch's older name); {TOOLBOX}",
+            "no CUDA graphs: kernels launch one by one"),
+    XlaFlag("--xla_gpu_enable_highest_priority_async_stream=true", f"{MAXTEXT_A3}; {TOOLBOX}",
+            "asynchronous work runs on the highest-priority CUDA stream"),
+    XlaFlag("--xla_gpu_enable_while_loop_double_buffering=true", f"{MAXTEXT_A3}; {TOOLBOX}",
+            "double-buffers while loops (the scanned layers), so one layer's loads overlap "
+            "the previous layer's compute"),
+    XlaFlag("--xla_disable_hlo_passes=rematerialization", MAXTEXT_A3,
+            "XLA's own rematerialization pass off: model.remat alone decides what is recomputed"),
+)
+LATENCY_HIDING = XLA_GPU_FLAGS[0].flag
+
+
+def flag_name(flag: str) -> str:
+    """--name of --name=value."""
+    return flag.split("=", 1)[0]
+
+
+def merge_xla_flags(defaults: list[str], user: list[str]) -> list[str]:
+    """Each flag once: the defaults, then the user's flags; where both name the same flag the
+    user's value wins (the last one given), in the default's place."""
+    merged: dict[str, str] = {}
+    for flag in [*defaults, *user]:
+        if not flag.startswith("--"):
+            raise UserError(f"XLA flag {flag!r} must start with --, e.g. "
+                            "--xla_gpu_enable_triton_gemm=false")
+        merged[flag_name(flag)] = flag
+    return list(merged.values())
+
+
+def default_xla_flags(latency_hiding: bool = True) -> list[str]:
+    """The lab's GPU flags (XLA_GPU_FLAGS), without the latency-hiding scheduler if asked."""
+    return [f.flag for f in XLA_GPU_FLAGS if latency_hiding or f.flag != LATENCY_HIDING]
 
 
 def gpu_env(base: dict[str, str], *, mem_fraction: float | None = 0.9, preallocate: bool = True,
             gpus: str | None = None, xla_flags: list[str] = (), latency_hiding: bool = True,
-            dump_hlo: str | None = None, profile_steps: str | None = None,
-            profile_dir: str = "runs/profile", platform: str = "cuda") -> dict[str, str]:
+            xla_defaults: bool = True, dump_hlo: str | None = None,
+            profile_steps: str | None = None, profile_dir: str = "runs/profile",
+            platform: str = "cuda") -> dict[str, str]:
     """The environment of the run: `base` with the GPU settings applied."""
     env = dict(base)
     env["JAX_PLATFORMS"] = platform
@@ -47,16 +102,12 @@ def gpu_env(base: dict[str, str], *, mem_fraction: float | None = 0.9, prealloca
         if not 0 < mem_fraction <= 1:
             raise UserError(f"--mem-fraction must lie in (0, 1], got {mem_fraction}")
         env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{mem_fraction:g}"
-    flags = env.get("XLA_FLAGS", "").split()
-    flags += ([LATENCY_HIDING] if latency_hiding else []) + list(xla_flags)
+    user = [*env.get("XLA_FLAGS", "").split(), *xla_flags]
     if dump_hlo:
-        flags.append(f"--xla_dump_to={dump_hlo}")
-    for flag in flags:
-        if not flag.startswith("--"):
-            raise UserError(f"XLA flag {flag!r} must start with --, e.g. "
-                            "--xla_gpu_enable_triton_gemm=false")
+        user.append(f"--xla_dump_to={dump_hlo}")
+    flags = merge_xla_flags(default_xla_flags(latency_hiding) if xla_defaults else [], user)
     if flags:
-        env["XLA_FLAGS"] = " ".join(dict.fromkeys(flags))  # once each, in order
+        env["XLA_FLAGS"] = " ".join(flags)
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpus
     if profile_steps:
@@ -101,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", help="CUDA_VISIBLE_DEVICES, e.g. 0 or 0,1")
     p.add_argument("--xla-flag", action="append", default=[], metavar="FLAG",
                    help="an extra XLA flag, e.g. --xla-flag=--xla_gpu_enable_triton_gemm=false")
+    p.add_argument("--no-xla-defaults", action="store_true",
+                   help="leave out the lab's XLA GPU flags (docs/launch.md lists them); the "
+                        "user's XLA_FLAGS and --xla-flag still apply")
     p.add_argument("--no-latency-hiding", action="store_true",
                    help="leave out --xla_gpu_enable_latency_hiding_scheduler=true")
     p.add_argument("--dump-hlo", metavar="DIR", help="dump the compiled HLO to DIR")
@@ -124,7 +178,8 @@ def launch(args: argparse.Namespace) -> int:
     base = dict(os.environ)
     env = gpu_env(base, mem_fraction=args.mem_fraction, preallocate=not args.no_preallocate,
                   gpus=args.gpus, xla_flags=args.xla_flag,
-                  latency_hiding=not args.no_latency_hiding, dump_hlo=args.dump_hlo,
+                  latency_hiding=not args.no_latency_hiding,
+                  xla_defaults=not args.no_xla_defaults, dump_hlo=args.dump_hlo,
                   profile_steps=args.profile_steps, profile_dir=args.profile_dir,
                   platform=args.platform)
     if not args.dry_run:

@@ -200,6 +200,10 @@ CATALOGUE = [
      "8 devices do not divide by the fixed axes' product 3"),
     ("batch the mesh does not divide", lambda s: s.small("train.batch_size=12"),
      "train.batch_size (12)"),
+    ("batch the mesh times grad_accum does not divide",
+     lambda s: s.small("train.grad_accum=2"),
+     "train.batch_size (8) must divide by the data-parallel size (mesh.data x mesh.fsdp = 8) "
+     "times train.grad_accum (2)"),
     ("dataset shorter than one window", lambda s: s.small("train.seq_len=100000000"),
      "shorter than one window of 100000001 tokens; lower train.seq_len"),
     ("val split shorter than one window", lambda s: s.small("train.seq_len=10000"),

@@ -14,7 +14,15 @@ import pytest
 
 from lab.errors import UserError
 from lab.profiling import StepProfiler, parse_window
-from launch.gpu import CUDA_INSTALL, CUDA_PLUGINS, LATENCY_HIDING, check_backend, gpu_env
+from launch.gpu import (
+    CUDA_INSTALL,
+    CUDA_PLUGINS,
+    LATENCY_HIDING,
+    XLA_GPU_FLAGS,
+    check_backend,
+    default_xla_flags,
+    gpu_env,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,9 +47,9 @@ def test_dry_run_prints_the_environment_and_the_command():
                              "train.steps=300"]
     assert assignments["JAX_PLATFORMS"] == "cuda"
     assert assignments["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.5"
-    assert assignments["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
-                                                LATENCY_HIDING,
-                                                "--xla_gpu_enable_triton_gemm=false"]
+    # The lab's flags (the --xla-flag repeats one of them, so it appears once), then the user's.
+    assert assignments["XLA_FLAGS"].split() == [*default_xla_flags(),
+                                                "--xla_force_host_platform_device_count=8"]
     assert assignments["LAB_PROFILE_STEPS"] == "20:5"
     assert assignments["LAB_PROFILE_DIR"] == "runs/profile"
 
@@ -52,13 +60,48 @@ def test_environment_options():
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" not in env
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1"
-    assert env["XLA_FLAGS"] == f"{LATENCY_HIDING} --xla_dump_to=/tmp/hlo"  # each flag once
-    assert "XLA_FLAGS" not in gpu_env({}, latency_hiding=False)
+    assert env["XLA_FLAGS"].split() == [*default_xla_flags(), "--xla_dump_to=/tmp/hlo"]
+    assert "XLA_FLAGS" not in gpu_env({}, xla_defaults=False)
     for bad in [dict(mem_fraction=1.5), dict(xla_flags=["xla_foo"]),
                 dict(profile_steps="5:0")]:
         with pytest.raises(UserError):
             gpu_env({}, **bad)
     assert parse_window("7") == (10, 7) and parse_window("3:2") == (3, 2)
+
+
+def test_the_users_xla_flags_win_over_the_labs():
+    """Merged by flag name, each once: a flag the user sets (in XLA_FLAGS, then --xla-flag, the
+    later winning) replaces the lab's value; --no-xla-defaults keeps only the user's."""
+    user_env = "--xla_gpu_enable_triton_gemm=true --xla_dump_to=/d"
+    flags = gpu_env({"XLA_FLAGS": user_env}, xla_flags=[
+        "--xla_gpu_enable_command_buffer=FUSION", "--xla_dump_to=/e"])["XLA_FLAGS"].split()
+    replaced = {"--xla_gpu_enable_triton_gemm=false", "--xla_gpu_enable_command_buffer="}
+    assert replaced <= set(default_xla_flags())
+    assert flags == [("--xla_gpu_enable_triton_gemm=true" if f.startswith("--xla_gpu_enable_tri")
+                      else "--xla_gpu_enable_command_buffer=FUSION" if f in replaced else f)
+                     for f in default_xla_flags()] + ["--xla_dump_to=/e"]
+    assert gpu_env({"XLA_FLAGS": user_env}, xla_defaults=False)["XLA_FLAGS"] == user_env
+    no_lhs = gpu_env({}, latency_hiding=False)["XLA_FLAGS"].split()
+    assert no_lhs == [f for f in default_xla_flags() if f != LATENCY_HIDING]
+    assert len(XLA_GPU_FLAGS) >= 5 and all(f.source and f.effect for f in XLA_GPU_FLAGS)
+    shown = shlex.split(launch_gpu(["--dry-run", "--no-xla-defaults", "--", "lab", "train",
+                                    "configs/tiny.yaml"], dict(os.environ, XLA_FLAGS="")).stdout)
+    assert not any(w.startswith("XLA_FLAGS=") for w in shown)
+
+
+def test_the_labs_xla_flags_exist_in_the_installed_jaxlib():
+    """XLA stops at start-up on a flag it does not know (a renamed or retired one, such as
+    MaxText's --xla_gpu_graph_level), and it parses the GPU flags on any backend: the CPU checks
+    every name in XLA_GPU_FLAGS, and that an unknown one does fail."""
+    def start(flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"],
+                              env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                              capture_output=True, text=True, timeout=300)
+
+    known = start(" ".join(default_xla_flags()))
+    assert known.returncode == 0, known.stderr[-2000:]
+    unknown = start("--xla_gpu_graph_level=0")
+    assert unknown.returncode != 0 and "Unknown flag" in unknown.stderr
 
 
 def test_a_config_mistake_fails_before_the_gpu_starts():

@@ -269,6 +269,19 @@ def test_muon_ns_dtype_reaches_newton_schulz(ns_dtype, low, high):
         assert low <= err < high, (names, err)
 
 
+@pytest.mark.parametrize("platform, bf16", [("cpu", False), ("gpu", True), ("tpu", True)])
+def test_muon_ns_dtype_auto_follows_the_platform(platform, bf16):
+    """optim.muon_ns_dtype=auto (the default) gives bfloat16 Newton-Schulz operands on GPU and
+    TPU and true float32 ones on a CPU, where the lab's CPU results stay as they were."""
+    params, specs = scanned_tree()
+    cfg = OptimConfig(name="muon")
+    assert cfg.muon_ns_dtype == "auto"
+    opt = build_optimizer(cfg, ScheduleConfig(), 10, specs, platform=platform)
+    lowered = jax.jit(opt.update).lower(params, opt.init(params), params).as_text()
+    dots = [line for line in lowered.splitlines() if "stablehlo.dot_general" in line]
+    assert dots and all(("bf16" in d) == bf16 and ("HIGHEST" in d) != bf16 for d in dots)
+
+
 def test_lr_scales_scale_the_whole_update_including_decay():
     """A leaf with scale s moves exactly as under optax.adamw with learning rate s * lr."""
     params, specs = unrolled_tree()

@@ -56,7 +56,7 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
     abstract_params, specs = nnx.to_pure_dict(abstract_state), specs_of(abstract_state)
     schedule = lr_schedule(cfg.schedule, cfg.optim.lr, tcfg.steps)
     tx = build_optimizer(cfg.optim, cfg.schedule, tcfg.steps, specs,
-                         lr_scales=_lr_scales(cfg, specs))
+                         lr_scales=_lr_scales(cfg, specs), platform=platform)
 
     def init_fn() -> dict:
         model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
