@@ -3,15 +3,16 @@
     result = analyse_study(points, out_dir, bootstrap=200, extrapolate=10)
     write_report(out_dir, result, compute=..., commands=..., timing=..., title=...)
 
-`points` has one row per branch: size, N (non-embedding parameters), D (tokens), C = 6 N D,
-loss (final eval loss), budget (its compute budget's index), and optionally held_out (True on
-exactly one row: the demo's held-out run, larger in N and C than every fitted point); without
-it the largest size's longest branch is held out. Approach 3 is fitted to the rest by the very
-`lab fit` command the report prints (with bootstrap intervals), then predicts the held-out loss;
-the report gives how far beyond the fitted points that prediction reaches. The IsoFLOP view
-(Approach 2) uses the fitted points (and a held-out branch, which sits on a fitted budget).
-Outputs under out_dir: points.csv, fit_points.csv, plots/*.png, fit.json and a self-contained
-report.html (figures embedded as base64 PNG).
+`points` has one row per branch or run: size, N (non-embedding parameters), D (tokens),
+C = 6 N D, loss (final eval loss), budget (its compute budget's index), and optionally held_out
+(True on the rows of the demo's held-out budget, a whole IsoFLOP budget beyond the fitted ones,
+one row per size and seed) and seed; without it the largest size's longest branch is held out.
+Approach 3 is fitted to the rest by the very `lab fit` command the report prints (with bootstrap
+intervals), then predicts the held-out losses beside three naive baselines
+(analysis.heldout). The IsoFLOP view (Approach 2) uses the fitted points (and a held-out
+branch, which sits on a fitted budget). Outputs under out_dir: points.csv, fit_points.csv,
+plots/*.png, fit.json (the check under `heldout`) and a self-contained report.html (figures
+embedded as base64 PNG).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.approach3 import law
+from analysis.heldout import heldout_check
 from analysis.inputs import load_inputs
 from analysis.methods import FitResult, analyse
 from analysis.output import format_table, jsonable
@@ -59,41 +60,21 @@ def fit_step(csv: Path, plots: Path, bootstrap: int, budget: float, method: str)
                    budgets=[budget], plots_dir=shown_path(plots), sources=[shown_path(csv)])
 
 
-def _marked_points(points: pd.DataFrame | list[dict]) -> tuple[pd.DataFrame, int, bool]:
-    """The study's points with the `held_out` column marking one row; the row's index, and
-    whether the points marked it themselves (else held_out_index chose it)."""
+def _marked_points(points: pd.DataFrame | list[dict]) -> tuple[pd.DataFrame, bool]:
+    """The study's points with the `held_out` column marking the rows left out of the fit, and
+    whether the points marked them themselves (else held_out_index chose one)."""
     df = pd.DataFrame(points).reset_index(drop=True)
     for col in ("size", "N", "D", "C", "loss", "budget"):
         if col not in df.columns:
             raise UserError(f"the study's points lack column {col!r}")
     explicit = "held_out" in df.columns
     if explicit:
-        if int(df["held_out"].astype(bool).sum()) != 1:
-            raise UserError("the study's points must mark exactly one row held_out")
-        held = int(df.index[df["held_out"].astype(bool)][0])
+        df["held_out"] = df["held_out"].astype(bool)
+        if not df["held_out"].any() or df["held_out"].all():
+            raise UserError("the study's points must mark some rows held_out, not all")
     else:
-        held = held_out_index(df)
-    df["held_out"] = df.index == held
-    return df, held, explicit
-
-
-def _held_out_prediction(df: pd.DataFrame, held: int, fit) -> dict:
-    """The fit's prediction for the held-out point against its loss, how far it extrapolates,
-    and its bootstrap interval when the fit has samples."""
-    h = df.loc[held]
-    predicted = float(fit.predict(h["N"], h["D"]))
-    held_out = {"run": h.get("run", ""), "size": h["size"], "N": float(h["N"]),
-                "D": float(h["D"]), "loss": float(h["loss"]), "predicted": predicted,
-                "error": predicted / float(h["loss"]) - 1.0}
-    fitted = df[~df["held_out"]]
-    # How far the prediction reaches beyond the fitted points (> 1: an extrapolation).
-    held_out["extrapolation"] = {k: float(h[k]) / float(fitted[k].max()) for k in ("N", "D", "C")}
-    if fit.samples is not None:
-        s = fit.samples
-        preds = law(h["N"], h["D"], *(s[:, i] for i in range(5)))
-        lo, hi = np.nanquantile(preds, [(1 - fit.level) / 2, (1 + fit.level) / 2])
-        held_out["predicted_interval"] = [float(lo), float(hi)]
-    return held_out
+        df["held_out"] = df.index == held_out_index(df)
+    return df, explicit
 
 
 def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
@@ -104,7 +85,7 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     out = Path(out_dir)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    df, held, explicit = _marked_points(points)
+    df, explicit = _marked_points(points)
     df.to_csv(out / "points.csv", index=False)
     df[~df["held_out"]].to_csv(out / "fit_points.csv", index=False)
     target = float(f"{extrapolate * float(df['C'].max()):.3g}")  # a round number to print
@@ -118,7 +99,9 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     done = fit_step(out / "fit_points.csv", plots, bootstrap, target, "approach3")
     fit, fit_json, fit_text = done.fit, done.record, done.text
 
-    held_out = _held_out_prediction(df, held, fit)
+    heldout = heldout_check(df[~df["held_out"]], df[df["held_out"]], fit)
+    heldout["budget"] = float(df.loc[df["held_out"], "budget_flops"].iloc[0]) \
+        if "budget_flops" in df else None
 
     # Approach 2 on every point; a budget without an interior minimum is reported, not fatal.
     # An explicit held-out run is a budget of its own and stays out; a held-out branch is one
@@ -132,7 +115,7 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
 
     figures = [str(p) for p in fit_json.get("plots", [])] + [
         str(p) for p in isoflop.get("plots", [])]
-    figures.insert(0, plot_law(df, fit, held_out, plots / "law.png"))
+    figures.insert(0, plot_law(df, fit, heldout, plots / "law.png"))
     if curves:
         figures.insert(1, plot_curves(curves, plots / "curves.png"))
 
@@ -141,7 +124,7 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
         **{k: v for k, v in fit_json.items() if k != "compute_optimal"},
         "N_definition": "non-embedding parameters",
         "C_definition": "6 N D",
-        "held_out": held_out,
+        "heldout": heldout,
         "prediction": {"C": target, "multiple_of_largest": extrapolate, **optimal},
         "isoflop": {k: v for k, v in isoflop.items() if k not in ("text", "plots")},
         "study_points": df.drop(columns=[c for c in ("run",) if c in df]).to_dict(orient="records"),
@@ -168,9 +151,10 @@ def _figure():
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
-    """law.png: the loss of every branch against its tokens, one colour per size, the fitted
-    law through them, and the held-out point beside its prediction."""
+def plot_law(df: pd.DataFrame, fit, heldout: dict, path: Path) -> str:
+    """law.png: the loss of every fitted branch against its tokens, one colour per size, the
+    fitted law through them, and the held-out budget's losses (stars, the mean over seeds)
+    beside the law's predictions with their intervals."""
     fig, ax = _figure()
     d_line = np.logspace(np.log10(df["D"].min() / 1.3), np.log10(df["D"].max() * 1.3), 100)
     for i, (size, g) in enumerate(sorted(df.groupby("size"), key=lambda kv: kv[1]["N"].min())):
@@ -180,17 +164,18 @@ def plot_law(df: pd.DataFrame, fit, held_out: dict, path: Path) -> str:
         ax.scatter(fitted["D"], fitted["loss"], color=color, s=22,
                    label=f"{size} (N={n:,.0f} non-embedding)")
         ax.plot(d_line, fit.predict(n, d_line), color=color, lw=1)
-    lo_hi = held_out.get("predicted_interval")
-    ax.scatter([held_out["D"]], [held_out["loss"]], marker="*", s=160, color="k", zorder=4,
-               label="held out (measured)")
+    d, measured, predicted = (np.array(heldout[k]) for k in ("D", "measured", "predicted"))
+    ax.scatter(d, measured, marker="*", s=160, color="k", zorder=4,
+               label="held out (measured, mean of seeds)")
     yerr = None
-    if lo_hi:
-        yerr = [[held_out["predicted"] - lo_hi[0]], [lo_hi[1] - held_out["predicted"]]]
-    ax.errorbar([held_out["D"]], [held_out["predicted"]], yerr=yerr, fmt="o", mfc="none",
-                color="k", capsize=4, label=f"predicted ({held_out['error']:+.2%})")
+    if heldout.get("interval"):
+        lo, hi = np.array(heldout["interval"]).T
+        yerr = [predicted - lo, hi - predicted]
+    ax.errorbar(d, predicted, yerr=yerr, fmt="o", mfc="none", color="k", capsize=4,
+                label=f"predicted (mean |error| {heldout['error']:.2%})")
     ax.set(xscale="log", xlabel="tokens D", ylabel="final eval loss (nats/byte)",
            title=fit.describe())
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
     return str(path)
 
@@ -237,7 +222,8 @@ def _iv(result: dict, key: str) -> str:
 
 
 def loss_table(result: dict) -> str:
-    """Final eval loss per size and budget; the held-out point marked with *."""
+    """Final eval loss per size and budget (the mean over seeds where a point has several);
+    the held-out points marked with *."""
     df = pd.DataFrame(result["study_points"])
     budgets = sorted(df["budget"].unique())
     rows = []
@@ -245,11 +231,32 @@ def loss_table(result: dict) -> str:
         row = [size, f"{int(g['N'].iloc[0]):,}"]
         for b in budgets:
             p = g[g["budget"] == b]
-            row.append("-" if p.empty else f"{p['loss'].iloc[0]:.4f}"
+            row.append("-" if p.empty else f"{p['loss'].mean():.4f}"
                        + ("*" if bool(p["held_out"].iloc[0]) else ""))
         rows.append(row)
     heads = ["size", "N (non-embedding)"]
     heads += [f"C≈{df[df['budget'] == b]['C'].median():.2g}" for b in budgets]
+    return format_table(heads, rows)
+
+
+def heldout_table(h: dict) -> str:
+    """The held-out budget point by point: measured (each seed), the law with its interval
+    and error, and each baseline's prediction and error."""
+    names = list(h["baselines"])
+    heads = ["size", "N", "D", "measured", "seeds", "law", "interval", "error",
+             *[f"{k}" for k in names]]
+    rows = []
+    for i, size in enumerate(h["sizes"]):
+        iv = h.get("interval")
+        rows.append([size, f"{h['N'][i]:,.0f}", f"{h['D'][i]:,.0f}", f"{h['measured'][i]:.4f}",
+                     " ".join(f"{x:.4f}" for x in h["measured_seeds"][i]),
+                     f"{h['predicted'][i]:.4f}",
+                     f"[{iv[i][0]:.4f}, {iv[i][1]:.4f}]" if iv else "-",
+                     f"{h['errors'][i]:+.2%}",
+                     *[f"{h['baseline_predicted'][k][i]:.4f} ({h['baseline_errors'][k][i]:+.2%})"
+                       for k in names]])
+    rows.append(["mean |error|", "", "", "", "", "", "", f"{h['error']:.2%}",
+                 *[f"{h['baselines'][k]:.2%}" for k in names]])
     return format_table(heads, rows)
 
 
@@ -278,9 +285,42 @@ def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
     return lines
 
 
+def heldout_lines(h: dict) -> list[str]:
+    """The held-out check in a few lines: where it lies, the law's error against the
+    baselines', the seeds' spread and the loss minimum over N."""
+    x = h["extrapolation"]
+    seeds = max(len(s) for s in h["measured_seeds"])
+    where = (f"held out: {len(h['sizes'])} size(s) x {seeds} seed(s)"
+             + (f" at {h['budget']:.3g} FLOPs" if h.get("budget") else "")
+             + f", C x{max(e['C'] for e in x):.2f} the largest fitted; N x"
+             + ", x".join(f"{e['N']:.2f}" for e in x) + ", D x"
+             + ", x".join(f"{e['D']:.2f}" for e in x)
+             + f" ({sum(h['beyond_both'])} beyond every fitted point in both N and D)")
+    baselines = ", ".join(f"{k} {v:.2%}" for k, v in h["baselines"].items())
+    lines = [where,
+             f"  law: mean |error| {h['error']:.2%} (bias {h['bias']:+.2%}, worst "
+             f"{h['worst']:.2%}); baselines' mean |error|: {baselines}"]
+    if h.get("seed_spread") is not None:
+        lines.append(f"  seed spread (max - min over mean, averaged over sizes): "
+                     f"{h['seed_spread']:.2%}")
+    if "optimum_measured_N" in h and len(h["sizes"]) >= 3:
+        predicted, measured = h["optimum_predicted_N"], h["optimum_measured_N"]
+        ratio = f" ({h['optimum_ratio']:.2f}x)" if h["optimum_ratio"] else ""
+        lines.append("  loss minimum over N: predicted "
+                     + (f"at N {predicted:,.0f}" if predicted else "beyond 10x the sizes")
+                     + (f", measured at N {measured:,.0f}{ratio}"
+                        + ("" if h.get("optimum_measured_inside") else ", outside the sizes")
+                        if measured else ", measured: none (the losses curve downwards)"))
+    goal = h["goal"]
+    missed = [k for k, v in goal.items() if not v]
+    lines.append("  goal (mean |error| < 1%, below every baseline, minimum within 1.5x): "
+                 + ("met" if not missed else "missed: " + ", ".join(missed)))
+    return lines
+
+
 def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
     """The study's numbers (banner_lines come before them)."""
-    r, h, p = result, result["held_out"], result["prediction"]
+    r, h, p = result, result["heldout"], result["prediction"]
     level = f"{r.get('level', 0.95):.0%}"
     lines = [
         f"Approach 3 on {r['n_points']} points (N = non-embedding parameters, C = 6ND), "
@@ -289,14 +329,7 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
         f"alpha {_num(r['alpha'], 3)}{_iv(r, 'alpha')}, beta {_num(r['beta'], 3)}{_iv(r, 'beta')}",
         f"  N_opt ∝ C^{_num(r['a'], 3)}{_iv(r, 'a')}, D_opt ∝ C^{_num(r['b'], 3)}{_iv(r, 'b')}",
     ]
-    iv = h.get("predicted_interval")
-    ivt = f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else ""
-    lines.append(f"held out: {h['size']} at {h['D']:,.0f} tokens: predicted {h['predicted']:.4f}"
-                 f"{ivt}, measured {h['loss']:.4f}: error {h['error']:+.2%}")
-    x = h.get("extrapolation")
-    if x:
-        lines.append(f"  extrapolation beyond the largest fitted point: N x{x['N']:.2f}, "
-                     f"C x{x['C']:.2f}, D x{x['D']:.2f}")
+    lines += heldout_lines(h)
     opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} tokens/"
            f"param), loss {p['loss']:.4f}")
     if p.get("loss_lo") is not None:
@@ -381,15 +414,7 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
     esc = html.escape
     params = [[k, _num(result.get(k)), _iv(result, k).strip() or "-"]
               for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
-    h = result["held_out"]
-    iv = h.get("predicted_interval")
-    held_rows = [["size", h["size"]], ["N", f"{h['N']:,.0f}"], ["D (tokens)", f"{h['D']:,.0f}"],
-                 ["measured loss", f"{h['loss']:.4f}"], ["predicted loss", f"{h['predicted']:.4f}"
-                 + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")],
-                 ["error", f"{h['error']:+.2%}"]]
-    x = h.get("extrapolation")
-    if x:
-        held_rows += [[f"{k} / largest fitted {k}", f"{x[k]:.2f}x"] for k in ("N", "C", "D")]
+    h = result["heldout"]
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
@@ -404,12 +429,13 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
         f"{result.get('bootstrap_samples', 0)} bootstrap resamples of the points.</p>",
         _table_html(["parameter", "value", "interval"], params),
     ]
-    which = ("A run beyond the ladder (a wider model at a larger budget, its learning rate "
-             "chosen at the smaller widths) is" if x and x["N"] > 1 else
-             "The largest model's longest branch is")
-    parts += [f"<h2>Held-out check</h2><p>{which} left out of the fit, predicted by it, then "
-              "compared.</p>",
-              _table_html(["", ""], held_rows)]
+    parts += ["<h2>Held-out check</h2><p>The held-out runs (their own budget beyond the "
+              "fitted ones, each size trained with every seed; or, without them, the largest "
+              "model's longest branch) are left out of the fit and predicted by it, beside three "
+              "naive baselines fitted on the same points (analysis.baselines). The measured "
+              "loss of a size is the mean over its seeds.</p>",
+              "<pre>" + esc(heldout_table(h)) + "\n\n" + esc("\n".join(heldout_lines(h)))
+              + "</pre>"]
     p = result["prediction"]
     parts.append(f"<h2>Prediction at {p['multiple_of_largest']:g}x the largest budget</h2>"
                  "<pre>" + esc(result["fit_text"]) + "</pre>")

@@ -59,7 +59,17 @@ class Study:
     bootstrap: int = 200
     extrapolate: float = 10.0
     overrides: tuple[str, ...] = ()  # key=value words for every run
-    held_out: dict | None = None  # {size: model overrides, budget: FLOPs}, beyond the ladder
+    # {sizes: [model overrides], budget: FLOPs, seeds: [run.seed, ...]}: one whole budget
+    # beyond the ladder, trained straight through once per seed and fitted on nothing
+    held_out: dict | None = None
+    # None: every size spends every budget. k: a staircase, budget j trains sizes j .. j+k-1,
+    # so each budget's sizes sit around its optimum and the small ones stay out of the top
+    sizes_per_budget: int | None = None
+
+    def budget_indices(self, size: int) -> tuple[int, ...]:
+        """The budgets (indices into `budgets`) that size number `size` spends."""
+        k = self.sizes_per_budget
+        return tuple(j for j in range(len(self.budgets)) if k is None or j <= size < j + k)
 
 
 def load_study(path: str | Path) -> Study:
@@ -79,36 +89,58 @@ def load_study(path: str | Path) -> Study:
     missing = [k for k in ("base", "sizes", "budgets", "decay_fraction", "lr") if k not in raw]
     if missing:
         raise UserError(f"study file {path} lacks {missing[0]!r}; see configs/demo.yaml")
-    sizes = raw["sizes"]
-    if not isinstance(sizes, list) or not all(isinstance(s, dict) for s in sizes):
-        raise UserError(f"sizes in {path} must be a list of model overrides such as "
-                        "{d_model: 32, n_layers: 1, n_heads: 2}")
+    sizes = _model_overrides(raw["sizes"], "sizes", path)
     budgets = tuple(float(b) for b in raw["budgets"])
     if len(sizes) < 2 or len(budgets) < 2:
         raise UserError(f"{path} needs two or more sizes and budgets (it has {len(sizes)} and "
                         f"{len(budgets)})")
     if any(b <= 0 for b in budgets) or list(budgets) != sorted(set(budgets)):
         raise UserError(f"budgets in {path} must be positive and increasing, got {budgets}")
+    per_budget = raw.get("sizes_per_budget")
+    if per_budget is not None and (not isinstance(per_budget, int) or per_budget < 2
+                                   or len(sizes) != len(budgets) + per_budget - 1):
+        raise UserError(f"sizes_per_budget in {path} must be an integer k >= 2 with as many "
+                        f"sizes as budgets + k - 1 (budget j trains sizes j .. j+k-1); it is "
+                        f"{per_budget!r} with {len(sizes)} sizes and {len(budgets)} budgets")
     fraction = float(raw["decay_fraction"])
     if not 0 < fraction <= 1:
         raise UserError(f"decay_fraction in {path} must lie in (0, 1], got {fraction}")
     lr = {str(k): float(v) for k, v in dict(raw["lr"]).items()}
     held_out = raw.get("held_out")
     if held_out is not None:
-        if (not isinstance(held_out, dict) or set(held_out) != {"size", "budget"}
-                or not isinstance(held_out["size"], dict)):
-            raise UserError(f"held_out in {path} must be {{size: {{d_model: ...}}, budget: "
-                            "FLOPs}}")
-        held_out = {"size": dict(held_out["size"]), "budget": float(held_out["budget"])}
-        if held_out["budget"] <= budgets[-1]:
-            raise UserError(f"the held-out budget in {path} ({held_out['budget']:g}) must exceed "
-                            f"the largest fitted one ({budgets[-1]:g}): it is an extrapolation")
+        held_out = _held_out(held_out, path, budgets[-1])
     return Study(path=path, base=(path.parent / raw["base"]).resolve(), sizes=tuple(sizes),
                  budgets=budgets, decay_fraction=fraction, lr=lr,
                  bootstrap=int(raw.get("bootstrap", 200)),
                  extrapolate=float(raw.get("extrapolate", 10.0)),
                  overrides=tuple(str(w) for w in raw.get("overrides", ())),
-                 held_out=held_out)
+                 held_out=held_out, sizes_per_budget=per_budget)
+
+
+def _model_overrides(sizes: Any, key: str, path: Path) -> list[dict]:
+    if not isinstance(sizes, list) or not sizes or not all(isinstance(s, dict) for s in sizes):
+        raise UserError(f"{key} in {path} must be a list of model overrides such as "
+                        "{d_model: 32, n_layers: 1, n_heads: 2}")
+    return [dict(s) for s in sizes]
+
+
+def _held_out(raw: Any, path: Path, largest: float) -> dict:
+    """The held-out budget: {sizes, budget, seeds}, its budget beyond every fitted one."""
+    if not isinstance(raw, dict) or not {"sizes", "budget"} <= set(raw) <= {
+            "sizes", "budget", "seeds"}:
+        raise UserError(f"held_out in {path} must be {{sizes: [{{d_model: ...}}, ...], budget: "
+                        "FLOPs, seeds: [0, 1]}")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) and x >= 0 for x in seeds)):
+        raise UserError(f"held_out.seeds in {path} must be a list of distinct run seeds such "
+                        f"as [0, 1], got {seeds!r}")
+    held = {"sizes": _model_overrides(raw["sizes"], "held_out.sizes", path),
+            "budget": float(raw["budget"]), "seeds": seeds}
+    if held["budget"] <= largest:
+        raise UserError(f"the held-out budget in {path} ({held['budget']:g}) must exceed the "
+                        f"largest fitted one ({largest:g}): it is an extrapolation")
+    return held
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -116,13 +148,14 @@ def load_study(path: str | Path) -> Study:
 
 @dataclasses.dataclass(frozen=True)
 class SizePlan:
-    """One size of the ladder: its stable run's config and its branches."""
+    """One size of the ladder: its stable run's config and its branches (or one held-out run)."""
 
     name: str
     config: Config  # the stable run (or the held-out run)
     words: tuple[str, ...]  # the key=value words that give `config` from the base file
     pairs: tuple[tuple[int, int], ...]  # (branch step, decay steps), one per budget
     budgets: tuple[float, ...]  # the budget each pair stands for
+    budget_index: tuple[int, ...]  # and its index in the study (the held-out one: last + 1)
     flops_per_step: int
     non_embedding_params: int
     held_out: bool = False  # one straight WSD run (S + D steps), not a stable run with branches
@@ -130,6 +163,16 @@ class SizePlan:
     @property
     def run_dir(self) -> Path:
         return Path(self.config.run.dir)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} held out, seed {self.config.run.seed}" if self.held_out \
+            else self.name
+
+    def tokens(self) -> list[int]:
+        """Tokens of each planned point (a branch, or the held-out run)."""
+        per_step = self.config.train.batch_size * self.config.train.seq_len
+        return [(s + d) * per_step for s, d in self.pairs]
 
 
 def _size_name(size: dict) -> str:
@@ -146,12 +189,14 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
     file_cfg = load_config(study.base)
     common = load_config(study.base, list(study.overrides))
     plans = []
-    for size in study.sizes:
+    for i, size in enumerate(study.sizes):
         name = _size_name(size)
+        index = study.budget_indices(i)
+        budgets = tuple(study.budgets[j] for j in index)
         sized, per_step, model_cfg = _sized(common, size, optim, study, vocab)
-        steps = [max(1, round(b / per_step / (1 + study.decay_fraction))) for b in study.budgets]
+        steps = [max(1, round(b / per_step / (1 + study.decay_fraction))) for b in budgets]
         if len(set(steps)) < len(steps) or steps[0] < sized.schedule.warmup_steps:
-            raise UserError(f"size {name}: the budgets {study.budgets} give branch steps "
+            raise UserError(f"size {name}: the budgets {budgets} give branch steps "
                             f"{steps}, which must be distinct and at least the warmup "
                             f"({sized.schedule.warmup_steps}); raise the budgets")
         cfg = override(sized, {"run.dir": str(out / "runs" / name), "train.steps": steps[-1],
@@ -160,10 +205,13 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
         pairs = planned_pairs(cfg, param_counts(model_cfg)["params"])
         check_plan(cfg, pairs)
         plans.append(SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), tuple(pairs),
-                              study.budgets, per_step,
+                              budgets, index, per_step,
                               param_counts(model_cfg)["non_embedding_params"]))
     if study.held_out:
-        plans.append(plan_held_out(study, out, file_cfg, common, optim, vocab, plans))
+        held = [plan_held_out(study, out, file_cfg, common, optim, vocab, size, seed)
+                for size in study.held_out["sizes"] for seed in study.held_out["seeds"]]
+        check_beyond(study, plans, held)
+        plans += held
     return plans
 
 
@@ -180,29 +228,39 @@ def _sized(common: Config, size: dict, optim: str, study: Study,
 
 
 def plan_held_out(study: Study, out: Path, file_cfg: Config, common: Config, optim: str,
-                  vocab: int, ladder: list[SizePlan]) -> SizePlan:
-    """The held-out run: a wider model than every rung, trained straight through for S + D
-    steps (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
-    size, budget = study.held_out["size"], study.held_out["budget"]
+                  vocab: int, size: dict, seed: int) -> SizePlan:
+    """One run of the held-out budget: trained straight through for S + D steps
+    (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
+    budget = study.held_out["budget"]
     name = _size_name(size)
     sized, per_step, model_cfg = _sized(common, size, optim, study, vocab)
-    n = param_counts(model_cfg)["non_embedding_params"]
-    if n <= max(p.non_embedding_params for p in ladder):
-        raise UserError(f"the held-out size {name} ({n:,} non-embedding parameters) must be "
-                        "larger than every size of the ladder; give it a larger d_model")
     step = max(1, round(budget / per_step / (1 + study.decay_fraction)))
     decay = round(study.decay_fraction * step)
-    # Checked now, before anything trains.
-    cfg = override(sized, {"run.dir": str(out / "runs" / f"held-out-{name}"),
-                           "train.steps": step + decay, "schedule.decay_steps": decay})
+    cfg = override(sized, {"run.dir": str(out / "runs" / f"held-out-{name}-seed{seed}"),
+                           "run.seed": seed, "train.steps": step + decay,
+                           "schedule.decay_steps": decay})
     return SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), ((step, decay),),
-                    (budget,), per_step, n, held_out=True)
+                    (budget,), (len(study.budgets),), per_step,
+                    param_counts(model_cfg)["non_embedding_params"], held_out=True)
+
+
+def check_beyond(study: Study, ladder: list[SizePlan], held: list[SizePlan]) -> None:
+    """The held-out budget must reach beyond every fitted point in both N and D at one of its
+    sizes at least (a staircase makes that possible: see docs/demo.md)."""
+    n_max = max(p.non_embedding_params for p in ladder)
+    d_max = max(max(p.tokens()) for p in ladder)
+    if not any(p.non_embedding_params > n_max and p.tokens()[0] > d_max for p in held):
+        raise UserError(f"no held-out size of {study.path} lies beyond the fitted points in "
+                        f"both N (> {n_max:,}) and tokens (> {d_max:,}); raise the held-out "
+                        "budget, or keep the small sizes out of the top budget "
+                        "(sizes_per_budget)")
 
 
 def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
     """The plan as JSON: a rerun into the same directory must find the same plan."""
     return {"study": str(study.path), "base": str(study.base), "optim": optim,
             "sizes": [{"name": p.name, "words": list(p.words), "pairs": [list(x) for x in p.pairs],
+                       "budgets": list(p.budget_index),
                        **({"held_out": True} if p.held_out else {})} for p in plans]}
 
 
@@ -361,7 +419,7 @@ def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
     for p in plans:
         if p.held_out:
             (s, d), = p.pairs
-            runs.append((f"{p.name} held out", 0, s + d, p.flops_per_step))
+            runs.append((p.label, 0, s + d, p.flops_per_step))
             continue
         runs.append((f"{p.name} stable", 0, max(s for s, _ in p.pairs), p.flops_per_step))
         runs += [(f"{p.name} branch {s}+{d}", s, s + d, p.flops_per_step) for s, d in p.pairs]
@@ -414,12 +472,12 @@ def collect_points(plans: list[SizePlan]) -> list[dict]:
     points = []
     for plan in plans:
         if plan.held_out:
-            points.append(_point(plan, plan.run_dir, *plan.pairs[0], len(plans[0].budgets),
+            points.append(_point(plan, plan.run_dir, *plan.pairs[0], plan.budget_index[0],
                                  plan.budgets[0]))
             continue
         children = _child_configs(plan)
-        for k, ((s, d), budget, child) in enumerate(zip(plan.pairs, plan.budgets, children,
-                                                        strict=True)):
+        for (s, d), k, budget, child in zip(plan.pairs, plan.budget_index, plan.budgets,
+                                            children, strict=True):
             points.append(_point(plan, Path(child.run.dir), s, d, k, budget))
     return points
 
@@ -434,6 +492,7 @@ def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float)
             "loss": summary.final_eval_loss, "budget": k,
             "budget_flops": budget, "params": summary.params,
             "branch_step": s, "decay_steps": d, "held_out": plan.held_out,
+            "seed": plan.config.run.seed,
             "train_seconds": summary.train_seconds or 0.0}
 
 
@@ -508,7 +567,9 @@ def main(argv: list[str]) -> int:
     print(f"lab demo: {len(ladder)} sizes ({ladder[0].non_embedding_params:,} to "
           f"{ladder[-1].non_embedding_params:,} non-embedding parameters), "
           f"{sum(len(p.pairs) for p in ladder)} branches"
-          + (f", a held-out run at {held[0].non_embedding_params:,}" if held else "")
+          + (f", a held-out budget of {held[0].budgets[0]:.3g} FLOPs ({len(held)} runs: "
+             f"{len({p.name for p in held})} sizes x {len(held) // len({p.name for p in held})}"
+             " seeds)" if held else "")
           + f", {args.optim} + muP; output in {out} (runs log to {out / 'demo.log'})",
           flush=True)
 

@@ -61,7 +61,9 @@ def test_plan_spends_each_budget(path, tmp_path):
     plans = plan_study(study, tmp_path, "muon", BYTE_VOCAB)
     from lab.config import load_config
 
-    ladder, held = plans[:-1], plans[-1]
+    ladder = [p for p in plans if not p.held_out]
+    held = [p for p in plans if p.held_out]
+    assert plans == ladder + held  # the ladder trains first
     for plan in plans:
         cfg = plan.config
         assert load_config(study.base, list(plan.words)) == cfg  # the printed command is exact
@@ -70,7 +72,7 @@ def test_plan_spends_each_budget(path, tmp_path):
                     * cfg.train.batch_size * cfg.train.seq_len)
         if plan.held_out:  # one straight WSD run with the branches' decay, its own budget
             (s, d), = plan.pairs
-            assert plan is held and d == round(study.decay_fraction * s)
+            assert d == round(study.decay_fraction * s)
             assert cfg.train.steps == s + d and cfg.schedule.decay_steps == d
             assert cfg.schedule.decay_shape == "1-sqrt" and cfg.branch.at_steps == ()
             assert (s + d) * per_step == pytest.approx(study.held_out["budget"], rel=0.02)
@@ -79,17 +81,34 @@ def test_plan_spends_each_budget(path, tmp_path):
         assert cfg.train.steps == max(s for s, _ in plan.pairs)
         assert cfg.schedule.decay_steps == 0 and cfg.optim.name == "muon"
         assert cfg.model.parameterization == "mup"
-        assert len(plan.pairs) == len(study.budgets) >= 3
-        for (s, d), budget in zip(plan.pairs, study.budgets, strict=True):
+        for (s, d), budget in zip(plan.pairs, plan.budgets, strict=True):
             assert d == round(study.decay_fraction * s)
             assert (s + d) * per_step == pytest.approx(budget, rel=0.02)
-    # The held-out run extrapolates: larger in N and in compute than every fitted point.
-    assert held.held_out and not any(p.held_out for p in ladder)
-    assert held.non_embedding_params > max(p.non_embedding_params for p in ladder)
-    assert held.budgets[0] > max(study.budgets)
-    if path == STUDY:  # the issue's terms: 4+ sizes spanning 8x+ in non-embedding parameters
+    # The staircase: budget j trains sizes j .. j+k-1, three or more a budget (a profile).
+    k = study.sizes_per_budget
+    for j, budget in enumerate(study.budgets):
+        at = [i for i, p in enumerate(ladder) if budget in p.budgets]
+        assert at == list(range(j, j + k)) and k >= 3
+    # Each held-out size with every seed, each seed its own run.seed and run directory.
+    seeds = study.held_out["seeds"]
+    assert [(p.name, p.config.run.seed) for p in held] == [
+        (p.name, seed) for p in held[::len(seeds)] for seed in seeds]
+    assert len({p.run_dir for p in held}) == len(held)
+    # The held-out budget extrapolates: beyond the top budget, one size at least beyond every
+    # fitted point in both N and D (tokens), recomputed from the configs.
+    assert study.held_out["budget"] > max(study.budgets)
+    n_max = max(p.non_embedding_params for p in ladder)
+    d_max = max(s_ + d_ for p in ladder for s_, d_ in p.pairs) * 16 * 128
+    beyond = [p for p in held if p.non_embedding_params > n_max
+              and p.config.train.steps * p.config.train.batch_size * p.config.train.seq_len
+              > d_max]
+    assert beyond
+    if path == STUDY:  # the issue's terms: 2x+ the top budget, 3+ sizes, 2 seeds
+        assert study.held_out["budget"] >= 2 * max(study.budgets)
+        assert len({p.name for p in held}) >= 3 and len(seeds) == 2
         n = [p.non_embedding_params for p in ladder]
-        assert len(n) >= 4 and n == sorted(n) and n[-1] / n[0] >= 8
+        assert len(n) >= 4 and n == sorted(n)
+        assert max(p.non_embedding_params for p in held) / n[0] > 10  # over a decade of N
 
 
 def test_adamw_flag_takes_its_learning_rate(tmp_path):
@@ -107,15 +126,20 @@ def test_study_mistakes_are_user_errors(tmp_path):
         load_study(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
-    inside = tmp_path / "inside.yaml"
-    inside.write_text(QUICK_STUDY.read_text().replace("budget: 1.6e+11", "budget: 8.0e+10"))
-    inside.with_name("demo-base.yaml").write_text((ROOT / "configs/demo-base.yaml").read_text())
-    with pytest.raises(UserError, match="must exceed the largest fitted one"):
-        load_study(inside)
-    narrow = tmp_path / "narrow.yaml"
-    narrow.write_text(QUICK_STUDY.read_text().replace("d_model: 80", "d_model: 48"))
-    with pytest.raises(UserError, match="must be larger than every size"):
-        plan_study(load_study(narrow), tmp_path, "muon", BYTE_VOCAB)
+    (tmp_path / "demo-base.yaml").write_text((ROOT / "configs/demo-base.yaml").read_text())
+    for name, (old, new), message in [
+            ("inside", ("budget: 1.6e+11", "budget: 4.0e+10"), "must exceed the largest fitted"),
+            ("stairs", ("sizes_per_budget: 3", "sizes_per_budget: 2"), "as many sizes as"),
+            ("seeds", ("seeds: [0, 1]", "seeds: [1, 1]"), "distinct run seeds")]:
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(QUICK_STUDY.read_text().replace(old, new))
+        with pytest.raises(UserError, match=message):
+            load_study(bad)
+    # Above the top budget but not beyond the fitted D at any size: no extrapolation in both.
+    near = tmp_path / "near.yaml"
+    near.write_text(QUICK_STUDY.read_text().replace("budget: 1.6e+11", "budget: 5.0e+10"))
+    with pytest.raises(UserError, match="beyond the fitted points in both N"):
+        plan_study(load_study(near), tmp_path, "muon", BYTE_VOCAB)
     check_same_plan(tmp_path / "out", {"optim": "muon"})
     check_same_plan(tmp_path / "out", {"optim": "muon"})  # the same plan continues
     with pytest.raises(UserError, match="other settings"):
