@@ -253,10 +253,10 @@ def heldout_table(h: dict) -> str:
                      f"{h['predicted'][i]:.4f}",
                      f"[{iv[i][0]:.4f}, {iv[i][1]:.4f}]" if iv else "-",
                      f"{h['errors'][i]:+.2%}",
-                     *[f"{h['baseline_predicted'][k][i]:.4f} ({h['baseline_errors'][k][i]:+.2%})"
-                       for k in names]])
+                     *[f"{_num(h['baseline_predicted'][k][i], 5)} "
+                       f"({_pct(h['baseline_errors'][k][i], '+')})" for k in names]])
     rows.append(["mean |error|", "", "", "", "", "", "", f"{h['error']:.2%}",
-                 *[f"{h['baselines'][k]:.2%}" for k in names]])
+                 *[_pct(h["baselines"][k]) for k in names]])
     return format_table(heads, rows)
 
 
@@ -285,6 +285,11 @@ def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
     return lines
 
 
+def _pct(v, sign: str = "") -> str:
+    """A fraction as a percentage, "n/a" where a baseline could not predict (NaN, null)."""
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:{sign}.2%}"
+
+
 def heldout_lines(h: dict) -> list[str]:
     """The held-out check in a few lines: where it lies, the law's error against the
     baselines', the seeds' spread and the loss minimum over N."""
@@ -296,7 +301,7 @@ def heldout_lines(h: dict) -> list[str]:
              + ", x".join(f"{e['N']:.2f}" for e in x) + ", D x"
              + ", x".join(f"{e['D']:.2f}" for e in x)
              + f" ({sum(h['beyond_both'])} beyond every fitted point in both N and D)")
-    baselines = ", ".join(f"{k} {v:.2%}" for k, v in h["baselines"].items())
+    baselines = ", ".join(f"{k} {_pct(v)}" for k, v in h["baselines"].items())
     lines = [where,
              f"  law: mean |error| {h['error']:.2%} (bias {h['bias']:+.2%}, worst "
              f"{h['worst']:.2%}); baselines' mean |error|: {baselines}"]

@@ -42,12 +42,12 @@ def run(quick: bool = False) -> list[dict]:
     timing = fit["timing"]
     steps = sum(s.get("train_seconds", 0.0) for s in summaries)
     runs, total = timing["runs_seconds"], timing["total_seconds"]
-    held = fit.get("held_out", {})
+    held = fit.get("heldout", {})
     name = "demo --quick" if quick else "demo"
     return [
         row(f"{name}: wall clock", wall, "s", "budget: 15 minutes on 2 cores", BUDGET_SECONDS,
-            f"{len(summaries)} runs; CPU time {timing['cpu_seconds']:.0f} s; held-out error "
-            f"{100 * held.get('error', float('nan')):+.2f}%; {load}"),
+            f"{len(summaries)} runs; CPU time {timing['cpu_seconds']:.0f} s; held-out mean |error| "
+            f"{100 * held.get('error', float('nan')):.2f}%; {load}"),
         row(f"{name}: the runs' training loops", steps, "s", "the demo's own total", total,
             "sum of the runs' train_seconds: steps, the first step's compilation, the "
             "evaluations and checkpoint saves inside the loop"),

@@ -1,13 +1,14 @@
 """`lab demo [--out DIR] [--quick] [--optim muon|adamw]`: a whole scaling study on this machine.
 
 The study file (configs/demo.yaml; --quick: configs/demo-quick.yaml) names a base lab config, a
-ladder of model sizes and a list of compute budgets. Each size gets one stable WSD run whose
-declared branch plan (branch.at_steps, branch.decay_fractions) puts one branch at every budget;
-the branches decay from the kept checkpoints (lab.branch). The study's `held_out` run is one
-more width at a larger budget, trained straight through with the same decay and the learning
-rate chosen at the smaller widths; analysis.report fits the laws on the ladder alone, predicts
-the held-out run's loss (an extrapolation in N and C) and writes DIR/report.html and
-DIR/fit.json.
+ladder of model sizes and a list of compute budgets, every size at every budget or, with
+`sizes_per_budget: k`, a staircase (budget j trains sizes j .. j+k-1). Each size gets one
+stable WSD run whose declared branch plan (branch.at_steps, branch.decay_fractions) puts one
+branch at each of its budgets; the branches decay from the kept checkpoints (lab.branch). The
+study's `held_out` budget is a whole budget beyond the fitted ones, at sizes of its own, each
+trained straight through with the same decay once per seed; analysis.report fits the laws on
+the ladder alone, predicts the held-out budget (analysis.heldout) and writes DIR/report.html
+and DIR/fit.json.
 
 Every step is an ordinary `lab train` / `lab branch` / `lab fit` command, run in-process, so a
 rerun continues where an interrupted one stopped: finished runs are skipped and an unfinished
@@ -467,8 +468,9 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
 
 
 def collect_points(plans: list[SizePlan]) -> list[dict]:
-    """One point per branch: N (non-embedding parameters), D (tokens), C = 6 N D, the lab's
-    own FLOP count, the final eval loss, and which budget and size it belongs to."""
+    """One point per branch and held-out run: N (non-embedding parameters), D (tokens),
+    C = 6 N D, the lab's own FLOP count, the final eval loss, which budget and size it belongs
+    to, whether it is held out, and its seed."""
     points = []
     for plan in plans:
         if plan.held_out:

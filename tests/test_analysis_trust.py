@@ -159,9 +159,14 @@ def test_allocation_legend_shows_no_nan_interval(tmp_path, monkeypatch):
 
 def _result(**extra) -> dict:
     """The smallest analyse_study result render_html reads."""
-    held = {"size": "s3", "N": 2e5, "D": 4e6, "loss": 1.5, "predicted": 1.51, "error": 0.0067}
+    held = {"sizes": ["s3"], "N": [2e5], "D": [4e6], "measured": [1.5], "predicted": [1.51],
+            "measured_seeds": [[1.5]], "errors": [0.0067], "error": 0.0067, "bias": 0.0067,
+            "worst": 0.0067, "baselines": {"nearest": 0.02},
+            "baseline_predicted": {"nearest": [1.53]}, "baseline_errors": {"nearest": [0.02]},
+            "seed_spread": None, "extrapolation": [{"N": 1.0, "D": 1.0, "C": 1.0}],
+            "beyond_both": [False], "goal": {"error_below_1pct": True}}
     return {"E": 1.0, "A": 50.0, "B": 500.0, "alpha": 0.3, "beta": 0.5, "a": 0.6, "b": 0.4,
-            "n_points": 11, "held_out": held, "isoflop": {"error": "one budget"},
+            "n_points": 11, "heldout": held, "isoflop": {"error": "one budget"},
             "prediction": {"C": 1e15, "multiple_of_largest": 10, "N_opt": 1e5, "D_opt": 2e6,
                            "loss": 1.4},
             "study_points": [{"size": "s3", "N": 2e5, "D": 4e6, "C": 4.8e12, "loss": 1.5,
