@@ -31,15 +31,20 @@ def parabola_minimum(n: np.ndarray, loss: np.ndarray) -> float | None:
     return float(np.exp(-b / (2 * a))) if a > 0 else None
 
 
-def law_minimum_along(n: np.ndarray, d: np.ndarray, params: tuple[float, ...]) -> float | None:
-    """The N at which the law is lowest along the budget the points lie on: log D as a line in
-    log N through the points (exactly C / 6N if the budget were 6ND; the lab's FLOP count also
-    has attention, so its D falls a little faster), searched up to 10x beyond their range; None
-    if the minimum lies further out."""
+def budget_line(n: np.ndarray, d: np.ndarray):
+    """D as a function of N along the budget the points lie on: log D a line in log N through
+    them (exactly C / 6N if the budget were 6ND; the lab's FLOP count also has attention, so
+    its D falls a little faster)."""
     slope, icept = np.polyfit(np.log(n), np.log(d), 1)
-    grid = np.linspace(np.log(n.min() / 10), np.log(n.max() * 10), 4001)
-    best = int(np.argmin(law(np.exp(grid), np.exp(icept + slope * grid), *params)))
-    return float(np.exp(grid[best])) if 0 < best < len(grid) - 1 else None
+    return lambda x: np.exp(icept + slope * np.log(x))
+
+
+def law_minimum_along(n: np.ndarray, d: np.ndarray, params: tuple[float, ...]) -> float | None:
+    """The N at which the law is lowest along the budget the points lie on (budget_line),
+    searched up to 10x beyond their range; None if the minimum lies further out."""
+    grid = np.geomspace(n.min() / 10, n.max() * 10, 4001)
+    best = int(np.argmin(law(grid, budget_line(n, d)(grid), *params)))
+    return float(grid[best]) if 0 < best < len(grid) - 1 else None
 
 
 def _by_size(held: pd.DataFrame) -> pd.DataFrame:

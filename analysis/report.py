@@ -116,6 +116,8 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     figures = [str(p) for p in fit_json.get("plots", [])] + [
         str(p) for p in isoflop.get("plots", [])]
     figures.insert(0, plot_law(df, fit, heldout, plots / "law.png"))
+    if len(heldout["N"]) >= 3:
+        figures.insert(1, plot_heldout(heldout, fit, plots / "heldout.png"))
     if curves:
         figures.insert(1, plot_curves(curves, plots / "curves.png"))
 
@@ -175,6 +177,33 @@ def plot_law(df: pd.DataFrame, fit, heldout: dict, path: Path) -> str:
                 label=f"predicted (mean |error| {heldout['error']:.2%})")
     ax.set(xscale="log", xlabel="tokens D", ylabel="final eval loss (nats/byte)",
            title=fit.describe())
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+    return str(path)
+
+
+def plot_heldout(h: dict, fit, path: Path) -> str:
+    """heldout.png: the held-out budget's loss against N: each seed, their mean, the law along
+    the budget with its minimum, the measured parabola's vertex, and the baselines."""
+    from analysis.heldout import budget_line
+
+    fig, ax = _figure()
+    n, measured = np.array(h["N"]), np.array(h["measured"])
+    for seeds, x in zip(h["measured_seeds"], n, strict=True):
+        ax.scatter([x] * len(seeds), seeds, color="0.6", s=14, zorder=3)
+    ax.scatter(n, measured, marker="*", s=160, color="k", zorder=4,
+               label="measured (mean of seeds; grey: each seed)")
+    grid = np.geomspace(n.min() / 1.5, n.max() * 1.5, 200)
+    ax.plot(grid, fit.predict(grid, budget_line(n, np.array(h["D"]))(grid)), color="C0",
+            label="law along the budget")
+    for i, (name, pred) in enumerate(h["baseline_predicted"].items()):
+        ax.scatter(n, pred, marker="x", color=f"C{i + 1}", label=f"baseline: {name}")
+    for key, color, label in (("optimum_predicted_N", "C0", "law's minimum"),
+                              ("optimum_measured_N", "k", "measured minimum (parabola)")):
+        if h.get(key):
+            ax.axvline(h[key], color=color, ls="--", lw=1, label=f"{label}: N {h[key]:,.0f}")
+    ax.set(xscale="log", xlabel="N (non-embedding parameters)",
+           ylabel="final eval loss (nats/byte)", title="the held-out budget, over N")
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=100)
     return str(path)
@@ -384,6 +413,8 @@ table{border-collapse:collapse}tr:nth-child(even){background:#f6f6f6}"""
 CAPTIONS = {
     "law.png": "Final eval loss of every branch against its tokens, with the fitted law per "
                "size; the star is the held-out point, the circle its prediction.",
+    "heldout.png": "The held-out budget: loss against N, each seed and their mean, the law along "
+                   "the budget, the baselines' predictions and where the minimum lies.",
     "curves.png": "Training loss of each size's stable run and its decays.",
     "contours.png": "The fitted law over N and D, with the compute-optimal allocation.",
     "frontier.png": "Loss against compute, and the compute-optimal frontier with its band.",

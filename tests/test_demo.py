@@ -287,6 +287,9 @@ def test_report_on_a_held_out_budget(tmp_path, monkeypatch):
                                              "saving": 0.5}, {}))
     assert "3 size(s) x 2 seed(s)" in text and f"mean |error| {h['error']:.2%}" in text
     assert f"measured at N {h['optimum_measured_N']:,.0f}" in text
+    figure, = [f for f in result["figures"] if f.endswith("heldout.png")]
+    check_png((tmp_path / figure).read_bytes() if not figure.startswith("/") else
+              open(figure, "rb").read())
     for name in expected:
         assert f"{name} {h['baselines'][name]:.2%}" in text
 
