@@ -272,6 +272,22 @@ def test_chunked_loss_never_holds_the_whole_logits():
     assert "f32[2,8,512]" in hlo
 
 
+def test_a_chunk_longer_than_the_sequence_pads_nothing():
+    # 64 tokens over a batch of 2 would be 32 positions a row; the rows hold 8, so the chunk
+    # is the whole sequence (padding it to 32 computed 4x the logits), with the same loss.
+    from lab.kernels.loss import cross_entropy
+
+    x_BxLxD = jax.random.normal(jax.random.key(0), (2, 8, 4))
+    w_DxV = jax.random.normal(jax.random.key(1), (4, 16))
+    targets_BxL = jax.random.randint(jax.random.key(2), (2, 8), 0, 16)
+
+    def loss(x, chunk):
+        return cross_entropy(lambda h: h @ w_DxV, x, targets_BxL, 1e-4, chunk)[0]
+
+    assert " pad[" not in str(jax.make_jaxpr(lambda x: loss(x, 64))(x_BxLxD))
+    np.testing.assert_allclose(loss(x_BxLxD, 64), loss(x_BxLxD, 0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("override,needle", [
     ("model.attention=flash", "model.attention must be one of"),
     ("model.activation_dtype=float16", "model.activation_dtype must be one of"),

@@ -41,7 +41,7 @@ def cross_entropy(logits_fn: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Arra
         target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
         ce = jnp.mean(lse_BxL - target_BxL)
         return (ce + z_loss * jnp.mean(lse_BxL**2) if z_loss else ce), ce
-    C = max(1, chunk // B)
+    C = min(max(1, chunk // B), L)  # a chunk longer than the sequence would only add padding
     n = -(-L // C)
     pad = n * C - L
     weight_BxL = jnp.ones((B, L), jnp.float32)
