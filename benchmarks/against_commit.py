@@ -55,10 +55,12 @@ with jax.set_mesh(trainer.mesh):
 """
 
 
-def start(tree: Path, dtype: str) -> subprocess.Popen:
+def start(tree: Path, dtype: str, args: list[str] | None = None) -> subprocess.Popen:
+    """A worker process in `tree`: the lab's step (WORKER) by default, else `python ARGS...`;
+    it prints "ready", then the seconds of one step per line it reads."""
     env = {**os.environ, "PYTHONPATH": str(tree), "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-c", WORKER, dtype], cwd=tree, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *(args or ["-c", WORKER, dtype])], cwd=tree,
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     return proc
 
 

@@ -1,0 +1,87 @@
+"""The lab's CPU train step against PyTorch eager on the same model, in one run.
+
+Two worker processes, one running the lab's train step on the benchmark model (the worker of
+benchmarks.against_commit: d_model 512, 8 layers, 8 heads, SwiGLU 1536, bytes, seq 512, 8
+sequences, AdamW, float32) and one its PyTorch twin (benchmarks.torch_twin: same shapes, same
+AdamW, causal attention, the same model FLOPs), time one step each in turn, round after round,
+so both see the same machine load. Prints the median and best tokens/s of each and their ratio,
+and writes the table and the raw step times to benchmarks/results/against-torch-float32.*.
+torch is optional (the `bench` extra); without it this says so and exits 0.
+
+    .venv/bin/python -m benchmarks.against_torch [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+from benchmarks.against_commit import ROOT, start, step, wait_ready
+from benchmarks.common import RESULTS
+
+TOKENS = 8 * 512
+
+
+def _version(module: str) -> str:
+    import importlib.metadata
+
+    return importlib.metadata.version(module)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    if importlib.util.find_spec("torch") is None:
+        print("against_torch: skipped, torch is not installed (pip install -e '.[bench]', or "
+              "the CPU wheel: pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+        return 0
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    workers = {f"lab ({head}, jax {_version('jax')})": start(ROOT, "float32"),
+               f"PyTorch {_version('torch')} eager": start(ROOT, "float32",
+                                                           ["-m", "benchmarks.torch_twin"])}
+    for proc in workers.values():  # one at a time: set-up doesn't overlap the timing
+        wait_ready(proc)
+    times = {name: [] for name in workers}
+    started = time.time()
+    for _ in range(args.rounds):
+        for name, proc in workers.items():
+            times[name].append(step(proc))
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    load = os.getloadavg()
+    lines = [f"$ .venv/bin/python -m benchmarks.against_torch --rounds {args.rounds}",
+             f"train step, benchmark model, float32, {args.rounds} rounds in turns (a lab step, "
+             f"a torch step), {time.time() - started:.0f} s, {os.cpu_count()} cores "
+             f"({platform.processor() or platform.machine()}), load average {load[0]:.1f} at "
+             "the end",
+             "| step | median tokens/s | best tokens/s |", "|---|---|---|"]
+    medians, bests = {}, {}
+    for name, ts in times.items():
+        medians[name], bests[name] = TOKENS / statistics.median(ts), TOKENS / min(ts)
+        lines.append(f"| {name} | {medians[name]:,.0f} | {bests[name]:,.0f} |")
+    (lab_median, torch_median), (lab_best, torch_best) = medians.values(), bests.values()
+    lines.append(f"ratio lab / PyTorch: {lab_median / torch_median:.3f} (median), "
+                 f"{lab_best / torch_best:.3f} (best)")
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / "against-torch-float32"
+    stem.with_suffix(".txt").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"head": head, "step_seconds": times, "load_average": load,
+         "ratio_median": lab_median / torch_median, "ratio_best": lab_best / torch_best},
+        indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
