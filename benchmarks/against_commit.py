@@ -76,6 +76,24 @@ def step(proc: subprocess.Popen) -> float:
     return float(proc.stdout.readline())
 
 
+def time_in_turns(workers: dict[str, subprocess.Popen],
+                  rounds: int) -> tuple[dict[str, list[float]], float]:
+    """Once every worker is ready, one step of each in turn for `rounds` rounds (so all see
+    the same machine load): each worker's step seconds, and the rounds' wall time. The
+    workers are closed after."""
+    for proc in workers.values():  # one at a time: compiles don't overlap the timing
+        wait_ready(proc)
+    times = {name: [] for name in workers}
+    started = time.time()
+    for _ in range(rounds):
+        for name, proc in workers.items():
+            times[name].append(step(proc))
+    for proc in workers.values():
+        proc.stdin.close()
+        proc.wait()
+    return times, time.time() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref", help="the commit to compare with, e.g. HEAD~1 or a hash")
@@ -94,23 +112,14 @@ def main() -> None:
         try:
             workers = {f"this tree ({head})": start(ROOT, args.dtype),
                        f"{args.ref} ({sha})": start(ref_tree, args.dtype)}
-            for proc in workers.values():  # one at a time: compiles don't overlap the timing
-                wait_ready(proc)
-            times = {name: [] for name in workers}
-            started = time.time()
-            for _ in range(args.rounds):
-                for name, proc in workers.items():
-                    times[name].append(step(proc))
-            for proc in workers.values():
-                proc.stdin.close()
-                proc.wait()
+            times, seconds = time_in_turns(workers, args.rounds)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(ref_tree)], cwd=ROOT)
     load = os.getloadavg()
     lines = [f"$ .venv/bin/python -m benchmarks.against_commit {args.ref} --rounds {args.rounds}"
              f" --dtype {args.dtype}",
              f"train step, benchmark model, {args.dtype}, {args.rounds} rounds in turns, "
-             f"{time.time() - started:.0f} s, load average {load[0]:.1f}",
+             f"{seconds:.0f} s, load average {load[0]:.1f}",
              "| tree | median tokens/s | best tokens/s |", "|---|---|---|"]
     medians = {}
     for name, ts in times.items():

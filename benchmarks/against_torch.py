@@ -20,9 +20,8 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 
-from benchmarks.against_commit import ROOT, start, step, wait_ready
+from benchmarks.against_commit import ROOT, start, time_in_turns
 from benchmarks.common import RESULTS
 
 TOKENS = 8 * 512
@@ -47,20 +46,11 @@ def main() -> int:
     workers = {f"lab ({head}, jax {_version('jax')})": start(ROOT, "float32"),
                f"PyTorch {_version('torch')} eager": start(ROOT, "float32",
                                                            ["-m", "benchmarks.torch_twin"])}
-    for proc in workers.values():  # one at a time: set-up doesn't overlap the timing
-        wait_ready(proc)
-    times = {name: [] for name in workers}
-    started = time.time()
-    for _ in range(args.rounds):
-        for name, proc in workers.items():
-            times[name].append(step(proc))
-    for proc in workers.values():
-        proc.stdin.close()
-        proc.wait()
+    times, seconds = time_in_turns(workers, args.rounds)
     load = os.getloadavg()
     lines = [f"$ .venv/bin/python -m benchmarks.against_torch --rounds {args.rounds}",
              f"train step, benchmark model, float32, {args.rounds} rounds in turns (a lab step, "
-             f"a torch step), {time.time() - started:.0f} s, {os.cpu_count()} cores "
+             f"a torch step), {seconds:.0f} s, {os.cpu_count()} cores "
              f"({platform.processor() or platform.machine()}), load average {load[0]:.1f} at "
              "the end",
              "| step | median tokens/s | best tokens/s |", "|---|---|---|"]
