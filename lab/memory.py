@@ -99,8 +99,8 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, i
     and `minimal` keep every projection's output; the save_* policies keep one of them. The
     backward pass of one block holds WORKING_FACTOR times a block's tensors. The loss holds one
     float32 copy of the logits (their gradient is written in place) for the tokens of a chunk,
-    that gradient again in the compute dtype for the head's backward matmuls, and the head's
-    weight gathered whole (in the compute dtype) from its shards.
+    with a chunked loss that gradient again in the compute dtype for the head's backward
+    matmuls, and the head's weight gathered whole (in the compute dtype) from its shards.
     """
     m = cfg.model
     L = cfg.train.seq_len
@@ -125,7 +125,10 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, i
     working = int(tokens * WORKING_FACTOR * counted)
     # A chunk is loss_chunk tokens of the global batch: every row, loss_chunk // B positions.
     positions = min(max(1, m.loss_chunk // cfg.train.batch_size), L) if m.loss_chunk else L
-    logits = int(local_batch * positions * V / tensor * (4 + c) + D * V / tensor * c)
+    # Chunked, the loss's scan writes each chunk's gradient again in the compute dtype; whole,
+    # XLA feeds it to the head's matmuls without that copy (both read from the TPU compiler).
+    second_copy = c if m.loss_chunk else 0
+    logits = int(local_batch * positions * V / tensor * (4 + second_copy) + D * V / tensor * c)
     return kept, working, logits
 
 
