@@ -54,10 +54,12 @@ class MemoryEstimate:
                 + self.compiler)
 
     def describe(self) -> str:
+        which = "backward" if self.working >= self.logits else "loss"
         parts = [("params", self.params), ("optimizer", self.opt_state), ("grads", self.grads),
-                 ("activations", self.activations + self.working), ("logits", self.logits)]
-        return (f"{gib(self.total)} per chip (" + ", ".join(f"{n} {gib(b)}" for n, b in parts)
-                + "; the larger of the last two transient)")
+                 ("activations", self.activations), (f"transient ({which})", self.transient)]
+        if self.compiler:
+            parts.append(("compiler", self.compiler))
+        return f"{gib(self.total)} per chip (" + ", ".join(f"{n} {gib(b)}" for n, b in parts) + ")"
 
 
 def gib(n: float) -> str:
