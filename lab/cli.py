@@ -30,8 +30,17 @@ def _train_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    if args.compile_only and args.lower:
+        raise UserError("--compile-only and --lower are two different checks: use one")
+    if args.json and not args.lower:
+        raise UserError("--json needs --lower: it writes what --lower prints")
+    if args.lower:
+        from lab.lowering import lower_command
+
+        return lower_command(cfg, args.lower, args.topology, args.json)
     if args.topology and not args.compile_only:
-        raise UserError("--topology needs --compile-only: a run trains on the local devices")
+        raise UserError("--topology needs --compile-only or --lower tpu: a run trains on the "
+                        "local devices")
     from lab.sharding import initialize_distributed
 
     initialize_distributed()  # before anything starts the JAX backend
@@ -80,7 +89,13 @@ def build_parser() -> ArgumentParser:
                    help="compile the train step and print each chip's memory, without training")
     p.add_argument("--topology", metavar="GEN:SHAPE",
                    help="with --compile-only: compile for a TPU slice from any host, e.g. "
-                        "v5e:16x16 (exit 2 if the step cannot fit a chip's HBM)")
+                        "v5e:16x16 (exit 2 if the step cannot fit a chip's HBM); with --lower "
+                        "tpu: lower (and compile) for that slice")
+    p.add_argument("--lower", metavar="cuda|tpu",
+                   help="without a device: lower the train step for cuda or tpu and print its "
+                        "matmuls by operand dtype with their FLOPs, custom calls, collectives "
+                        "and the bytes of parameters, optimizer state and saved activations")
+    p.add_argument("--json", metavar="OUT", help="with --lower: also write its facts to OUT")
     p.set_defaults(run=_train)
 
     # Listed for `lab --help`; main() hands their arguments to their own parsers.

@@ -125,7 +125,9 @@ Seed = Annotated[int, Range(0, SEED_LIMIT, hi_open=True, note="JAX keeps 32 bits
 Dtype = Literal["float32", "bfloat16"]
 NsDtype = Literal["auto", "float32", "bfloat16"]  # lab.optim.newton_schulz_dtype
 Attention = Literal["auto", "xla", "cudnn", "splash", "blocked"]
-Remat = Literal["none", "full", "dots", "save_qkv_proj", "save_out_proj", "minimal"]
+Remat = Literal["none", "full", "dots", "save_attention", "save_qkv_proj", "save_out_proj",
+                "minimal", "auto"]
+BackwardDtype = Literal["compute", "float32"]
 Parameterization = Literal["sp", "mup"]
 Optimizer = Literal["adamw", "muon"]
 MuonScaling = Literal["moonlight", "shape"]  # lab.muon.shape_scale
@@ -180,6 +182,11 @@ class ModelConfig:
     compute_dtype: Dtype = "float32"  # matmul operands; params stay float32
     # The residual stream and block outputs; norm and softmax statistics and the loss stay float32.
     activation_dtype: Dtype = "float32"
+    # The backward matmuls' operands on GPU and TPU: compute = the compute dtype (bfloat16
+    # operands in dX and dW, accumulated in float32), float32 = XLA's transpose of the forward
+    # einsum, which promotes bfloat16 operands to float32 (half the bf16 rate on GPUs). The CPU
+    # kernels keep their own backward either way.
+    backward_dtype: BackwardDtype = "compute"
     # auto = blocked on CPU, cudnn on GPU, splash on TPU (by the mesh's platform); xla = plain
     # einsums on any backend; cudnn = jax.nn.dot_product_attention's cuDNN kernel; splash = the
     # Pallas TPU kernel (interpreted on CPU); blocked = the CPU-tuned blocked attention.
@@ -189,9 +196,12 @@ class ModelConfig:
     loss_chunk: NonNegativeInt = 0
     # What a block keeps for the backward pass (the rest is recomputed):
     #   none = everything (no remat); full = only its input; dots = every matmul output without
-    #   batch dimensions (projections and MLP, not attention scores); save_qkv_proj = the q, k, v
-    #   projections; save_out_proj = the attention output projection; minimal = the q, k, v and
-    #   output projections and the MLP's matmul outputs (gate, up, down).
+    #   batch dimensions (projections and MLP, not attention scores); save_attention = dots and
+    #   the attention kernel's outputs (its result and logsumexp: attention is not recomputed);
+    #   save_qkv_proj = the q, k, v projections; save_out_proj = the attention output
+    #   projection; minimal = the q, k, v and output projections and the MLP's matmul outputs
+    #   (gate, up, down); auto = the first of none, save_attention, dots, save_qkv_proj, full
+    #   that fits the chip by lab.memory's estimate (printed when the run starts).
     remat: Remat = "none"
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
     parameterization: Parameterization = "sp"

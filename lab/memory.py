@@ -88,7 +88,8 @@ def sharded_bytes(abstract: Any, shardings: Any) -> int:
 WORKING_FACTOR = 2.8
 
 
-def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, int, int]:
+def activation_bytes(cfg: Config, local_batch: int, tensor: int,
+                     remat: str | None = None) -> tuple[int, int, int]:
     """(kept for backward, one block's transient working set, the loss's transient) in bytes
     per chip.
 
@@ -98,11 +99,13 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, i
     and their product (3 F / t). XLA keeps about twice that without remat (casts, float32 norm
     statistics, the kernels' own layouts): measured with the TPU compiler on v5e, 38 a D per
     token and layer for d512 against 20 a D counted. `full` keeps the block input only; `dots`
-    and `minimal` keep every projection's output; the save_* policies keep one of them. The
+    and `minimal` keep every projection's output, `save_attention` the attention output and its
+    float32 logsumexp besides; the save_*_proj policies keep one of them. The
     backward pass of one block holds WORKING_FACTOR times a block's tensors. The loss holds one
     float32 copy of the logits (their gradient is written in place) for the tokens of a chunk,
     with a chunked loss that gradient again in the compute dtype for the head's backward
     matmuls, and the head's weight gathered whole (in the compute dtype) from its shards.
+    `remat` (default: the config's) names the policy.
     """
     m = cfg.model
     L = cfg.train.seq_len
@@ -119,10 +122,11 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, i
         "none": everything,
         "full": a * D,
         "dots": projections,
+        "save_attention": projections + a * H * E / tensor + 4 * H / tensor,
         "minimal": projections,
         "save_qkv_proj": a * (D + qkv),
         "save_out_proj": a * (D + D),
-    }[m.remat]
+    }[remat or m.remat]
     kept = int(tokens * kept_per_layer * m.n_layers)
     working = int(tokens * WORKING_FACTOR * counted)
     # A chunk is loss_chunk tokens of the global batch: every row, loss_chunk // B positions.
@@ -134,15 +138,16 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int) -> tuple[int, i
     return kept, working, logits
 
 
-def estimate(trainer: Any) -> MemoryEstimate:
-    """The per-chip estimate for a built lab.train.Trainer (its config and mesh)."""
+def estimate(trainer: Any, remat: str | None = None) -> MemoryEstimate:
+    """The per-chip estimate for a built lab.train.Trainer (its config and mesh); `remat`
+    names another policy than the config's."""
     cfg, mesh = trainer.cfg, trainer.mesh
     abstract_state = jax.eval_shape(trainer.init_fn)
     params = sharded_bytes(abstract_state["params"], trainer.state_shardings["params"])
     opt = sharded_bytes(abstract_state["opt"], trainer.state_shardings["opt"])
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     local_batch = max(cfg.train.batch_size // (data_parallel * cfg.train.grad_accum), 1)
-    kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"])
+    kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"], remat)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)  # an accumulator besides
     compiler = TPU_COMPILER_BYTES if sharding.mesh_platform(mesh) == "tpu" else 0
     return MemoryEstimate(params, opt, grads, kept, working, logits, compiler)
@@ -165,6 +170,37 @@ def capacity(device: Any) -> tuple[int | None, str]:
     return chip.memory_bytes, chip.name
 
 
+# `model.remat=auto` takes a policy whose estimate leaves this much of a chip free, for the
+# estimate's error (tests/test_aot.py holds it within 25% of the TPU compiler).
+AUTO_REMAT_FRACTION = 0.85
+
+
+def mesh_device(mesh: Any) -> Any:
+    """A device of the mesh: a real one, or an abstract mesh's abstract device."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return mesh.abstract_device
+    return mesh.devices.flat[0]
+
+
+def choose_remat(trainer: Any) -> tuple[str, str]:
+    """`model.remat=auto` on the trainer's chips: (the first policy of lab.remat.AUTO_ORDER,
+    least recomputation first, whose estimate fits AUTO_REMAT_FRACTION of a chip, else
+    `full`; a line saying what was chosen and why)."""
+    from lab.remat import AUTO_ORDER
+
+    limit, chip = capacity(mesh_device(trainer.mesh))
+    if limit is None:
+        return "none", f"model.remat=auto: none (no memory limit known for {chip})"
+    room = AUTO_REMAT_FRACTION * limit
+    for policy in AUTO_ORDER:
+        needed = estimate(trainer, policy).total
+        if needed <= room:
+            break
+    return policy, (f"model.remat=auto: {policy}, {gib(needed)} per chip by lab.memory's "
+                    f"estimate, the least recomputation within {AUTO_REMAT_FRACTION:.0%} of a "
+                    f"{chip} chip's {gib(limit)}")
+
+
 def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:
     """Refuse (UserError) a run whose `needed` bytes per chip exceed the chip's `limit`."""
     if limit is None or needed <= limit:
@@ -179,7 +215,8 @@ def preflight(trainer: Any) -> str:
     """`lab train` before it touches the run directory: the estimate as one line, or a
     UserError if the run cannot fit its chips."""
     est = estimate(trainer)
-    limit, chip = capacity(trainer.mesh.devices.flat[0])
+    limit, chip = capacity(mesh_device(trainer.mesh))
     check_fits(est.total, limit, "this run (by lab.memory's estimate)", chip)
     of = f" of {gib(limit)} ({chip})" if limit else ""
-    return f"memory: {est.describe()}{of}"
+    note = f"{trainer.remat_note}\n" if getattr(trainer, "remat_note", "") else ""
+    return f"{note}memory: {est.describe()}{of}"

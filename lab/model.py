@@ -22,6 +22,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
+from lab.remat import ATTENTION_OUT
+from lab.remat import POLICIES as REMAT_POLICIES
 from lab.roles import Role, param, specs_of, stack
 from lab.sharding import constrain_activations
 
@@ -85,7 +87,8 @@ class Attention(nnx.Module):
         k_BxLxKxE = apply_rope(k_BxLxKxE, sin, cos)
         # μP scales logits by 1/E (Yang et al. 2022), SP by 1/sqrt(E).
         scale = 1.0 / E if cfg.parameterization == "mup" else 1.0 / math.sqrt(E)
-        out_BxLxHxE = self.kernels.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale)
+        out_BxLxHxE = checkpoint_name(self.kernels.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale),
+                                      ATTENTION_OUT)
         return checkpoint_name(dense(out_BxLxHxE.reshape(B, L, H * E), self.wo[...]), "out_proj")
 
 
@@ -133,19 +136,6 @@ class Head(nnx.Module):
         self.kernel = _matrix(rngs, dim, vocab, ("embed", "vocab"), Role.HEAD)
 
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
-# What a block keeps for its backward pass (ModelConfig.remat documents each); the names are
-# the checkpoint_name tags of Attention and MLP.
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names(*_PROJECTIONS[:3]),
-    "save_out_proj": jax.checkpoint_policies.save_only_these_names("out_proj"),
-    "minimal": jax.checkpoint_policies.save_only_these_names(
-        *_PROJECTIONS, "mlp_gate", "mlp_up", "mlp_out"),
-}
-
-
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, platform: str | None = None):
         """`platform` (cpu | gpu | tpu; None = JAX's default backend) is the one the model will
@@ -183,6 +173,9 @@ class Transformer(nnx.Module):
         def run_block(graphdef, state, x):
             return nnx.merge(graphdef, state)(x, sin, cos)
 
+        if cfg.remat == "auto":
+            raise ValueError("model.remat=auto is chosen per chip (lab.memory.resolve_remat) "
+                             "before the model is built")
         if cfg.remat != "none":
             # Under scan the loop already keeps XLA from merging the recomputation into the
             # forward pass, so no optimization barrier is needed (it would block fusions).

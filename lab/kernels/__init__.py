@@ -2,8 +2,9 @@
 
 `Kernels.build(cfg, platform)` fixes, once per model, how its matmuls and attention run. On
 `cpu` the matmuls go through lab.kernels.cpu's hand-written backward passes (row-major copies,
-bfloat16 residuals kept as bits), tuned for XLA's CPU backend; on `gpu` and `tpu` they are plain
-einsums that XLA differentiates and lays out itself. The platform is the target's, which may
+bfloat16 residuals kept as bits), tuned for XLA's CPU backend; on `gpu` and `tpu` they are
+einsums with a backward pass of compute-dtype operands (lab.kernels.matmul), or, with
+`model.backward_dtype=float32`, einsums that XLA differentiates itself. The platform is the target's, which may
 differ from the host's when compiling ahead of time for a TPU topology.
 """
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from lab.config import ModelConfig
 from lab.kernels import attention as _attention
-from lab.kernels import cpu
+from lab.kernels import cpu, matmul
 from lab.kernels.loss import cross_entropy
 
 __all__ = ["Kernels", "cross_entropy"]
@@ -30,23 +31,27 @@ class Kernels:
     attention: str  # the implementation, resolved from `auto`
     compute_dtype: str  # matmul operands
     activation_dtype: str  # the matmuls' results
+    backward_dtype: str = "compute"  # ModelConfig.backward_dtype (GPU and TPU)
 
     @classmethod
     def build(cls, cfg: ModelConfig, platform: str | None = None) -> Kernels:
         platform = platform or jax.default_backend()
         return cls(platform, _attention.resolve(cfg.attention, platform), cfg.compute_dtype,
-                   cfg.activation_dtype)
+                   cfg.activation_dtype, cfg.backward_dtype)
 
     def dense(self, x: jax.Array, w: jax.Array, out_dtype: str | None = None) -> jax.Array:
         """x @ w: operands in the compute dtype, accumulated in float32, the result in
         `out_dtype` (default: the activation dtype)."""
         dtype = jnp.dtype(self.compute_dtype)
+        out_dtype = jnp.dtype(out_dtype or self.activation_dtype)
         if self.platform == "cpu":
             y = cpu.dense(x, w, dtype)
+        elif self.backward_dtype == "compute":
+            return matmul.dense(x, w, dtype.name, out_dtype.name)
         else:
             y = jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype),
                            preferred_element_type=jnp.float32)
-        return y.astype(out_dtype or self.activation_dtype)
+        return y.astype(out_dtype)
 
     def attend(self, q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
                scale: float) -> jax.Array:

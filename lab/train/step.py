@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import sharding
-from lab.config import Config
+from lab import memory, sharding
+from lab.config import Config, replace
 from lab.errors import UserError
 from lab.model import Transformer, loss_fn, mup_lr_scales
 from lab.optim import build_optimizer, lr_schedule, map_param_copies, param_labels
@@ -40,17 +40,27 @@ class Trainer:
     init_fn: Callable
     train_step: Callable
     eval_step: Callable
+    remat_note: str = ""  # what model.remat=auto chose, for the run's first lines
+
 
     def init_state(self) -> dict:
         with jax.set_mesh(self.mesh):
             return self.init_fn()
 
 
-def build_trainer(cfg: Config, mesh: jax.sharding.Mesh) -> Trainer:
-    """Build the model structure, the optimizer and the jitted, sharded step functions."""
+def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = None) -> Trainer:
+    """Build the model structure, the optimizer and the jitted, sharded step functions;
+    `model.remat=auto` is resolved first, for the mesh's chips (lab.memory.choose_remat).
+    `platform` (default: the mesh's) picks the kernels, for lowering to another platform."""
+    if cfg.model.remat == "auto":
+        probe = build_trainer(replace(cfg, model={"remat": "none"}), mesh, platform)
+        remat, note = memory.choose_remat(probe)
+        return dataclasses.replace(
+            build_trainer(replace(cfg, model={"remat": remat}), mesh, platform), remat_note=note)
     mcfg, tcfg = cfg.model, cfg.train
     _check_batch(cfg, mesh)
-    platform = sharding.mesh_platform(mesh)  # the target's kernels, even when compiling ahead
+    # The target's kernels, even when compiling ahead.
+    platform = platform or sharding.mesh_platform(mesh)
     abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, nnx.Rngs(0), platform))
     graphdef, abstract_state = nnx.split(abstract_model)
     abstract_params, specs = nnx.to_pure_dict(abstract_state), specs_of(abstract_state)
