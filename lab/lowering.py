@@ -142,15 +142,16 @@ def _sub_jaxprs(eqn: Any) -> Iterator[tuple[Any, int]]:
 
 
 def _where(eqn: Any) -> str:
-    """The project file and function an equation was traced from."""
+    """The file (project-relative, or from its package down) and function an equation was
+    traced from."""
     from jax._src import source_info_util
 
     root = str(Path(__file__).resolve().parents[1]) + os.sep
-    for frame in source_info_util.user_frames(eqn.source_info.traceback):
-        if frame.file_name.startswith(root):
-            return f"{frame.file_name[len(root):]}:{frame.function_name}"
     frame = source_info_util.user_frame(eqn.source_info.traceback)
-    return f"{frame.file_name}:{frame.function_name}" if frame else "unknown"
+    if frame is None:
+        return "unknown"
+    name = frame.file_name.rpartition("site-packages" + os.sep)[2]
+    return f"{name.removeprefix(root)}:{frame.function_name}"
 
 
 def count_dots(jaxpr: Any, platform: str) -> tuple[dict[str, Dots], list[Exception_]]:
@@ -258,7 +259,8 @@ def saved_activation_bytes(trainer: Any) -> dict[str, int]:
     for aval, what in saved_residuals(
             lambda p, t: loss_fn(nnx.merge(trainer.graphdef, p), t)[0], params, tokens):
         if "from the argument" not in what:
-            by_dtype[_SHORT.get(str(aval.dtype), str(aval.dtype))] += aval.size * aval.dtype.itemsize
+            name = _SHORT.get(str(aval.dtype), str(aval.dtype))
+            by_dtype[name] += aval.size * aval.dtype.itemsize
     return dict(sorted(by_dtype.items()))
 
 

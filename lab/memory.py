@@ -88,8 +88,8 @@ def sharded_bytes(abstract: Any, shardings: Any) -> int:
 WORKING_FACTOR = 2.8
 
 
-def activation_bytes(cfg: Config, local_batch: int, tensor: int,
-                     remat: str | None = None) -> tuple[int, int, int]:
+def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | None = None,
+                     attention: str = "xla") -> tuple[int, int, int]:
     """(kept for backward, one block's transient working set, the loss's transient) in bytes
     per chip.
 
@@ -100,12 +100,13 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int,
     statistics, the kernels' own layouts): measured with the TPU compiler on v5e, 38 a D per
     token and layer for d512 against 20 a D counted. `full` keeps the block input only; `dots`
     and `minimal` keep every projection's output, `save_attention` the attention output and its
-    float32 logsumexp besides; the save_*_proj policies keep one of them. The
-    backward pass of one block holds WORKING_FACTOR times a block's tensors. The loss holds one
-    float32 copy of the logits (their gradient is written in place) for the tokens of a chunk,
-    with a chunked loss that gradient again in the compute dtype for the head's backward
-    matmuls, and the head's weight gathered whole (in the compute dtype) from its shards.
-    `remat` (default: the config's) names the policy.
+    float32 logsumexp besides (splash attention, the resolved `attention`, keeps it across 128
+    lanes); the save_*_proj policies keep one of them. The backward pass of one block holds
+    WORKING_FACTOR times a block's tensors. The loss holds one float32 copy of the logits
+    (their gradient is written in place) for the tokens of a chunk, with a chunked loss that
+    gradient again in the compute dtype for the head's backward matmuls, and the head's weight
+    gathered whole (in the compute dtype) from its shards. `remat` (default: the config's)
+    names the policy.
     """
     m = cfg.model
     L = cfg.train.seq_len
@@ -114,6 +115,7 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int,
     c = _dtype_bytes(m.compute_dtype)
     D, H, K, E, F, V = m.d_model, m.n_heads, m.kv_heads, m.head_dim, m.ff_dim, m.vocab_size
     qkv = (H + 2 * K) * E / tensor
+    lse_lanes = 128 if attention == "splash" else 1
     mlp = F / tensor
     counted = a * (4 * D + 2 * qkv + H * E / tensor + 3 * mlp) + 4 * H / tensor
     everything = 2 * counted
@@ -122,7 +124,7 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int,
         "none": everything,
         "full": a * D,
         "dots": projections,
-        "save_attention": projections + a * H * E / tensor + 4 * H / tensor,
+        "save_attention": projections + (a * E + 4 * lse_lanes) * H / tensor,
         "minimal": projections,
         "save_qkv_proj": a * (D + qkv),
         "save_out_proj": a * (D + D),
@@ -147,7 +149,11 @@ def estimate(trainer: Any, remat: str | None = None) -> MemoryEstimate:
     opt = sharded_bytes(abstract_state["opt"], trainer.state_shardings["opt"])
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     local_batch = max(cfg.train.batch_size // (data_parallel * cfg.train.grad_accum), 1)
-    kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"], remat)
+    from lab.kernels.attention import resolve
+
+    attention = resolve(cfg.model.attention, sharding.mesh_platform(mesh))
+    kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"], remat,
+                                             attention)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)  # an accumulator besides
     compiler = TPU_COMPILER_BYTES if sharding.mesh_platform(mesh) == "tpu" else 0
     return MemoryEstimate(params, opt, grads, kept, working, logits, compiler)
@@ -197,8 +203,8 @@ def choose_remat(trainer: Any) -> tuple[str, str]:
         if needed <= room:
             break
     return policy, (f"model.remat=auto: {policy}, {gib(needed)} per chip by lab.memory's "
-                    f"estimate, the least recomputation within {AUTO_REMAT_FRACTION:.0%} of a "
-                    f"{chip} chip's {gib(limit)}")
+                    f"estimate, the least recomputation within {AUTO_REMAT_FRACTION:.0%} of "
+                    f"the {gib(limit)} of one {chip}")
 
 
 def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("lab", "analysis", "launch")
 
-TRAIN = {"lab.train", "lab.profiling", "lab.aot"}
+TRAIN = {"lab.train", "lab.profiling", "lab.aot", "lab.lowering"}
 PLAN = {"lab.branch", "lab.branch_predict", "lab.sweep"}
 APPS = {"lab.cli", "lab.demo", "analysis.cli", "analysis.plan"}
 # What analysis may import from lab: the run directory and its files, the user's errors.

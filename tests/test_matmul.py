@@ -98,19 +98,22 @@ def _loss_and_grads(cfg):
 
 def _errors(grads, ref):
     """(relative error of the gradient norm, largest relative error of a leaf)."""
-    norm = lambda leaves: np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in leaves))
+    def norm(leaves):
+        return np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in leaves))
+
     leaf = max(np.linalg.norm(np.asarray(g, np.float64) - r) / np.linalg.norm(r)
                for g, r in zip(grads, ref, strict=True))
     return abs(norm(grads) / norm(ref) - 1), leaf
 
 
 def test_bfloat16_backward_gradients_match_the_float32_model():
-    # The reference: the same weights and tokens in float32 throughout, whose kernels the
-    # float64 tests above and in test_model_kernels.py pin down. The bfloat16 model with the
+    # The reference: the same weights and tokens in float32 throughout, differentiated by JAX
+    # (the float64 tests above and in test_model.py pin the float32 model down). The bfloat16 model with the
     # new backward must be as close to it as with XLA's float32 backward, within bfloat16's
     # rounding: about 2^-8 per operand, a few percent over a 2-layer model.
     x64 = np.asarray
-    ref_loss, ref = _loss_and_grads(BASE)
+    # XLA's own differentiation of the float32 model: no custom backward pass in the reference.
+    ref_loss, ref = _loss_and_grads(dataclasses.replace(BASE, backward_dtype="float32"))
     ref = [x64(r, np.float64) for r in ref]
     bf16 = dataclasses.replace(BASE, compute_dtype="bfloat16", activation_dtype="bfloat16")
     new_loss, new = _loss_and_grads(bf16)
@@ -120,4 +123,5 @@ def test_bfloat16_backward_gradients_match_the_float32_model():
     assert new_loss == old_loss  # the same forward pass
     (new_norm, new_leaf), (old_norm, old_leaf) = _errors(new, ref), _errors(old, ref)
     assert 0 < new_norm < 1e-2 and 0 < new_leaf < 6e-2, (new_norm, new_leaf)
-    assert new_leaf < 2 * old_leaf + 1e-2, (new_leaf, old_leaf)
+    assert new_norm < 2 * old_norm + 1e-3 and new_leaf < 2 * old_leaf + 1e-2, (
+        new_norm, old_norm, new_leaf, old_leaf)

@@ -192,7 +192,8 @@ def test_splash_model_equals_xla():
     assert_grads_close(grads, ref_grads, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj", "save_out_proj", "minimal"])
+@pytest.mark.parametrize("remat", ["full", "dots", "save_attention", "save_qkv_proj",
+                                   "save_out_proj", "minimal"])
 def test_remat_policies_keep_loss_and_grads(remat, gqa_reference):
     ref_loss, ref_grads = gqa_reference
     loss, grads = loss_and_grads(dataclasses.replace(GQA, remat=remat), GQA_TOKENS)
@@ -223,6 +224,9 @@ def test_named_remat_policies_save_what_they_name(capsys):
     assert saved_names(REMAT_POLICIES["save_out_proj"]) == ["out_proj"]
     assert saved_names(REMAT_POLICIES["minimal"]) == ["k_proj", "mlp_gate", "mlp_up", "out_proj",
                                                       "q_proj", "v_proj"]
+    # save_attention keeps the attention result (and dots: matmul outputs, unnamed here).
+    assert saved_names(REMAT_POLICIES["save_attention"]) == ["attention_out"]
+    assert saved_names(REMAT_POLICIES["dots"]) == []
 
 
 def test_bfloat16_activations_close_to_float32(gqa_reference):

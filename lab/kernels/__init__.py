@@ -4,8 +4,8 @@
 `cpu` the matmuls go through lab.kernels.cpu's hand-written backward passes (row-major copies,
 bfloat16 residuals kept as bits), tuned for XLA's CPU backend; on `gpu` and `tpu` they are
 einsums with a backward pass of compute-dtype operands (lab.kernels.matmul), or, with
-`model.backward_dtype=float32`, einsums that XLA differentiates itself. The platform is the target's, which may
-differ from the host's when compiling ahead of time for a TPU topology.
+`model.backward_dtype=float32`, einsums that XLA differentiates itself. The platform is the
+target's, which may differ from the host's when compiling ahead of time for a TPU topology.
 """
 
 from __future__ import annotations
