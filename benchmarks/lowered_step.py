@@ -35,8 +35,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "lowered-step.txt")
     args = parser.parse_args()
 
+    from lab.backend import choose_platforms
     from lab.config import load_config
     from lab.lowering import lower_step, summary_lines
+
+    choose_platforms()  # no TPU backend (nor libtpu's warnings) on a host without TPU chips
 
     lines, facts = [], {}
     for name, path, overrides, platform in CASES:
