@@ -108,13 +108,12 @@ def _errors(grads, ref):
 
 def test_bfloat16_backward_gradients_match_the_float32_model():
     # The reference: the same weights and tokens in float32 throughout, differentiated by JAX
-    # (the float64 tests above and in test_model.py pin the float32 model down). The bfloat16 model with the
-    # new backward must be as close to it as with XLA's float32 backward, within bfloat16's
-    # rounding: about 2^-8 per operand, a few percent over a 2-layer model.
-    x64 = np.asarray
-    # XLA's own differentiation of the float32 model: no custom backward pass in the reference.
+    # (the float64 tests above and in test_model.py pin the float32 model down). The bfloat16
+    # model with the new backward must be as close to it as with XLA's float32 backward, within
+    # bfloat16's rounding: about 2^-8 per operand, a few percent over a 2-layer model. The
+    # reference is XLA's own differentiation: no custom backward pass in it.
     ref_loss, ref = _loss_and_grads(dataclasses.replace(BASE, backward_dtype="float32"))
-    ref = [x64(r, np.float64) for r in ref]
+    ref = [np.asarray(r, np.float64) for r in ref]
     bf16 = dataclasses.replace(BASE, compute_dtype="bfloat16", activation_dtype="bfloat16")
     new_loss, new = _loss_and_grads(bf16)
     old_loss, old = _loss_and_grads(dataclasses.replace(bf16, backward_dtype="float32"))
