@@ -61,7 +61,7 @@ class Dots:
 
 
 @dataclasses.dataclass
-class Exception_:
+class F32Dots:
     """float32 x float32 matmuls from one place in the code."""
 
     where: str
@@ -79,7 +79,7 @@ class LoweredStep:
     remat: str
     remat_note: str
     dots: dict[str, Dots]
-    f32_dots: list[Exception_]
+    f32_dots: list[F32Dots]
     custom_calls: dict[str, int]
     collectives: dict[str, int]
     collectives_source: str
@@ -154,11 +154,11 @@ def _where(eqn: Any) -> str:
     return f"{name.removeprefix(root)}:{frame.function_name}"
 
 
-def count_dots(jaxpr: Any, platform: str) -> tuple[dict[str, Dots], list[Exception_]]:
+def count_dots(jaxpr: Any, platform: str) -> tuple[dict[str, Dots], list[F32Dots]]:
     """The dot_generals of a jaxpr and everything inside it, by the operand dtypes they lower
     to on `platform`, and the float32 x float32 ones by where they come from."""
     dots: dict[str, Dots] = collections.defaultdict(Dots)
-    f32: dict[str, Exception_] = {}
+    f32: dict[str, F32Dots] = {}
 
     def walk(jaxpr: Any, times: int) -> None:
         for eqn in jaxpr.eqns:
@@ -171,7 +171,7 @@ def count_dots(jaxpr: Any, platform: str) -> tuple[dict[str, Dots], list[Excepti
                     where = _where(eqn)
                     reason = next((r for f, r in DELIBERATE_F32.items() if f in where),
                                   "")
-                    entry = f32.setdefault(where, Exception_(where, reason))
+                    entry = f32.setdefault(where, F32Dots(where, reason))
                     entry.count += 1
                     entry.flops += flops
             for inner, k in _sub_jaxprs(eqn):
