@@ -177,7 +177,7 @@ def capacity(device: Any) -> tuple[int | None, str]:
 
 
 # `model.remat=auto` takes a policy whose estimate leaves this much of a chip free, for the
-# estimate's error (tests/test_aot.py holds it within 25% of the TPU compiler).
+# estimate's error (tests/test_aot.py holds it within 15% of the TPU compiler).
 AUTO_REMAT_FRACTION = 0.85
 
 
