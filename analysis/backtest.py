@@ -199,6 +199,9 @@ class Backtest:
     mode: str  # how the cuts were chosen: "budgets" or "quantiles"
     folds: list[Fold]
     skipped: list[dict]  # folds that could not be fitted: cut and reason
+    # The naive baselines scored beside the law: name -> what it predicts, in words.
+    baselines: dict[str, str] = field(default_factory=lambda: dict(BASELINE_WORDS))
+    predicts: str = "unseen larger runs"  # what the folds predict, for the verdict
 
     @property
     def scores(self) -> np.ndarray:
@@ -209,11 +212,11 @@ class Backtest:
         """Each model's mean over folds of its mean |error|, and the baselines that beat the
         law on that measure."""
         mean = {"law": float(np.mean([f.law["mean_abs_error"] for f in self.folds]))}
-        for b in BASELINES:
+        for b in self.baselines:
             mean[b] = float(np.mean([f.baselines[b]["mean_abs_error"] for f in self.folds]))
-        losses = [b for b in BASELINES if mean[b] <= mean["law"]]
+        losses = [b for b in self.baselines if mean[b] <= mean["law"]]
         folds_lost = sum(any(f.baselines[b]["mean_abs_error"] <= f.law["mean_abs_error"]
-                             for b in BASELINES) for f in self.folds)
+                             for b in self.baselines) for f in self.folds)
         return {"mean_abs_error": mean, "beaten_by": losses, "folds_lost": folds_lost}
 
     def verdict(self) -> str | None:
@@ -223,10 +226,10 @@ class Backtest:
             return None
         m = s["mean_abs_error"]
         best = min(s["beaten_by"], key=lambda b: m[b])
-        return (f"the {self.method} law predicts unseen larger runs no better than a naive "
+        return (f"the {self.method} law predicts {self.predicts} no better than a naive "
                 f"guess: its mean error over the backtest's folds is {m['law']:.2%}, against "
                 f"{m[best]:.2%} for the {best.replace('_', '-')} baseline "
-                f"({BASELINE_WORDS[best]}); do not trust its extrapolations until it beats it")
+                f"({self.baselines[best]}); do not trust its extrapolations until it beats it")
 
     def calibration(self) -> dict:
         """What analysis.predict needs to calibrate intervals: the scores, and how many."""
@@ -287,6 +290,8 @@ def describe_backtest(bt: Backtest) -> str:
             f"{'budgets' if bt.mode == 'budgets' else 'quantiles of C'}): fit on C <= cut, "
             f"predict C > cut; errors relative (predicted / measured - 1), {bt.level:.0%} "
             "interval coverage")
+    if not len(bt.scores):
+        head += " (none: the law gives no interval)"
     rows = []
     for f in bt.folds:
         x = f.extrapolation
@@ -294,18 +299,19 @@ def describe_backtest(bt: Backtest) -> str:
                      f"{x['C']:.3g}/{x['N']:.3g}/{x['D']:.3g}",
                      _pct(f.law["mean_abs_error"]), _pct(f.law["worst_abs_error"]),
                      f"{f.law['bias']:+.2%}", _pct(f.law["coverage"]),
-                     *(_pct(f.baselines[b]["mean_abs_error"]) for b in BASELINES)])
+                     *(_pct(f.baselines[b]["mean_abs_error"]) for b in bt.baselines)])
     s = bt.summary()["mean_abs_error"]
-    rows.append(["mean", "", "", "", _pct(s["law"]), "", "", "", *(_pct(s[b]) for b in BASELINES)])
+    rows.append(["mean", "", "", "", _pct(s["law"]), "", "", "",
+                 *(_pct(s[b]) for b in bt.baselines)])
     table = format_table(["cut C", "fit", "predict", "x C/N/D", "law mean", "worst", "bias",
-                          "coverage", *(f"{b} mean" for b in BASELINES)], rows)
+                          "coverage", *(f"{b} mean" for b in bt.baselines)], rows)
     out = [head, table]
     out += [f"fold at C <= {s_['cut']:.3g} skipped: {s_['reason']}" for s_ in bt.skipped]
     verdict = bt.verdict()
     out.append(f"WARNING: {verdict}" if verdict else
                f"the law beats every baseline (mean error {s['law']:.2%}, best baseline "
-               f"{min(s[b] for b in BASELINES):.2%})")
-    if not enough_scores(len(bt.scores), bt.level):
+               f"{min(s[b] for b in bt.baselines):.2%})")
+    if len(bt.scores) and not enough_scores(len(bt.scores), bt.level):
         out.append(f"note: {len(bt.scores)} backtest scores are too few for a {bt.level:.0%} "
                    "conformal interval; the calibrated interval uses the largest")
     return "\n".join(out)

@@ -2,11 +2,15 @@
 
     lab fit INPUT... [--method approach3|isoflop|envelope|hparams|critical-batch]
                      [--bootstrap K] [--json OUT] [--plots DIR] [--backtest [--folds K]]
+    lab fit STABLE_RUN --method schedule|multipower --backtest [--folds K] [--json OUT]
 
 An INPUT is a run directory (searched recursively for summary.json) or a CSV with columns N,
 loss and either D or C (then D = C / 6N); Epoch AI's `Model Size`, `Training FLOP`, `loss`
 layout is read as well. `lab.cli` dispatches here and turns a UserError into exit status 2.
 Runs that `lab plan` planned carry a predicted loss; every fit prints it against the outcome.
+The schedule laws (`--method schedule`, Tissue et al.; `multipower`, Luo et al.) are backtested
+along a stable run's curve and its branches' (analysis.schedule_backtest); `lab branch
+--predict` is where they predict new branches.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import sys
 
 from analysis.inputs import load_inputs
 from analysis.methods import METHODS, FitResult, analyse
+from analysis.output import jsonable, warning_banner
+from analysis.schedule_backtest import SCHEDULE_LAWS, backtest_schedule
 from lab.errors import ArgumentParser, UserError
 
 # The options of the methods that `lab fit` spells differently; the rest share their names.
@@ -42,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="run directory (searched recursively for summary.json) or CSV with "
                         "columns N, loss and D or C")
-    p.add_argument("--method", choices=list(METHODS), default="approach3",
+    p.add_argument("--method", choices=[*METHODS, *SCHEDULE_LAWS], default="approach3",
                    help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
                         "envelope: approach 1 on training curves; hparams: LR and batch laws "
                         "in C (DeepSeek) and in N, D (StepFun); critical-batch: B_crit(L) from "
-                        "a batch sweep's curves")
+                        "a batch sweep's curves; schedule (Tissue et al.), multipower (Luo et "
+                        "al.): the schedule laws, with --backtest only, on one stable run and "
+                        "its branches")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="resample the points K times for confidence intervals (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
@@ -107,6 +115,8 @@ def run_fit(args: argparse.Namespace) -> FitResult:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
     check_backtest_args(args)
     check_outputs(args.json, args.plots)  # before the work, not after it
+    if args.method in SCHEDULE_LAWS:
+        return schedule_backtest(args)
     inputs = load_inputs(
         args.inputs,
         include_unfinished=args.include_unfinished,
@@ -129,9 +139,42 @@ def check_backtest_args(args: argparse.Namespace) -> None:
         raise UserError("--folds needs --backtest; add --backtest or drop --folds")
     if args.folds is not None and args.folds < 1:
         raise UserError(f"--folds must be at least 1, got {args.folds}")
-    if args.backtest and args.method not in PREDICTORS:
-        raise UserError(f"--backtest needs a method that predicts a loss at (N, D) "
-                        f"({', '.join(PREDICTORS)}); --method {args.method} does not")
+    if args.method in SCHEDULE_LAWS and not args.backtest:
+        raise UserError(f"--method {args.method} only backtests here; add --backtest, or fit "
+                        "and predict branches with `lab branch RUN --predict`")
+    if args.backtest and args.method not in (*PREDICTORS, *SCHEDULE_LAWS):
+        raise UserError(f"--backtest needs a method that predicts a loss "
+                        f"({', '.join((*PREDICTORS, *SCHEDULE_LAWS))}); --method {args.method} "
+                        "does not")
+
+
+def schedule_backtest(args: argparse.Namespace) -> FitResult:
+    """The backtest of a schedule law on one stable run's curve and its finished branches'
+    (read as `lab branch --predict` reads them), cut in FLOPs by the stable run's summary."""
+    from lab import paths, rundir
+    from lab.branch_predict import default_start, run_curves
+    from lab.config import load_config
+
+    if len(args.inputs) != 1:
+        raise UserError(f"--method {args.method} fits one model's curves: give its stable run "
+                        f"directory alone (its branches are read from it), not "
+                        f"{len(args.inputs)} inputs")
+    run_dir = args.inputs[0]
+    summary = rundir.read_summary(run_dir) if paths.is_dir(run_dir) else None
+    if summary is None or not paths.is_file(rundir.config_path(run_dir)):
+        raise UserError(f"{run_dir} is not a run directory (no summary.json and config.yaml); "
+                        "give the stable run whose branches `lab branch` trained")
+    if not (summary.flops and summary.steps):
+        raise UserError(f"{run_dir}'s summary has no flops or steps: the run has not finished; "
+                        "finish it (lab train resumes it)")
+    start = default_start(load_config(rundir.config_path(run_dir)))
+    bt = backtest_schedule(run_curves(run_dir), args.method, folds=args.folds, start=start,
+                           flops_per_step=summary.flops / summary.steps, level=args.level)
+    record = {"method": args.method, "backtest": bt.to_dict(), "inputs": [run_dir],
+              "skipped_runs": []}
+    verdict = bt.verdict()
+    text = "\n".join((warning_banner([verdict]) if verdict else []) + [bt.describe()])
+    return FitResult(bt, jsonable(record), text)
 
 
 def check_outputs(json_path: str | None, plots_dir: str | None) -> None:

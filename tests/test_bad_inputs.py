@@ -284,6 +284,15 @@ CATALOGUE = [
     ("fit --backtest with no fold to fit",
      lambda s: ["fit", s.budgets([0] * 6 + [1] * 6), "--backtest"],
      "no fold of the backtest could be fitted"),
+    ("fit --method schedule --backtest on a run with no branches",
+     lambda s: ["fit", str(s.copy_run("finished")), "--method", "schedule", "--backtest"],
+     "the annealing term is unidentified"),
+    ("fit --method schedule without --backtest",
+     lambda s: ["fit", str(s.copy_run("finished")), "--method", "schedule"],
+     "--method schedule only backtests here"),
+    ("fit --method multipower --backtest on a CSV of points",
+     lambda s: ["fit", s.good_points(), "--method", "multipower", "--backtest"],
+     "is not a run directory"),
     # Plans.
     ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
      lambda s: ["plan", s.write("flat.json", json.dumps(
