@@ -89,7 +89,7 @@ WORKING_FACTOR = 2.8
 
 
 def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | None = None,
-                     attention: str = "xla") -> tuple[int, int, int]:
+                     attention: str = "xla", platform: str = "tpu") -> tuple[int, int, int]:
     """(kept for backward, one block's transient working set, the loss's transient) in bytes
     per chip.
 
@@ -103,8 +103,9 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | No
     float32 logsumexp besides (splash attention, the resolved `attention`, keeps it across 128
     lanes); the save_*_proj policies keep one of them. The backward pass of one block holds
     WORKING_FACTOR times a block's tensors. The loss holds one float32 copy of the logits
-    (their gradient is written in place) for the tokens of a chunk, with a chunked loss that
-    gradient again in the compute dtype for the head's backward matmuls, and the head's weight
+    (their gradient is written in place) for the tokens of a chunk, with a chunked loss (or the
+    dense op's own backward on GPU and TPU) that gradient again in the compute dtype for the
+    head's backward matmuls, and the head's weight
     gathered whole (in the compute dtype) from its shards. `remat` (default: the config's)
     names the policy.
     """
@@ -133,9 +134,13 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | No
     working = int(tokens * WORKING_FACTOR * counted)
     # A chunk is loss_chunk tokens of the global batch: every row, loss_chunk // B positions.
     positions = min(max(1, m.loss_chunk // cfg.train.batch_size), L) if m.loss_chunk else L
-    # Chunked, the loss's scan writes each chunk's gradient again in the compute dtype; whole,
-    # XLA feeds it to the head's matmuls without that copy (both read from the TPU compiler).
-    second_copy = c if m.loss_chunk else 0
+    # Chunked, the loss's scan writes each chunk's gradient again in the compute dtype. Whole,
+    # XLA feeds it to the head's matmuls without that copy, unless the dense op's own backward
+    # (lab.kernels.matmul: GPU and TPU, backward_dtype=compute) casts it to a narrower compute
+    # dtype first (all three read from the TPU compiler: +512 MiB on a d512 test config).
+    own_backward = (platform != "cpu" and m.backward_dtype == "compute"
+                    and m.compute_dtype != "float32")
+    second_copy = c if m.loss_chunk or own_backward else 0
     logits = int(local_batch * positions * V / tensor * (4 + second_copy) + D * V / tensor * c)
     return kept, working, logits
 
@@ -151,11 +156,12 @@ def estimate(trainer: Any, remat: str | None = None) -> MemoryEstimate:
     local_batch = max(cfg.train.batch_size // (data_parallel * cfg.train.grad_accum), 1)
     from lab.kernels.attention import resolve
 
-    attention = resolve(cfg.model.attention, sharding.mesh_platform(mesh))
+    platform = sharding.mesh_platform(mesh)
+    attention = resolve(cfg.model.attention, platform)
     kept, working, logits = activation_bytes(cfg, local_batch, mesh.shape["tensor"], remat,
-                                             attention)
+                                             attention, platform)
     grads = params * (2 if cfg.train.grad_accum > 1 else 1)  # an accumulator besides
-    compiler = TPU_COMPILER_BYTES if sharding.mesh_platform(mesh) == "tpu" else 0
+    compiler = TPU_COMPILER_BYTES if platform == "tpu" else 0
     return MemoryEstimate(params, opt, grads, kept, working, logits, compiler)
 
 
