@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from lab import layer_stats
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
 from lab.remat import ATTENTION_OUT
@@ -115,10 +116,12 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, kernels, rngs)
 
-    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array
+                 ) -> tuple[jax.Array, dict]:
+        """The block's output and its statistics (LayerStats: float32 arrays, keyed by name)."""
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), sin, cos)
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-        return constrain_activations(x_BxLxD)
+        return constrain_activations(x_BxLxD), {}
 
 
 class Embed(nnx.Module):
@@ -165,6 +168,11 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BxL: jax.Array) -> jax.Array:
         """The final-normed hidden states (B, L, D) in the activation dtype."""
+        return self.hidden_and_stats(tokens_BxL)[0]
+
+    def hidden_and_stats(self, tokens_BxL: jax.Array) -> tuple[jax.Array, dict]:
+        """The final-normed hidden states and every block's statistics, each with a leading
+        layer axis N (see lab.layer_stats)."""
         cfg = self.cfg
         L = tokens_BxL.shape[1]
         sin, cos = rope_tables(L, cfg.head_dim, cfg.rope_theta)
@@ -183,13 +191,16 @@ class Transformer(nnx.Module):
                                        static_argnums=(0,), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             graphdef, state_N = nnx.split(self.blocks)
-            x_BxLxD, _ = jax.lax.scan(lambda x, s: (run_block(graphdef, s, x), None),
-                                      x_BxLxD, state_N)
+            x_BxLxD, stats_N = jax.lax.scan(lambda x, s: run_block(graphdef, s, x),
+                                            x_BxLxD, state_N)
         else:
+            stats = []
             for block in self.blocks:
                 graphdef, state = nnx.split(block)
-                x_BxLxD = run_block(graphdef, state, x_BxLxD)
-        return self.final_norm(x_BxLxD)
+                x_BxLxD, block_stats = run_block(graphdef, state, x_BxLxD)
+                stats.append(block_stats)
+            stats_N = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+        return self.final_norm(x_BxLxD), stats_N
 
     def logits(self, x_BxLxD: jax.Array) -> jax.Array:
         """The output head on hidden states (any leading axes), float32."""
@@ -203,13 +214,17 @@ class Transformer(nnx.Module):
 
 
 def loss_fn(model: Transformer, tokens_BxL1: jax.Array) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy (plus z-loss) over a (B, L+1) window of tokens; in chunks
-    of `model.loss_chunk` tokens when set, so the whole logits never exist at once."""
+    """Mean next-token cross-entropy (plus z-loss and any blocks' auxiliary losses) over a
+    (B, L+1) window of tokens; in chunks of `model.loss_chunk` tokens when set, so the whole
+    logits never exist at once. The aux dict has the cross-entropy and the layer stats."""
     inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
     cfg = model.cfg
-    loss, ce = cross_entropy(model.logits, model.hidden(inputs_BxL), targets_BxL, cfg.z_loss,
+    hidden_BxLxD, stats_N = model.hidden_and_stats(inputs_BxL)
+    loss, ce = cross_entropy(model.logits, hidden_BxLxD, targets_BxL, cfg.z_loss,
                              cfg.loss_chunk)
-    return loss, {"ce": ce}
+    if layer_stats.AUX_LOSS in stats_N:
+        loss = loss + layer_stats.auxiliary_loss(stats_N)
+    return loss, {"ce": ce, "layer_stats": stats_N}
 
 
 def param_specs(cfg: ModelConfig) -> dict:

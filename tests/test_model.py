@@ -214,7 +214,8 @@ def test_named_remat_policies_save_what_they_name(capsys):
     sin, cos = jnp.zeros((8, 4)), jnp.ones((8, 4))
 
     def saved_names(policy):
-        fn = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s)(x, sin, cos).sum(), policy=policy)
+        fn = jax.checkpoint(lambda s, x: nnx.merge(graphdef, s)(x, sin, cos)[0].sum(),
+                             policy=policy)
         capsys.readouterr()
         print_saved_residuals(fn, state, x)
         return sorted(re.findall(r"named '(\w+)'", capsys.readouterr().out))

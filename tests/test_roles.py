@@ -37,9 +37,9 @@ class AdapterBlock(lab_model.Block):
         self.adapter_out = param(init(rngs.params(), (RANK, D)), ("mlp", "embed"), Role.HIDDEN)
 
     def __call__(self, x, sin, cos):
-        x = super().__call__(x, sin, cos)
+        x, stats = super().__call__(x, sin, cos)
         h = x @ self.adapter_in[...].astype(x.dtype) + self.adapter_bias[...].astype(x.dtype)
-        return x + jax.nn.silu(h) @ self.adapter_out[...].astype(x.dtype)
+        return x + jax.nn.silu(h) @ self.adapter_out[...].astype(x.dtype), stats
 
 
 @pytest.fixture

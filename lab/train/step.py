@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import memory, sharding
+from lab import layer_stats, memory, sharding
 from lab.config import Config, replace
 from lab.errors import UserError
 from lab.model import Transformer, loss_fn, mup_lr_scales
@@ -132,7 +132,7 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         A = grad_accum
         if A == 1:
             (loss, aux), grads = grad_fn(params, tokens_BxL1)
-            ce = aux["ce"]
+            ce, stats_N = aux["ce"], aux["layer_stats"]
         else:
             # Micro-batch a takes rows a, a+A, a+2A, ...: every device keeps its own rows.
             B, L1 = tokens_BxL1.shape
@@ -140,11 +140,16 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
 
             def accumulate(carry, tokens):
                 (loss, aux), grads = grad_fn(params, tokens)
-                return jax.tree.map(jnp.add, carry, (grads, loss, aux["ce"])), None
+                total, stats_N = carry
+                return (jax.tree.map(jnp.add, total, (grads, loss, aux["ce"])),
+                        layer_stats.accumulate(stats_N, aux["layer_stats"])), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
-            (grads, loss, ce), _ = jax.lax.scan(accumulate, zeros, micro_AxBAxL1)
+            stats_shape = jax.eval_shape(grad_fn, params, micro_AxBAxL1[0])[0][1]["layer_stats"]
+            ((grads, loss, ce), stats_N), _ = jax.lax.scan(
+                accumulate, (zeros, layer_stats.initial(stats_shape)), micro_AxBAxL1)
             grads, loss, ce = jax.tree.map(lambda x: x / A, (grads, loss, ce))
+            stats_N = layer_stats.finish(stats_N, A)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         metrics = {
@@ -156,6 +161,7 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         }
         if z_loss:  # otherwise the cross-entropy is the loss
             metrics["ce"] = ce
+        metrics.update(layer_stats.step_metrics(stats_N))
         return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
     return train_step
