@@ -327,6 +327,12 @@ def fit_approach3(
     return fit
 
 
+def resample_indices(n: int, n_samples: int, seed: int) -> np.ndarray:
+    """The bootstrap's resamples (n_samples x n indices into the points, with replacement);
+    another fit refitted on the same rows (analysis.downstream's second step) draws them here."""
+    return np.random.default_rng(seed).integers(0, n, size=(n_samples, n))
+
+
 def bootstrap_approach3(
     fit: Approach3Fit,
     N,
@@ -351,8 +357,7 @@ def bootstrap_approach3(
         raise UserError(f"the interval level must be between 0 and 1, got {level}")
     N, D, loss = (np.asarray(v, dtype=np.float64).ravel() for v in (N, D, loss))
     n = len(N)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_samples, n))
+    idx = resample_indices(n, n_samples, seed)
     weights = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)
     starts0 = fit.optima if len(fit.optima) else fit.theta[None, :]
     m = len(starts0)

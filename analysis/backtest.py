@@ -134,10 +134,12 @@ def fold_keys(points: pd.DataFrame, folds: int | None = None, rel_tol: float = 0
 # Scoring.
 
 
-def errors(predicted, measured, lo=None, hi=None) -> dict:
-    """Relative errors (predicted / measured - 1): mean |e|, worst |e|, mean e (bias), and the
-    fraction of measured values inside [lo, hi] (None without an interval)."""
-    e = np.asarray(predicted, np.float64) / np.asarray(measured, np.float64) - 1.0
+def errors(predicted, measured, lo=None, hi=None, relative: bool = True) -> dict:
+    """Relative errors (predicted / measured - 1), or absolute ones (predicted - measured, for
+    accuracies): mean |e|, worst |e|, mean e (bias), and the fraction of measured values inside
+    [lo, hi] (None without an interval)."""
+    p, m = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+    e = p / m - 1.0 if relative else p - m
     coverage = None
     if lo is not None:
         y = np.asarray(measured, np.float64)
@@ -202,6 +204,7 @@ class Backtest:
     # The naive baselines scored beside the law: name -> what it predicts, in words.
     baselines: dict[str, str] = field(default_factory=lambda: dict(BASELINE_WORDS))
     predicts: str = "unseen larger runs"  # what the folds predict, for the verdict
+    error_kind: str = "relative (predicted / measured - 1)"  # how errors() measured them
 
     @property
     def scores(self) -> np.ndarray:
@@ -288,8 +291,7 @@ def describe_backtest(bt: Backtest) -> str:
     """The backtest as text: one row per fold, errors in percent, the verdict last."""
     head = (f"Backtest of {bt.method} by compute ({len(bt.folds)} folds, cuts at the "
             f"{'budgets' if bt.mode == 'budgets' else 'quantiles of C'}): fit on C <= cut, "
-            f"predict C > cut; errors relative (predicted / measured - 1), {bt.level:.0%} "
-            "interval coverage")
+            f"predict C > cut; errors {bt.error_kind}, {bt.level:.0%} interval coverage")
     if not len(bt.scores):
         head += " (none: the law gives no interval)"
     rows = []
@@ -326,9 +328,11 @@ def add_backtest(record: dict, text: str, bt: Backtest) -> str:
     each compute-optimal budget's calibrated `loss_interval`) and to its text, a failing
     verdict first; returns the text."""
     record["backtest"] = bt.to_dict()
-    record["calibration"] = bt.calibration()
+    if len(bt.scores):  # a law without a residual scale (downstream) is not calibrated
+        record["calibration"] = bt.calibration()
     lines = [text, "", bt.describe()]
-    if record.get("compute_optimal") and not record.get("degenerate"):
+    calibrated = "calibration" in record and not record.get("degenerate")
+    if calibrated and record.get("compute_optimal"):
         k = record["calibration"]["multiplier"]
         lines += ["", f"Loss of one run at each budget's optimum, {bt.level:.0%} interval "
                   f"calibrated by the backtest ({k:.3g} times the residual scale):"]

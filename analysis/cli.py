@@ -3,6 +3,7 @@
     lab fit INPUT... [--method approach3|isoflop|envelope|hparams|critical-batch]
                      [--bootstrap K] [--json OUT] [--plots DIR] [--backtest [--folds K]]
     lab fit STABLE_RUN --method schedule|multipower --backtest [--folds K] [--json OUT]
+    lab fit INPUT... --method downstream --chance P [--task NAME] [--predict N:D,...]
 
 An INPUT is a run directory (searched recursively for summary.json) or a CSV with columns N,
 loss and either D or C (then D = C / 6N); Epoch AI's `Model Size`, `Training FLOP`, `loss`
@@ -10,7 +11,8 @@ layout is read as well. `lab.cli` dispatches here and turns a UserError into exi
 Runs that `lab plan` planned carry a predicted loss; every fit prints it against the outcome.
 The schedule laws (`--method schedule`, Tissue et al.; `multipower`, Luo et al.) are backtested
 along a stable run's curve and its branches' (analysis.schedule_backtest); `lab branch
---predict` is where they predict new branches.
+--predict` is where they predict new branches. The downstream law (Bhagia et al.: task loss
+from N and D, accuracy from task loss) reads its own columns (analysis.downstream_cli).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import sys
 
+from analysis import downstream_cli
 from analysis.inputs import load_inputs
 from analysis.methods import METHODS, FitResult, analyse
 from analysis.output import jsonable, warning_banner
@@ -48,13 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="run directory (searched recursively for summary.json) or CSV with "
                         "columns N, loss and D or C")
-    p.add_argument("--method", choices=[*METHODS, *SCHEDULE_LAWS], default="approach3",
+    p.add_argument("--method", choices=[*METHODS, *SCHEDULE_LAWS, downstream_cli.DOWNSTREAM],
+                   default="approach3",
                    help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
                         "envelope: approach 1 on training curves; hparams: LR and batch laws "
                         "in C (DeepSeek) and in N, D (StepFun); critical-batch: B_crit(L) from "
                         "a batch sweep's curves; schedule (Tissue et al.), multipower (Luo et "
                         "al.): the schedule laws, with --backtest only, on one stable run and "
-                        "its branches")
+                        "its branches; downstream: task loss L(N, D), then accuracy as a "
+                        "sigmoid of it (Bhagia et al. 2024), from columns N, D, task_loss, "
+                        "accuracy or runs' task results")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="resample the points K times for confidence intervals (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
@@ -73,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "distinct budgets (default 4), or the last K budgets as cuts")
     _add_point_options(p)
     _add_method_settings(p)
+    downstream_cli.add_options(p)
     return p
 
 
@@ -114,9 +121,12 @@ def run_fit(args: argparse.Namespace) -> FitResult:
     if not 0 < args.level < 1:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
     check_backtest_args(args)
+    downstream_cli.check_args(args)
     check_outputs(args.json, args.plots)  # before the work, not after it
     if args.method in SCHEDULE_LAWS:
         return schedule_backtest(args)
+    if args.method == downstream_cli.DOWNSTREAM:
+        return downstream_cli.fit_downstream_command(args)
     inputs = load_inputs(
         args.inputs,
         include_unfinished=args.include_unfinished,
@@ -142,10 +152,10 @@ def check_backtest_args(args: argparse.Namespace) -> None:
     if args.method in SCHEDULE_LAWS and not args.backtest:
         raise UserError(f"--method {args.method} only backtests here; add --backtest, or fit "
                         "and predict branches with `lab branch RUN --predict`")
-    if args.backtest and args.method not in (*PREDICTORS, *SCHEDULE_LAWS):
-        raise UserError(f"--backtest needs a method that predicts a loss "
-                        f"({', '.join((*PREDICTORS, *SCHEDULE_LAWS))}); --method {args.method} "
-                        "does not")
+    predicting = (*PREDICTORS, *SCHEDULE_LAWS, downstream_cli.DOWNSTREAM)
+    if args.backtest and args.method not in predicting:
+        raise UserError(f"--backtest needs a method that predicts a loss or an accuracy "
+                        f"({', '.join(predicting)}); --method {args.method} does not")
 
 
 def schedule_backtest(args: argparse.Namespace) -> FitResult:

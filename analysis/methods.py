@@ -23,6 +23,7 @@ from analysis.critical_batch import fit_critical_batch
 from analysis.envelope import fit_envelope
 from analysis.hparams import fit_hparam_laws, fit_stepfun_laws
 from analysis.inputs import Inputs
+from analysis.irreducible import approach3_caveats
 from analysis.isoflop import fit_isoflop
 from analysis.output import format_table, interval, jsonable, warning_banner
 from analysis.points import drop_highest_loss
@@ -49,6 +50,8 @@ class Method:
     allocation: bool = False
     plot: Callable[..., list[str]] | None = None
     record: Callable[[Any, pd.DataFrame], dict] | None = None  # extra fields of the record
+    # Warnings about its predictions at the budgets: caveats(fit, points, budgets).
+    caveats: Callable[[Any, pd.DataFrame, list[float]], list[str]] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -241,10 +244,12 @@ def allocation_table(opt: pd.DataFrame, label: str = "N", level: float | None = 
     return format_table(headers, rows)
 
 
-def describe(method: str, fit, budgets: list[float], label: str = "N") -> str:
-    """The printed report of one fit: warnings first, its numbers, the allocation it implies."""
+def describe(method: str, fit, budgets: list[float], label: str = "N",
+             caveats: list[str] = ()) -> str:
+    """The printed report of one fit: warnings (the fit's, then its predictions' caveats)
+    first, its numbers, the allocation it implies."""
     m = method_named(method)
-    out = warning_banner(list(fit.warnings)) + [m.describe(fit)]
+    out = warning_banner([*fit.warnings, *caveats]) + [m.describe(fit)]
     if m.allocation:
         if getattr(fit, "degenerate", False):
             out.append("\nCompute-optimal allocation: not shown, the fit is degenerate")
@@ -283,7 +288,8 @@ register(Method(
     fit=lambda points, **kw: fit_approach3(points["N"], points["D"], points["loss"], **kw),
     table="points", options=(*BOOTSTRAP, "max_iter"), describe=_describe_approach3,
     allocation=True, plot=_plot("plot_approach3"),
-    record=lambda fit, points: fit_record(fit, points["N"], points["D"], points["loss"])))
+    record=lambda fit, points: fit_record(fit, points["N"], points["D"], points["loss"]),
+    caveats=approach3_caveats))
 register(Method(
     name="isoflop", fit=fit_isoflop, table="points", options=(*BOOTSTRAP, "rel_tol"),
     describe=_describe_allocation_laws("Approach 2 (IsoFLOP)", lambda f: len(f.budgets),
@@ -383,6 +389,9 @@ def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | No
         record |= m.record(result, points)
     if m.allocation:
         record["compute_optimal"] = result.compute_optimal(budgets).to_dict(orient="records")
+    caveats = m.caveats(result, points, budgets) if m.caveats is not None else []
+    if caveats:  # the report's banner reads the record's warnings
+        record["warnings"] = [*record.get("warnings", []), *caveats]
     record["N_definition"] = inputs.n_label
     planned = planned_runs(points)
     record["planned_runs"] = planned[
@@ -394,7 +403,7 @@ def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | No
         record["plots"] = m.plot(result, data, plots_dir, inputs.n_label)
     elif plots_dir:
         record["plots"] = []
-    text = describe(m.name, result, budgets, inputs.n_label)
+    text = describe(m.name, result, budgets, inputs.n_label, caveats)
     if checked is not None:
         text = add_backtest(record, text, checked)
     if len(planned):

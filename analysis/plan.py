@@ -34,6 +34,8 @@ import yaml
 
 from analysis import paths
 from analysis.hparams import LogLinearLaw, excess_log_loss
+from analysis.irreducible import loss_law_check, near_e_warning
+from analysis.output import warning_banner
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
@@ -464,6 +466,20 @@ def _next_sweep(args: argparse.Namespace, name: str, runs_root: str, N: int, flo
     return sweep, header
 
 
+def _prediction_warnings(law: LossLaw, pred: float, N: int, D: int, level: float,
+                         warns: list[str]) -> dict:
+    """Warn (into `warns`) where the interval is not calibrated and where the predicted loss
+    nears the irreducible loss (analysis.irreducible); returns the near-E check."""
+    if law.interval_method != "calibrated":
+        warns.append(f"the {law.interval_method} interval is not calibrated, can be too narrow "
+                     "beyond the fitted runs; `lab fit RUNS --backtest --json F` calibrates it")
+    check = loss_law_check(law, pred, f"for the planned run (N = {N:,}, D = {D:,})", level)
+    warning = near_e_warning([check])
+    if warning:
+        warns.append(warning)
+    return check.to_dict() | {"warning": warning}
+
+
 def make_plan(args: argparse.Namespace) -> dict:
     """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
     _check_args(args)
@@ -490,9 +506,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     excess = hparam_excess(laws, n_by, D_target, fpt * D_target, float(f"{lr:.4g}"),
                            tokens_per_step, args.level)
     hi = law_hi * float(np.exp(excess["level_quantile"]))
-    if law.interval_method != "calibrated":
-        warns.append(f"the {law.interval_method} interval is not calibrated, can be too narrow "
-                     "beyond the fitted runs; `lab fit RUNS --backtest --json F` calibrates it")
+    near_e = _prediction_warnings(law, pred, N, D, args.level, warns)
     frac, sched = _schedule_at(cfg, steps)
     name = f"plan-C{C:.3g}".replace("+", "")
     runs_root = (args.runs or f"runs/{name}").rstrip("/")
@@ -536,6 +550,7 @@ def make_plan(args: argparse.Namespace) -> dict:
         "interval_method": law.interval_method,
         "loss_law_interval": [lo, law_hi],
         "hparam_uncertainty": excess,
+        "near_irreducible": near_e,
         "sources": {"loss_law": laws.loss_source, "lr": lr_src, "batch": batch_src,
                     "base_config": str(base), "interval": law.interval_method},
         "sweep": sweep_points,
@@ -559,7 +574,8 @@ def _write(path: str, text: str) -> None:
 
 def report(plan: dict, out: str) -> str:
     lo, hi = plan["interval"]
-    lines = [
+    near_e = (plan.get("near_irreducible") or {}).get("warning")
+    lines = warning_banner([near_e] if near_e else []) + [
         f"budget C = {plan['C']:.4g} FLOPs: N_opt = {plan['N_opt']:.4g}, D_opt = "
         f"{plan['D_opt']:.4g}",
         f"planned run: N = {plan['N']:,} ({plan['params']}), D = C / (6 N) = {plan['D']:,} "
@@ -573,7 +589,7 @@ def report(plan: dict, out: str) -> str:
         f"next IsoFLOP sweep: {len(plan['sweep'])} sizes, N from "
         f"{min(p['N'] for p in plan['sweep']):,} to {max(p['N'] for p in plan['sweep']):,}",
     ]
-    lines += [f"warning: {w}" for w in plan["warnings"]]
+    lines += [f"warning: {w}" for w in plan["warnings"] if w != near_e]  # near E: the banner
     lines += [f"wrote {os.path.join(out, f)}" for f in (rundir.CONFIG, "sweep.yaml", "plan.json")]
     return "\n".join(lines)
 

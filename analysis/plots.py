@@ -211,3 +211,66 @@ def plot_hparams(laws: HparamLaws, runs: pd.DataFrame, out_dir: str) -> list[str
         ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel=name)
         ax.legend(fontsize=7)
     return [_save(fig, out_dir, "hparams.png")]
+
+
+def _sigmoid_panel(ax, fit, pred: pd.DataFrame | None) -> None:
+    """Accuracy against task loss: the points, the sigmoid with its bootstrap band, the
+    floor (chance) and the ceiling, and the predictions at their predicted task loss."""
+    from analysis.downstream import sigmoid
+
+    pts = fit.points
+    losses = [pts["task_loss"]] + ([pred["task_loss"]] if pred is not None else [])
+    lo, hi = min(x.min() for x in losses), max(x.max() for x in losses)
+    grid = np.linspace(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo), 200)
+    sc = ax.scatter(pts["task_loss"], pts["accuracy"], c=np.log10(pts["N"]), cmap="plasma",
+                    s=18, zorder=3, label="fitted runs")
+    ax.figure.colorbar(sc, ax=ax, label="log10 N")
+    ax.plot(grid, fit.sigmoid.predict(grid), "k-", label=fit.sigmoid.describe())
+    if fit.sigmoid_samples is not None:
+        s = fit.sigmoid_samples
+        band = sigmoid(grid[None, :], s[:, :1], s[:, 1:2], s[:, 2:3], fit.chance)
+        q = [(1 - fit.level) / 2, (1 + fit.level) / 2]
+        ax.fill_between(grid, *np.quantile(band, q, axis=0), color="k", alpha=0.15,
+                        label=f"{fit.level:.0%} bootstrap band")
+    ax.axhline(fit.chance, color="C3", ls="--", lw=0.8, label=f"chance {fit.chance:g}")
+    ax.axhline(fit.chance + fit.sigmoid.a, color="gray", ls=":", lw=0.8, label="ceiling")
+    if pred is not None:
+        yerr = ([pred["accuracy"] - pred["lo"], pred["hi"] - pred["accuracy"]]
+                if "lo" in pred else None)
+        xerr = ([pred["task_loss"] - pred["task_loss_lo"], pred["task_loss_hi"]
+                 - pred["task_loss"]] if "lo" in pred else None)
+        ax.errorbar(pred["task_loss"], pred["accuracy"], xerr=xerr, yerr=yerr, fmt="o",
+                    mfc="none", color="C0", capsize=3,
+                    label="predicted (intervals: task loss, one run's accuracy)")
+    ax.set(xlabel="task loss", ylabel="accuracy", title=f"step 2: accuracy of {fit.task}")
+    ax.legend(fontsize=7)
+
+
+def plot_downstream(fit, out_dir: str, pred: pd.DataFrame | None = None,
+                    outcome=None) -> list[str]:
+    """downstream.png: the sigmoid with the points (and any predictions); step 1's task loss
+    against its law; with `outcome` (the measured accuracy of the predicted runs, in the
+    order of `pred`), the predictions beside the outcomes."""
+    fig, axes = _figure(3 if outcome is not None else 2)
+    _sigmoid_panel(axes[0], fit, pred)
+    pts = fit.points
+    ax = axes[1]
+    ax.scatter(fit.loss_law.predict(pts["N"], pts["D"]), pts["task_loss"], s=14, color="C0")
+    lims = [pts["task_loss"].min(), pts["task_loss"].max()]
+    ax.plot(lims, lims, "k-", lw=0.8)
+    ax.set(xlabel="task loss of the law", ylabel="measured task loss",
+           title=f"step 1: {fit.loss_law.describe()}")
+    if outcome is not None:
+        ax = axes[2]
+        x = np.arange(len(pred))
+        yerr = ([pred["accuracy"] - pred["lo"], pred["hi"] - pred["accuracy"]]
+                if "lo" in pred else None)
+        ax.errorbar(x, pred["accuracy"], yerr=yerr, fmt="o", mfc="none", capsize=4,
+                    color="C0", label="predicted (one run's interval)")
+        ax.scatter(x, outcome, marker="*", s=120, color="k", zorder=3, label="measured")
+        ax.axhline(fit.chance, color="C3", ls="--", lw=0.8, label="chance")
+        ax.set_xticks(x, [f"N {n:.3g}\nD {d:.3g}" for n, d in zip(pred["N"], pred["D"],
+                                                                  strict=True)], fontsize=7)
+        ax.set(ylabel="accuracy", title="prediction beside outcome")
+        ax.legend(fontsize=7)
+    return [_save(fig, out_dir, "downstream.png")]
