@@ -292,7 +292,7 @@ def describe_backtest(bt: Backtest) -> str:
     head = (f"Backtest of {bt.method} by compute ({len(bt.folds)} folds, cuts at the "
             f"{'budgets' if bt.mode == 'budgets' else 'quantiles of C'}): fit on C <= cut, "
             f"predict C > cut; errors {bt.error_kind}, {bt.level:.0%} interval coverage")
-    if not len(bt.scores):
+    if all(f.law["coverage"] is None for f in bt.folds):
         head += " (none: the law gives no interval)"
     rows = []
     for f in bt.folds:

@@ -4,7 +4,8 @@
     bt.to_dict()["folds"][-1]["law"]["mean_abs_error"]        # in accuracy (0.02 = 2 points)
 
 As analysis.backtest does for the loss laws: fold k fits both steps of the law (with the
-coarse grid of Approach 3 starts and bootstrap refits for the interval) on every point with
+coarse grid of Approach 3 starts, and as many bootstrap refits for its interval as the full
+fit) on every point with
 C <= c_k, and predicts the accuracy of every point beyond, cut at the budgets or at quantiles
 of C (analysis.backtest.fold_keys). Errors are absolute, predicted - measured accuracy.
 The baselines know the same points:
@@ -21,7 +22,12 @@ import pandas as pd
 
 from analysis.backtest import Backtest, Fold, coarse_grid, errors, fold_keys
 from analysis.baselines import nearest
-from analysis.downstream import MIN_POINTS, check_task_points, fit_downstream
+from analysis.downstream import (
+    DEFAULT_BOOTSTRAP,
+    MIN_POINTS,
+    check_task_points,
+    fit_downstream,
+)
 from analysis.points import check_points
 from lab.errors import UserError
 
@@ -31,7 +37,6 @@ ACCURACY_BASELINES = {
     "loss_linear": "accuracy linear in task loss, at the law's predicted task loss",
 }
 MIN_FIT_POINTS = MIN_POINTS + 1  # points at or below a cut for a fold to be fitted
-FOLD_BOOTSTRAP = 100  # bootstrap refits per fold for its interval
 
 
 def _line(X: np.ndarray, y: np.ndarray, Xq: np.ndarray) -> np.ndarray:
@@ -55,11 +60,11 @@ def accuracy_baselines(fitted: pd.DataFrame, query: pd.DataFrame,
 
 
 def _fold(points: pd.DataFrame, key: np.ndarray, cut: float, chance: float, level: float,
-          seed: int) -> Fold:
+          bootstrap: int, seed: int) -> Fold:
     fitted, query = points[key <= cut], points[key > cut]
     if len(fitted) < MIN_FIT_POINTS:
         raise UserError(f"{len(fitted)} points at or below the cut, {MIN_FIT_POINTS} needed")
-    law = fit_downstream(fitted, chance, bootstrap=FOLD_BOOTSTRAP, seed=seed, level=level,
+    law = fit_downstream(fitted, chance, bootstrap=bootstrap, seed=seed, level=level,
                          grid=coarse_grid())
     if law.loss_law.degenerate:
         raise UserError(f"the task loss law is degenerate ({law.loss_law.describe()})")
@@ -71,14 +76,16 @@ def _fold(points: pd.DataFrame, key: np.ndarray, cut: float, chance: float, leve
                 extrapolation=extrapolation,
                 law=errors(pred["accuracy"], y, pred["lo"], pred["hi"], relative=False),
                 baselines={b: errors(v, y, relative=False) for b, v in base.items()},
-                interval=f"bootstrap ({FOLD_BOOTSTRAP} refits of both steps)")
+                interval=f"bootstrap ({bootstrap} refits of both steps)")
 
 
 def backtest_downstream(points: pd.DataFrame, chance: float, *, folds: int | None = None,
                         level: float = 0.95, rel_tol: float = 0.1,
-                        by_budget: bool | None = None, seed: int = 0) -> Backtest:
+                        by_budget: bool | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+                        seed: int = 0) -> Backtest:
     """The backtest of the downstream law on points (N, D, C, task_loss, accuracy; a
-    `budget` column sets the budgets; `by_budget` as analysis.backtest.fold_keys takes it)."""
+    `budget` column sets the budgets; `by_budget` as analysis.backtest.fold_keys takes it);
+    each fold's interval from `bootstrap` refits of both steps."""
     if folds is not None and folds < 1:
         raise UserError(f"--folds must be at least 1, got {folds}")
     check_task_points(points, chance)
@@ -88,7 +95,7 @@ def backtest_downstream(points: pd.DataFrame, chance: float, *, folds: int | Non
     done, skipped = [], []
     for cut in cuts:
         try:
-            done.append(_fold(points, key, cut, chance, level, seed))
+            done.append(_fold(points, key, cut, chance, level, bootstrap, seed))
         except UserError as err:
             skipped.append({"cut": float(cut), "reason": str(err)})
     if not done:

@@ -239,7 +239,8 @@ def fit_downstream_command(args: argparse.Namespace) -> FitResult:
 
         checked = backtest_downstream(
             points, args.chance, folds=args.folds, level=args.level, rel_tol=args.budget_tolerance,
-            by_budget=True if "run" in points.columns else None, seed=args.seed)
+            by_budget=True if "run" in points.columns else None, bootstrap=bootstrap,
+            seed=args.seed)
     fit = fit_downstream(points, args.chance, task=task, bootstrap=bootstrap, seed=args.seed,
                          level=args.level)
     queries = [q for group in (args.predict or []) for q in group]
