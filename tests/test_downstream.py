@@ -117,7 +117,6 @@ def test_bootstrap_intervals_cover_fresh_outcomes():
             fresh = ladder_at(rng, N, D)
             inside += list((pred["lo"] <= fresh) & (fresh <= pred["hi"]))
     coverage = float(np.mean(inside))
-    print("coverage", coverage)
     assert 0.75 <= coverage <= 0.99, coverage
 
 
