@@ -6,7 +6,8 @@
     law.compute_optimal([1e21, 1e22])
 
 `fit(method, points, **options)` runs any registered method (`METHODS`: approach3, isoflop,
-envelope, hparams, critical-batch); `analyse(method, load_inputs(paths), ...)` is one whole
+envelope, hparams, critical-batch); `fit_downstream` is the two-step downstream law (`lab fit
+--method downstream`); `analyse(method, load_inputs(paths), ...)` is one whole
 `lab fit`, whose command-line face (analysis.cli.main) only parses and prints.
 """
 
@@ -20,6 +21,7 @@ from analysis.approach3 import (
     optimal_allocation,
 )
 from analysis.approach3_solver import huber_objective
+from analysis.downstream import DownstreamFit, fit_downstream
 from analysis.envelope import EnvelopeFit, fit_envelope
 from analysis.hparams import HparamLaws, fit_hparam_laws
 from analysis.inputs import Inputs, load_inputs
@@ -33,6 +35,7 @@ from analysis.runs import collect_curves, collect_runs, read_curve, read_run
 __all__ = [
     "METHODS",
     "Approach3Fit",
+    "DownstreamFit",
     "EnvelopeFit",
     "FitResult",
     "HparamLaws",
@@ -50,6 +53,7 @@ __all__ = [
     "drop_highest_loss",
     "fit",
     "fit_approach3",
+    "fit_downstream",
     "fit_envelope",
     "fit_hparam_laws",
     "fit_isoflop",

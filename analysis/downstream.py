@@ -321,3 +321,23 @@ def fit_downstream(points: pd.DataFrame, chance: float, *, task: str = "task",
         samples = bootstrap_sigmoid(step2, L, acc, resample_indices(len(pts), bootstrap, seed))
     return DownstreamFit(task=task, loss_law=step1, sigmoid=step2, points=pts,
                          sigmoid_samples=samples, level=level)
+
+
+def heldout_accuracy(fit: DownstreamFit, heldout: pd.DataFrame, goal: float = 0.02,
+                     seed: int = 0) -> dict:
+    """The law's accuracy for held-out runs (columns N, D, accuracy; one row per run or per
+    size with its seeds averaged) beside what they measured: errors in accuracy (0.01 = one
+    point), one run's interval and whether it holds the outcome, how far each outcome is above
+    chance, and whether every error is within `goal`."""
+    pred = fit.predict(heldout["N"], heldout["D"], seed=seed)
+    y = heldout["accuracy"].to_numpy(np.float64)
+    err = pred["accuracy"].to_numpy() - y
+    out = {"N": pred["N"].tolist(), "D": pred["D"].tolist(), "measured": y.tolist(),
+           "predicted": pred["accuracy"].tolist(), "errors": err.tolist(),
+           "above_chance": (y - fit.chance).tolist(), "mean_abs_error": float(np.mean(
+               np.abs(err))), "worst_abs_error": float(np.max(np.abs(err))),
+           "goal": goal, "goal_met": bool(np.max(np.abs(err)) <= goal)}
+    if "lo" in pred:
+        out["interval"] = pred[["lo", "hi"]].to_numpy().tolist()
+        out["inside"] = ((pred["lo"] <= y) & (y <= pred["hi"])).tolist()
+    return out

@@ -311,6 +311,27 @@ def banner_lines(result: dict, smoke_test: bool = False) -> list[str]:
     verdict = (result.get("backtest") or {}).get("verdict")
     if verdict:  # a naive baseline predicted the larger runs as well as the law
         lines.append(f"WARNING: {verdict}.")
+    downstream = (result.get("downstream") or {}).get("warnings") or []
+    if downstream:
+        lines.append(f"WARNING: {len(downstream)} problem(s) with the downstream law:")
+        lines += [f"  - downstream: {w}" for w in downstream]
+    return lines
+
+
+def downstream_lines(h: dict, task: str) -> list[str]:
+    """A downstream law's held-out check (analysis.downstream.heldout_accuracy) in a few
+    lines: each run's predicted and measured accuracy, and the goal."""
+    lines = [f"downstream, task {task}: accuracy of the held-out runs, predicted against "
+             f"measured (errors in points)"]
+    for i, (n, d) in enumerate(zip(h["N"], h["D"], strict=True)):
+        iv = f" [{h['interval'][i][0]:.3f}, {h['interval'][i][1]:.3f}]" if "interval" in h \
+            else ""
+        lines.append(f"  N {n:,.0f}, D {d:,.0f}: predicted {h['predicted'][i]:.3f}{iv}, "
+                     f"measured {h['measured'][i]:.3f} ({h['above_chance'][i]:+.3f} above "
+                     f"chance), error {100 * h['errors'][i]:+.1f} points")
+    lines.append(f"  mean |error| {100 * h['mean_abs_error']:.1f} points, worst "
+                 f"{100 * h['worst_abs_error']:.1f}; goal (every error within "
+                 f"{100 * h['goal']:.0f} points): {'met' if h['goal_met'] else 'missed'}")
     return lines
 
 
@@ -421,6 +442,9 @@ CAPTIONS = {
     "residuals.png": "Residuals of the fit (log loss minus log fit).",
     "isoflop.png": "IsoFLOP profiles: loss against N at each budget, parabolas and minima.",
     "allocation.png": "Optimal N and D per budget (IsoFLOP) and their power laws.",
+    "downstream.png": "Accuracy against task loss: the runs, the fitted sigmoid (floor at "
+                      "chance) with its bootstrap band, the predictions; the task loss law; "
+                      "and the held-out runs' predicted accuracy beside their outcome.",
 }
 
 

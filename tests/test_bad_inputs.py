@@ -134,6 +134,19 @@ class Setting:
         frame.to_csv(self.tmp / "points.csv", index=False)
         return str(self.tmp / "points.csv")
 
+    def task_points(self, n: int = 8, drop: str | None = None, **columns) -> str:
+        """A downstream CSV (N, D, task_loss, accuracy) of n runs; `columns` replace columns,
+        `drop` leaves one out."""
+        N, D = np.logspace(4, 5.5, n), np.logspace(7, 6, n)
+        frame = pd.DataFrame({"N": N, "D": D, "task_loss": law(N, D, *TRUTH) / 2,
+                              "accuracy": np.linspace(0.3, 0.7, n)} | columns)
+        path = self.tmp / "tasks.csv"
+        frame.drop(columns=[drop] if drop else []).to_csv(path, index=False)
+        return str(path)
+
+    def downstream(self, *more: str, csv: str | None = None) -> list[str]:
+        return ["fit", csv or self.task_points(), "--method", "downstream", *more]
+
     def good_points(self) -> str:
         rng = np.random.default_rng(0)
         return self.points(np.exp(rng.uniform(16, 20, 12)), np.exp(rng.uniform(18, 24, 12)))
@@ -293,6 +306,33 @@ CATALOGUE = [
     ("fit --method multipower --backtest on a CSV of points",
      lambda s: ["fit", s.good_points(), "--method", "multipower", "--backtest"],
      "is not a run directory"),
+    # The downstream law.
+    ("fit --method downstream without --chance", lambda s: s.downstream(),
+     "--method downstream needs --chance P"),
+    ("fit --method downstream --chance 1", lambda s: s.downstream("--chance", "1"),
+     "--chance must be in [0, 1)"),
+    ("fit --method downstream --chance -0.25", lambda s: s.downstream("--chance=-0.25"),
+     "--chance must be in [0, 1)"),
+    ("fit --method downstream on a CSV without task_loss",
+     lambda s: s.downstream("--chance", "0.25", csv=s.task_points(drop="task_loss")),
+     "lacks column(s) task_loss"),
+    ("fit --method downstream on accuracies in percent",
+     lambda s: s.downstream("--chance", "0.25", csv=s.task_points(accuracy=np.full(8, 43.0))),
+     "accuracy must be a fraction in [0, 1]"),
+    ("fit --method downstream on a negative accuracy",
+     lambda s: s.downstream("--chance", "0.25", csv=s.task_points(accuracy=np.full(8, -0.1))),
+     "accuracy must be a fraction in [0, 1]"),
+    ("fit --method downstream with 5 runs",
+     lambda s: s.downstream("--chance", "0.25", csv=s.task_points(n=5)),
+     "needs at least 6 points and got 5"),
+    ("fit --method downstream on runs without task results",
+     lambda s: s.downstream("--chance", "0.25", csv=str(s.copy_run("finished"))),
+     "has task results in its summary.json"),
+    ("fit --predict that is not N:D",
+     lambda s: s.downstream("--chance", "0.25", "--predict", "1e6"), "not N:D"),
+    ("fit --chance without --method downstream",
+     lambda s: ["fit", s.good_points(), "--chance", "0.25"],
+     "belong(s) to --method downstream"),
     # Plans.
     ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
      lambda s: ["plan", s.write("flat.json", json.dumps(

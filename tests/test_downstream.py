@@ -16,11 +16,13 @@ from analysis.cli import main
 from analysis.downstream import (
     fit_downstream,
     fit_sigmoid,
+    heldout_accuracy,
     sigmoid,
     sigmoid_starts,
     solve_sigmoid,
 )
 from analysis.downstream_cli import TASK_KEYS, task_names
+from analysis.report import banner_lines, downstream_lines
 from lab.errors import UserError
 
 # A task loss law over tiny-model sizes, and a 4-way task whose accuracy rises across it.
@@ -99,6 +101,15 @@ def test_both_steps_chain_on_synthetic_data():
     assert (pred["lo"] <= pred["mean_lo"]).all() and (pred["mean_hi"] <= pred["hi"]).all()
     assert ((pred["mean_lo"] <= pred["accuracy"]) & (pred["accuracy"] <= pred["mean_hi"])).all()
     assert (pred["hi"] - pred["lo"] < 0.15).all()
+    # Held out: the same predictions beside measured outcomes, errors in accuracy points.
+    measured = pred["accuracy"] + np.array([0.01, -0.03, 0.0])
+    check = heldout_accuracy(fit, pd.DataFrame({"N": N, "D": D, "accuracy": measured}))
+    np.testing.assert_allclose(check["errors"], [-0.01, 0.03, 0.0], atol=1e-12)
+    assert check["worst_abs_error"] == pytest.approx(0.03) and not check["goal_met"]
+    np.testing.assert_allclose(check["above_chance"], measured - CHANCE)
+    text = "\n".join(downstream_lines(check, "mc"))
+    assert "error +3.0 points" in text and "worst 3.0; goal" in text and "missed" in text
+    assert "  - downstream: w" in banner_lines({"downstream": {"warnings": ["w"]}})
 
 
 def test_bootstrap_intervals_cover_fresh_outcomes():
