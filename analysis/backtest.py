@@ -274,17 +274,26 @@ def backtest(points: pd.DataFrame, method: str = "approach3", *, folds: int | No
     points = points.sort_values("C").reset_index(drop=True)
     mode, key, cuts = fold_keys(points, folds, rel_tol, by_budget)
     starts = coarse_grid() if starts is None and method == "approach3" else starts
+    done, skipped = run_folds(cuts, lambda cut, earlier: _fold(
+        points, key, cut, PREDICTORS[method], starts, level, earlier))
+    return Backtest(method=method, level=level, mode=mode, folds=done, skipped=skipped)
+
+
+def run_folds(cuts: list[float], fold: Callable[[float, list[Fold]], Fold],
+              what: str = "the backtest") -> tuple[list[Fold], list[dict]]:
+    """(folds, skipped): each cut's fold(cut, the folds before it), a cut whose fold cannot
+    be fitted listed with its reason; refused when none can."""
     done, skipped = [], []
     for cut in cuts:
         try:
-            done.append(_fold(points, key, cut, PREDICTORS[method], starts, level, done))
+            done.append(fold(cut, done))
         except UserError as err:
             skipped.append({"cut": float(cut), "reason": str(err)})
     if not done:
         why = "; ".join(f"C <= {s['cut']:.3g}: {s['reason']}" for s in skipped) or "no cut"
-        raise UserError(f"no fold of the backtest could be fitted ({why}); add runs at the "
-                        "smaller budgets")
-    return Backtest(method=method, level=level, mode=mode, folds=done, skipped=skipped)
+        raise UserError(f"no fold of {what} could be fitted ({why}); add runs at the smaller "
+                        "budgets")
+    return done, skipped
 
 
 def describe_backtest(bt: Backtest) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.backtest import Backtest, Fold, coarse_grid, errors, fold_keys
+from analysis.backtest import Backtest, Fold, coarse_grid, errors, fold_keys, run_folds
 from analysis.baselines import nearest
 from analysis.downstream import (
     DEFAULT_BOOTSTRAP,
@@ -92,16 +92,9 @@ def backtest_downstream(points: pd.DataFrame, chance: float, *, folds: int | Non
     check_points(points, ("C",), min_points=MIN_FIT_POINTS + 1, what="the downstream backtest")
     points = points.sort_values("C").reset_index(drop=True)
     mode, key, cuts = fold_keys(points, folds, rel_tol, by_budget)
-    done, skipped = [], []
-    for cut in cuts:
-        try:
-            done.append(_fold(points, key, cut, chance, level, bootstrap, seed))
-        except UserError as err:
-            skipped.append({"cut": float(cut), "reason": str(err)})
-    if not done:
-        why = "; ".join(f"C <= {s['cut']:.3g}: {s['reason']}" for s in skipped) or "no cut"
-        raise UserError(f"no fold of the downstream backtest could be fitted ({why}); add runs "
-                        "at the smaller budgets")
+    done, skipped = run_folds(cuts, lambda cut, _: _fold(points, key, cut, chance, level,
+                                                         bootstrap, seed),
+                              "the downstream backtest")
     return Backtest(method="downstream", level=level, mode=mode, folds=done, skipped=skipped,
                     baselines=dict(ACCURACY_BASELINES),
                     predicts="the accuracy of unseen larger runs",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -111,10 +112,21 @@ def task_names(summary_extra: dict) -> list[str]:
     return sorted(m.group(1) for k in summary_extra if (m := _TASK_NAME.match(k)))
 
 
-def read_task_runs(run_dirs: list[str], task: str | None, *, params: str,
-                   include_unfinished: bool) -> tuple[pd.DataFrame, str, list]:
-    """(points, the task, runs left out with why) from run directories' summaries."""
-    inputs = load_inputs(run_dirs, include_unfinished=include_unfinished, params=params)
+@dataclass
+class TaskPoints:
+    """What the INPUT arguments give the downstream law."""
+
+    points: pd.DataFrame  # N, D, C, task_loss, accuracy (and a run's other columns)
+    task: str
+    skipped: list = field(default_factory=list)  # (run, why): unfinished, undecayed parents
+    without_task: list = field(default_factory=list)  # finished runs without the task's keys
+    n_label: str = "N"
+
+
+def read_task_runs(run_dirs: list[str], task: str | None, args: argparse.Namespace) -> TaskPoints:
+    """The runs' task results from their summaries (N as --params counts it)."""
+    inputs = load_inputs(run_dirs, include_unfinished=args.include_unfinished,
+                         params=args.params, include_stable_parents=args.include_stable_parents)
     runs = inputs.points
     extras = [read_summary(r).extra for r in runs["run"]]
     if task is None:
@@ -131,30 +143,25 @@ def read_task_runs(run_dirs: list[str], task: str | None, *, params: str,
     if not has.any():
         raise UserError(f"no run under {', '.join(run_dirs)} has {keys['accuracy']} in its "
                         "summary.json; check --task or train with eval.tasks set")
-    skipped = list(inputs.skipped) + [(r, f"no {keys['accuracy']}")
-                                      for r in runs.loc[~has, "run"]]
     points = runs[has].reset_index(drop=True)
     for col, key in keys.items():
         points[col] = [float(e[key]) for e, h in zip(extras, has, strict=True) if h]
-    return points, task, skipped
+    return TaskPoints(points, task, list(inputs.skipped), list(runs.loc[~has, "run"]))
 
 
-def read_task_points(args: argparse.Namespace) -> tuple[pd.DataFrame, str, list, str]:
-    """(points, task, skipped runs, what N counts) from the INPUT arguments."""
+def read_task_points(args: argparse.Namespace) -> TaskPoints:
+    """The points of CSV files and run directories among the INPUT arguments."""
     for item in args.inputs:
         if not paths.exists(item):
             raise UserError(f"no such file or directory: {item}; give a run directory or a CSV")
     dirs = [i for i in args.inputs if paths.is_dir(i)]
-    frames, task, skipped = [], args.task, []
-    if dirs:
-        runs, task, skipped = read_task_runs(dirs, args.task, params=args.params,
-                                             include_unfinished=args.include_unfinished)
-        frames.append(runs)
-    frames += [read_task_csv(i) for i in args.inputs if i not in dirs]
-    label = ", ".join(([f"{args.params.replace('_', '-')} parameters"] if dirs else [])
-                      + (["as in the CSV"] if len(frames) > bool(dirs) else []))
-    points = pd.concat(frames, ignore_index=True)
-    return points, task or "task", skipped, f"N ({label})"
+    got = read_task_runs(dirs, args.task, args) if dirs else TaskPoints(pd.DataFrame(),
+                                                                         args.task or "task")
+    csvs = [read_task_csv(i) for i in args.inputs if i not in dirs]
+    got.points = pd.concat([f for f in (got.points, *csvs) if not f.empty], ignore_index=True)
+    got.n_label = "N (" + ", ".join(([f"{args.params.replace('_', '-')} parameters"]
+                                     if dirs else []) + (["as in the CSV"] if csvs else [])) + ")"
+    return got
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +238,8 @@ def task_loss_caveats(fit: DownstreamFit, pred: pd.DataFrame | None) -> list[str
 
 def fit_downstream_command(args: argparse.Namespace) -> FitResult:
     """What `lab fit --method downstream` does after checking its arguments."""
-    points, task, skipped, n_label = read_task_points(args)
+    got = read_task_points(args)
+    points = got.points
     bootstrap = args.bootstrap or DEFAULT_BOOTSTRAP
     checked = None
     if args.backtest:  # first: its mistakes are found before the full fit
@@ -241,14 +249,15 @@ def fit_downstream_command(args: argparse.Namespace) -> FitResult:
             points, args.chance, folds=args.folds, level=args.level, rel_tol=args.budget_tolerance,
             by_budget=True if "run" in points.columns else None, bootstrap=bootstrap,
             seed=args.seed)
-    fit = fit_downstream(points, args.chance, task=task, bootstrap=bootstrap, seed=args.seed,
+    fit = fit_downstream(points, args.chance, task=got.task, bootstrap=bootstrap, seed=args.seed,
                          level=args.level)
     queries = [q for group in (args.predict or []) for q in group]
     pred = fit.predict(*zip(*queries, strict=True), seed=args.seed) if queries else None
     caveats = task_loss_caveats(fit, pred)
-    record = fit.to_dict() | {"params": args.params, "N_definition": n_label,
+    record = fit.to_dict() | {"params": args.params, "N_definition": got.n_label,
                               "inputs": list(args.inputs),
-                              "skipped_runs": [{"run": r, "reason": w} for r, w in skipped],
+                              "skipped_runs": [{"run": r, "reason": w} for r, w in got.skipped],
+                              "runs_without_task": got.without_task,
                               "predictions": [] if pred is None else
                               pred.to_dict(orient="records")}
     record["warnings"] = [*record["warnings"], *caveats]
@@ -257,6 +266,10 @@ def fit_downstream_command(args: argparse.Namespace) -> FitResult:
 
         record["plots"] = plot_downstream(fit, args.plots, pred)
     text = describe_downstream(fit, pred, caveats)
+    if got.without_task:
+        key = TASK_KEYS["accuracy"].format(task=got.task)
+        text += (f"\n{len(got.without_task)} run(s) without {key} left out: "
+                 + ", ".join(got.without_task))
     if checked is not None:
         from analysis.backtest import add_backtest
 

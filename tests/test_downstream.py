@@ -3,6 +3,7 @@ recovered, the two steps chain, the bootstrap's intervals cover fresh outcomes a
 they say, and `lab fit --method downstream` reads CSVs and run directories."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -169,10 +170,10 @@ def test_lab_fit_downstream_reads_runs_task_results(tmp_path, capsys):
         main(base)
     out = tmp_path / "fit.json"
     assert main([*base, "--task", "mc", "--json", str(out)]) == 0
-    captured = capsys.readouterr()
-    assert "no-tasks (no task/mc/accuracy)" in captured.err
+    assert "1 run(s) without task/mc/accuracy left out: " in capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["task"] == "mc" and record["n_points"] == 12
+    assert [Path(r).name for r in record["runs_without_task"]] == ["no-tasks"]
     # N is the non-embedding count, as for the loss laws.
     assert record["sigmoid"]["L0"] == pytest.approx(SIG_TRUTH[2], abs=0.1)
 
