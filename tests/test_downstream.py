@@ -137,25 +137,6 @@ def ladder_at(rng, N, D) -> np.ndarray:
     return rng.binomial(EXAMPLES, sigmoid(L, *SIG_TRUTH, CHANCE)) / EXAMPLES
 
 
-def test_lab_fit_downstream_reads_a_csv(tmp_path, capsys):
-    ladder(np.random.default_rng(2), 14).drop(columns="C").to_csv(tmp_path / "t.csv",
-                                                                   index=False)
-    out = tmp_path / "fit.json"
-    assert main([str(tmp_path / "t.csv"), "--method", "downstream", "--chance", "0.25",
-                 "--bootstrap", "20", "--predict", "2e5:1e7,5e5:2e7", "--json", str(out),
-                 "--plots", str(tmp_path / "plots")]) == 0
-    text = capsys.readouterr().out
-    assert "step 1, the task loss L(N, D)" in text and "step 2, accuracy = chance" in text
-    assert "Predicted accuracy" in text and "one run's interval" in text
-    record = json.loads(out.read_text())
-    assert record["method"] == "downstream" and record["chance"] == 0.25
-    assert {"E", "alpha", "beta"} <= set(record["task_loss_law"])
-    assert {"a", "k", "L0"} <= set(record["sigmoid"]) and record["bootstrap_samples"] == 20
-    assert [p["N"] for p in record["predictions"]] == [2e5, 5e5]
-    assert all(p["lo"] < p["accuracy"] < p["hi"] for p in record["predictions"])
-    assert (tmp_path / "plots" / "downstream.png").stat().st_size > 10_000
-
-
 def test_lab_fit_downstream_reads_runs_task_results(tmp_path, capsys):
     pts = ladder(np.random.default_rng(3), 12)
     for i, r in pts.iterrows():
@@ -178,9 +159,10 @@ def test_lab_fit_downstream_reads_runs_task_results(tmp_path, capsys):
     assert record["sigmoid"]["L0"] == pytest.approx(SIG_TRUTH[2], abs=0.1)
 
 
-def test_lab_fit_downstream_backtests(tmp_path, capsys):
-    """Three budgets of ladder points: the law is backtested fold by fold against accuracy
-    baselines, errors absolute, with its bootstrap interval's coverage."""
+def test_lab_fit_downstream_reads_a_csv_predicts_and_backtests(tmp_path, capsys):
+    """Four budgets of 7 ladder points (D from C, no C column): both laws printed, accuracy
+    predicted with intervals, the figure drawn, and the law backtested fold by fold against
+    accuracy baselines, errors absolute, with its bootstrap interval's coverage."""
     rng = np.random.default_rng(4)
     parts = []
     for b, C in enumerate((1e11, 1e12, 1e13, 1e14)):
@@ -193,13 +175,24 @@ def test_lab_fit_downstream_backtests(tmp_path, capsys):
     pd.concat(parts).to_csv(tmp_path / "t.csv", index=False)
     out = tmp_path / "fit.json"
     assert main([str(tmp_path / "t.csv"), "--method", "downstream", "--chance", "0.25",
-                 "--bootstrap", "20", "--backtest", "--json", str(out)]) == 0
+                 "--bootstrap", "20", "--predict", "2e5:1e8,5e5:2e8", "--backtest",
+                 "--json", str(out), "--plots", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
+    assert "step 1, the task loss L(N, D)" in text and "step 2, accuracy = chance" in text
+    assert "Predicted accuracy" in text and "one run's interval" in text
     assert "Backtest of downstream" in text and "absolute in accuracy" in text
-    bt = json.loads(out.read_text())["backtest"]
+    record = json.loads(out.read_text())
+    assert record["method"] == "downstream" and record["chance"] == 0.25
+    assert {"E", "alpha", "beta"} <= set(record["task_loss_law"])
+    assert {"a", "k", "L0"} <= set(record["sigmoid"]) and record["bootstrap_samples"] == 20
+    assert [p["N"] for p in record["predictions"]] == [2e5, 5e5]
+    assert all(p["lo"] < p["accuracy"] < p["hi"] for p in record["predictions"])
+    assert (tmp_path / "plots" / "downstream.png").stat().st_size > 10_000
+    bt = record["backtest"]
     # The first budget alone has D = C / 6N: Approach 3 cannot fit it, and the fold says so.
     assert [f["n_fit"] for f in bt["folds"]] == [14, 21]
     assert "cannot separate N from D" in bt["skipped_folds"][0]["reason"]
     assert set(bt["folds"][0]["baselines"]) == {"log_linear", "nearest", "loss_linear"}
     law_error = bt["summary"]["mean_abs_error"]["law"]
     assert 0 < law_error < 0.05 and law_error < bt["summary"]["mean_abs_error"]["nearest"]
+    assert all(0 < f["law"]["coverage"] <= 1 for f in bt["folds"])
