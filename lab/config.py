@@ -108,6 +108,33 @@ class NonEmpty:
             raise UserError(f"{key} must not be empty: {self.why}")
 
 
+def parse_task(item: str) -> tuple[str, int]:
+    """`choice:256` -> ("choice", 256), `exact` -> ("exact", its default number of examples);
+    a UserError names the form for anything else."""
+    name, colon, count = str(item).partition(":")
+    if name not in TASK_NAMES or (colon and not count.strip().isdigit()):
+        raise UserError(f"a task is NAME or NAME:EXAMPLES with NAME one of "
+                        f"{', '.join(TASK_NAMES)}, such as choice:256, got {item!r}")
+    return name, int(count) if colon else TASK_DEFAULT_EXAMPLES[name]
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """An entry of eval.tasks: a task's name and its number of examples."""
+
+    def bounds(self) -> str:
+        return f"{'|'.join(TASK_NAMES)}[:N]"
+
+    def check(self, key: str, value: str, kind: type) -> None:
+        try:
+            name, count = parse_task(value)
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
+        if not 1 <= count <= TASK_EXAMPLES_LIMIT:
+            raise UserError(f"{key}: the number of examples of {name} must be in "
+                            f"[1, {TASK_EXAMPLES_LIMIT}], got {count}")
+
+
 PositiveInt = Annotated[int, Range(1)]
 NonNegativeInt = Annotated[int, Range(0)]
 _STEP_NOTE = "what a 32-bit step counter holds"
@@ -137,6 +164,12 @@ OPTIMIZERS = typing.get_args(Optimizer)
 MUON_SCALINGS = typing.get_args(MuonScaling)
 SCHEDULES = typing.get_args(Schedule)
 DECAY_SHAPES = typing.get_args(DecayShape)
+Distractors = Literal["random", "document"]  # lab.tasks
+TASK_NAMES = ("choice", "exact")  # lab.tasks: pick 1 of 4 continuations; greedy exact match
+# A task named without a size: a choice example is 4 rows to score, an exact one 1 row. Together
+# they add about 5% to configs/tiny.yaml's wall time (benchmarks/results/tasks-cost.txt).
+TASK_DEFAULT_EXAMPLES = {"choice": 64, "exact": 128}
+TASK_EXAMPLES_LIMIT = 10**6
 
 
 # ----------------------------------------------------------------------------- the config
@@ -240,6 +273,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Downstream tasks built from the validation split (lab/tasks.py), scored at every
+    evaluation (train.eval_every and the last step): metrics task/NAME/accuracy and
+    task/NAME/loss. The task settings are part of the examples, which are built once per
+    setting and kept beside the prepared data."""
+
+    # NAME or NAME:EXAMPLES; choice = pick the true continuation among 4, exact = greedy
+    # completion; none by default (e.g. eval.tasks=[choice,exact])
+    tasks: tuple[Annotated[str, TaskItem()], ...] = ()
+    seed: Seed = 0  # which examples; the same for every run, so runs are comparable
+    choice_context: PositiveInt = 32  # tokens of context before the 4 continuations
+    choice_length: PositiveInt = 16  # tokens of each continuation
+    # Where the 3 wrong continuations come from: random = anywhere in the split (easier),
+    # document = elsewhere in the same document (harder: same names, same style)
+    choice_distractors: Distractors = "random"
+    exact_context: PositiveInt = 32  # tokens of context before the completion
+    exact_length: PositiveInt = 4  # tokens the greedy completion must get all right
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     data: MeshAxis = 1  # pure data parallelism (replicated parameters)
     fsdp: MeshAxis = -1  # data parallelism with parameters sharded; -1 = all remaining devices
@@ -302,6 +355,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -533,9 +587,24 @@ def _check_relations(config: Config) -> None:
              f"{s.decay_steps}) must not exceed train.steps ({t.steps})")
     _require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
              "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _check_tasks(config.eval, t)
     _require(not r.predicted_interval or (len(r.predicted_interval) == 2
                                           and r.predicted_interval[0] <= r.predicted_interval[1]),
              "run.predicted_interval must be [lo, hi] with lo <= hi, or empty")
+
+
+def _check_tasks(e: EvalConfig, t: TrainConfig) -> None:
+    """Each task at most once; its examples no longer than a training window, so the model is
+    scored at positions it was trained on."""
+    names = [parse_task(item)[0] for item in e.tasks]
+    for name in names:
+        _require(names.count(name) == 1, f"eval.tasks lists {name} twice; give each task once")
+        context, length = (e.choice_context, e.choice_length) if name == "choice" else \
+            (e.exact_context, e.exact_length)
+        _require(context + length <= t.seq_len + 1,
+                 f"eval.{name}_context + eval.{name}_length ({context} + {length}) must not "
+                 f"exceed train.seq_len + 1 ({t.seq_len + 1}); shorten the task or lengthen "
+                 "the window")
 
 
 # ----------------------------------------------------------------------------- typed changes

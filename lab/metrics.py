@@ -39,7 +39,10 @@ TB_GROUPS = {"loss": "train/loss", "ce": "train/ce", "eval_loss": "eval/loss",
 
 
 def tb_tag(key: str) -> str:
-    """The TensorBoard tag of a metrics.jsonl key (`train/loss`, `perf/mfu`, ...)."""
+    """The TensorBoard tag of a metrics.jsonl key (`train/loss`, `perf/mfu`, ...); a key with
+    its own group (`task/choice/accuracy`) keeps it."""
+    if "/" in key:
+        return key
     return TB_GROUPS.get(key, f"train/{key}")
 
 

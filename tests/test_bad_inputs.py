@@ -164,6 +164,25 @@ def word_level_tokenizer(s: Setting) -> list[str]:
             "--tokenizer", str(s.tmp / "wordlevel.json")]
 
 
+def damaged_task_file(s: Setting) -> list[str]:
+    """A copy of the data whose task file for the command's task has one token changed."""
+    from lab.config import load_config
+    from lab.data import open_dataset
+    from lab.tasks import load_or_build, task_path, task_specs
+
+    data = s.tmp / "data"
+    shutil.copytree(s.data, data)
+    words = [*SMALL, "eval.tasks=[exact:8]", "eval.exact_context=8", f"data.path={data}"]
+    (spec,) = task_specs(load_config(TINY, words).eval)
+    dataset = open_dataset(str(data))
+    tasks = load_or_build(dataset, spec)
+    choices = tasks.choices.copy()
+    choices[0, 0, 0] += 1
+    np.savez(task_path(dataset, spec), context=tasks.context, choices=choices,
+             answer=tasks.answer, source=tasks.source)
+    return s.train(*words)
+
+
 def drop(key):
     return lambda meta: meta.pop(key)
 
@@ -197,6 +216,22 @@ CATALOGUE = [
     ("seed beyond 32 bits", lambda s: s.train("run.seed=4294967296"), "run.seed"),
     ("infinite lr", lambda s: s.train("optim.lr=.inf"), "optim.lr must be a finite number"),
     ("NaN weight decay", lambda s: s.train("optim.weight_decay=.nan"), "optim.weight_decay"),
+    # Downstream tasks (eval.*): the config, then the data they are built from.
+    ("eval.tasks: an unknown task", lambda s: s.train("eval.tasks=[hellaswag]"),
+     "eval.tasks[0]: a task is NAME or NAME:EXAMPLES"),
+    ("eval.tasks: no examples", lambda s: s.train("eval.tasks=[choice:0]"),
+     "examples of choice must be in [1, 1000000]"),
+    ("eval.tasks: a task twice", lambda s: s.train("eval.tasks=[exact,exact:5]"),
+     "eval.tasks lists exact twice"),
+    ("eval task longer than the window",
+     lambda s: s.train("eval.tasks=[choice]", "eval.choice_context=120"),
+     "must not exceed train.seq_len + 1 (129)"),
+    ("eval.choice_distractors: near", lambda s: s.train("eval.choice_distractors=near"),
+     "eval.choice_distractors must be one of random, document"),
+    ("eval.tasks: more examples than the val split",
+     lambda s: s.small("eval.tasks=[exact:100000]", "eval.exact_context=8"),
+     "task exact needs 100000 examples of 8 + 4 tokens but the val split"),
+    ("a damaged task file", damaged_task_file, "is damaged (its checksum does not match)"),
     # Data.
     ("tokenizer that cannot encode", word_level_tokenizer, "cannot encode this corpus"),
     ("metadata without dtype", lambda s: s.metadata(drop("dtype")), "dtype is None"),

@@ -20,7 +20,7 @@ SHORT = ["train.steps=24", "train.log_every=4", "train.eval_every=12", "train.ev
 
 
 def test_sharded_run_matches_single_device(tmp_path, small_data):
-    common = [str(TINY), f"data.path={small_data}", *SHORT]
+    common = [str(TINY), f"data.path={small_data}", *SHORT, "eval.tasks=[choice:16,exact:16]"]
     run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
     run_lab(["train", *common, f"run.dir={tmp_path / 'eight'}", "mesh.fsdp=4", "mesh.tensor=2"],
             devices=8)
@@ -30,10 +30,14 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (a, b)
         assert a["lr"] == pytest.approx(b["lr"])
+        for key in [k for k in a if k.startswith("task/")]:  # scored on 1 and on 8 devices
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), (key, a, b)
     assert_params_close(checkpoint_params(tmp_path / "one", 24),
                         checkpoint_params(tmp_path / "eight", 24), rtol=1e-3, atol=1e-4)
     assert one[-1]["loss"] < one[0]["loss"] - 0.3  # it learns
     assert [m["step"] for m in one if "eval_loss" in m] == [12, 24]
+    tasks = [f"task/{name}/{what}" for name in ("choice", "exact") for what in ("accuracy", "loss")]
+    assert [m["step"] for m in one if set(tasks) <= m.keys()] == [12, 24]
 
     run = tmp_path / "eight"
     assert load_config(run / "config.yaml").mesh.tensor == 2
@@ -44,6 +48,10 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
     assert summary["tokens"] == 24 * 16 * 128 == eight[-1]["tokens"]
     assert summary["flops"] == summary["flops_per_token"] * summary["tokens"]
     assert summary["final_eval_loss"] == pytest.approx(eight[-1]["eval_loss"])
+    for key in tasks:  # the final values, by the metrics' names
+        assert summary[key] == eight[-1][key]
+    assert summary["task/choice/chance"] == 0.25 and summary["task/exact/examples"] == 16
+    assert 0 <= summary["task/choice/accuracy"] <= 1 and summary["task/choice/loss"] > 0
     assert any((run / "tb").iterdir())
 
     again = run_lab(["train", *common, f"run.dir={run}"], devices=8)

@@ -34,6 +34,7 @@ class LoopResult:
     status: Status  # finished | preempted | diverged
     step: int  # steps done
     eval_loss: float | None = None
+    task_metrics: dict = dataclasses.field(default_factory=dict)  # the last evaluation's tasks
     message: str = ""
     last_checkpoint: int | None = None  # the newest step saved in this run directory
     # Wall time by activity: the steps (what tokens/s and MFU measure), the compilation of the
@@ -42,6 +43,7 @@ class LoopResult:
     compile_seconds: float = 0.0
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
+    task_seconds: float = 0.0  # the downstream tasks' share of eval_seconds
 
 
 @dataclasses.dataclass

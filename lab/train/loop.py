@@ -35,6 +35,7 @@ from lab.train.hooks import (
 )
 from lab.train.progress import Progress, progress_call
 from lab.train.step import Trainer
+from lab.train.tasks import TaskEval, TaskHook
 
 
 class SpikeWatch:
@@ -100,7 +101,7 @@ class Loop:
                  checkpointer: Checkpointer | None, peak_flops: float, flops_per_tok: int,
                  keep_steps: tuple[int, ...], progress: Progress | None,
                  profiler: StepProfiler | None, last_checkpoint: int | None,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], tasks: TaskEval | None = None):
         tcfg, ccfg = cfg.train, cfg.checkpoint
         self.trainer, self.batches, self.logger, self.total = trainer, batches, logger, tcfg.steps
         if progress is None:
@@ -119,7 +120,10 @@ class Loop:
                       tcfg.batch_size * tcfg.seq_len, flops_per_tok, peak_flops)
         self.save = SaveHook(ccfg.every_steps, keep_steps, tcfg.steps, logger, checkpointer,
                              batches, self.result, clock)
-        self.after = [evaluation, log, self.save]  # a record carries its step's evaluation
+        task_hooks = [TaskHook(evaluation, tasks, self.result, self.watch)] if tasks else []
+        # A record carries its step's evaluation and tasks.
+        self.after = [evaluation, *task_hooks, log, self.save]
+        self.tasks = tasks
         self.eval_data, self.checkpointer, self.profiler = eval_data, checkpointer, profiler
         self.clock = clock
 
@@ -150,10 +154,16 @@ class Loop:
             if result.status == Status.FINISHED and (late := self.fetcher.fetch()) is not None:
                 self.after_step(late)
             if self.start >= self.total and result.eval_loss is None:  # restored at the end
-                result.eval_loss = evaluate(self.trainer, result.state["params"], self.eval_data)
+                self.final_evaluation()
         finally:
             self.close()
         return result
+
+    def final_evaluation(self) -> None:
+        params = self.result.state["params"]
+        self.result.eval_loss = evaluate(self.trainer, params, self.eval_data)
+        if self.tasks is not None:
+            self.result.task_metrics = self.tasks(params)
 
     def after_step(self, info: StepInfo) -> bool:
         """Check a fetched step and run the hooks due at it; False if it diverged."""
@@ -215,7 +225,8 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
              progress: Progress | None = None,
              profiler: StepProfiler | None = None,
              last_checkpoint: int | None = None,
-             clock: Callable[[], float] = time.perf_counter) -> LoopResult:
+             clock: Callable[[], float] = time.perf_counter,
+             tasks: TaskEval | None = None) -> LoopResult:
     """Train from state["step"] to cfg.train.steps.
 
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
@@ -224,7 +235,9 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
     SIGINT (lab.preemption) saves a checkpoint at the next step boundary and stops.
 
     `last_checkpoint` is the step of the checkpoint the run was restored from, if any; `clock`
-    measures the time by activity (tests pass a fake one).
+    measures the time by activity (tests pass a fake one); `tasks` scores the downstream tasks
+    at every evaluation (lab.train.tasks).
     """
     return Loop(cfg, trainer, state, batches, eval_data, logger, checkpointer, peak_flops,
-                flops_per_tok, keep_steps, progress, profiler, last_checkpoint, clock).run()
+                flops_per_tok, keep_steps, progress, profiler, last_checkpoint, clock,
+                tasks).run()

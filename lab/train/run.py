@@ -23,14 +23,16 @@ from lab.mfu import total_peak_flops
 from lab.optim import describe_routing
 from lab.profiling import StepProfiler
 from lab.rundir import Status, Summary
+from lab.tasks import final_task_metrics, load_or_build, task_specs
 from lab.train.hooks import LoopResult
 from lab.train.loop import run_loop
 from lab.train.progress import Progress
 from lab.train.step import Trainer, build_trainer
+from lab.train.tasks import TaskEval, task_eval
 
 # Keys a resumed run may change; anything else would make it a different run.
 RESUMABLE_CHANGES = ("run.dir", "run.name", "run.peak_tflops", "train.steps", "train.log_every",
-                     "train.eval_every", "train.eval_batches", "train.spike_", "mesh.",
+                     "train.eval_every", "train.eval_batches", "train.spike_", "mesh.", "eval.",
                      "checkpoint.", "branch.")
 # ... and what a branch may change from its parent: the decay, and where it starts.
 BRANCH_CHANGES = RESUMABLE_CHANGES + ("run.parent", "schedule.decay_steps",
@@ -99,6 +101,7 @@ class Setup:
     parent_dir: str | None
     unreadable: set[int]  # this run's checkpoints that could not be read
     memory_line: str  # the memory estimate against the devices'
+    tasks: TaskEval | None = None  # the downstream tasks (eval.tasks), if any
 
 
 def prepare(cfg: Config) -> Setup:
@@ -160,8 +163,11 @@ def prepare(cfg: Config) -> Setup:
     finally:
         if reader is not None:
             reader.close()
+    # Last, so that no refused run leaves task files beside the data.
+    task_sets = [load_or_build(dataset, spec) for spec in task_specs(cfg.eval)]
     return Setup(cfg, str(data_path), counts, keep_steps, mesh, trainer, batches, eval_data,
-                 state, step, resuming, restored_own, parent_dir, unreadable, memory_line)
+                 state, step, resuming, restored_own, parent_dir, unreadable, memory_line,
+                 task_eval(trainer, task_sets) if task_sets else None)
 
 
 def train(cfg: Config, progress: Progress | None = None) -> dict:
@@ -257,7 +263,8 @@ def _train_logged(setup: Setup, summary: Summary, progress: Progress | None,
                           logger, checkpointer, peak[0], summary.flops_per_token,
                           setup.keep_steps, progress,
                           StepProfiler(default_dir=paths.join(run_dir, "profile")),
-                          last_checkpoint=setup.step if setup.restored_own else None)
+                          last_checkpoint=setup.step if setup.restored_own else None,
+                          tasks=setup.tasks)
     except BaseException:
         if is_main:
             rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
@@ -286,6 +293,10 @@ def _finish(setup: Setup, summary: Summary, result: LoopResult, peak: tuple[floa
         compile_seconds=round(result.compile_seconds, 3),
         eval_seconds=round(result.eval_seconds, 3),
         checkpoint_seconds=round(result.checkpoint_seconds, 3))
+    if finished and setup.tasks is not None:  # final values, by the metrics' names
+        summary = dataclasses.replace(summary, extra={
+            **summary.extra, **final_task_metrics(setup.tasks.task_sets, result.task_metrics),
+            "task_seconds": round(result.task_seconds, 3)})
     if is_main:
         rundir.write_summary(cfg.run.dir, summary)
         diverged = result.status == Status.DIVERGED

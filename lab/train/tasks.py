@@ -1,0 +1,113 @@
+"""The downstream tasks (lab/tasks.py) scored during training: a jitted, sharded scorer of
+packed rows, and the hook that runs it at every evaluation.
+
+The rows of all tasks are packed once (lab.tasks.pack_rows) and put on the devices in chunks of
+a multiple of train.batch_size rows, each chunk no more tokens than a training batch; an
+evaluation dispatches every chunk, then fetches the per-row results together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lab import sharding
+from lab.tasks import TaskSet, pack_rows, task_metrics
+from lab.train.hooks import Hook, LoopResult, StepInfo, Stopwatch
+from lab.train.step import Trainer
+
+
+def make_scorer(graphdef: Any, param_shardings: Any, mesh: jax.sharding.Mesh,
+                span: int) -> Callable:
+    """jit(params, tokens_BxW, spans_Bx2) -> (logprob_B, correct_B): each row's summed
+    log-likelihood of its K = spans[:, 1] tokens after position spans[:, 0], and whether each
+    of them is the argmax given the tokens before it. `span` is the largest K; only those
+    positions go through the output head."""
+
+    def score(params: dict, tokens_BxW: jax.Array, spans_Bx2: jax.Array):
+        model = nnx.merge(graphdef, params)
+        inputs_BxL, targets_BxL = tokens_BxW[:, :-1], tokens_BxW[:, 1:]
+        hidden_BxLxD = model.hidden(inputs_BxL)
+        offsets_S = jnp.arange(span)
+        valid_BxS = offsets_S[None, :] < spans_Bx2[:, 1:2]
+        pos_BxS = jnp.minimum(spans_Bx2[:, :1] + offsets_S[None, :], inputs_BxL.shape[1] - 1)
+        hidden_BxSxD = jnp.take_along_axis(hidden_BxLxD, pos_BxS[..., None], axis=1)
+        logits_BxSxV = model.logits(hidden_BxSxD)
+        targets_BxS = jnp.take_along_axis(targets_BxL, pos_BxS, axis=1)
+        logp_BxSxV = jax.nn.log_softmax(logits_BxSxV, axis=-1)
+        target_BxS = jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+        logprob_B = jnp.sum(jnp.where(valid_BxS, target_BxS, 0.0), axis=1)
+        hit_BxS = jnp.argmax(logits_BxSxV, axis=-1) == targets_BxS
+        return logprob_B, jnp.all(hit_BxS | ~valid_BxS, axis=1)
+
+    repl, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    with sharding.mesh_context(mesh):
+        return jax.jit(score, in_shardings=(param_shardings, rows, rows),
+                       out_shardings=(repl, repl))
+
+
+class TaskEval:
+    """The tasks' rows on the devices and their scorer: called with the parameters, the
+    metrics task/NAME/accuracy and task/NAME/loss.
+
+    A chunk holds about as many tokens as a batch of `batch_size` rows of `batch_tokens`, in
+    whole batches (which divide over the mesh's data-parallel devices)."""
+
+    def __init__(self, task_sets: list[TaskSet], graphdef: Any, param_shardings: Any,
+                 mesh: jax.sharding.Mesh, batch_size: int, batch_tokens: int):
+        self.task_sets = task_sets
+        tokens_RxW, spans_Rx2 = pack_rows(task_sets)
+        per_chunk = batch_size * max(1, batch_tokens // tokens_RxW.shape[1])
+        self.n_rows = len(tokens_RxW)
+        pad = -self.n_rows % per_chunk
+        tokens_RxW = np.pad(tokens_RxW, ((0, pad), (0, 0)))
+        spans_Rx2 = np.pad(spans_Rx2, ((0, pad), (0, 0)))  # a padding row scores 0 tokens
+        rows = sharding.batch_sharding(mesh)
+        # Every process holds every row (the task sets are the same everywhere).
+        self.chunks = [
+            tuple(jax.make_array_from_callback(a[i:i + per_chunk].shape, rows,
+                                               lambda index, a=a[i:i + per_chunk]: a[index])
+                  for a in (tokens_RxW, spans_Rx2))
+            for i in range(0, len(tokens_RxW), per_chunk)]
+        self.score = make_scorer(graphdef, param_shardings, mesh, int(spans_Rx2[:, 1].max()))
+        self.mesh = mesh
+
+    def __call__(self, params: dict) -> dict[str, float]:
+        with jax.set_mesh(self.mesh):
+            scored = [self.score(params, tokens, spans) for tokens, spans in self.chunks]
+        logprob, correct = (np.concatenate(x)[:self.n_rows]
+                            for x in zip(*jax.device_get(scored), strict=True))
+        return task_metrics(self.task_sets, logprob, correct)
+
+
+def task_eval(trainer: Trainer, task_sets: list[TaskSet]) -> TaskEval:
+    """The tasks scored with a trainer's model on its mesh, in chunks of training batches."""
+    tcfg = trainer.cfg.train
+    return TaskEval(task_sets, trainer.graphdef, trainer.state_shardings["params"],
+                    trainer.mesh, tcfg.batch_size, tcfg.seq_len + 1)
+
+
+class TaskHook(Hook):
+    """The tasks' metrics at every evaluation, added to the step's record (so it runs after
+    the evaluation and before logging)."""
+
+    needs_state = True
+
+    def __init__(self, evaluation: Hook, tasks: TaskEval, result: LoopResult, watch: Stopwatch):
+        self.evaluation, self.tasks, self.result, self.watch = evaluation, tasks, result, watch
+
+    def due(self, step: int) -> bool:
+        return self.evaluation.due(step)
+
+    def __call__(self, info: StepInfo) -> None:
+        metrics = self.tasks(info.state["params"])
+        info.values.update(metrics)
+        self.result.task_metrics = metrics
+        seconds = self.watch.other()
+        self.result.eval_seconds += seconds
+        self.result.task_seconds += seconds
