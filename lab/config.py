@@ -110,29 +110,29 @@ class NonEmpty:
 
 def parse_task(item: str) -> tuple[str, int]:
     """`choice:256` -> ("choice", 256), `exact` -> ("exact", its default number of examples);
-    a UserError names the form for anything else."""
+    ValueError for anything else (TaskItem turns it into the user's message)."""
     name, colon, count = str(item).partition(":")
     if name not in TASK_NAMES or (colon and not count.strip().isdigit()):
-        raise UserError(f"a task is NAME or NAME:EXAMPLES with NAME one of "
-                        f"{', '.join(TASK_NAMES)}, such as choice:256, got {item!r}")
+        raise ValueError(item)
     return name, int(count) if colon else TASK_DEFAULT_EXAMPLES[name]
 
 
 @dataclass(frozen=True)
 class TaskItem:
-    """An entry of eval.tasks: a task's name and its number of examples."""
+    """An entry of eval.tasks: a task's name and, optionally, its number of examples."""
 
     def bounds(self) -> str:
         return f"{'|'.join(TASK_NAMES)}[:N]"
 
     def check(self, key: str, value: str, kind: type) -> None:
         try:
-            name, count = parse_task(value)
-        except UserError as e:
-            raise UserError(f"{key}: {e}") from None
+            count = parse_task(value)[1]
+        except ValueError:
+            count = 0
         if not 1 <= count <= TASK_EXAMPLES_LIMIT:
-            raise UserError(f"{key}: the number of examples of {name} must be in "
-                            f"[1, {TASK_EXAMPLES_LIMIT}], got {count}")
+            raise UserError(f"{key} must be NAME or NAME:EXAMPLES, NAME one of "
+                            f"{', '.join(TASK_NAMES)} and EXAMPLES in [1, {TASK_EXAMPLES_LIMIT}] "
+                            f"(such as choice:256), got {value!r}")
 
 
 PositiveInt = Annotated[int, Range(1)]

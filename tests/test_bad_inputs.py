@@ -218,9 +218,9 @@ CATALOGUE = [
     ("NaN weight decay", lambda s: s.train("optim.weight_decay=.nan"), "optim.weight_decay"),
     # Downstream tasks (eval.*): the config, then the data they are built from.
     ("eval.tasks: an unknown task", lambda s: s.train("eval.tasks=[hellaswag]"),
-     "eval.tasks[0]: a task is NAME or NAME:EXAMPLES"),
+     "eval.tasks[0] must be NAME or NAME:EXAMPLES, NAME one of choice, exact"),
     ("eval.tasks: no examples", lambda s: s.train("eval.tasks=[choice:0]"),
-     "examples of choice must be in [1, 1000000]"),
+     "EXAMPLES in [1, 1000000] (such as choice:256), got 'choice:0'"),
     ("eval.tasks: a task twice", lambda s: s.train("eval.tasks=[exact,exact:5]"),
      "eval.tasks lists exact twice"),
     ("eval task longer than the window",

@@ -16,11 +16,13 @@ from lab.config import (
     MUON_SCALINGS,
     OPTIMIZERS,
     SCHEDULES,
+    TASK_EXAMPLES_LIMIT,
     BranchConfig,
     Config,
     NonEmpty,
     OptimConfig,
     ScheduleConfig,
+    TaskItem,
     coerce,
     config_keys,
     dump_config,
@@ -240,6 +242,10 @@ def rule_cases(hint) -> tuple[list, list, str]:
     kind, rule = typing.get_args(hint)
     if isinstance(rule, NonEmpty):
         return [""], ["x"], "must not be empty"
+    if isinstance(rule, TaskItem):
+        return (["hellaswag", "choice:", "choice:0", f"exact:{TASK_EXAMPLES_LIMIT + 1}"],
+                ["choice", "exact:1", f"choice:{TASK_EXAMPLES_LIMIT}"],
+                "must be NAME or NAME:EXAMPLES")
     outside = [v for v in (rule.lo - 1, rule.lo - 2) if v != rule.also][:1]
     bad = [rule.lo] if rule.lo_open else outside
     good = [] if rule.lo_open else [rule.lo]

@@ -58,11 +58,13 @@ def _spec(name="choice", n=40, seed=0, distractors="random") -> TaskSpec:
 def test_a_task_set_is_a_function_of_the_split_its_settings_and_the_seed(letters):
     dataset = open_dataset(letters)
     for name in ("choice", "exact"):
-        first = build(dataset, _spec(name)).checksum()
-        assert build(dataset, _spec(name)).checksum() == first
-        assert build(dataset, _spec(name, seed=1)).checksum() != first
-    assert (build(dataset, _spec(distractors="document")).checksum()
-            != build(dataset, _spec()).checksum())
+        first = build(dataset, _spec(name))
+        assert build(dataset, _spec(name)).checksum() == first.checksum()
+        other = build(dataset, _spec(name, seed=1))
+        assert other.checksum() != first.checksum()
+        assert not np.array_equal(other.source, first.source)  # other examples, not just a label
+    assert not np.array_equal(build(dataset, _spec(distractors="document")).source,
+                              build(dataset, _spec()).source)
 
 
 @pytest.mark.parametrize("distractors", ["random", "document"])
@@ -221,9 +223,9 @@ def test_a_choice_is_picked_by_its_summed_log_likelihood():
     the true continuation per token."""
     spec = TaskSpec("choice", 2, 3, 4, 0, "random")
     t = TaskSet(spec, np.zeros((2, 3), np.int32), np.zeros((2, 4, 4), np.int32),
-                np.array([2, 0]), np.zeros((2, 4), np.int64))
+                np.array([2, 3]), np.zeros((2, 4), np.int64))
     logprob = np.array([-9.0, -8.0, -4.0, -7.0, -6.0, -2.0, -3.0, -5.0])
     out = task_metrics([t], logprob, np.zeros(8, bool))
     assert out["task/choice/accuracy"] == 0.5  # example 0 picks 2 (right), example 1 picks 1
-    assert out["task/choice/loss"] == pytest.approx((4.0 + 6.0) / (2 * 4))
+    assert out["task/choice/loss"] == pytest.approx((4.0 + 5.0) / (2 * 4))
     assert dataclasses.asdict(spec)["distractors"] == "random"
