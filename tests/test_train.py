@@ -22,10 +22,11 @@ SHORT = ["train.steps=24", "train.log_every=4", "train.eval_every=12", "train.ev
 def test_sharded_run_matches_single_device(tmp_path, small_data):
     common = [str(TINY), f"data.path={small_data}", *SHORT, "eval.tasks=[choice:16,exact:16]"]
     run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
-    run_lab(["train", *common, f"run.dir={tmp_path / 'eight'}", "mesh.fsdp=4", "mesh.tensor=2"],
-            devices=8)
+    told = run_lab(["train", *common, f"run.dir={tmp_path / 'eight'}", "mesh.fsdp=4",
+                    "mesh.tensor=2"], devices=8).stdout
     one, eight = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "eight")
     assert [m["step"] for m in one] == [4, 8, 12, 16, 20, 24] == [m["step"] for m in eight]
+    assert f"choice accuracy {eight[-1]['task/choice/accuracy']:.3f}" in told
     for a, b in zip(one, eight, strict=True):
         assert abs(a["loss"] - b["loss"]) / a["loss"] < 1e-4, (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (a, b)

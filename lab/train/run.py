@@ -301,8 +301,11 @@ def _finish(setup: Setup, summary: Summary, result: LoopResult, peak: tuple[floa
         rundir.write_summary(cfg.run.dir, summary)
         diverged = result.status == Status.DIVERGED
         if finished:
+            tasks = "".join(f", {key.split('/')[1]} accuracy {value:.3f}"
+                            for key, value in result.task_metrics.items()
+                            if key.endswith("/accuracy"))
             print(f"{Status.FINISHED}: final eval loss {result.eval_loss:.4f}, {tokens:,} tokens, "
-                  f"{summary.flops:.3g} FLOPs")
+                  f"{summary.flops:.3g} FLOPs{tasks}")
         elif result.message:
             print(("error: " if diverged else "") + result.message,
                   file=sys.stderr if diverged else sys.stdout)
