@@ -164,6 +164,14 @@ def word_level_tokenizer(s: Setting) -> list[str]:
             "--tokenizer", str(s.tmp / "wordlevel.json")]
 
 
+def nested_aliases(s: Setting) -> list[str]:
+    """run.dir as ten levels of ten YAML aliases: 10**10 leaves from 0.6 kB of YAML, whose
+    full repr in the message once made a 2.1 GB line."""
+    items = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return ["train", s.write("aliases.yaml", f"run:\n  dir: [{', '.join(items)}]\n")]
+
+
 def drop(key):
     return lambda meta: meta.pop(key)
 
@@ -173,6 +181,8 @@ CATALOGUE = [
     ("config not UTF-8",
      lambda s: ["train", s.write("latin.yaml", b"train:\n  steps: 5  # caf\xe9\n")],
      "not UTF-8"),
+    ("config: run.dir a nested alias structure", nested_aliases,
+     "run.dir must be str, got [['x', 'x', 'x', 'x', ...], [[...]"),
     ("config with int and str keys",
      lambda s: ["train", s.write("mixed.yaml", "train:\n  1: 2\n  foo: 3\n")],
      "unknown config key 'train.1'"),
@@ -360,6 +370,7 @@ def test_bad_input_exits_2_with_one_line(name, argv_of, fragment, tmp_path, smal
     assert len(lines) == 1, text
     assert "Traceback" not in text
     assert fragment in lines[0], lines[0]
+    assert len(lines[0]) < 400, f"{name}: a line of {len(lines[0])} characters"
     after = snapshot(tmp_path)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert not changed, f"{name} changed, added or removed {changed}"
