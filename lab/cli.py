@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     choose_platforms()  # no TPU backend (nor its warnings) on a host without TPU chips
     _quiet_absl()
     from lab import compile_cache
+    from lab.paths import cache_dir, makedirs
 
-    compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
     try:
+        makedirs(cache_dir(), fix="set LAB_CACHE_DIR to a directory you can write to")
+        compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
         if argv and argv[0] in DELEGATED:
             import importlib
 

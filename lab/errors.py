@@ -8,11 +8,12 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import reprlib
 from typing import Any
 
 # A quoted value longer than this is cut, with its type and length beside it.
-SHOWN_CHARS = 60
+SHOWN_CHARS = 80
 
 # repr bounded in time and size whatever the value: a YAML alias structure nested ten deep
 # (a billion leaves, a few kilobytes of YAML) has a full repr of gigabytes.
@@ -44,6 +45,28 @@ def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     except TypeError:
         size = ""
     return f"{text[:limit]}… ({type(value).__name__}{size})"
+
+
+# What the user can do about a file system's refusal, by errno.
+_FIXES = {
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EROFS: "choose a place on a writable file system",
+    errno.EACCES: "choose a place you may write to",
+    errno.EPERM: "choose a place you may write to",
+    errno.ENOSPC: "free some space or choose another disk",
+    errno.EDQUOT: "free some space or choose another disk",
+    errno.ENOTDIR: "a file is in the way: move it or choose another path",
+    errno.EEXIST: "a file is in the way: move it or choose another path",
+}
+USER_ERRNOS = frozenset(_FIXES)
+
+
+def file_system_error(err: OSError, doing: str, fix: str = "") -> UserError:
+    """A file system's refusal (a name too long, a read-only or full disk, a file in the way)
+    as a one-line UserError: what could not be done, to what, why, and what to do."""
+    where = f" {shown(str(err.filename))}" if err.filename is not None else ""
+    reason = err.strerror or type(err).__name__
+    return UserError(f"cannot {doing}{where}: {reason}; {fix or _FIXES.get(err.errno, 'check it')}")
 
 
 class ArgumentParser(argparse.ArgumentParser):

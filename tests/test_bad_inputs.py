@@ -13,6 +13,7 @@ one stopped half-way (at its last checkpoint, its summary still 'running', as af
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -110,6 +111,23 @@ class Setting:
         (run_dir / LOCK).write_text(json.dumps(RunLock(str(run_dir)).me))
         return self.small("train.steps=8")
 
+    def env(self, name: str, value: str) -> None:
+        """Set an environment variable for this row only."""
+        self.request.getfixturevalue("monkeypatch").setenv(name, value)
+
+    def read_only(self, folder: Path) -> Path:
+        """Refuse every directory made under `folder` as a read-only file system does (tests
+        run as root here, for whom chmod refuses nothing)."""
+        mkdir = Path.mkdir
+
+        def refused(path: Path, *args, **kwargs) -> None:
+            if path.is_relative_to(folder):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            mkdir(path, *args, **kwargs)
+
+        self.request.getfixturevalue("monkeypatch").setattr(Path, "mkdir", refused)
+        return folder
+
     def metadata(self, edit) -> list[str]:
         """`lab data info` on a copy of the dataset's metadata.json changed by `edit`."""
         meta = json.loads((Path(self.data) / "metadata.json").read_text())
@@ -183,6 +201,18 @@ CATALOGUE = [
      "not UTF-8"),
     ("config: run.dir a nested alias structure", nested_aliases,
      "run.dir must be str, got [['x', 'x', 'x', 'x', ...], [[...]"),
+    # The file system: a refusal is one line naming the path, and leaves nothing behind.
+    ("run.dir a name of 5,000 characters",
+     lambda s: s.train(f"run.dir={s.tmp / 'a' / 'b' / ('x' * 5000)}"), "File name too long"),
+    ("run.dir on a read-only file system",
+     lambda s: s.train(f"run.dir={s.read_only(s.tmp / 'ro') / 'run'}"),
+     "Read-only file system; choose a place on a writable file system"),
+    ("LAB_CACHE_DIR a file",
+     lambda s: [s.env("LAB_CACHE_DIR", s.write("cache", "a file")), *s.train()][1:],
+     "it is a file; set LAB_CACHE_DIR to a directory you can write to"),
+    ("LAB_CACHE_DIR where nothing can be made",
+     lambda s: [s.env("LAB_CACHE_DIR", s.write("f", "a file") + "/cache"), *s.train()][1:],
+     "it is a file; set LAB_CACHE_DIR"),
     ("config with int and str keys",
      lambda s: ["train", s.write("mixed.yaml", "train:\n  1: 2\n  foo: 3\n")],
      "unknown config key 'train.1'"),
