@@ -23,6 +23,7 @@ import yaml
 
 from lab import paths
 from lab.errors import UserError, shown
+from lab.yaml_file import read_yaml
 
 INT64_MAX = 2**63 - 1
 # Step counts reach jitted code (optax schedules, the step counter) as int32.
@@ -318,19 +319,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         # A run's saved config may be on gs://.
         path = str(path) if paths.is_remote(path) else Path(path)
-        if not paths.is_file(path):
-            raise UserError(f"config file {path} does not exist; pass a YAML file such as "
-                            "configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(paths.read_text(path)) or {}
-        except UnicodeDecodeError as e:
-            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} cannot be "
-                            "decoded); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            message = f"config file {path} is not valid YAML{where}; fix its syntax"
-            raise UserError(message) from None
+        raw = read_yaml(path, "config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections such as "
                             "'train:' and 'model:'")

@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from lab import preemption, presets, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import Config, load_config, override, override_word, overrides_between
 from lab.errors import UserError, shown
 from lab.paths import shown_path
 from lab.rundir import Status
+from lab.yaml_file import read_yaml
 
 STUDY = presets.root() / "demo.yaml"
 QUICK_STUDY = presets.root() / "demo-quick.yaml"
@@ -76,12 +75,7 @@ class Study:
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; relative paths in it are relative to the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; pass one like configs/demo.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"study file {path} is not valid YAML; fix its syntax") from None
+    raw = read_yaml(path, "study file") or {}
     known = {f.name for f in dataclasses.fields(Study)} - {"path"}
     unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
     if unknown:

@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lab import presets
 from lab.accounting import flops_per_token, param_counts
 from lab.config import (
@@ -46,6 +44,7 @@ from lab.config import (
 from lab.errors import UserError, shown
 from lab.paths import safe_name, shown_path
 from lab.shapes import counting_model, shape_for_params, shape_name
+from lab.yaml_file import read_yaml
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
@@ -90,13 +89,7 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file {path} does not exist; pass a YAML file such as "
-                        "configs/sweeps/isoflop-tiny.yaml")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"sweep file {path} is not valid YAML; fix its syntax") from None
+    spec = read_yaml(path, "sweep file") or {}
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
     unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
