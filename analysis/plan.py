@@ -40,7 +40,7 @@ from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab import presets, rundir
-from lab.config import Config, dump_config, load_config, override
+from lab.config import INT32_MAX, Config, dump_config, load_config, override
 from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
@@ -501,6 +501,10 @@ def make_plan(args: argparse.Namespace) -> dict:
     batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns)
     tokens_per_step = batch * seq
     steps = max(1, round(D_target / tokens_per_step))
+    if steps > INT32_MAX:
+        raise UserError(f"--budget {C:.4g} needs {steps:.3g} steps of {tokens_per_step:,} tokens "
+                        f"at N = {N:,}, beyond the {INT32_MAX:,} a run's step counter holds; "
+                        "give a smaller --budget or a --base with a larger train.batch_size")
     D = steps * tokens_per_step
     pred, lo, law_hi = law.predict(N, D, args.level)
     excess = hparam_excess(laws, n_by, D_target, fpt * D_target, float(f"{lr:.4g}"),

@@ -34,11 +34,15 @@ def _train_command(args: argparse.Namespace) -> int:
         raise UserError("--compile-only and --lower are two different checks: use one")
     if args.json and not args.lower:
         raise UserError("--json needs --lower: it writes what --lower prints")
+    if args.topology is not None:  # before anything is resolved or printed
+        from lab.aot import check_topology
+
+        check_topology(args.topology)
     if args.lower:
         from lab.lowering import lower_command
 
         return lower_command(cfg, args.lower, args.topology, args.json)
-    if args.topology and not args.compile_only:
+    if args.topology is not None and not args.compile_only:
         raise UserError("--topology needs --compile-only or --lower tpu: a run trains on the "
                         "local devices")
     from lab.sharding import initialize_distributed

@@ -562,7 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.topology and not args.dry_run:
+    if args.topology is not None:
+        from lab.aot import check_topology
+
+        check_topology(args.topology)
+    if args.topology is not None and not args.dry_run:
         raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
     path = presets.resolve(args.file, folder="sweeps", what="sweep file")
     sweep = expand_sweep(path, args.overrides, out=args.out)

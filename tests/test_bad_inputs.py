@@ -34,6 +34,9 @@ from lab.rundir import LOCK, SUMMARY, RunLock
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TRUTH = (1.82, 482.0, 2085.0, 0.348, 0.366)  # E, A, B, alpha, beta
+# An approach3 fit as `lab fit --json` writes it: TRUTH, with residuals of a few hundredths.
+FIT = {"method": "approach3", **dict(zip(("E", "A", "B", "alpha", "beta"), TRUTH, strict=True)),
+       "residuals": [0.01, -0.01, 0.0, 0.02, -0.02, 0.0, 0.01, -0.01]}
 # The run-directory rows' model and run: 4 steps, a checkpoint every 2 (8 devices, batch 8).
 SMALL = ("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.steps=4",
          "train.batch_size=8", "train.seq_len=32", "train.log_every=1", "train.eval_every=0",
@@ -229,6 +232,13 @@ CATALOGUE = [
      lambda s: ["train", s.write("mixed.yaml", "train:\n  1: 2\n  foo: 3\n")],
      "unknown config key 'train.1'"),
     # lab train --lower: refused before anything is traced.
+    ("compile-only: an unknown topology",
+     lambda s: [*s.train(), "--compile-only", "--topology", "v9z:2x2"],
+     "--topology 'v9z:2x2' is not a TPU topology"),
+    ("compile-only: an empty topology", lambda s: [*s.train(), "--compile-only", "--topology", ""],
+     "--topology '' is not a TPU topology"),
+    ("sweep: an empty topology", lambda s: s.sweep("tokens: 1e6", "--topology", ""),
+     "--topology '' is not a TPU topology"),
     ("lower: unknown platform", lambda s: [*s.train(), "--lower", "rocm"],
      "use --lower cuda or --lower tpu"),
     ("lower: a topology for cuda", lambda s: [*s.train(), "--lower", "cuda", "--topology",
@@ -386,6 +396,17 @@ CATALOGUE = [
      lambda s: ["fit", s.good_points(), "--chance", "0.25"],
      "belong(s) to --method downstream"),
     # Plans.
+    ("plan --out a file",
+     lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget", "1e14", "--out",
+                s.write("plan-file", "a file"), "--base", TINY],
+     "plan-file': it is a file; a file is in the way"),
+    ("plan --out on a read-only file system",
+     lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget", "1e14", "--out",
+                str(s.read_only(s.tmp / "ro") / "plan"), "--base", TINY],
+     "Read-only file system"),
+    ("plan --budget 1e40", lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget",
+                                      "1e40", "--out", str(s.tmp / "plan"), "--base", TINY],
+     "--budget 1e+40 needs 5.33e+16 steps"),
     ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
      lambda s: ["plan", s.write("flat.json", json.dumps(
          {"method": "approach3", "E": 2, "A": 0, "B": 0, "alpha": 0, "beta": 0,
