@@ -168,6 +168,12 @@ class Setting:
     def downstream(self, *more: str, csv: str | None = None) -> list[str]:
         return ["fit", csv or self.task_points(), "--method", "downstream", *more]
 
+    def edited_points(self, edit) -> str:
+        """good_points' CSV with its lines (the header first) changed in place by `edit`."""
+        lines = Path(self.good_points()).read_text().splitlines()
+        edit(lines)
+        return self.write("points.csv", "\n".join(lines) + "\n")
+
     def good_points(self) -> str:
         rng = np.random.default_rng(0)
         return self.points(np.exp(rng.uniform(16, 20, 12)), np.exp(rng.uniform(18, 24, 12)))
@@ -336,6 +342,16 @@ CATALOGUE = [
     ("fit a Markdown file", lambda s: ["fit", s.write("notes.md", "# Points\n\nN is 1e6, D 2e7."
                                                       "\nthen, two, commas\n")],
      "is not a readable CSV"),
+    ("fit a CSV with N beyond float64's range",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(6, "1e400,1e9,3.0"))],
+     "N in row 5 (line 7) is inf, not a finite number"),
+    ("fit a CSV with text for a loss",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(3, "1e7,1e9,low"))],
+     "loss in row 2 (line 4) is 'low', not a finite number"),
+    ("fit a CSV with a column twice",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(
+         slice(None), [line + ("," + line.split(",")[-1]) for line in lines]))],
+     "has the column 'loss' twice; keep one"),
     ("fit one N", lambda s: ["fit", s.points([1e7] * 8, np.logspace(8, 10, 8))],
      "at least 2 distinct N"),
     ("fit one D", lambda s: ["fit", s.points(np.logspace(6, 8, 8), [1e9] * 8)],
