@@ -48,7 +48,7 @@ def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
 
 
 # What the user can do about a file system's refusal, by errno.
-_FIXES = {
+FIXES = {
     errno.ENAMETOOLONG: "choose a shorter name",
     errno.EROFS: "choose a place on a writable file system",
     errno.EACCES: "choose a place you may write to",
@@ -58,7 +58,8 @@ _FIXES = {
     errno.ENOTDIR: "a file is in the way: move it or choose another path",
     errno.EEXIST: "a file is in the way: move it or choose another path",
 }
-USER_ERRNOS = frozenset(_FIXES)
+# A disk that takes no more: full, over quota or read-only.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 def file_system_error(err: OSError, doing: str, fix: str = "") -> UserError:
@@ -66,7 +67,7 @@ def file_system_error(err: OSError, doing: str, fix: str = "") -> UserError:
     as a one-line UserError: what could not be done, to what, why, and what to do."""
     where = f" {shown(str(err.filename))}" if err.filename is not None else ""
     reason = err.strerror or type(err).__name__
-    return UserError(f"cannot {doing}{where}: {reason}; {fix or _FIXES.get(err.errno, 'check it')}")
+    return UserError(f"cannot {doing}{where}: {reason}; {fix or FIXES.get(err.errno, 'check it')}")
 
 
 class ArgumentParser(argparse.ArgumentParser):

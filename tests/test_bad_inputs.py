@@ -476,3 +476,34 @@ def test_the_window_length_suggested_fits_one_batch(small_data, seq_len, batch_s
 
 def test_every_catalogue_row_is_distinct():
     assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_last_complete_one(tmp_path, small_data,
+                                                                 small_runs, monkeypatch):
+    """The disk fills while the half-finished run writes its step-6 checkpoint (orbax's save
+    refused with ENOSPC): one line, exit 2, naming step 4 as the last complete checkpoint;
+    with space again, the same command resumes from step 4 and finishes."""
+    import orbax.checkpoint as ocp
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_runs["half"], run_dir)
+    argv = ["train", TINY, f"run.dir={run_dir}", f"data.path={small_data}", *SMALL,
+            "train.steps=8"]
+    save = ocp.CheckpointManager.save
+
+    def full_at_6(manager, step, *args, **kwargs):
+        if step == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "checkpoints"))
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_6)
+    code, err, out = quiet_main(argv)
+    assert code == 2, err + out[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot write the checkpoint of step 6" in lines[0]
+    assert "No space left on device; the last complete checkpoint is step 4" in lines[0]
+    monkeypatch.undo()
+    code, err, out = quiet_main(argv)
+    assert code == 0 and "resuming at step 4" in out, err + out[-2000:]
+    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "finished"

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -261,7 +262,8 @@ def _train_logged(setup: Setup, summary: Summary, progress: Progress | None,
                           last_checkpoint=setup.step if setup.restored_own else None)
     except BaseException:
         if is_main:
-            rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
+            with contextlib.suppress(OSError):  # a full disk may refuse this too
+                rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
         raise
     finally:
         if logger is not None:
