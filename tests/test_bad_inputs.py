@@ -352,6 +352,9 @@ CATALOGUE = [
      lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(
          slice(None), [line + ("," + line.split(",")[-1]) for line in lines]))],
      "has the column 'loss' twice; keep one"),
+    ("fit 100,000 points with Approach 3",
+     lambda s: ["fit", s.points(*np.exp(np.random.default_rng(0).uniform(16, 24, (2, 100_000))))],
+     "100,000 points would take many minutes; fit at most 4,444 points"),
     ("fit one N", lambda s: ["fit", s.points([1e7] * 8, np.logspace(8, 10, 8))],
      "at least 2 distinct N"),
     ("fit one D", lambda s: ["fit", s.points(np.logspace(6, 8, 8), [1e9] * 8)],
