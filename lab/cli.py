@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from lab.config import config_keys
-from lab.errors import ArgumentParser, UserError
+from lab.errors import FIXES, ArgumentParser, UserError, file_system_error
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
 
@@ -147,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a name too long, a full or read-only disk where no check caught it
+        if e.errno not in FIXES:
+            raise
+        print(f"error: {file_system_error(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

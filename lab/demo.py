@@ -33,7 +33,7 @@ from lab import preemption, presets, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import Config, load_config, override, override_word, overrides_between
 from lab.errors import UserError, shown
-from lab.paths import shown_path
+from lab.paths import makedirs, shown_path
 from lab.rundir import Status
 from lab.yaml_file import read_yaml
 
@@ -267,7 +267,7 @@ def check_same_plan(out: Path, plan: dict) -> None:
             raise UserError(f"{out} holds a demo with other settings (see {path}); use the same "
                             "options to continue it, or another --out")
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        makedirs(out)
         path.write_text(json.dumps(plan, indent=2) + "\n")
 
 
@@ -550,6 +550,8 @@ def main(argv: list[str]) -> int:
     study_file = presets.resolve(args.study, what="study file") if args.study else None
     study = load_study(study_file or (QUICK_STUDY if args.quick else STUDY))
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    if out.exists() and not out.is_dir():  # before the corpus is prepared or anything run
+        raise UserError(f"--out {shown(str(out))} is a file; give a directory")
     started, cpu0 = time.perf_counter(), _cpu_seconds()
     stream = sys.stdout
 

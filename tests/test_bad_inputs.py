@@ -168,6 +168,10 @@ class Setting:
     def downstream(self, *more: str, csv: str | None = None) -> list[str]:
         return ["fit", csv or self.task_points(), "--method", "downstream", *more]
 
+    def corpus(self) -> str:
+        """A folder of one small text file, for lab data prep."""
+        return str(Path(self.write("corpus/a.txt", "some text\n")).parent)
+
     def edited_points(self, edit) -> str:
         """good_points' CSV with its lines (the header first) changed in place by `edit`."""
         lines = Path(self.good_points()).read_text().splitlines()
@@ -266,6 +270,14 @@ CATALOGUE = [
     ("infinite lr", lambda s: s.train("optim.lr=.inf"), "optim.lr must be a finite number"),
     ("NaN weight decay", lambda s: s.train("optim.weight_decay=.nan"), "optim.weight_decay"),
     # Data.
+    ("data prep --out a name of 300 characters",
+     lambda s: ["data", "prep", "--source", s.corpus(), "--out",
+                str(s.tmp / ("y" * 300) / "out")], "File name too long; choose a shorter name"),
+    ("data prep --out under a file",
+     lambda s: ["data", "prep", "--source", s.corpus(), "--out",
+                s.write("a-file", "not a folder") + "/out"], "it is a file"),
+    ("demo --out a file", lambda s: ["demo", "--quick", "--out", s.write("demo-out", "a file")],
+     "demo-out' is a file; give a directory"),
     ("tokenizer that cannot encode", word_level_tokenizer, "cannot encode this corpus"),
     ("metadata without dtype", lambda s: s.metadata(drop("dtype")), "dtype is None"),
     ("metadata with a text vocab_size",
