@@ -225,6 +225,20 @@ def _diagnose(theta, f, it, conv, best, x, z, y, max_iter) -> list[str]:
     return warns
 
 
+# Every start is minimised over every point: 4,500 starts x 240 points took 3.5 s on 2 cores
+# (benchmarks/results/vm-20261123-223326.json),
+# so this many start-points is about a minute there.
+MAX_START_POINTS = 20_000_000
+
+
+def _check_size(n_starts: int, n_points: int) -> None:
+    """Refuse a fit that would run for many minutes without a word."""
+    if n_starts * n_points > MAX_START_POINTS:
+        raise UserError(f"Approach 3 minimises {n_starts:,} starts over every point, and "
+                        f"{n_points:,} points would take many minutes; fit at most "
+                        f"{MAX_START_POINTS // n_starts:,} points (one per run, or a sample)")
+
+
 COLLINEAR = 1e-3  # below this, log N and log D are one variable: the law cannot be fitted
 NEARLY_COLLINEAR = 0.05  # below this, say loudly that N and D are hard to separate
 
@@ -294,6 +308,7 @@ def fit_approach3(
     df = pd.DataFrame({"N": np.ravel(N), "D": np.ravel(D), "loss": np.ravel(loss)})
     check_points(df, ("N", "D", "loss"), min_points=len(PARAMS), what="Approach 3 (5 parameters)")
     starts = chinchilla_grid() if grid is None else np.asarray(grid, dtype=np.float64)
+    _check_size(len(starts), len(df))
     N, D, loss = (df[c].to_numpy(np.float64) for c in ("N", "D", "loss"))
     design_warnings = check_design(N, D)
     theta, iters = starts, 0

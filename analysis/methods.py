@@ -28,7 +28,7 @@ from analysis.isoflop import fit_isoflop
 from analysis.output import format_table, interval, jsonable, warning_banner
 from analysis.points import drop_highest_loss
 from analysis.predict import fit_record
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def register(method: Method) -> Method:
 
 def method_named(name: str) -> Method:
     if name not in METHODS:
-        raise UserError(f"unknown fit method {name!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown fit method {shown(name)}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
 
 

@@ -40,7 +40,7 @@ from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab import presets, rundir
-from lab.config import Config, dump_config, load_config, override
+from lab.config import INT32_MAX, Config, dump_config, load_config, override
 from lab.errors import ArgumentParser, UserError
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
@@ -480,6 +480,16 @@ def _prediction_warnings(law: LossLaw, pred: float, N: int, D: int, level: float
     return check.to_dict() | {"warning": warning}
 
 
+def _whole_steps(C: float, N: int, D_target: float, tokens_per_step: int) -> int:
+    """The steps that spend the budget, refused (naming the budget) beyond a step counter."""
+    steps = max(1, round(D_target / tokens_per_step))
+    if steps > INT32_MAX:
+        raise UserError(f"--budget {C:.4g} needs {steps:.3g} steps of {tokens_per_step:,} tokens "
+                        f"at N = {N:,}, beyond the {INT32_MAX:,} a run's step counter holds; "
+                        "give a smaller --budget or a --base with a larger train.batch_size")
+    return steps
+
+
 def make_plan(args: argparse.Namespace) -> dict:
     """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
     _check_args(args)
@@ -500,7 +510,7 @@ def make_plan(args: argparse.Namespace) -> dict:
                                                                 fpt * D_target)
     batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns)
     tokens_per_step = batch * seq
-    steps = max(1, round(D_target / tokens_per_step))
+    steps = _whole_steps(C, N, D_target, tokens_per_step)
     D = steps * tokens_per_step
     pred, lo, law_hi = law.predict(N, D, args.level)
     excess = hparam_excess(laws, n_by, D_target, fpt * D_target, float(f"{lr:.4g}"),

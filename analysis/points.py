@@ -9,6 +9,7 @@ accepted as well.
 
 from __future__ import annotations
 
+import csv
 import io
 from collections.abc import Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import paths
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 # Other names for our columns, as used by published data sets.
 ALIASES = {
@@ -40,7 +41,13 @@ def read_points_csv(path: str) -> pd.DataFrame:
         raise UserError(
             f"{path} is not a readable CSV ({reason}); give a CSV with a header row"
         ) from None
+    header = next(csv.reader(io.StringIO(text)), [])
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise UserError(f"{path} has the column {shown(twice[0])} twice; keep one (pandas would "
+                        "keep both under other names)")
     df = df.rename(columns={k: v for k, v in ALIASES.items() if v not in df.columns})
+    _check_numbers(df, path)
     missing = [c for c in ("N", "loss") if c not in df.columns]
     if "D" not in df.columns and "C" not in df.columns:
         missing.append("D or C")
@@ -51,6 +58,23 @@ def read_points_csv(path: str) -> pd.DataFrame:
     df = complete_points(df)
     df["source"] = str(path)
     return df
+
+
+def _check_numbers(df: pd.DataFrame, path: str) -> None:
+    """Refuse a given value of N, D, C or loss that is not a finite number (text, or beyond
+    float64's range as 1e400 is), naming its row and line in the file."""
+    for col in ("N", "D", "C", "loss"):
+        if col not in df.columns:
+            continue
+        given = df[col].notna().to_numpy()
+        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
+        bad = given & ~np.isfinite(values)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raw = df[col].iloc[row]
+            value = shown(raw) if isinstance(raw, str) else raw
+            raise UserError(f"{path}: {col} in row {row} (line {row + 2}) is {value}, not a "
+                            "finite number (or beyond float64's range); fix or remove that row")
 
 
 def complete_points(df: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from analysis.heldout import heldout_check
 from analysis.inputs import load_inputs
 from analysis.methods import FitResult, analyse
 from analysis.output import format_table, jsonable
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.paths import shown_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -66,7 +66,7 @@ def _marked_points(points: pd.DataFrame | list[dict]) -> tuple[pd.DataFrame, boo
     df = pd.DataFrame(points).reset_index(drop=True)
     for col in ("size", "N", "D", "C", "loss", "budget"):
         if col not in df.columns:
-            raise UserError(f"the study's points lack column {col!r}")
+            raise UserError(f"the study's points lack column {shown(col)}")
     explicit = "held_out" in df.columns
     if explicit:
         df["held_out"] = df["held_out"].astype(bool)

@@ -28,7 +28,7 @@ import numpy as np
 from analysis.backtest import Backtest, Fold, errors
 from analysis.multipower_law import fit_multipower_law
 from analysis.schedule_law import Curve, fit_points, fit_schedule_law
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 SCHEDULE_LAWS = {"schedule": fit_schedule_law, "multipower": fit_multipower_law}
 CURVE_BASELINES = {
@@ -98,7 +98,8 @@ def backtest_schedule(curves: list[Curve], law: str = "schedule", *, folds: int 
     the stable run first; `start` is the first update count the law is fitted from, and a
     fold's cut is reported in FLOPs (flops_per_step times the update count)."""
     if law not in SCHEDULE_LAWS:
-        raise UserError(f"unknown schedule law {law!r}; choose one of {', '.join(SCHEDULE_LAWS)}")
+        raise UserError(f"unknown schedule law {shown(law)}; choose one of "
+                        f"{', '.join(SCHEDULE_LAWS)}")
     if folds is not None and folds < 1:
         raise UserError(f"--folds must be at least 1, got {folds}")
     fit_points(curves, start, f"{law} law", min_points=MIN_FIT_POINTS + 1)  # refuses early

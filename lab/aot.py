@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from lab.config import Config
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
 
@@ -45,11 +45,16 @@ class CompiledMemory:
                    m.generated_code_size_in_bytes, m.alias_size_in_bytes)
 
 
+def check_topology(topology: str) -> None:
+    """Refuse what is not a TPU slice's name such as "v5e:16x16" (an empty one included)."""
+    if not TOPOLOGY.match(topology):
+        raise UserError(f"--topology {shown(topology)} is not a TPU topology; write it as "
+                        "GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16 or v5p:4x4x4")
+
+
 def topology_devices(topology: str) -> list:
     """The abstract devices of a TPU slice, e.g. "v5e:16x16" (256 chips)."""
-    if not TOPOLOGY.match(topology):
-        raise UserError(f"--topology {topology!r} is not a TPU topology; write it as "
-                        "GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16 or v5p:4x4x4")
+    check_topology(topology)
     from lab.backend import prepare_tpu_compiler
 
     prepare_tpu_compiler(topology)  # before libtpu loads

@@ -20,7 +20,7 @@ from lab import paths, preemption, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.branch_plan import check_plan, child_configs, decay_of, planned_pairs
 from lab.config import DECAY_SHAPES, Config, dump_config, load_config
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.rundir import Status, Summary, write_json_atomic
 
 
@@ -65,9 +65,9 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise UserError(f"{what} must be comma-separated integers, got {shown(text)}") from None
     if not values or any(v <= 0 for v in values):
-        raise UserError(f"{what} must be positive integers, got {text!r}")
+        raise UserError(f"{what} must be positive integers, got {shown(text)}")
     return values
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lab import paths
 from lab.config import Config, replace
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 
 def planned_steps(cfg: Config, params: int) -> list[int]:
@@ -40,7 +40,7 @@ def check_plan(cfg: Config, pairs: list[tuple[int, int]],
     s = cfg.schedule
     points = sorted({p for p, _ in pairs} | set(points or ()))
     if points and s.name != "wsd":
-        raise UserError(f"branches need a WSD run, but schedule.name is {s.name!r}; set "
+        raise UserError(f"branches need a WSD run, but schedule.name is {shown(s.name)}; set "
                         "schedule.name=wsd")
     stable_end = cfg.train.steps - s.decay_steps
     for step in points:

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lab import paths
-from lab.errors import UserError
+from lab.errors import FIXES, STORAGE_ERRNOS, UserError, file_system_error
 
 # URL schemes orbax can write checkpoints to: etils.epath handles the files and tensorstore
 # the arrays, and both know Cloud Storage (and S3), not fsspec's other filesystems.
@@ -108,7 +108,12 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_iterator: Any | None = None) -> bool:
         """Start an asynchronous save; returns False if this step is already saved (and
-        readable: an unreadable one is deleted and saved again)."""
+        readable: an unreadable one is deleted and saved again). A disk that refuses the
+        checkpoint (full, read-only) is a UserError naming the last complete one."""
+        with self._refusals(f"write the checkpoint of step {step}"):
+            return self._save(step, state, data_iterator)
+
+    def _save(self, step: int, state: Any, data_iterator: Any | None) -> bool:
         if step in self.manager.all_steps():
             if step not in self.unreadable:
                 return False
@@ -160,11 +165,40 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
-        self.manager.wait_until_finished()
+        with self._refusals("finish writing a checkpoint"):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+    @contextlib.contextmanager
+    def _refusals(self, doing: str) -> Iterator[None]:
+        """Turn a file system's refusal anywhere in an error's chain (orbax wraps it) into one
+        line that says which complete checkpoint the run can resume from."""
+        try:
+            yield
+        except Exception as e:
+            refusal = _file_system_refusal(e)
+            if refusal is None:
+                raise
+            self.manager.reload()
+            done = sorted(set(self.manager.all_steps()) - self.unreadable)
+            last = (f"the last complete checkpoint is step {done[-1]}, where the same command "
+                    "resumes" if done else "no checkpoint of this run is complete")
+            raise file_system_error(refusal, f"{doing} in {self.directory}",
+                                    f"{last}; {FIXES[refusal.errno]}") from None
+
+
+def _file_system_refusal(error: BaseException) -> OSError | None:
+    """The OSError of a full or read-only disk in `error`'s chain of causes, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from lab.config import config_keys
-from lab.errors import ArgumentParser, UserError
+from lab.errors import FIXES, ArgumentParser, UserError, file_system_error
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
 
@@ -34,11 +34,15 @@ def _train_command(args: argparse.Namespace) -> int:
         raise UserError("--compile-only and --lower are two different checks: use one")
     if args.json and not args.lower:
         raise UserError("--json needs --lower: it writes what --lower prints")
+    if args.topology is not None:  # before anything is resolved or printed
+        from lab.aot import check_topology
+
+        check_topology(args.topology)
     if args.lower:
         from lab.lowering import lower_command
 
         return lower_command(cfg, args.lower, args.topology, args.json)
-    if args.topology and not args.compile_only:
+    if args.topology is not None and not args.compile_only:
         raise UserError("--topology needs --compile-only or --lower tpu: a run trains on the "
                         "local devices")
     from lab.sharding import initialize_distributed
@@ -124,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     choose_platforms()  # no TPU backend (nor its warnings) on a host without TPU chips
     _quiet_absl()
     from lab import compile_cache
+    from lab.paths import cache_dir, makedirs
 
-    compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
     try:
+        makedirs(cache_dir(), fix="set LAB_CACHE_DIR to a directory you can write to")
+        compile_cache.enable()  # before any compilation: a rerun loads its programs from disk
         if argv and argv[0] in DELEGATED:
             import importlib
 
@@ -141,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a name too long, a full or read-only disk where no check caught it
+        if e.errno not in FIXES:
+            raise
+        print(f"error: {file_system_error(e, 'use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

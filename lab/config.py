@@ -22,7 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from lab import paths
-from lab.errors import UserError
+from lab.errors import UserError, shown
+from lab.yaml_file import read_yaml
 
 INT64_MAX = 2**63 - 1
 # Step counts reach jitted code (optax schedules, the step counter) as int32.
@@ -91,7 +92,7 @@ class Range:
 
     def check(self, key: str, value: float, kind: type) -> None:
         if not self.holds(value):
-            raise UserError(f"{key} must be {self.describe(kind)}, got {value!r}")
+            raise UserError(f"{key} must be {self.describe(kind)}, got {shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -372,19 +373,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         # A run's saved config may be on gs://.
         path = str(path) if paths.is_remote(path) else Path(path)
-        if not paths.is_file(path):
-            raise UserError(f"config file {path} does not exist; pass a YAML file such as "
-                            "configs/tiny.yaml")
-        try:
-            raw = yaml.safe_load(paths.read_text(path)) or {}
-        except UnicodeDecodeError as e:
-            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} cannot be "
-                            "decoded); save it as UTF-8") from None
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            message = f"config file {path} is not valid YAML{where}; fix its syntax"
-            raise UserError(message) from None
+        raw = read_yaml(path, "config file") or {}
         if not isinstance(raw, dict):
             raise UserError(f"config file {path} must be a mapping of sections such as "
                             "'train:' and 'model:'")
@@ -399,11 +388,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 def parse_override(item: str) -> tuple[str, Any]:
     """`train.steps=200` -> ("train.steps", 200); values are parsed as YAML scalars."""
     if "=" not in item:
-        raise UserError(f"override {item!r} is not of the form key=value, e.g. train.steps=200")
+        raise UserError(f"override {shown(item)} is not of the form key=value, "
+                        "e.g. train.steps=200")
     key, text = item.split("=", 1)
     key = key.strip()
     if not key or "." not in key:
-        raise UserError(f"override {item!r} needs a dotted key such as train.steps=200")
+        raise UserError(f"override {shown(item)} needs a dotted key such as train.steps=200")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -417,7 +407,7 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"config key {key!r}: {part!r} is a value, not a section")
+            raise UserError(f"config key {shown(key)}: {shown(part)} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -426,13 +416,13 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
     section = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
-        raise UserError(f"{section} must be a mapping of keys, got {raw!r}")
+        raise UserError(f"{section} must be a mapping of keys, got {shown(raw)}")
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints as well
     if unknown:
-        raise UserError(f"unknown config key '{prefix}{unknown[0]}'; known keys in {section}: "
-                        f"{', '.join(fields)}")
+        raise UserError(f"unknown config key {shown(f'{prefix}{unknown[0]}')}; known keys in "
+                        f"{section}: {', '.join(fields)}")
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -458,13 +448,14 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         choices = typing.get_args(hint)
         if value in choices and isinstance(value, str):
             return value
-        raise UserError(f"{key} must be one of {', '.join(map(_choice, choices))}, got {value!r}")
+        raise UserError(f"{key} must be one of {', '.join(map(_choice, choices))}, "
+                        f"got {shown(value)}")
     if origin is tuple:
         (item_type, _) = typing.get_args(hint)
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key} must be a list, got {value!r}")
+            raise UserError(f"config key {key} must be a list, got {shown(value)}")
         return tuple(coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
     if hint is bool:
         if isinstance(value, bool):
@@ -486,7 +477,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         if number is not None:
             if not math.isfinite(number):
-                raise UserError(f"config key {key} must be a finite number, got {value!r}")
+                raise UserError(f"config key {key} must be a finite number, got {shown(value)}")
             return number
     elif hint is str:
         if isinstance(value, str):
@@ -495,7 +486,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             return str(value)
     else:
         raise TypeError(f"unsupported config type {hint} for {key}")
-    raise UserError(f"config key {key} must be {hint.__name__}, got {value!r}")
+    raise UserError(f"config key {key} must be {hint.__name__}, got {shown(value)}")
 
 
 def _choice(value: str) -> str:
@@ -618,7 +609,7 @@ def override(config: Config, values: dict[str, Any]) -> Config:
     for key, value in values.items():
         section, _, name = key.partition(".")
         if not name or "." in name:
-            raise UserError(f"config key {key!r} must be section.key, such as train.steps")
+            raise UserError(f"config key {shown(key)} must be section.key, such as train.steps")
         by_section.setdefault(section, {})[name] = value
     changes = {}
     for section, fields in by_section.items():

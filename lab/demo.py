@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from lab import preemption, presets, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import Config, load_config, override, override_word, overrides_between
-from lab.errors import UserError
-from lab.paths import shown_path
+from lab.errors import UserError, shown
+from lab.paths import makedirs, shown_path
 from lab.rundir import Status
+from lab.yaml_file import read_yaml
 
 STUDY = presets.root() / "demo.yaml"
 QUICK_STUDY = presets.root() / "demo-quick.yaml"
@@ -76,20 +75,15 @@ class Study:
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; relative paths in it are relative to the file."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; pass one like configs/demo.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"study file {path} is not valid YAML; fix its syntax") from None
+    raw = read_yaml(path, "study file") or {}
     known = {f.name for f in dataclasses.fields(Study)} - {"path"}
     unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
     if unknown:
-        raise UserError(f"unknown key {unknown[0]!r} in study file {path}; known keys: "
+        raise UserError(f"unknown key {shown(unknown[0])} in study file {path}; known keys: "
                         f"{', '.join(sorted(known))}")
     missing = [k for k in ("base", "sizes", "budgets", "decay_fraction", "lr") if k not in raw]
     if missing:
-        raise UserError(f"study file {path} lacks {missing[0]!r}; see configs/demo.yaml")
+        raise UserError(f"study file {path} lacks {shown(missing[0])}; see configs/demo.yaml")
     sizes = _model_overrides(raw["sizes"], "sizes", path)
     budgets = tuple(float(b) for b in raw["budgets"])
     if len(sizes) < 2 or len(budgets) < 2:
@@ -102,7 +96,7 @@ def load_study(path: str | Path) -> Study:
                                    or len(sizes) != len(budgets) + per_budget - 1):
         raise UserError(f"sizes_per_budget in {path} must be an integer k >= 2 with as many "
                         f"sizes as budgets + k - 1 (budget j trains sizes j .. j+k-1); it is "
-                        f"{per_budget!r} with {len(sizes)} sizes and {len(budgets)} budgets")
+                        f"{shown(per_budget)} with {len(sizes)} sizes and {len(budgets)} budgets")
     fraction = float(raw["decay_fraction"])
     if not 0 < fraction <= 1:
         raise UserError(f"decay_fraction in {path} must lie in (0, 1], got {fraction}")
@@ -135,7 +129,7 @@ def _held_out(raw: Any, path: Path, largest: float) -> dict:
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(x, int) and x >= 0 for x in seeds)):
         raise UserError(f"held_out.seeds in {path} must be a list of distinct run seeds such "
-                        f"as [0, 1], got {seeds!r}")
+                        f"as [0, 1], got {shown(seeds)}")
     held = {"sizes": _model_overrides(raw["sizes"], "held_out.sizes", path),
             "budget": float(raw["budget"]), "seeds": seeds}
     if held["budget"] <= largest:
@@ -185,7 +179,7 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
     S (1 + f) steps in all; S is chosen so those steps spend the budget."""
     from lab.branch_plan import check_plan, planned_pairs
     if optim not in study.lr:
-        raise UserError(f"the study {study.path} gives no learning rate for {optim!r}; add it "
+        raise UserError(f"the study {study.path} gives no learning rate for {shown(optim)}; add it "
                         "under lr:")
     file_cfg = load_config(study.base)
     common = load_config(study.base, list(study.overrides))
@@ -273,7 +267,7 @@ def check_same_plan(out: Path, plan: dict) -> None:
             raise UserError(f"{out} holds a demo with other settings (see {path}); use the same "
                             "options to continue it, or another --out")
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        makedirs(out)
         path.write_text(json.dumps(plan, indent=2) + "\n")
 
 
@@ -556,6 +550,8 @@ def main(argv: list[str]) -> int:
     study_file = presets.resolve(args.study, what="study file") if args.study else None
     study = load_study(study_file or (QUICK_STUDY if args.quick else STUDY))
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    if out.exists() and not out.is_dir():  # before the corpus is prepared or anything run
+        raise UserError(f"--out {shown(str(out))} is a file; give a directory")
     started, cpu0 = time.perf_counter(), _cpu_seconds()
     stream = sys.stdout
 

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from lab.config import MUON_SCALINGS as SCALINGS  # the choices of optim.muon_scaling
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.sharding import BATCH_AXES
 
 # Keller Jordan's quintic: the largest slope at zero that still keeps every singular value in a
@@ -269,7 +269,7 @@ def shape_scale(shape: tuple[int, ...], scaling: str) -> float:
     if scaling == "shape":
         return math.sqrt(max(1.0, fan_out / fan_in))
     raise UserError(
-        f"unknown Muon scaling {scaling!r}; set optim.muon_scaling to one of {SCALINGS}"
+        f"unknown Muon scaling {shown(scaling)}; set optim.muon_scaling to one of {SCALINGS}"
     )
 
 

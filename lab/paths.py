@@ -11,13 +11,15 @@ UserError.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from lab.errors import UserError
+from lab.errors import UserError, file_system_error
 
 PathLike = str | os.PathLike
 
@@ -146,10 +148,32 @@ def put(local: PathLike, path: PathLike) -> None:
     write_bytes(path, Path(local).read_bytes())
 
 
-def makedirs(path: PathLike) -> None:
-    """Create a directory and its parents; object stores have no directories to create."""
-    if not is_remote(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
+def makedirs(path: PathLike, fix: str = "") -> None:
+    """Create a directory and its parents; object stores have no directories to create. Where
+    the file system refuses (a name too long, a read-only disk, a file in the way), a UserError
+    says so (with `fix`, if given), and no parent made on the way is left behind."""
+    if is_remote(path):
+        return
+    made: list[Path] = []
+    try:
+        missing, folder = [], Path(path)
+        while not folder.is_dir():
+            if folder.exists():
+                raise NotADirectoryError(errno.ENOTDIR, "it is a file", str(folder))
+            missing.append(folder)
+            folder = folder.parent
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)  # another process may make it meanwhile; a file may not
+            made.append(folder)
+    except OSError as err:
+        _undo(made)
+        raise file_system_error(err, "create the directory", fix) from None
+
+
+def _undo(made: list[Path]) -> None:
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def remove(path: PathLike) -> None:

@@ -53,6 +53,8 @@ def resolve(name: str | Path, folder: str = "", what: str = "config file") -> st
     text = str(name)
     if paths.is_remote(text) or Path(text).is_file():
         return text
+    if Path(text).is_dir():
+        raise UserError(f"{what} {text} is a directory; give a YAML file")
     preset = find(text, folder)
     if preset is not None:
         return str(preset)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 STEPS_VAR = "LAB_PROFILE_STEPS"
 DIR_VAR = "LAB_PROFILE_DIR"
@@ -26,7 +26,7 @@ def parse_window(text: str) -> tuple[int, int]:
     except ValueError:
         start = count = -1
     if start < 0 or count < 1:
-        raise UserError(f"profile steps {text!r} must be START:COUNT, e.g. 20:5 (steps 20-24)")
+        raise UserError(f"profile steps {shown(text)} must be START:COUNT, e.g. 20:5 (steps 20-24)")
     return start, count
 
 

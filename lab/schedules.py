@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from lab.config import DECAY_SHAPES
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 
 def _check_common(peak_lr: float, total_steps: int, warmup_steps: int, final_ratio: float) -> None:
@@ -84,7 +84,7 @@ def wsd(
     _check_common(peak_lr, total_steps, warmup_steps, final_ratio)
     if decay_shape not in DECAY_SHAPES:
         raise UserError(
-            f"unknown decay shape {decay_shape!r}; set schedule.decay_shape to one of "
+            f"unknown decay shape {shown(decay_shape)}; set schedule.decay_shape to one of "
             + ", ".join(DECAY_SHAPES)
         )
     if decay_steps < 0:

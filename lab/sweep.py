@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lab import presets
 from lab.accounting import flops_per_token, param_counts
 from lab.config import (
@@ -43,9 +41,10 @@ from lab.config import (
     parse_override,
     value_of,
 )
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.paths import safe_name, shown_path
 from lab.shapes import counting_model, shape_for_params, shape_name
+from lab.yaml_file import read_yaml
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
@@ -90,18 +89,12 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"sweep file {path} does not exist; pass a YAML file such as "
-                        "configs/sweeps/isoflop-tiny.yaml")
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"sweep file {path} is not valid YAML; fix its syntax") from None
+    spec = read_yaml(path, "sweep file") or {}
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
     unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
     if unknown:
-        raise UserError(f"sweep file {path}: unknown key {unknown[0]!r}; known keys: "
+        raise UserError(f"sweep file {path}: unknown key {shown(unknown[0])}; known keys: "
                         f"{', '.join(SWEEP_KEYS)}")
     _check_numbers(spec, f"sweep file {path}")
     return spec
@@ -117,7 +110,7 @@ SHAPE_INTS = ("head_dim", "min_heads", "multiple", "tensor")
 def _check_numbers(spec: dict, where: str) -> None:
     """Every number of the sweep file is a finite number in its range, before any expansion."""
     def bad(key: str, rule: str) -> UserError:
-        return UserError(f"{where}: {key} must be {rule}, got {_get(spec, key)!r}")
+        return UserError(f"{where}: {key} must be {rule}, got {shown(_get(spec, key))}")
 
     for key, (lo, hi, closed) in NUMBER_RANGES.items():
         if key not in spec:
@@ -135,7 +128,7 @@ def _check_numbers(spec: dict, where: str) -> None:
             if not isinstance(item, dict) and (_finite(item) is None or _finite(item) <= 0):
                 raise UserError(f"{where}: every entry of {key} must be a finite positive "
                                 f"number{' or a mapping of model keys' if key == 'sizes' else ''}"
-                                f", got {item!r}")
+                                f", got {shown(item)}")
     shape = spec.get("shape")
     if isinstance(shape, dict):
         for key, value in shape.items():
@@ -168,7 +161,7 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     where = f"sweep file {path}"
     kind = spec.get("kind")
     if kind not in KINDS:
-        raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {shown(kind)}")
     if "base" not in spec:
         raise UserError(f"{where}: needs 'base:', the config file every run starts from")
     base = (path.parent / str(spec["base"])).resolve()
@@ -204,7 +197,8 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
             shape_opts[key] = float(shape_opts[key])  # checked by _check_numbers
     bad = sorted(set(shape_opts) - set(SHAPE_KEYS))
     if bad:
-        raise UserError(f"{where}: unknown shape option {bad[0]!r}; known: {', '.join(SHAPE_KEYS)}")
+        raise UserError(f"{where}: unknown shape option {shown(bad[0])}; "
+                        f"known: {', '.join(SHAPE_KEYS)}")
     tolerance = float(spec.get("flops_tolerance", 0.05))
 
     # `tokens:` may be a list: one more axis of the product (a grid over N and D).
@@ -322,8 +316,9 @@ def _check_unique(runs: list[Run], where: str) -> None:
     seen: dict[str, str] = {}
     for run in runs:
         if run.slug in seen:
-            raise UserError(f"{where}: runs {seen[run.slug]!r} and {run.name!r} would share the "
-                            f"directory {run.slug!r}; give the sizes distinct names or shapes")
+            raise UserError(f"{where}: runs {shown(seen[run.slug])} and {shown(run.name)} would "
+                            "share the "
+                            f"directory {shown(run.slug)}; give the sizes distinct names or shapes")
         seen[run.slug] = run.name
 
 
@@ -346,7 +341,7 @@ def _sizes(spec: dict, where: str) -> list[tuple[str, Any]]:
             sizes.append(("", float(item)))
         else:
             raise UserError(f"{where}: a size must be a positive number (target N) or a "
-                            f"mapping of model keys, got {item!r}")
+                            f"mapping of model keys, got {shown(item)}")
     return sizes
 
 
@@ -354,7 +349,7 @@ def _branch(raw: Any, where: str) -> dict:
     branch = _mapping(raw, "branch", where)
     unknown = sorted(set(branch) - {"at", "decay_steps", "shape"})
     if unknown:
-        raise UserError(f"{where}: unknown branch key {unknown[0]!r}; known: at, decay_steps, "
+        raise UserError(f"{where}: unknown branch key {shown(unknown[0])}; known: at, decay_steps, "
                         "shape")
     out = {}
     for key in ("at", "decay_steps"):
@@ -367,7 +362,7 @@ def _branch(raw: Any, where: str) -> dict:
     shape = branch.get("shape", "1-sqrt")
     if shape not in DECAY_SHAPES:
         raise UserError(f"{where}: branch.shape must be one of {', '.join(DECAY_SHAPES)}, got "
-                        f"{shape!r}")
+                        f"{shown(shape)}")
     out["shape"] = shape
     return out
 
@@ -567,7 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.topology and not args.dry_run:
+    if args.topology is not None:
+        from lab.aot import check_topology
+
+        check_topology(args.topology)
+    if args.topology is not None and not args.dry_run:
         raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
     path = presets.resolve(args.file, folder="sweeps", what="sweep file")
     sweep = expand_sweep(path, args.overrides, out=args.out)

@@ -28,7 +28,7 @@ import os
 import shlex
 import sys
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
 from launch.common import after_dashes, resolve_command, run_main, train_config
 
@@ -76,7 +76,7 @@ def merge_xla_flags(defaults: list[str], user: list[str]) -> list[str]:
     merged: dict[str, str] = {}
     for flag in [*defaults, *user]:
         if not flag.startswith("--"):
-            raise UserError(f"XLA flag {flag!r} must start with --, e.g. "
+            raise UserError(f"XLA flag {shown(flag)} must start with --, e.g. "
                             "--xla_gpu_enable_triton_gemm=false")
         merged[flag_name(flag)] = flag
     return list(merged.values())
@@ -190,7 +190,7 @@ def launch(args: argparse.Namespace) -> int:
     try:
         os.execvpe(run[0], run, env)  # the command takes this process's place
     except OSError as e:
-        print(f"error: cannot run {run[0]!r}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot run {shown(run[0])}: {e.strerror}", file=sys.stderr)
         return 127
     return 0  # not reached
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.paths import safe_name
 from launch.common import after_dashes, run_main, train_config
 
@@ -86,7 +86,7 @@ class Target:
 def runtime_for(accelerator: str) -> str:
     generation = accelerator.split("-")[0]
     if generation not in RUNTIMES:
-        raise UserError(f"no default runtime for accelerator type {accelerator!r}; pass "
+        raise UserError(f"no default runtime for accelerator type {shown(accelerator)}; pass "
                         "--runtime (e.g. v2-alpha-tpuv5-lite for v5litepod-*)")
     return RUNTIMES[generation]
 
@@ -196,7 +196,7 @@ def job_env(coordinator: str, extra: list[str]) -> dict[str, str]:
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise UserError(f"--env {item!r} must be NAME=VALUE")
+            raise UserError(f"--env {shown(item)} must be NAME=VALUE")
         env[key] = value
     env["LIBTPU_INIT_ARGS"] = libtpu_init_args(env.get("LIBTPU_INIT_ARGS", ""))
     return env
@@ -212,7 +212,7 @@ def check_train_command(command: list[str]) -> None:
     no disk, so checkpoints on a worker's own disk could not be restored by the others."""
     cfg = train_config(command, folder=ROOT)  # the workers run it from the repository's root
     if cfg is not None and not cfg.run.dir.startswith("gs://"):
-        raise UserError(f"run.dir is {cfg.run.dir!r}; a pod run needs it on Cloud Storage, "
+        raise UserError(f"run.dir is {shown(cfg.run.dir)}; a pod run needs it on Cloud Storage, "
                         "e.g. run.dir=gs://BUCKET/runs/NAME")
 
 
@@ -222,7 +222,7 @@ def sweep_jobs(file: str, overrides: list[str], out: str) -> list[tuple[str, lis
     from lab.sweep import branch_command, expand_sweep
 
     if not out.startswith("gs://"):
-        raise UserError(f"--out is {out!r}; a pod sweep writes to Cloud Storage, e.g. "
+        raise UserError(f"--out is {shown(out)}; a pod sweep writes to Cloud Storage, e.g. "
                         "--out gs://BUCKET/sweeps/NAME")
     sweep = expand_sweep(file, overrides, out=out)
     base = sweep.base.relative_to(ROOT) if sweep.base.is_relative_to(ROOT) else None
@@ -517,7 +517,8 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
                             "run.dir=gs://BUCKET/runs/NAME")
         check_train_command(words)
         if not re.fullmatch(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?", args.workload):
-            raise UserError(f"--workload {args.workload!r} must be lowercase letters, digits and "
+            raise UserError(f"--workload {shown(args.workload)} must be lowercase letters, "
+                            "digits and "
                             "'-', start with a letter and be at most 40 characters")
         jobs = [(args.workload, [words])]
     steps = [xpk_step(args.cluster, w, args.accelerator, args.num_slices, image, base_image,

@@ -47,6 +47,26 @@ def test_cpu_train_without_jax_platforms_prints_no_libtpu_warnings(small_data, t
         assert noise not in result.stdout + result.stderr
 
 
+def test_the_library_without_jax_platforms_prints_no_libtpu_warnings(tmp_path):
+    """`lab` and `analysis` imported as a library, not run as the `lab` command, start no TPU
+    backend on a host without TPU chips, so libtpu prints nothing (TF_CPP_MIN_LOG_LEVEL=0 lets
+    its warnings through where they would come)."""
+    import importlib.util
+
+    from lab.backend import tpu_chips_present
+
+    if importlib.util.find_spec("libtpu") is None or tpu_chips_present():
+        pytest.skip("needs libtpu installed on a host without TPU chips")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import analysis, lab.config, jax; print(jax.devices()[0].platform)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300,
+                            env={**env, "TF_CPP_MIN_LOG_LEVEL": "0", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0 and result.stdout.split() == ["cpu"], result.stderr
+    for noise in LIBTPU_NOISE:
+        assert noise not in result.stderr, result.stderr
+
+
 def _printed_gib(stdout: str, label: str) -> float:
     """A figure of --compile-only's report ("  total   1.23 GiB ..."), in GiB."""
     line = next(x for x in stdout.splitlines() if x.strip().startswith(label))

@@ -13,6 +13,7 @@ one stopped half-way (at its last checkpoint, its summary still 'running', as af
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -33,6 +34,9 @@ from lab.rundir import LOCK, SUMMARY, RunLock
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 TRUTH = (1.82, 482.0, 2085.0, 0.348, 0.366)  # E, A, B, alpha, beta
+# An approach3 fit as `lab fit --json` writes it: TRUTH, with residuals of a few hundredths.
+FIT = {"method": "approach3", **dict(zip(("E", "A", "B", "alpha", "beta"), TRUTH, strict=True)),
+       "residuals": [0.01, -0.01, 0.0, 0.02, -0.02, 0.0, 0.01, -0.01]}
 # The run-directory rows' model and run: 4 steps, a checkpoint every 2 (8 devices, batch 8).
 SMALL = ("model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.steps=4",
          "train.batch_size=8", "train.seq_len=32", "train.log_every=1", "train.eval_every=0",
@@ -110,6 +114,23 @@ class Setting:
         (run_dir / LOCK).write_text(json.dumps(RunLock(str(run_dir)).me))
         return self.small("train.steps=8")
 
+    def env(self, name: str, value: str) -> None:
+        """Set an environment variable for this row only."""
+        self.request.getfixturevalue("monkeypatch").setenv(name, value)
+
+    def read_only(self, folder: Path) -> Path:
+        """Refuse every directory made under `folder` as a read-only file system does (tests
+        run as root here, for whom chmod refuses nothing)."""
+        mkdir = Path.mkdir
+
+        def refused(path: Path, *args, **kwargs) -> None:
+            if path.is_relative_to(folder):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            mkdir(path, *args, **kwargs)
+
+        self.request.getfixturevalue("monkeypatch").setattr(Path, "mkdir", refused)
+        return folder
+
     def metadata(self, edit) -> list[str]:
         """`lab data info` on a copy of the dataset's metadata.json changed by `edit`."""
         meta = json.loads((Path(self.data) / "metadata.json").read_text())
@@ -147,6 +168,16 @@ class Setting:
     def downstream(self, *more: str, csv: str | None = None) -> list[str]:
         return ["fit", csv or self.task_points(), "--method", "downstream", *more]
 
+    def corpus(self) -> str:
+        """A folder of one small text file, for lab data prep."""
+        return str(Path(self.write("corpus/a.txt", "some text\n")).parent)
+
+    def edited_points(self, edit) -> str:
+        """good_points' CSV with its lines (the header first) changed in place by `edit`."""
+        lines = Path(self.good_points()).read_text().splitlines()
+        edit(lines)
+        return self.write("points.csv", "\n".join(lines) + "\n")
+
     def good_points(self) -> str:
         rng = np.random.default_rng(0)
         return self.points(np.exp(rng.uniform(16, 20, 12)), np.exp(rng.uniform(18, 24, 12)))
@@ -183,6 +214,14 @@ def damaged_task_file(s: Setting) -> list[str]:
     return s.train(*words)
 
 
+def nested_aliases(s: Setting) -> list[str]:
+    """run.dir as ten levels of ten YAML aliases: 10**10 leaves from 0.6 kB of YAML, whose
+    full repr in the message once made a 2.1 GB line."""
+    items = ["&a0 [x, x, x, x, x, x, x, x, x, x]"]
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    return ["train", s.write("aliases.yaml", f"run:\n  dir: [{', '.join(items)}]\n")]
+
+
 def drop(key):
     return lambda meta: meta.pop(key)
 
@@ -192,10 +231,43 @@ CATALOGUE = [
     ("config not UTF-8",
      lambda s: ["train", s.write("latin.yaml", b"train:\n  steps: 5  # caf\xe9\n")],
      "not UTF-8"),
+    ("config: run.dir a nested alias structure", nested_aliases,
+     "run.dir must be str, got [['x', 'x', 'x', 'x', ...], [[...]"),
+    # The file system: a refusal is one line naming the path, and leaves nothing behind.
+    ("run.dir a name of 5,000 characters",
+     lambda s: s.train(f"run.dir={s.tmp / 'a' / 'b' / ('x' * 5000)}"), "File name too long"),
+    ("run.dir on a read-only file system",
+     lambda s: s.train(f"run.dir={s.read_only(s.tmp / 'ro') / 'run'}"),
+     "Read-only file system; choose a place on a writable file system"),
+    ("LAB_CACHE_DIR a file",
+     lambda s: [s.env("LAB_CACHE_DIR", s.write("cache", "a file")), *s.train()][1:],
+     "it is a file; set LAB_CACHE_DIR to a directory you can write to"),
+    ("LAB_CACHE_DIR where nothing can be made",
+     lambda s: [s.env("LAB_CACHE_DIR", s.write("f", "a file") + "/cache"), *s.train()][1:],
+     "it is a file; set LAB_CACHE_DIR"),
+    ("config a directory", lambda s: ["train", str(s.tmp)], "is a directory; give a YAML file"),
+    ("config with a Python tag",
+     lambda s: ["train", s.write("tag.yaml", "train: !!python/object:os.system {}\n")],
+     "uses the tag '!!python/object:os.system', which the lab does not read"),
+    ("config with a key twice",
+     lambda s: ["train", s.write("twice.yaml", "train:\n  steps: 5\n  steps: 7\n")],
+     "gives the key 'steps' twice in one mapping (lines 2 and 3)"),
+    ("sweep with a key twice", lambda s: s.sweep("tokens: 1e6\ntokens: 2e6"),
+     "gives the key 'tokens' twice"),
+    ("study with a Python tag",
+     lambda s: ["demo", "--study", s.write("study.yaml", "base: !!python/name:os.system ''\n"),
+                "--out", str(s.tmp / "out")], "uses the tag '!!python/name:os.system'"),
     ("config with int and str keys",
      lambda s: ["train", s.write("mixed.yaml", "train:\n  1: 2\n  foo: 3\n")],
      "unknown config key 'train.1'"),
     # lab train --lower: refused before anything is traced.
+    ("compile-only: an unknown topology",
+     lambda s: [*s.train(), "--compile-only", "--topology", "v9z:2x2"],
+     "--topology 'v9z:2x2' is not a TPU topology"),
+    ("compile-only: an empty topology", lambda s: [*s.train(), "--compile-only", "--topology", ""],
+     "--topology '' is not a TPU topology"),
+    ("sweep: an empty topology", lambda s: s.sweep("tokens: 1e6", "--topology", ""),
+     "--topology '' is not a TPU topology"),
     ("lower: unknown platform", lambda s: [*s.train(), "--lower", "rocm"],
      "use --lower cuda or --lower tpu"),
     ("lower: a topology for cuda", lambda s: [*s.train(), "--lower", "cuda", "--topology",
@@ -233,6 +305,14 @@ CATALOGUE = [
      "task exact needs 100000 examples of 8 + 4 tokens but the val split"),
     ("a damaged task file", damaged_task_file, "is damaged (its checksum does not match)"),
     # Data.
+    ("data prep --out a name of 300 characters",
+     lambda s: ["data", "prep", "--source", s.corpus(), "--out",
+                str(s.tmp / ("y" * 300) / "out")], "File name too long; choose a shorter name"),
+    ("data prep --out under a file",
+     lambda s: ["data", "prep", "--source", s.corpus(), "--out",
+                s.write("a-file", "not a folder") + "/out"], "it is a file"),
+    ("demo --out a file", lambda s: ["demo", "--quick", "--out", s.write("demo-out", "a file")],
+     "demo-out' is a file; give a directory"),
     ("tokenizer that cannot encode", word_level_tokenizer, "cannot encode this corpus"),
     ("metadata without dtype", lambda s: s.metadata(drop("dtype")), "dtype is None"),
     ("metadata with a text vocab_size",
@@ -309,6 +389,19 @@ CATALOGUE = [
     ("fit a Markdown file", lambda s: ["fit", s.write("notes.md", "# Points\n\nN is 1e6, D 2e7."
                                                       "\nthen, two, commas\n")],
      "is not a readable CSV"),
+    ("fit a CSV with N beyond float64's range",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(6, "1e400,1e9,3.0"))],
+     "N in row 5 (line 7) is inf, not a finite number"),
+    ("fit a CSV with text for a loss",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(3, "1e7,1e9,low"))],
+     "loss in row 2 (line 4) is 'low', not a finite number"),
+    ("fit a CSV with a column twice",
+     lambda s: ["fit", s.edited_points(lambda lines: lines.__setitem__(
+         slice(None), [line + ("," + line.split(",")[-1]) for line in lines]))],
+     "has the column 'loss' twice; keep one"),
+    ("fit 100,000 points with Approach 3",
+     lambda s: ["fit", s.points(*np.exp(np.random.default_rng(0).uniform(16, 24, (2, 100_000))))],
+     "100,000 points would take many minutes; fit at most 4,444 points"),
     ("fit one N", lambda s: ["fit", s.points([1e7] * 8, np.logspace(8, 10, 8))],
      "at least 2 distinct N"),
     ("fit one D", lambda s: ["fit", s.points(np.logspace(6, 8, 8), [1e9] * 8)],
@@ -369,6 +462,17 @@ CATALOGUE = [
      lambda s: ["fit", s.good_points(), "--chance", "0.25"],
      "belong(s) to --method downstream"),
     # Plans.
+    ("plan --out a file",
+     lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget", "1e14", "--out",
+                s.write("plan-file", "a file"), "--base", TINY],
+     "plan-file': it is a file; a file is in the way"),
+    ("plan --out on a read-only file system",
+     lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget", "1e14", "--out",
+                str(s.read_only(s.tmp / "ro") / "plan"), "--base", TINY],
+     "Read-only file system"),
+    ("plan --budget 1e40", lambda s: ["plan", s.write("fit.json", json.dumps(FIT)), "--budget",
+                                      "1e40", "--out", str(s.tmp / "plan"), "--base", TINY],
+     "--budget 1e+40 needs 5.33e+16 steps"),
     ("plan from a degenerate loss law (A = B = alpha = beta = 0)",
      lambda s: ["plan", s.write("flat.json", json.dumps(
          {"method": "approach3", "E": 2, "A": 0, "B": 0, "alpha": 0, "beta": 0,
@@ -395,6 +499,7 @@ def test_bad_input_exits_2_with_one_line(name, argv_of, fragment, tmp_path, smal
     assert len(lines) == 1, text
     assert "Traceback" not in text
     assert fragment in lines[0], lines[0]
+    assert len(lines[0]) < 400, f"{name}: a line of {len(lines[0])} characters"
     after = snapshot(tmp_path)
     changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert not changed, f"{name} changed, added or removed {changed}"
@@ -421,3 +526,34 @@ def test_the_window_length_suggested_fits_one_batch(small_data, seq_len, batch_s
 
 def test_every_catalogue_row_is_distinct():
     assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_last_complete_one(tmp_path, small_data,
+                                                                 small_runs, monkeypatch):
+    """The disk fills while the half-finished run writes its step-6 checkpoint (orbax's save
+    refused with ENOSPC): one line, exit 2, naming step 4 as the last complete checkpoint;
+    with space again, the same command resumes from step 4 and finishes."""
+    import orbax.checkpoint as ocp
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_runs["half"], run_dir)
+    argv = ["train", TINY, f"run.dir={run_dir}", f"data.path={small_data}", *SMALL,
+            "train.steps=8"]
+    save = ocp.CheckpointManager.save
+
+    def full_at_6(manager, step, *args, **kwargs):
+        if step == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "checkpoints"))
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_6)
+    code, err, out = quiet_main(argv)
+    assert code == 2, err + out[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "cannot write the checkpoint of step 6" in lines[0]
+    assert "No space left on device; the last complete checkpoint is step 4" in lines[0]
+    monkeypatch.undo()
+    code, err, out = quiet_main(argv)
+    assert code == 0 and "resuming at step 4" in out, err + out[-2000:]
+    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "finished"

@@ -154,24 +154,70 @@ def test_tokens_per_param_plan():
     assert planned_pairs(cfg, 20_480) == [(10, 3), (20, 3)]
 
 
+# A known schedule law (Tissue et al. 2024): L(n) = L0 + A S1^-alpha - C S2, lam on the fit's grid.
+KNOWN_LAW = {"L0": 1.5, "A": 0.2, "alpha": 0.5, "C": 40.0, "lam": 0.9}
+
+
+def known_law_loss(lr_T, n: int) -> float:
+    """The known law's loss after n updates, its annealing area in closed form,
+    S2(n) = sum_k delta_k (1 - lam^(n-k)) / (1 - lam), not by the fit's recursion."""
+    import math
+
+    k = KNOWN_LAW
+    s1 = math.fsum(lr_T[:n])
+    s2 = math.fsum(max(lr_T[i - 1] - lr_T[i], 0.0) * (1 - k["lam"] ** (n - i)) / (1 - k["lam"])
+                   for i in range(1, n))
+    return k["L0"] + k["A"] * s1 ** -k["alpha"] - k["C"] * s2
+
+
+def write_known_curve(run_dir: Path) -> None:
+    """Replace a run's logged losses (step k: after k - 1 updates) and its final eval loss
+    (after all of them) by the known law's."""
+    from lab.branch_predict import lr_sequence
+
+    lr_T = [float(x) for x in lr_sequence(load_config(run_dir / "config.yaml"))]
+    rows = [{"step": s, "loss": known_law_loss(lr_T, s - 1)}
+            for s in range(3, len(lr_T) + 1)]  # S1 > 0 from 2 updates on (warmup from 0)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["final_eval_loss"] = known_law_loss(lr_T, len(lr_T))
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
 def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
-    from lab.branch_predict import predict_branches
-
-    run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4"])  # one finished decay
-    before = sorted(p.name for p in (stable / "branches").iterdir())
-    out = run_lab(["branch", str(stable), "--at", "4,6", "--decay-steps", "3", "--predict"])
-    assert sorted(p.name for p in (stable / "branches").iterdir()) == before  # nothing made
-    fitted_on = out.stdout.split("fitted on ", 1)[1].split(":", 1)[0].split(", ")
-    assert fitted_on[0] == "run" and "step8-decay4-1-sqrt" in fitted_on
-    law, rows = predict_branches(str(stable), [(4, 3), (6, 3)], "1-sqrt", 0.0)
-    for r in rows:  # the printed rows are the analysis function's numbers
-        line = (f"{r['branch_step']:>11} {3:>6} {'1-sqrt':>7} {r['steps']:>6} "
-                f"{r['predicted']:>19.4f} {r['cosine_predicted']:>18.4f}")
-        assert line in out.stdout, out.stdout
-
-    # A stable run alone cannot fix the annealing term: refused, one line, nothing touched.
+    """`lab branch --predict` on curves drawn from a known law recovers the law and prints
+    each planned branch's end loss as the known law gives it, training nothing."""
     import shutil
 
+    from lab.branch_plan import child_config
+    from lab.branch_predict import lr_sequence
+
+    run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4"])  # one finished decay
+    known = tmp_path / "known"
+    shutil.copytree(stable, known)
+    finished = [p.parent for p in known.rglob("summary.json")
+                if json.loads(p.read_text()).get("status") == "finished"]
+    assert known in finished and known / "branches" / "step8-decay4-1-sqrt" in finished
+    for run_dir in finished:
+        write_known_curve(run_dir)
+    before = sorted(p.name for p in (known / "branches").iterdir())
+    out = run_lab(["branch", str(known), "--at", "4,6", "--decay-steps", "3", "--predict"])
+    assert sorted(p.name for p in (known / "branches").iterdir()) == before  # nothing made
+    fitted_on = out.stdout.split("fitted on ", 1)[1].split(":", 1)[0].split(", ")
+    assert fitted_on[0] == "known" and "step8-decay4-1-sqrt" in fitted_on
+    law = out.stdout.split("L = ", 1)[1].split()
+    assert float(law[0]) == pytest.approx(KNOWN_LAW["L0"], abs=2e-4)  # L0, as printed
+    assert f"(lam {KNOWN_LAW['lam']:g};" in out.stdout
+    parent = load_config(known / "config.yaml")
+    for step in (4, 6):
+        lr_T = [float(x) for x in lr_sequence(child_config(parent, str(known), step, 3,
+                                                           "1-sqrt", 0.0))]
+        row = next(line.split() for line in out.stdout.splitlines()
+                   if line.split()[:3] == [str(step), "3", "1-sqrt"])
+        assert int(row[3]) == len(lr_T)
+        assert float(row[4]) == pytest.approx(known_law_loss(lr_T, len(lr_T)), abs=2e-4), row
+
+    # A stable run alone cannot fix the annealing term: refused, one line, nothing touched.
     bare = tmp_path / "bare"
     shutil.copytree(stable, bare, ignore=shutil.ignore_patterns("branches"))
     result = run_lab(["branch", str(bare), "--at", "4", "--decay-steps", "3", "--predict"],

@@ -64,11 +64,42 @@ def test_a_lock_from_another_host_is_left_alone(tmp_path):
     assert json.loads((run_dir / LOCK).read_text()) == other
 
 
-def test_a_refused_lock_leaves_no_directory(tmp_path):
+def test_a_lock_on_a_new_directory_removes_it_with_the_lock(tmp_path):
     lock = RunLock(str(tmp_path / "new"))
     lock.acquire()
+    assert (tmp_path / "new" / LOCK).is_file()
     lock.release()
     assert not (tmp_path / "new").exists()  # created for the lock, removed with it
+
+
+def test_a_refused_lock_leaves_no_directory_of_its_own(tmp_path, monkeypatch):
+    """Two starts race on a new run directory: this one makes the directory, the other takes
+    the lock first (a live process: here, this one). This start is refused, naming the holder,
+    and leaves the directory as the holder has it: the holder's lock alone, untouched."""
+    import lab.rundir
+
+    run_dir = tmp_path / "new"
+    holder = RunLock(str(run_dir))
+    makedirs = lab.rundir.paths.makedirs
+
+    def made_then_taken(path):  # the other start wins the race for the lock
+        makedirs(path)
+        holder.acquire()
+
+    monkeypatch.setattr(lab.rundir.paths, "makedirs", made_then_taken)
+    late = RunLock(str(run_dir))
+    with pytest.raises(UserError, match=f"in use by process {os.getpid()} on host "
+                                        f"{socket.gethostname()}"):
+        late.acquire()
+    monkeypatch.undo()
+    assert [p.name for p in run_dir.iterdir()] == [LOCK]
+    assert json.loads((run_dir / LOCK).read_text()) == holder.me
+    holder.release()  # the holder did not make the directory: it leaves it, empty
+    assert list(run_dir.iterdir()) == []
+    run_dir.rmdir()
+    with RunLock(str(run_dir)):  # and the directory is free again
+        assert (run_dir / LOCK).is_file()
+    assert not run_dir.exists()
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:

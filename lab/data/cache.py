@@ -8,7 +8,7 @@ import sysconfig
 
 from lab.data.format import FORMAT_VERSION, METADATA_FILE, open_dataset
 from lab.data.prep import DEFAULT_VAL_FRACTION, prepare
-from lab.paths import cache_dir
+from lab.paths import cache_dir, makedirs
 
 
 def default_data_path() -> str:
@@ -24,6 +24,8 @@ def default_data_path() -> str:
     if (path / METADATA_FILE).is_file():
         open_dataset(str(path))  # raises a UserError naming the problem if it is damaged
         return str(path)
+    makedirs(path.parent, fix="set LAB_CACHE_DIR to a directory you can write to, or give "
+                              "data.path")
     print(f"preparing the default corpus (Python stdlib, byte tokens) in {path} once",
           file=sys.stderr)
     prepare("stdlib", str(path))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 FORMAT = "scaling-lab-tokens"
 FORMAT_VERSION = 1
@@ -115,12 +115,12 @@ def _check_meta(meta: dict, meta_path: Path) -> None:
 
     vocab = meta.get("vocab_size")
     if not _is_count(vocab) or vocab < 1:
-        raise bad(f"vocab_size is {vocab!r}, not a positive integer")
+        raise bad(f"vocab_size is {shown(vocab)}, not a positive integer")
     eod = meta.get("eod_id")
     if not _is_count(eod) or eod >= vocab:
-        raise bad(f"eod_id is {eod!r}, not a token id below vocab_size {vocab}")
+        raise bad(f"eod_id is {shown(eod)}, not a token id below vocab_size {vocab}")
     if meta.get("dtype") not in ("uint16", "uint32"):
-        raise bad(f"dtype is {meta.get('dtype')!r}, not uint16 or uint32")
+        raise bad(f"dtype is {shown(meta.get('dtype'))}, not uint16 or uint32")
     if np.dtype(meta["dtype"]).itemsize < token_dtype(vocab).itemsize:
         raise bad(f"dtype {meta['dtype']} cannot hold {vocab} token ids")
     tokenizer = meta.get("tokenizer")
@@ -133,7 +133,7 @@ def _check_meta(meta: dict, meta_path: Path) -> None:
             raise bad(f"splits.{split} is missing")
         for key in ("n_tokens", "n_documents"):
             if not _is_count(info.get(key)):
-                raise bad(f"splits.{split}.{key} is {info.get(key)!r}, not a count")
+                raise bad(f"splits.{split}.{key} is {shown(info.get(key))}, not a count")
         if not isinstance(info.get("documents"), str):
             raise bad(f"splits.{split}.documents is not a file name")
         shards = info.get("shards")

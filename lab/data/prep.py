@@ -22,7 +22,8 @@ import numpy as np
 from lab.data.format import FORMAT, FORMAT_VERSION, METADATA_FILE, SPLITS, token_dtype
 from lab.data.sources import Source, open_source
 from lab.data.tokenizers import make_tokenizer, spec_key
-from lab.errors import UserError
+from lab.errors import UserError, shown
+from lab.paths import makedirs
 
 DEFAULT_VAL_FRACTION = 0.01
 DEFAULT_SHARD_TOKENS = 2**28  # 512 MiB of uint16 per shard file
@@ -70,13 +71,14 @@ def prepare(
 
     tok = make_tokenizer(tokenizer, train_texts)
     dtype = token_dtype(tok.vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    makedirs(out.parent)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
     try:
         tmp.mkdir()
         splits = _write_splits(src, tok, in_val, tmp, dtype, shard_tokens)
         if splits["train"]["n_tokens"] == 0:
-            raise UserError(f"no document of {source!r} is left for training; lower --val-fraction")
+            raise UserError(f"no document of {shown(source)} is left for training; "
+                            "lower --val-fraction")
         tok.save(tmp)
         seconds = time.perf_counter() - started
         meta = {

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 STDLIB = "stdlib"
 # Third-party code and bytecode caches vary between machines; the stdlib corpus leaves them out.
@@ -62,7 +62,8 @@ def open_source(source: str, include: list[str] | None = None, text_field: str =
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(
-            f"data source {source!r} does not exist; give 'stdlib', a directory of text files, "
+            f"data source {shown(source)} does not exist; give 'stdlib', a directory of text "
+            "files, "
             "a .jsonl or a .parquet file"
         )
     if path.is_dir():
@@ -70,14 +71,15 @@ def open_source(source: str, include: list[str] | None = None, text_field: str =
         files = _list_files(path, patterns, source)
         return Source("dir", str(path.resolve()), patterns, None, files)
     if include:
-        raise UserError(f"--include applies to a directory source, not to the file {source!r}")
+        raise UserError(f"--include applies to a directory source, not to the file {shown(source)}")
     suffixes = path.suffixes
     if suffixes[-1:] == [".jsonl"] or suffixes[-1:] == [".ndjson"]:
         return Source("jsonl", str(path.resolve()), (), text_field)
     if suffixes[-1:] == [".parquet"]:
         return Source("parquet", str(path.resolve()), (), text_field)
     raise UserError(
-        f"cannot read data source {source!r}: expected a directory, a .jsonl or a .parquet file"
+        f"cannot read data source {shown(source)}: expected a directory, a .jsonl or a "
+        ".parquet file"
     )
 
 
@@ -95,7 +97,7 @@ def _list_files(root: Path, patterns: tuple[str, ...], source: str) -> tuple[str
                 found.append(rel)
     if not found:
         raise UserError(
-            f"data source {source!r} has no files matching {list(patterns)}; "
+            f"data source {shown(source)} has no files matching {list(patterns)}; "
             "check the path or pass --include with a matching pattern"
         )
     return tuple(sorted(found))
@@ -118,7 +120,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix it") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise UserError(
-                    f"{path}:{lineno}: no field {text_field!r}; pass --field with the name of "
+                    f"{path}:{lineno}: no field {shown(text_field)}; pass --field with the name of "
                     "the text field"
                 )
             yield f"line {lineno}", _as_text(record[text_field], f"{path}:{lineno}", text_field)
@@ -134,7 +136,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
     columns = pf.schema_arrow.names
     if text_field not in columns:
         raise UserError(
-            f"{path} has no column {text_field!r} (columns: {columns}); pass --field with the "
+            f"{path} has no column {shown(text_field)} (columns: {columns}); pass --field with the "
             "name of the text column"
         )
     row = 0
@@ -147,7 +149,7 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
 def _as_text(value: object, where: str, text_field: str) -> str:
     if not isinstance(value, str):
         raise UserError(
-            f"{where}: field {text_field!r} is {type(value).__name__}, not a string; "
+            f"{where}: field {shown(text_field)} is {type(value).__name__}, not a string; "
             "fix the record or choose another --field"
         )
     return value

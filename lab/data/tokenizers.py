@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.errors import UserError
+from lab.errors import UserError, shown
 
 EOD_TOKEN = "<|endoftext|>"
 # Names other tokenizers give their end-of-document token; the first one found is used.
@@ -61,7 +61,8 @@ class HFTokenizer:
         try:
             encs = self._tok.encode_batch(texts, add_special_tokens=False)
         except Exception as e:  # the Rust side raises a generic Exception, e.g. no [UNK] token
-            raise UserError(f"tokenizer {self._spec!r} cannot encode this corpus ({e}); give a "
+            raise UserError(f"tokenizer {shown(self._spec)} cannot encode this corpus ({e}); "
+                            "give a "
                             "tokenizer that encodes any text (byte-level BPE, or one with an "
                             "unknown token)") from None
         return [np.asarray(e.ids, dtype=np.int64) for e in encs]
@@ -94,7 +95,7 @@ def make_tokenizer(spec: str, train_texts: Callable[[], Iterator[str]]) -> Token
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise UserError(
-            f"tokenizer {spec!r} is neither 'byte', 'train:BPE:SIZE' nor an existing "
+            f"tokenizer {shown(spec)} is neither 'byte', 'train:BPE:SIZE' nor an existing "
             "tokenizer.json file; fix --tokenizer"
         )
     from tokenizers import Tokenizer as HFTok
@@ -138,12 +139,13 @@ def _train(spec: str, train_texts: Callable[[], Iterator[str]]) -> HFTokenizer:
 
     parts = spec.split(":")
     if len(parts) != 3 or parts[1].upper() != "BPE" or not parts[2].isdigit():
-        raise UserError(f"cannot parse tokenizer {spec!r}; write train:BPE:SIZE, e.g. "
+        raise UserError(f"cannot parse tokenizer {shown(spec)}; write train:BPE:SIZE, e.g. "
                         "train:BPE:4096")
     size = int(parts[2])
     n_base = len(pre_tokenizers.ByteLevel.alphabet()) + 1  # every byte, plus the EOD token
     if not n_base < size <= 2**32:
-        raise UserError(f"tokenizer {spec!r}: SIZE must be above {n_base}; e.g. train:BPE:4096")
+        raise UserError(f"tokenizer {shown(spec)}: SIZE must be above {n_base}; "
+                        "e.g. train:BPE:4096")
     # Byte-level BPE, as GPT-2: any text encodes, and decoding gives the text back.
     tok = HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

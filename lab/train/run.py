@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -16,7 +17,7 @@ from lab.accounting import flops_per_token, param_counts
 from lab.branch_plan import check_plan, planned_pairs, planned_steps
 from lab.checkpoint import Checkpointer, abstract_with_shardings
 from lab.config import Config, dump_config, load_config, to_dict, validate
-from lab.errors import UserError
+from lab.errors import UserError, shown
 from lab.memory import preflight
 from lab.metrics import MetricsLogger, read_metrics
 from lab.mfu import total_peak_flops
@@ -58,7 +59,8 @@ def check_resumable(saved: Config, current: Config, allowed: tuple[str, ...] = R
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key) and not key.startswith(allowed):
             raise UserError(
-                f"{key} is {new.get(key)!r} but {what} was started with {old.get(key)!r}; "
+                f"{key} is {shown(new.get(key))} but {what} was started with "
+                f"{shown(old.get(key))}; "
                 "use the same value, or another run.dir")
 
 
@@ -267,7 +269,8 @@ def _train_logged(setup: Setup, summary: Summary, progress: Progress | None,
                           tasks=setup.tasks)
     except BaseException:
         if is_main:
-            rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
+            with contextlib.suppress(OSError):  # a full disk may refuse this too
+                rundir.write_summary(run_dir, dataclasses.replace(summary, status=Status.FAILED))
         raise
     finally:
         if logger is not None:
