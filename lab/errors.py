@@ -13,7 +13,7 @@ import reprlib
 from typing import Any
 
 # A quoted value longer than this is cut, with its type and length beside it.
-SHOWN_CHARS = 80
+SHOWN_CHARS = 160  # room for a real path (a temporary directory is 80-odd characters)
 
 # repr bounded in time and size whatever the value: a YAML alias structure nested ten deep
 # (a billion leaves, a few kilobytes of YAML) has a full repr of gigabytes.

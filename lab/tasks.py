@@ -192,7 +192,7 @@ def task_path(dataset: TokenDataset, spec: TaskSpec) -> Path:
 
 def read_task_file(path: Path, spec: TaskSpec) -> TaskSet:
     """A task set written by `load_or_build`, its count and checksum checked."""
-    fix = f"delete {path} and {path.with_suffix('.json')}, and the next run rebuilds them"
+    fix = "delete it and the .json beside it, and the next run rebuilds them"
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         with np.load(path, allow_pickle=False) as z:

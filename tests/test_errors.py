@@ -20,7 +20,7 @@ def test_a_long_string_is_cut_with_its_type_and_length():
     text = "a" * 5000
     quoted = shown(text)
     assert quoted == repr("a" * SHOWN_CHARS) + "… (str of 5000 characters)"
-    assert shown(b"b" * 100).endswith("… (bytes of 100 bytes)")
+    assert shown(b"b" * 500).endswith("… (bytes of 500 bytes)")
     assert shown("a" * SHOWN_CHARS) == repr("a" * SHOWN_CHARS)  # the limit itself is kept whole
 
 
