@@ -6,7 +6,7 @@
     law.compute_optimal([1e21, 1e22])
 
 `fit(method, points, **options)` runs any registered method (`METHODS`: approach3, isoflop,
-envelope, hparams, critical-batch); `fit_downstream` is the two-step downstream law (`lab fit
+envelope, hparams, critical-batch, moe); `fit_downstream` is the two-step downstream law (`lab fit
 --method downstream`); `analyse(method, load_inputs(paths), ...)` is one whole
 `lab fit`, whose command-line face (analysis.cli.main) only parses and prints.
 """
@@ -27,6 +27,7 @@ from analysis.hparams import HparamLaws, fit_hparam_laws
 from analysis.inputs import Inputs, load_inputs
 from analysis.isoflop import IsoflopFit, fit_isoflop
 from analysis.methods import METHODS, FitResult, Method, analyse, fit
+from analysis.moe_law import MoEFit, dense_equivalent, fit_moe, moe_law
 from analysis.output import format_table, jsonable
 from analysis.points import check_points, drop_highest_loss, group_budgets, read_points_csv
 from analysis.powerlaw import PowerLaw, fit_power_law
@@ -42,6 +43,7 @@ __all__ = [
     "Inputs",
     "IsoflopFit",
     "Method",
+    "MoEFit",
     "PowerLaw",
     "analyse",
     "bootstrap_approach3",
@@ -50,6 +52,7 @@ __all__ = [
     "collect_curves",
     "collect_runs",
     "compute_optimal",
+    "dense_equivalent",
     "drop_highest_loss",
     "fit",
     "fit_approach3",
@@ -57,6 +60,7 @@ __all__ = [
     "fit_envelope",
     "fit_hparam_laws",
     "fit_isoflop",
+    "fit_moe",
     "fit_power_law",
     "format_table",
     "group_budgets",
@@ -64,6 +68,7 @@ __all__ = [
     "jsonable",
     "law",
     "load_inputs",
+    "moe_law",
     "optimal_allocation",
     "read_curve",
     "read_points_csv",

@@ -166,8 +166,11 @@ class Fold:
                 "baselines": self.baselines, "interval": self.interval}
 
 
-def _fold(points: pd.DataFrame, key: np.ndarray, cut: float, fitter: Callable[..., Fitted],
-          starts, level: float, earlier: list[Fold]) -> Fold:
+def score_fold(points: pd.DataFrame, key: np.ndarray, cut: float,
+               fitter: Callable[..., Fitted], starts, level: float,
+               earlier: list[Fold]) -> Fold:
+    """Fit on the points whose key is at most `cut`, predict the others, score the law and the
+    baselines; the interval is calibrated by the `earlier` folds' scores at or below the cut."""
     fitted, query = points[key <= cut], points[key > cut]
     if len(fitted) < MIN_FIT_POINTS:
         raise UserError(f"{len(fitted)} points at or below the cut, {MIN_FIT_POINTS} needed")
@@ -198,13 +201,14 @@ def _fold(points: pd.DataFrame, key: np.ndarray, cut: float, fitter: Callable[..
 class Backtest:
     method: str
     level: float
-    mode: str  # how the cuts were chosen: "budgets" or "quantiles"
+    mode: str  # how the cuts were chosen: "budgets", "quantiles" or "sizes" (distinct N)
     folds: list[Fold]
     skipped: list[dict]  # folds that could not be fitted: cut and reason
     # The naive baselines scored beside the law: name -> what it predicts, in words.
     baselines: dict[str, str] = field(default_factory=lambda: dict(BASELINE_WORDS))
     predicts: str = "unseen larger runs"  # what the folds predict, for the verdict
     error_kind: str = "relative (predicted / measured - 1)"  # how errors() measured them
+    axis: str = "C"  # what the cuts cut: compute, or N for a law at one token count
 
     @property
     def scores(self) -> np.ndarray:
@@ -274,15 +278,15 @@ def backtest(points: pd.DataFrame, method: str = "approach3", *, folds: int | No
     points = points.sort_values("C").reset_index(drop=True)
     mode, key, cuts = fold_keys(points, folds, rel_tol, by_budget)
     starts = coarse_grid() if starts is None and method == "approach3" else starts
-    done, skipped = run_folds(cuts, lambda cut, earlier: _fold(
+    done, skipped = run_folds(cuts, lambda cut, earlier: score_fold(
         points, key, cut, PREDICTORS[method], starts, level, earlier))
     return Backtest(method=method, level=level, mode=mode, folds=done, skipped=skipped)
 
 
 def run_folds(cuts: list[float], fold: Callable[[float, list[Fold]], Fold],
-              what: str = "the backtest") -> tuple[list[Fold], list[dict]]:
+              what: str = "the backtest", axis: str = "C") -> tuple[list[Fold], list[dict]]:
     """(folds, skipped): each cut's fold(cut, the folds before it), a cut whose fold cannot
-    be fitted listed with its reason; refused when none can."""
+    be fitted listed with its reason; refused when none can. `axis` names what the cuts cut."""
     done, skipped = [], []
     for cut in cuts:
         try:
@@ -290,17 +294,20 @@ def run_folds(cuts: list[float], fold: Callable[[float, list[Fold]], Fold],
         except UserError as err:
             skipped.append({"cut": float(cut), "reason": str(err)})
     if not done:
-        why = "; ".join(f"C <= {s['cut']:.3g}: {s['reason']}" for s in skipped) or "no cut"
+        why = "; ".join(f"{axis} <= {s['cut']:.3g}: {s['reason']}" for s in skipped) or "no cut"
+        smaller = {"C": "budgets", "N": "sizes"}[axis]
         raise UserError(f"no fold of {what} could be fitted ({why}); add runs at the smaller "
-                        "budgets")
+                        f"{smaller}")
     return done, skipped
 
 
 def describe_backtest(bt: Backtest) -> str:
     """The backtest as text: one row per fold, errors in percent, the verdict last."""
-    head = (f"Backtest of {bt.method} by compute ({len(bt.folds)} folds, cuts at the "
-            f"{'budgets' if bt.mode == 'budgets' else 'quantiles of C'}): fit on C <= cut, "
-            f"predict C > cut; errors {bt.error_kind}, {bt.level:.0%} interval coverage")
+    by = {"C": "compute", "N": "model size"}[bt.axis]
+    cuts = {"budgets": "budgets", "sizes": "sizes", "quantiles": "quantiles of C"}[bt.mode]
+    head = (f"Backtest of {bt.method} by {by} ({len(bt.folds)} folds, cuts at the {cuts}): fit "
+            f"on {bt.axis} <= cut, predict {bt.axis} > cut; errors {bt.error_kind}, "
+            f"{bt.level:.0%} interval coverage")
     if all(f.law["coverage"] is None for f in bt.folds):
         head += " (none: the law gives no interval)"
     rows = []
@@ -314,10 +321,10 @@ def describe_backtest(bt: Backtest) -> str:
     s = bt.summary()["mean_abs_error"]
     rows.append(["mean", "", "", "", _pct(s["law"]), "", "", "",
                  *(_pct(s[b]) for b in bt.baselines)])
-    table = format_table(["cut C", "fit", "predict", "x C/N/D", "law mean", "worst", "bias",
-                          "coverage", *(f"{b} mean" for b in bt.baselines)], rows)
+    table = format_table([f"cut {bt.axis}", "fit", "predict", "x C/N/D", "law mean", "worst",
+                          "bias", "coverage", *(f"{b} mean" for b in bt.baselines)], rows)
     out = [head, table]
-    out += [f"fold at C <= {s_['cut']:.3g} skipped: {s_['reason']}" for s_ in bt.skipped]
+    out += [f"fold at {bt.axis} <= {s_['cut']:.3g} skipped: {s_['reason']}" for s_ in bt.skipped]
     verdict = bt.verdict()
     out.append(f"WARNING: {verdict}" if verdict else
                f"the law beats every baseline (mean error {s['law']:.2%}, best baseline "

@@ -1,14 +1,16 @@
 """`lab fit`: fit scaling laws to run directories or CSV files and print what they imply.
 
-    lab fit INPUT... [--method approach3|isoflop|envelope|hparams|critical-batch]
+    lab fit INPUT... [--method approach3|isoflop|envelope|hparams|critical-batch|moe]
                      [--bootstrap K] [--json OUT] [--plots DIR] [--backtest [--folds K]]
+                     [--params non_embedding|total|active]
     lab fit STABLE_RUN --method schedule|multipower --backtest [--folds K] [--json OUT]
     lab fit INPUT... --method downstream --chance P [--task NAME] [--predict N:D,...]
 
 An INPUT is a run directory (searched recursively for summary.json) or a CSV with columns N,
-loss and either D or C (then D = C / 6N); Epoch AI's `Model Size`, `Training FLOP`, `loss`
-layout is read as well. `lab.cli` dispatches here and turns a UserError into exit status 2.
-Runs that `lab plan` planned carry a predicted loss; every fit prints it against the outcome.
+loss and either D or C (then D = C / 6N; `--method moe` reads N, E and loss); Epoch AI's
+`Model Size`, `Training FLOP`, `loss` layout is read as well. `lab.cli` dispatches here and
+turns a UserError into exit status 2. Runs that `lab plan` planned carry a predicted loss;
+every fit prints it against the outcome.
 The schedule laws (`--method schedule`, Tissue et al.; `multipower`, Luo et al.) are backtested
 along a stable run's curve and its branches' (analysis.schedule_backtest); `lab branch
 --predict` is where they predict new branches. The downstream law (Bhagia et al.: task loss
@@ -25,12 +27,14 @@ import sys
 from analysis import downstream_cli
 from analysis.inputs import load_inputs
 from analysis.methods import METHODS, FitResult, analyse
+from analysis.moe_law import TRANSFORMS
 from analysis.output import jsonable, warning_banner
 from analysis.schedule_backtest import SCHEDULE_LAWS, backtest_schedule
 from lab.errors import ArgumentParser, UserError
+from lab.rundir import PARAM_KEYS
 
 # The options of the methods that `lab fit` spells differently; the rest share their names.
-FLAGS = {"rel_tol": "budget_tolerance", "n_bins": "bins"}
+FLAGS = {"rel_tol": "budget_tolerance", "n_bins": "bins", "transform": "moe_transform"}
 
 
 def _budgets(text: str) -> list[float]:
@@ -41,6 +45,16 @@ def _budgets(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"budgets must be positive FLOP counts: {text}")
     return values
+
+
+def _pairs(text: str) -> list[tuple[float, float]]:
+    try:
+        pairs = [tuple(float(v) for v in item.split(":")) for item in text.split(",") if item]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or not (p[0] > 0 and p[1] >= 1) for p in pairs):
+        raise argparse.ArgumentTypeError(f"not a list of N:E pairs with N > 0 and E >= 1: {text}")
+    return pairs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="approach3: parametric L(N, D) (default); isoflop: approach 2; "
                         "envelope: approach 1 on training curves; hparams: LR and batch laws "
                         "in C (DeepSeek) and in N, D (StepFun); critical-batch: B_crit(L) from "
-                        "a batch sweep's curves; schedule (Tissue et al.), multipower (Luo et "
-                        "al.): the schedule laws, with --backtest only, on one stable run and "
-                        "its branches; downstream: task loss L(N, D), then accuracy as a "
-                        "sigmoid of it (Bhagia et al. 2024), from columns N, D, task_loss, "
-                        "accuracy or runs' task results")
+                        "a batch sweep's curves; moe: Clark et al.'s unified law in active N and "
+                        "experts E, and what an MoE is worth in dense compute; schedule (Tissue "
+                        "et al.), multipower (Luo et al.): the schedule laws, with --backtest "
+                        "only, on one stable run and its branches; downstream: task loss L(N, "
+                        "D), then accuracy as a sigmoid of it (Bhagia et al. 2024), from columns "
+                        "N, D, task_loss, accuracy or runs' task results")
     p.add_argument("--bootstrap", type=int, default=0, metavar="K",
                    help="resample the points K times for confidence intervals (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
@@ -89,9 +104,11 @@ def _add_point_options(p: argparse.ArgumentParser) -> None:
                    help="leave out the K highest-loss points first (Besiroglu et al. drop 5)")
     p.add_argument("--include-unfinished", action="store_true",
                    help="keep runs whose status is not finished")
-    p.add_argument("--params", choices=("non_embedding", "total"), default="non_embedding",
+    p.add_argument("--params", choices=tuple(PARAM_KEYS),
                    help="which parameter count of a run is N (default: non_embedding, as sweeps "
-                        "and the demo count it; total as Chinchilla). A CSV's N is taken as it is")
+                        "and the demo count it; active for --method moe, what one token uses; "
+                        "total, every expert counted, as Chinchilla counts). A CSV's N is taken "
+                        "as it is")
     p.add_argument("--include-stable-parents", action="store_true",
                    help="keep an undecayed stable run whose branches are among the inputs (left "
                         "out by default: its loss is not that of a finished schedule)")
@@ -105,6 +122,15 @@ def _add_method_settings(p: argparse.ArgumentParser) -> None:
                    help="log-uniform compute bins of the envelope (default 30)")
     p.add_argument("--curve-loss", default="loss",
                    help="metrics.jsonl field the envelope reads (default loss)")
+    p.add_argument("--moe-transform", choices=TRANSFORMS, default="auto",
+                   help="--method moe: Clark et al.'s saturating transform of E, with E_start "
+                        "and E_max fitted (saturating), E_start alone (start), or plain E; auto "
+                        "(default) fits what the distinct expert counts can test: both with 5 "
+                        "or more, E_start with 4, plain E with 2 or 3")
+    p.add_argument("--at", type=_pairs, metavar="N:E,...",
+                   help="--method moe: predict the loss and the dense equivalent at these "
+                        "(active N, experts E), e.g. 1e9:8,1e9:64 (default: the smallest and "
+                        "largest N of the data at each expert count)")
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -122,22 +148,27 @@ def run_fit(args: argparse.Namespace) -> FitResult:
         raise UserError(f"--level must be between 0 and 1, got {args.level}")
     check_backtest_args(args)
     downstream_cli.check_args(args)
+    if args.method != "moe" and (args.at is not None or args.moe_transform != "auto"):
+        raise UserError("--at and --moe-transform belong to --method moe; add it or drop them")
     check_outputs(args.json, args.plots)  # before the work, not after it
     if args.method in SCHEDULE_LAWS:
         return schedule_backtest(args)
     if args.method == downstream_cli.DOWNSTREAM:
         return downstream_cli.fit_downstream_command(args)
+    method = METHODS[args.method]
+    params = args.params = args.params or method.params  # hparams takes it as an option too
     inputs = load_inputs(
         args.inputs,
         include_unfinished=args.include_unfinished,
-        params=args.params,
+        params=params,
         include_stable_parents=args.include_stable_parents,
+        tokens=method.tokens,
     )
     backtest = ({"folds": args.folds, "level": args.level, "rel_tol": args.budget_tolerance}
                 if args.backtest else None)
     return analyse(args.method, inputs, options=method_options(args), budgets=args.budgets,
                    drop_highest=args.drop_highest_loss, curve_loss=args.curve_loss,
-                   params=args.params, plots_dir=args.plots, sources=list(args.inputs),
+                   params=params, plots_dir=args.plots, sources=list(args.inputs),
                    backtest=backtest)
 
 
@@ -152,7 +183,8 @@ def check_backtest_args(args: argparse.Namespace) -> None:
     if args.method in SCHEDULE_LAWS and not args.backtest:
         raise UserError(f"--method {args.method} only backtests here; add --backtest, or fit "
                         "and predict branches with `lab branch RUN --predict`")
-    predicting = (*PREDICTORS, *SCHEDULE_LAWS, downstream_cli.DOWNSTREAM)
+    own = [name for name, m in METHODS.items() if m.backtest is not None]
+    predicting = (*PREDICTORS, *own, *SCHEDULE_LAWS, downstream_cli.DOWNSTREAM)
     if args.backtest and args.method not in predicting:
         raise UserError(f"--backtest needs a method that predicts a loss or an accuracy "
                         f"({', '.join(predicting)}); --method {args.method} does not")

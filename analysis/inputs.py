@@ -86,8 +86,10 @@ def load_inputs(
     include_unfinished: bool = False,
     params: str = "non_embedding",
     include_stable_parents: bool = False,
+    tokens: bool = True,
 ) -> Inputs:
-    """Read run directories and CSV files into one points table."""
+    """Read run directories and CSV files into one points table. `params` names the count that
+    is a run's N (lab.rundir.PARAM_KEYS); without `tokens`, a CSV needs no D or C."""
     run_frames, csv_frames, skipped = [], [], []
     for item in inputs:
         if not paths.exists(item):
@@ -95,13 +97,12 @@ def load_inputs(
         if paths.is_dir(item):
             runs = collect_runs(item, include_unfinished=include_unfinished)
             skipped += runs.attrs.get("skipped", [])
-            if params == "non_embedding":
-                runs["N"] = runs["non_embedding_params"]
+            runs["N"] = runs[f"{params}_params"]
             # A run without flops in its summary: C = 6 N D.
             runs["C"] = runs["C"].fillna(6.0 * runs["N"] * runs["D"])
             run_frames.append(runs.assign(source=item))
         else:
-            csv_frames.append(read_points_csv(item))
+            csv_frames.append(read_points_csv(item, tokens=tokens))
     runs = pd.concat(run_frames, ignore_index=True) if run_frames else pd.DataFrame()
     if not runs.empty and not include_stable_parents:
         runs, left = drop_stable_parents(runs)

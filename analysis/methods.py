@@ -25,6 +25,8 @@ from analysis.hparams import fit_hparam_laws, fit_stepfun_laws
 from analysis.inputs import Inputs
 from analysis.irreducible import approach3_caveats
 from analysis.isoflop import fit_isoflop
+from analysis.moe_backtest import backtest_moe
+from analysis.moe_law import MoEFit, fit_moe
 from analysis.output import format_table, interval, jsonable, warning_banner
 from analysis.points import drop_highest_loss
 from analysis.predict import fit_record
@@ -52,6 +54,11 @@ class Method:
     record: Callable[[Any, pd.DataFrame], dict] | None = None  # extra fields of the record
     # Warnings about its predictions at the budgets: caveats(fit, points, budgets).
     caveats: Callable[[Any, pd.DataFrame, list[float]], list[str]] | None = None
+    tokens: bool = True  # it reads D: a CSV needs D or C (a law at one token count does not)
+    params: str = "non_embedding"  # the parameter count that is a run's N by default
+    # A backtest of its own, backtest(points, options, folds=, level=, rel_tol=) -> Backtest;
+    # without, --backtest cuts by compute (analysis.backtest, for its PREDICTORS' methods).
+    backtest: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -305,6 +312,9 @@ register(Method(
     options=(*BOOTSTRAP, "rel_tol", "params"), describe=_describe_hparams,
     plot=_plot_hparams))
 register(Method(
+    name="moe", fit=fit_moe, table="points", options=(*BOOTSTRAP, "transform", "at"),
+    describe=MoEFit.report, tokens=False, params="active", backtest=backtest_moe))
+register(Method(
     name="critical-batch", fit=fit_critical_batch, table="batch_curves",
     options=("level", "targets", "window"), describe=_describe_critical_batch))
 
@@ -372,7 +382,11 @@ def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | No
              sources: list[str], backtest: dict | None = None) -> FitResult:
     points = drop_highest_loss(inputs.points, drop_highest)
     checked = None
-    if backtest is not None:  # first: its mistakes are found before the full fit
+    if backtest is not None and m.backtest is not None:  # folds of its own
+        from analysis.backtest import add_backtest
+
+        checked = m.backtest(points, options, **backtest)
+    elif backtest is not None:  # first: its mistakes are found before the full fit
         from analysis.backtest import add_backtest
         from analysis.backtest import backtest as run_backtest
 
@@ -382,7 +396,8 @@ def _analyse(m: Method, inputs: Inputs, options: dict, budgets: list[float] | No
               "batch_curves": lambda: inputs.batch_curves(curve_loss)}
     data = tables[m.table]()
     result = fit(m.name, data, **options)
-    budgets = budgets or [float(points["C"].max()) * k for k in (1, 10, 100)]
+    if m.allocation:
+        budgets = budgets or [float(points["C"].max()) * k for k in (1, 10, 100)]
     record = result.to_dict()
     record["params"] = params  # which parameter count N is, for lab plan
     if m.record is not None:

@@ -42,6 +42,7 @@ from lab import paths as lab_paths
 from lab import presets, rundir
 from lab.config import INT32_MAX, Config, dump_config, load_config, override
 from lab.errors import ArgumentParser, UserError
+from lab.rundir import param_count
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
 
@@ -218,10 +219,6 @@ def _counts(cfg: Config, shape: dict) -> tuple[dict, int]:
     return param_counts(model), flops_per_token(model, cfg.train.seq_len)
 
 
-def _n_of(counts: dict, params: str) -> int:
-    return counts["params"] if params == "total" else counts["non_embedding_params"]
-
-
 def shape_for(target: float, cfg: Config, params: str, aspect_ratio: float) -> dict:
     """The shape whose parameter count (total or non-embedding, as the law counts N) is nearest
     `target`. The shape search aims at non-embedding N; for total N the target is corrected by
@@ -241,7 +238,7 @@ def shape_for(target: float, cfg: Config, params: str, aspect_ratio: float) -> d
                 if tried:
                     break
                 raise UserError(f"no model shape for N={target:.3g}: {err}") from None
-        n = _n_of(_counts(cfg, shape)[0], params)
+        n = param_count(_counts(cfg, shape)[0], params)
         tried.append((abs(math.log(n / target)), shape))
         if params != "total" or n == target:
             break
@@ -387,7 +384,7 @@ def _sweep_points(args: argparse.Namespace, cfg: Config, law, N: int, flops: flo
     for s in sizes:
         c, f = _counts(cfg, s)
         st = max(1, round(flops / (f * tokens_per_step)))
-        n, d = _n_of(c, law.params), st * tokens_per_step
+        n, d = param_count(c, law.params), st * tokens_per_step
         p, plo, phi = law.predict(n, d, args.level)
         points.append({"name": f"d{s['d_model']}-l{s['n_layers']}", "shape": s, "N": n,
                        "D": d, "steps": st, "predicted_loss": p, "interval": [plo, phi]})

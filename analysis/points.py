@@ -31,8 +31,9 @@ ALIASES = {
 }
 
 
-def read_points_csv(path: str) -> pd.DataFrame:
-    """Read a CSV of points into a frame with columns N, D, C, loss (and any others it has)."""
+def read_points_csv(path: str, tokens: bool = True) -> pd.DataFrame:
+    """Read a CSV of points into a frame with columns N, D, C, loss (and any others it has);
+    without `tokens` (a law at one token count, such as the MoE law) D and C may be absent."""
     text = paths.read_text(path)
     try:
         df = pd.read_csv(io.StringIO(text))
@@ -49,12 +50,11 @@ def read_points_csv(path: str) -> pd.DataFrame:
     df = df.rename(columns={k: v for k, v in ALIASES.items() if v not in df.columns})
     _check_numbers(df, path)
     missing = [c for c in ("N", "loss") if c not in df.columns]
-    if "D" not in df.columns and "C" not in df.columns:
+    if tokens and "D" not in df.columns and "C" not in df.columns:
         missing.append("D or C")
     if missing:
-        raise UserError(
-            f"{path} lacks column(s) {', '.join(missing)}; a points CSV needs N, loss and D or C"
-        )
+        need = "N, loss and D or C" if tokens else "N and loss"
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; a points CSV needs {need}")
     df = complete_points(df)
     df["source"] = str(path)
     return df
@@ -78,11 +78,13 @@ def _check_numbers(df: pd.DataFrame, path: str) -> None:
 
 
 def complete_points(df: pd.DataFrame) -> pd.DataFrame:
-    """Fill in whichever of D and C is missing, from C = 6 N D."""
+    """Fill in whichever of D and C is missing, from C = 6 N D (neither when both are)."""
     df = df.copy()
     for col in ("N", "D", "C", "loss"):
         if col in df.columns:
             df[col] = pd.to_numeric(df[col], errors="coerce")
+    if "D" not in df.columns and "C" not in df.columns:
+        return df
     if "D" not in df.columns:
         df["D"] = df["C"] / (6.0 * df["N"])
     if "C" not in df.columns:

@@ -1,7 +1,8 @@
 """Collecting run directories into tables.
 
 A run directory (docs/training.md) holds `summary.json` (params, non_embedding_params, tokens,
-flops, final_eval_loss, status; branches add parent, branch_step, decay_steps), the resolved
+flops, final_eval_loss, status; branches add parent, branch_step, decay_steps; an MoE run
+active_params and total_params, lab.rundir.PARAM_KEYS), the resolved
 `config.yaml`, and `metrics.jsonl` with one JSON object per logged step (step, loss, lr,
 tokens, sometimes eval_loss). Inputs are searched recursively for summary.json, so a sweep's
 parent directory, or a run with its branches beneath it, can be given whole.
@@ -18,13 +19,16 @@ import yaml
 
 from analysis import paths
 from lab.errors import UserError
-from lab.rundir import CONFIG, METRICS, SUMMARY, Status, Summary
+from lab.rundir import CONFIG, METRICS, SUMMARY, Status, Summary, param_count
 
 # Columns of the runs table, in order.
 COLUMNS = [
     "run",
     "N",
     "non_embedding_params",
+    "total_params",
+    "active_params",
+    "E",
     "D",
     "C",
     "loss",
@@ -43,6 +47,10 @@ COLUMNS = [
     "predicted_lo",
     "predicted_hi",
 ]
+
+
+# The config key of a run's expert count (0: the dense MLP, which the MoE law counts as E = 1).
+EXPERTS_KEY = "model.moe.experts"
 
 
 def find_runs(root: str) -> list[str]:
@@ -90,16 +98,26 @@ def _number(value) -> float:
         return float("nan")
 
 
+def _experts(cfg: dict) -> float:
+    """The run's expert count E: its config's, 1 for the dense MLP (0 or no MoE keys)."""
+    experts = _number(_get(cfg, EXPERTS_KEY) or 0)
+    return experts if experts >= 1 else 1.0
+
+
 def read_run(run_dir: str) -> dict:
     """One row of the runs table, from a run's summary.json and config.yaml."""
     s = Summary.from_dict(_load_json(paths.join(run_dir, SUMMARY)))
     cfg = _config(run_dir)
     batch, seq = _number(_get(cfg, "train.batch_size")), _number(_get(cfg, "train.seq_len"))
     interval = s.predicted_interval or [None, None]  # a run `lab plan` wrote
+    counts = s.to_dict()
     return {
         "run": run_dir,
         "N": _number(s.params),
         "non_embedding_params": _number(s.non_embedding_params),
+        "total_params": _number(param_count(counts, "total")),
+        "active_params": _number(param_count(counts, "active")),
+        "E": _experts(cfg),
         "D": _number(s.tokens),
         "C": _number(s.flops),
         "loss": _number(s.final_eval_loss),

@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,24 @@ class Status(enum.StrEnum):
 # Summary fields written even when they are None (as null): a run has no final loss until it
 # finishes. Every other field is left out while it is None.
 ALWAYS_WRITTEN = ("final_eval_loss",)
+
+# Which count N is (`lab fit --params`, a sweep's `params:`): the keys that hold it in
+# param_counts() and in summary.json, the first present wins. A run or config without MoE
+# accounting has only `params`: a dense model's every parameter is active for every token.
+PARAM_KEYS = {
+    "non_embedding": ("non_embedding_params",),
+    "total": ("total_params", "params"),
+    "active": ("active_params", "params"),
+}
+
+
+def param_count(counts: Mapping[str, Any], params: str) -> Any:
+    """The count `params` (a key of PARAM_KEYS) names, from param_counts() or a summary's
+    fields; None where none of its keys is there."""
+    for key in PARAM_KEYS[params]:
+        if counts.get(key) is not None:
+            return counts[key]
+    return None
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import math
 from lab.accounting import param_counts, with_vocab
 from lab.config import ModelConfig
 from lab.errors import UserError
+from lab.rundir import param_count
 
 BYTE_VOCAB = 257  # the byte tokenizer: 256 bytes and an end-of-document token
 WIDEST = 1 << 17  # the search stops here whatever the target
@@ -42,6 +43,7 @@ class ShapeRule:
     min_heads: int = 4
     multiple: int = 64
     tensor: int = 1
+    params: str = "non_embedding"  # which count N is (lab.rundir.PARAM_KEYS)
 
     def shape(self, d: int, layers: int) -> dict | None:
         """The model overrides of width d and this depth, or None if the rule forbids it."""
@@ -64,7 +66,7 @@ class ShapeRule:
         return out
 
     def count(self, shape: dict) -> int:
-        return param_counts(dataclasses.replace(self.base, **shape))["non_embedding_params"]
+        return param_count(param_counts(dataclasses.replace(self.base, **shape)), self.params)
 
     def candidates(self, target: float, tolerance: float) -> list[tuple[dict, int]]:
         """(shape, N) at each allowed width, at the depths nearest the target; widths grow
@@ -87,12 +89,14 @@ class ShapeRule:
 
 def shape_for_params(target: float, base: ModelConfig | None = None, *,
                      aspect_ratio: float = 64.0, head_dim: int = 64, min_heads: int = 4,
-                     multiple: int = 64, tensor: int = 1, tolerance: float = 0.2) -> dict:
-    """Model overrides giving about `target` non-embedding parameters (the module's rule)."""
+                     multiple: int = 64, tensor: int = 1, tolerance: float = 0.2,
+                     params: str = "non_embedding") -> dict:
+    """Model overrides giving about `target` parameters (the module's rule), counted as
+    `params` names them (non-embedding by default; lab.rundir.PARAM_KEYS)."""
     if target <= 0:
         raise UserError(f"target parameter count must be positive, got {target}")
     rule = ShapeRule(counting_model(base or ModelConfig()), head_dim, min_heads, multiple,
-                     tensor)
+                     tensor, params)
     candidates = rule.candidates(target, tolerance)
 
     def off(n: int) -> float:

@@ -11,7 +11,9 @@ A sweep file names a base config and the axes to vary (docs/launch.md has the fu
     branch: {at: [100, 200], decay_steps: [20, 40], shape: 1-sqrt}
 
 Every run is the product of its sizes, budgets and grid values. N is the non-embedding
-parameter count and D the tokens, counted with `model.vocab_size`, or with the byte tokenizer's
+parameter count (or the count `params:` or `--params` names: total, or active, what one token
+of an MoE uses; lab.rundir.PARAM_KEYS), for target sizes, tokens_per_param and the tables,
+and D the tokens, counted with `model.vocab_size`, or with the byte tokenizer's
 257 padded to 320 when the config leaves it to the data. FLOPs = flops_per_token x steps x
 batch_size x seq_len (lab.accounting.flops_per_token, attention included).
 """
@@ -43,18 +45,19 @@ from lab.config import (
 )
 from lab.errors import UserError, shown
 from lab.paths import safe_name, shown_path
+from lab.rundir import PARAM_KEYS, param_count
 from lab.shapes import counting_model, shape_for_params, shape_name
 from lab.yaml_file import read_yaml
 
 KINDS = ("ladder", "isoflop", "grid", "branch")
 SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
               "tokens", "tokens_per_param", "warmup_fraction", "decay_fraction", "shape",
-              "flops_tolerance")
+              "flops_tolerance", "params")
 SHAPE_KEYS = ("aspect_ratio", "head_dim", "min_heads", "multiple", "tensor", "tolerance")
 
 # Short labels for swept keys in run names; other keys use their last component.
 LABELS = {"optim.lr": "lr", "train.batch_size": "bs", "optim.weight_decay": "wd",
-          "train.seq_len": "seq", "optim.name": "", "run.seed": "seed"}
+          "train.seq_len": "seq", "optim.name": "", "run.seed": "seed", "model.moe.experts": "E"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Run:
     config: Config  # what the run trains with: the base config with the sweep's changes
     overrides: tuple[str, ...]  # the key=value words that turn the base file into `config`
     varied: tuple[str, ...]  # the words that differ from the sweep's common config (display)
-    N: int  # non-embedding parameters
+    N: int  # the parameters Sweep.params names (non-embedding by default)
     D: int  # training tokens
     C: float  # training FLOPs
     steps: int
@@ -82,6 +85,7 @@ class Sweep:
     base: Path  # the base config file
     out: str  # the sweep's output directory; run i writes to out/runs[i].slug
     runs: tuple[Run, ...]
+    params: str = "non_embedding"  # which parameter count is N (lab.rundir.PARAM_KEYS)
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -153,12 +157,17 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None) -> Sweep:
+def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None,
+                 params: str | None = None) -> Sweep:
     """Expand a sweep file into its runs, each a Config. `overrides` (key=value) apply to
-    every run."""
+    every run; `params` (else the file's `params:`, else non_embedding) names what N counts."""
     path = Path(path)
     spec = load_sweep(path)
     where = f"sweep file {path}"
+    params = params or spec.get("params") or "non_embedding"
+    if params not in PARAM_KEYS:
+        raise UserError(f"{where}: params must be one of {', '.join(PARAM_KEYS)}, got "
+                        f"{params!r}")
     kind = spec.get("kind")
     if kind not in KINDS:
         raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {shown(kind)}")
@@ -192,6 +201,7 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     common = _override(file_cfg, {**_mapping(spec.get("set"), "set", where), **given}, where)
     tensor = common.mesh.tensor if common.mesh.tensor > 0 else 1
     shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
+    spec = {**spec, "params": params}  # what the runs count as N
     for key in ("aspect_ratio", "tolerance"):
         if key in shape_opts:
             shape_opts[key] = float(shape_opts[key])  # checked by _check_numbers
@@ -207,7 +217,7 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     for (size_name, size), budget, tokens, values in itertools.product(
             sizes, budgets, token_list, itertools.product(*grid.values())):
         if not isinstance(size, dict):
-            size = shape_for_params(float(size), common.model, **shape_opts)
+            size = shape_for_params(float(size), common.model, **shape_opts, params=params)
             size_name = size_name or shape_name(size)
         changes = {**{f"model.{k}": v for k, v in size.items()},
                    **dict(zip(grid, values, strict=True))}
@@ -219,9 +229,9 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
         run_spec = {**spec, "tokens": tokens} if tokens else spec
         cfg, varied = _make_config(common, changes, run_name, budget, branch, run_spec, out,
                                    tolerance)
-        runs.append(_make_run(base, file_cfg, cfg, varied, budget, branch))
+        runs.append(_make_run(base, file_cfg, cfg, varied, budget, branch, params))
     _check_unique(runs, where)
-    return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs))
+    return Sweep(name=name, kind=kind, base=base, out=out, runs=tuple(runs), params=params)
 
 
 def _make_config(common: Config, changes: dict, name: str, budget: float | None,
@@ -234,7 +244,7 @@ def _make_config(common: Config, changes: dict, name: str, budget: float | None,
     # A provisional config: its steps are a placeholder until they are derived below.
     sized = _override(common, {**changes, "train.steps": INT32_MAX}, where)
     model = counting_model(sized.model)
-    n = param_counts(model)["non_embedding_params"]
+    n = param_count(param_counts(model), spec["params"])
     fpt = flops_per_token(model, sized.train.seq_len)
     steps = _steps(sized, spec, n, fpt, budget, branch, where, tolerance)
     steps = steps or _override(common, changes, where).train.steps
@@ -255,7 +265,7 @@ def _make_config(common: Config, changes: dict, name: str, budget: float | None,
 
 
 def _make_run(base: Path, file_cfg: Config, cfg: Config, varied: list[str],
-              budget: float | None, branch: dict | None) -> Run:
+              budget: float | None, branch: dict | None, params: str) -> Run:
     """The run of `cfg`: its N, D and C, and the words that give it from the base file."""
     model = counting_model(cfg.model)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
@@ -265,7 +275,7 @@ def _make_run(base: Path, file_cfg: Config, cfg: Config, varied: list[str],
     varied = [f"{key}={override_word(value_of(cfg, key))}" for key in varied]
     return Run(name=cfg.run.name, slug=Path(cfg.run.dir).name, dir=cfg.run.dir, config=cfg,
                overrides=tuple(words), varied=tuple(varied),
-               N=param_counts(model)["non_embedding_params"], D=tokens,
+               N=param_count(param_counts(model), params), D=tokens,
                C=float(flops_per_token(model, cfg.train.seq_len)) * tokens,
                steps=cfg.train.steps, budget=budget, branch=branch)
 
@@ -430,7 +440,8 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
     widths = {k: max(len(k), *(len(v) for v in vals)) for k, vals in columns.items()}
     lines = [f"sweep {sweep.name} ({sweep.kind}): {len(sweep.runs)} runs from "
              f"{shown_path(sweep.base)}, "
-             f"output under {sweep.out}",
+             f"output under {sweep.out}" + ("" if sweep.params == "non_embedding" else
+                                            f"; N counts {sweep.params} parameters"),
              f"{'#':>3}  {'name':<{width}}  {'N':>7}  {'D':>7}  {'FLOPs':>9}  {'budget':>9}  "
              f"{'C/budget':>8}  {'steps':>7}  "
              + "".join(f"{k:>{w}}  " for k, w in widths.items()) + "overrides"]
@@ -533,6 +544,7 @@ def _run_child(argv: list[str]) -> tuple[int, int | None]:
 def manifest(sweep: Sweep) -> dict:
     """The expanded sweep as JSON: what analysis needs to group runs (budgets, N, D, C)."""
     return {"name": sweep.name, "kind": sweep.kind, "base": str(sweep.base),
+            "params": sweep.params,
             "runs": [{"name": r.name, "dir": r.dir, "N": r.N, "D": r.D, "C": r.C,
                       "steps": r.steps, "budget": r.budget, "overrides": list(r.overrides),
                       "branch": r.branch} for r in sweep.runs]}
@@ -553,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the runs (name, N, D, FLOPs, overrides) without running")
     parser.add_argument("--out", help="the sweep's output directory (default: the file's "
                                       "'out:', else runs/sweeps/NAME)")
+    parser.add_argument("--params", choices=tuple(PARAM_KEYS),
+                        help="which parameter count is N, for target sizes, tokens_per_param "
+                             "and the table (default: the file's params:, else non_embedding; "
+                             "active: what one token of an MoE uses; total: every expert)")
     parser.add_argument("--topology", metavar="GEN:SHAPE",
                         help="with --dry-run: compile every run's step for this TPU slice "
                              "(e.g. v5e:16x16) and show each chip's memory; exit 2 if a run "
@@ -569,7 +585,7 @@ def main(argv: list[str]) -> int:
     if args.topology is not None and not args.dry_run:
         raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
     path = presets.resolve(args.file, folder="sweeps", what="sweep file")
-    sweep = expand_sweep(path, args.overrides, out=args.out)
+    sweep = expand_sweep(path, args.overrides, out=args.out, params=args.params)
     if not args.dry_run:
         print(describe(sweep), flush=True)
         return run_sweep(sweep)

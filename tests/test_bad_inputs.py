@@ -177,6 +177,16 @@ class Setting:
         lines = Path(self.good_points()).read_text().splitlines()
         edit(lines)
         return self.write("points.csv", "\n".join(lines) + "\n")
+    def moe(self, *extra: str, N=None, E=None, loss=None, drop: str = "") -> list[str]:
+        """`lab fit --method moe` on a CSV of 3 sizes x 3 expert counts (or the given N, E,
+        loss), less the column `drop`."""
+        N = np.repeat([1e6, 1e7, 1e8], 3) if N is None else np.asarray(N, dtype=float)
+        E = np.tile([1.0, 4.0, 8.0], 3) if E is None else np.asarray(E, dtype=float)
+        if loss is None:
+            loss = 3.0 * np.maximum(N, 1) ** -0.05 * (1 + 0.1 / np.maximum(E, 1))
+        frame = pd.DataFrame({"N": N, "E": E, "loss": loss}).drop(columns=[drop] if drop else [])
+        frame.to_csv(self.tmp / "moe.csv", index=False)
+        return ["fit", str(self.tmp / "moe.csv"), "--method", "moe", *extra]
 
     def good_points(self) -> str:
         rng = np.random.default_rng(0)
@@ -431,6 +441,30 @@ CATALOGUE = [
     ("fit --method schedule without --backtest",
      lambda s: ["fit", str(s.copy_run("finished")), "--method", "schedule"],
      "--method schedule only backtests here"),
+    ("fit --method moe without an E column", lambda s: s.moe(drop="E"), "needs column(s) E"),
+    ("fit --method moe without a loss column", lambda s: s.moe(drop="loss"),
+     "lacks column(s) loss; a points CSV needs N and loss"),
+    ("fit --method moe with E = 0", lambda s: s.moe(E=[0.0, 4, 8] * 3),
+     "E must be a number of experts, at least 1 (1 = dense)"),
+    ("fit --method moe with N = 0", lambda s: s.moe(N=[0.0] * 3 + [1e7] * 3 + [1e8] * 3),
+     "N must be positive, row 0 has 0"),
+    ("fit --method moe with a negative loss", lambda s: s.moe(loss=[-1.0] + [2.0] * 8),
+     "loss must be positive, row 0 has -1"),
+    ("fit --method moe with one expert count", lambda s: s.moe(E=[8.0] * 9),
+     "needs 2 or more expert counts and 2 or more sizes N, got 1 and 3"),
+    ("fit --method moe at one size (N differing by the routers alone)",
+     lambda s: s.moe(N=1e6 * (1 + 0.001 * np.tile([1.0, 4, 8], 3)) + np.repeat([0, 1, 2], 3)),
+     "needs 2 or more expert counts and 2 or more sizes N, got 3 and 1"),
+    ("fit --method moe with 4 points",
+     lambda s: s.moe(N=[1e6, 1e6, 1e7, 1e7], E=[1.0, 4, 1, 4], loss=[3.0, 2.9, 2.8, 2.7]),
+     "has 4 parameters and needs at least 5 points, got 4"),
+    ("fit --method moe --at without E", lambda s: s.moe("--at", "1e9"), "not a list of N:E pairs"),
+    ("fit --at without --method moe", lambda s: ["fit", s.good_points(), "--at", "1e9:8"],
+     "--at and --moe-transform belong to --method moe"),
+    ("fit --method moe --moe-transform unknown", lambda s: s.moe("--moe-transform", "log"),
+     "invalid choice: 'log'"),
+    ("fit --method moe --backtest with too few points at the smaller sizes",
+     lambda s: s.moe("--backtest"), "no fold of the MoE backtest could be fitted"),
     ("fit --method multipower --backtest on a CSV of points",
      lambda s: ["fit", s.good_points(), "--method", "multipower", "--backtest"],
      "is not a run directory"),
