@@ -153,10 +153,12 @@ def run_fit(args: argparse.Namespace) -> FitResult:
     check_outputs(args.json, args.plots)  # before the work, not after it
     if args.method in SCHEDULE_LAWS:
         return schedule_backtest(args)
+    # A method's own default N (active for moe); hparams and downstream read it too.
+    default = METHODS[args.method].params if args.method in METHODS else "non_embedding"
+    params = args.params = args.params or default
     if args.method == downstream_cli.DOWNSTREAM:
         return downstream_cli.fit_downstream_command(args)
     method = METHODS[args.method]
-    params = args.params = args.params or method.params  # hparams takes it as an option too
     inputs = load_inputs(
         args.inputs,
         include_unfinished=args.include_unfinished,
