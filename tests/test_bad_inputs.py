@@ -177,6 +177,7 @@ class Setting:
         lines = Path(self.good_points()).read_text().splitlines()
         edit(lines)
         return self.write("points.csv", "\n".join(lines) + "\n")
+
     def moe(self, *extra: str, N=None, E=None, loss=None, drop: str = "") -> list[str]:
         """`lab fit --method moe` on a CSV of 3 sizes x 3 expert counts (or the given N, E,
         loss), less the column `drop`."""
