@@ -256,22 +256,23 @@ def test_off_passes_the_parameters_through_and_logs_the_maxima():
                                np.sqrt([4 / 5, 4 / 5, 4 / 9, 4 / 9]), rtol=1e-6)
 
 
-MUON_RUN = ["train.steps=60", "train.log_every=5", "train.eval_every=0", "optim.name=muon",
-            "optim.lr=0.05", "checkpoint.every_steps=0"]
+MUON_RUN = ["train.steps=60", "train.log_every=5", "train.eval_every=0", "train.eval_batches=2",
+            "optim.name=muon", "optim.lr=0.05", "checkpoint.every_steps=0"]
 
 
 @pytest.mark.slow
 def test_clip_holds_muons_logits_near_tau_and_the_loss_no_worse(tmp_path, small_data):
-    """The tiny config under Muon at lr 0.05 (measured: the max logit climbs to 61 by step 60;
-    with τ = 20 it levels at 20-23.5, above τ only by what one update adds before the next
-    clip, with the same final eval loss to 2e-4)."""
+    """The tiny config under Muon at lr 0.05 on the tests' corpus. Measured: the logged max
+    logit climbs to 43 by step 45 without the clip; with τ = 20 it stays at 20.1-22.1 once
+    clipping starts (above τ only by what one update adds before the next clip), and the final
+    eval loss is 2.258 against 2.266."""
     runs = {}
     for name, extra in (("free", []), ("clipped", ["optim.qk_clip=20"])):
         run_lab(["train", str(TINY), f"data.path={small_data}", f"run.dir={tmp_path / name}",
                  *MUON_RUN, *extra])
         runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
     free, clipped = runs["free"], runs["clipped"]
-    assert max(r["max_logit"] for r in free) > 40
+    assert max(r["max_logit"] for r in free) > 35
     assert max(r["max_logit"] for r in clipped) < 20 * 1.3
     assert sum(r["clipped_heads"] for r in clipped) > 0
     assert clipped[-1]["eval_loss"] <= free[-1]["eval_loss"] + 0.01
