@@ -81,8 +81,8 @@ def test_exact_kernels_report_the_largest_logit_of_each_sequence_and_head(impl):
     cfg = dataclasses.replace(BASE, attention=impl, n_kv_heads=2)
     model = Transformer(cfg, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, 64)
-    inputs = attention_inputs(model, tokens)
-    stats = loss_fn(model, jnp.pad(tokens, ((0, 0), (0, 1))))[1]["layer_stats"]
+    inputs = nnx.jit(attention_inputs)(model, tokens)
+    stats = nnx.jit(loss_fn)(model, jnp.pad(tokens, ((0, 0), (0, 1))))[1]["layer_stats"]
     assert stats["max_logit"].shape == (2, 3, 4)  # layers, sequences, heads
     for i, x in enumerate(inputs):
         want_BxH = logits64(params_of(model)["blocks"][i]["attn"],
@@ -90,19 +90,20 @@ def test_exact_kernels_report_the_largest_logit_of_each_sequence_and_head(impl):
         np.testing.assert_allclose(np.asarray(stats["max_logit"][i]), want_BxH, rtol=2e-5)
 
 
+XLA_MAX = jax.jit(lambda q, k: attention.xla_attention_and_max_logit(q, k, k, 0.3, jnp.float32))
+BOUND = jax.jit(lambda q, k: attention.logit_bound(q, k, 0.3))
+
+
 def test_cudnn_and_splash_report_a_bound_that_holds_and_is_reached():
     q = jax.random.normal(jax.random.key(0), (2, 16, 4, 8))
     k = jax.random.normal(jax.random.key(1), (2, 16, 2, 8))
-    exact = attention.xla_attention_and_max_logit(q, k, k, 0.3, jnp.float32)[1]
-    bound = attention.logit_bound(q, k, 0.3)
+    exact, bound = XLA_MAX(q, k)[1], BOUND(q, k)
     assert bound.shape == (2, 4)
     assert np.all(np.asarray(bound) >= np.asarray(exact))
     assert np.all(np.asarray(bound) < 20 * np.asarray(exact))  # a bound, not a wild one
     # Equal when the longest query and key are parallel: every q and k the same vector.
     same = jnp.broadcast_to(q[:, :1, :2], (2, 16, 2, 8))
-    np.testing.assert_allclose(attention.logit_bound(same, same, 0.3),
-                               attention.xla_attention_and_max_logit(
-                                   same, same, same, 0.3, jnp.float32)[1], rtol=1e-6)
+    np.testing.assert_allclose(BOUND(same, same), XLA_MAX(same, same)[1], rtol=1e-6)
 
 
 def test_kernels_that_hide_their_logits_hand_back_the_bound(monkeypatch):
@@ -171,11 +172,11 @@ def test_clipped_weights_bring_the_steps_logits_to_tau(variant):
     cfg = dataclasses.replace(BASE, **VARIANTS[variant])
     model = Transformer(cfg, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(4), (2, 17), 0, 64)
-    max_NxH = jnp.max(loss_fn(model, tokens)[1]["layer_stats"]["max_logit"], axis=1)
+    max_NxH = jnp.max(nnx.jit(loss_fn)(model, tokens)[1]["layer_stats"]["max_logit"], axis=1)
     tau = float(jnp.median(max_NxH))  # half the heads over τ
     params = params_of(model)
     clipped = qk_clip.clip(params, max_NxH, tau, cfg)
-    inputs = attention_inputs(model, tokens[:, :-1])
+    inputs = nnx.jit(attention_inputs)(model, tokens[:, :-1])
     for i, x in enumerate(inputs):
         x64 = np.asarray(x, np.float64)
         before_H = logits64(params["blocks"][i]["attn"], x64, cfg).max(axis=(0, 2, 3))
