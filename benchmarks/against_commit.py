@@ -42,6 +42,10 @@ trainer = build_trainer(cfg, sharding.make_mesh(cfg.mesh))
 rng = np.random.default_rng(0)
 batches = [sharding.global_batch(rng.integers(0, 256, (8, 513), dtype=np.int32), trainer.mesh)
            for _ in range(2)]
+"""
+# The timing half of a worker, after its `trainer` and two `batches`: a first (compiling) step,
+# "ready", then one timed step per line read from stdin.
+TIMED_STEPS = r"""
 with jax.set_mesh(trainer.mesh):
     state = trainer.init_state()
     state, m = trainer.train_step(state, batches[0])
@@ -53,6 +57,7 @@ with jax.set_mesh(trainer.mesh):
         jax.block_until_ready(m)
         print(time.perf_counter() - t, flush=True)
 """
+WORKER += TIMED_STEPS
 
 
 def start(tree: Path, dtype: str, args: list[str] | None = None) -> subprocess.Popen:
@@ -94,6 +99,18 @@ def time_in_turns(workers: dict[str, subprocess.Popen],
     return times, time.time() - started
 
 
+def medians(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
+    """Each worker's median tokens/s."""
+    return {name: tokens / statistics.median(ts) for name, ts in times.items()}
+
+
+def rate_table(times: dict[str, list[float]], tokens: int) -> list[str]:
+    """A markdown table of each worker's median and best tokens/s."""
+    return ["| tree | median tokens/s | best tokens/s |", "|---|---|---|",
+            *(f"| {name} | {tokens / statistics.median(ts):,.0f} | {tokens / min(ts):,.0f} |"
+              for name, ts in times.items())]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref", help="the commit to compare with, e.g. HEAD~1 or a hash")
@@ -120,12 +137,8 @@ def main() -> None:
              f" --dtype {args.dtype}",
              f"train step, benchmark model, {args.dtype}, {args.rounds} rounds in turns, "
              f"{seconds:.0f} s, load average {load[0]:.1f}",
-             "| tree | median tokens/s | best tokens/s |", "|---|---|---|"]
-    medians = {}
-    for name, ts in times.items():
-        medians[name] = tokens / statistics.median(ts)
-        lines.append(f"| {name} | {medians[name]:,.0f} | {tokens / min(ts):,.0f} |")
-    new, old = medians.values()
+             *rate_table(times, tokens)]
+    new, old = medians(times, tokens).values()
     lines.append(f"ratio this tree / {args.ref}: {new / old:.3f} (median)")
     text = "\n".join(lines)
     print(text)

@@ -64,7 +64,7 @@ def layer_activations(model, tokens_BxL: jax.Array) -> dict[str, jax.Array]:
     x_BxLxD = model.embed(tokens_BxL)
     out = {"embedding": x_BxLxD}
     for i, block in enumerate(model.blocks):
-        attn_BxLxD = block.attn(block.attn_norm(x_BxLxD), sin, cos)
+        attn_BxLxD, _ = block.attn(block.attn_norm(x_BxLxD), sin, cos)
         x_BxLxD = x_BxLxD + attn_BxLxD
         mlp_BxLxD = block.mlp(block.mlp_norm(x_BxLxD))
         x_BxLxD = x_BxLxD + mlp_BxLxD

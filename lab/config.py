@@ -318,6 +318,10 @@ class OptimConfig:
     muon_ns_dtype: NsDtype = "auto"
     muon_scaling: MuonScaling = "moonlight"
     muon_lr_ratio: PositiveFloat = 1.0
+    # QK-clip (MuonClip, Kimi K2): after each update, the query and key weights of every head
+    # whose largest attention logit of the step exceeded this τ are scaled down to bring it to
+    # τ (lab.qk_clip; either optimizer). 0 = off
+    qk_clip: NonNegativeFloat = 0.0
 
 
 @dataclass(frozen=True)

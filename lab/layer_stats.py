@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 AUX_LOSS = "aux_loss"
+MAX_LOGIT = "max_logit"  # the attention's largest logit per sequence and head (lab.qk_clip)
 
 
 def is_max(name: str) -> bool:

@@ -74,7 +74,8 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(E, cfg.norm_eps)
         self.cfg, self.kernels = cfg, kernels
 
-    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array) -> tuple:
+        """The output and each sequence's largest logit per head (B, H) (lab.qk_clip)."""
         cfg, dense = self.cfg, self.kernels.dense
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.n_heads, cfg.kv_heads, cfg.head_dim
@@ -88,9 +89,10 @@ class Attention(nnx.Module):
         k_BxLxKxE = apply_rope(k_BxLxKxE, sin, cos)
         # μP scales logits by 1/E (Yang et al. 2022), SP by 1/sqrt(E).
         scale = 1.0 / E if cfg.parameterization == "mup" else 1.0 / math.sqrt(E)
-        out_BxLxHxE = checkpoint_name(self.kernels.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale),
-                                      ATTENTION_OUT)
-        return checkpoint_name(dense(out_BxLxHxE.reshape(B, L, H * E), self.wo[...]), "out_proj")
+        out_BxLxHxE, max_logit_BxH = self.kernels.attend(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale)
+        out_BxLxD = dense(checkpoint_name(out_BxLxHxE, ATTENTION_OUT).reshape(B, L, H * E),
+                          self.wo[...])
+        return checkpoint_name(out_BxLxD, "out_proj"), max_logit_BxH
 
 
 class MLP(nnx.Module):
@@ -119,9 +121,10 @@ class Block(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array
                  ) -> tuple[jax.Array, dict]:
         """The block's output and its statistics (LayerStats: float32 arrays, keyed by name)."""
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), sin, cos)
+        attn_BxLxD, max_logit_BxH = self.attn(self.attn_norm(x_BxLxD), sin, cos)
+        x_BxLxD = x_BxLxD + attn_BxLxD
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-        return constrain_activations(x_BxLxD), {}
+        return constrain_activations(x_BxLxD), {layer_stats.MAX_LOGIT: max_logit_BxH}
 
 
 class Embed(nnx.Module):

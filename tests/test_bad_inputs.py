@@ -315,6 +315,12 @@ CATALOGUE = [
      lambda s: s.small("eval.tasks=[exact:100000]", "eval.exact_context=8"),
      "task exact needs 100000 examples of 8 + 4 tokens but the val split"),
     ("a damaged task file", damaged_task_file, "is damaged (its checksum does not match)"),
+    ("negative QK-clip threshold", lambda s: s.train("optim.qk_clip=-5"),
+     "optim.qk_clip must be zero or a positive number, got -5.0"),
+    ("infinite QK-clip threshold", lambda s: s.train("optim.qk_clip=.inf"),
+     "optim.qk_clip must be a finite number"),
+    ("QK-clip threshold not a number", lambda s: s.train("optim.qk_clip=high"),
+     "optim.qk_clip must be float, got 'high'"),
     # Data.
     ("data prep --out a name of 300 characters",
      lambda s: ["data", "prep", "--source", s.corpus(), "--out",

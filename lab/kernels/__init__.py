@@ -54,7 +54,8 @@ class Kernels:
         return y.astype(out_dtype)
 
     def attend(self, q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
-               scale: float) -> jax.Array:
-        """Causal (grouped-query) attention, (B, L, H, E) in and out."""
+               scale: float) -> tuple[jax.Array, jax.Array]:
+        """Causal (grouped-query) attention, (B, L, H, E) in and out, and each sequence's
+        largest logit per query head, (B, H) float32 (lab.kernels.attention.attention)."""
         return _attention.attention(self.attention, q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale,
                                     jnp.dtype(self.compute_dtype), self.platform)

@@ -7,6 +7,11 @@ statistics are float32 in every implementation.
 - `cudnn`: cuDNN's fused attention through jax.nn.dot_product_attention (GPU only).
 - `splash`: the Pallas TPU splash-attention kernel under shard_map (interpreted on CPU).
 - `blocked`: the CPU-tuned blocked attention of lab.kernels.cpu.
+
+`attention` also returns each sequence's largest pre-softmax logit per query head, (B, H)
+float32, a statistic for QK-clip (lab.qk_clip). `xla` and `blocked` give it exactly, as a
+maximum over the logits they compute anyway; cuDNN and splash never hand their logits back, so
+for them it is `logit_bound`, an upper bound on every logit from the norms of q and k.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from lab.kernels import cpu
 from lab.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash", "blocked")
+EXACT_MAX_LOGIT = ("xla", "blocked")  # the others report `logit_bound`
 # What `auto` means on each target platform; anything else gets plain XLA attention.
 AUTO = {"cpu": "blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}
 
@@ -37,6 +43,13 @@ def resolve(name: str, platform: str) -> str:
 
 def xla_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
                   scale: float, dtype: jnp.dtype) -> jax.Array:
+    return xla_attention_and_max_logit(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)[0]
+
+
+def xla_attention_and_max_logit(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array,
+                                v_BxLxKxE: jax.Array, scale: float, dtype: jnp.dtype
+                                ) -> tuple[jax.Array, jax.Array]:
+    """`xla_attention` and each sequence's largest causal logit per query head, (B, H)."""
     B, L, H, E = q_BxLxHxE.shape
     K = k_BxLxKxE.shape[2]
     q_BxLxKxGxE = (q_BxLxHxE * scale).reshape(B, L, K, H // K, E).astype(dtype)
@@ -44,10 +57,30 @@ def xla_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Arr
                                   preferred_element_type=jnp.float32)
     causal_LxS = (jax.lax.broadcasted_iota(jnp.int32, (L, L), 0)
                   >= jax.lax.broadcasted_iota(jnp.int32, (L, L), 1))
-    probs_BxKxGxLxS = jax.nn.softmax(jnp.where(causal_LxS, logits_BxKxGxLxS, -1e30), axis=-1)
+    masked_BxKxGxLxS = jnp.where(causal_LxS, logits_BxKxGxLxS, -1e30)
+    probs_BxKxGxLxS = jax.nn.softmax(masked_BxKxGxLxS, axis=-1)
     out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs_BxKxGxLxS.astype(dtype),
                                v_BxLxKxE.astype(dtype), preferred_element_type=jnp.float32)
-    return out_BxLxKxGxE.reshape(B, L, H, E).astype(q_BxLxHxE.dtype)
+    max_BxKxG = jnp.max(jax.lax.stop_gradient(masked_BxKxGxLxS), axis=(-2, -1))
+    return out_BxLxKxGxE.reshape(B, L, H, E).astype(q_BxLxHxE.dtype), max_BxKxG.reshape(B, H)
+
+
+def logit_bound(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, scale: float) -> jax.Array:
+    """An upper bound on each sequence's logits per query head, (B, H) float32, for kernels
+    that keep their logits to themselves: |scale q.k| <= |scale| |q| |k| (Cauchy-Schwarz), so
+    |scale| times the largest |q| of the head times the largest |k| of its key/value head
+    bounds every logit of the sequence. It costs one pass over q and k. The bound is reached
+    only when the longest query and key are parallel, so it is usually well above the true
+    maximum; QK-clip on it clips earlier and harder than on exact logits."""
+    B, L, H, E = q_BxLxHxE.shape
+    K = k_BxLxKxE.shape[2]
+
+    def longest(x_BxLxNxE):
+        x32 = jax.lax.stop_gradient(x_BxLxNxE).astype(jnp.float32)
+        return jnp.sqrt(jnp.max(jnp.sum(x32 * x32, axis=-1), axis=1))  # (B, N)
+
+    bound_BxKxG = longest(q_BxLxHxE).reshape(B, K, H // K) * longest(k_BxLxKxE)[:, :, None]
+    return abs(scale) * bound_BxKxG.reshape(B, H)
 
 
 def cudnn_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
@@ -135,15 +168,20 @@ def splash_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.
 
 
 def attention(impl: str, q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
-              scale: float, dtype: jnp.dtype, platform: str) -> jax.Array:
-    """Causal attention by implementation name (already resolved from `auto`)."""
+              scale: float, dtype: jnp.dtype, platform: str) -> tuple[jax.Array, jax.Array]:
+    """Causal attention by implementation name (already resolved from `auto`), and each
+    sequence's largest logit per query head (B, H): exact for EXACT_MAX_LOGIT, else
+    `logit_bound`."""
     if impl == "xla":
-        return xla_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)
-    if impl == "cudnn":
-        return cudnn_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)
-    if impl == "splash":
-        return splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype,
-                                interpret=platform == "cpu")
+        return xla_attention_and_max_logit(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)
     if impl == "blocked":
-        return cpu.blocked_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)
-    raise ValueError(f"unknown attention implementation {impl!r}")
+        return cpu.blocked_attention_and_max_logit(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale,
+                                                   dtype)
+    if impl == "cudnn":
+        out_BxLxHxE = cudnn_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype)
+    elif impl == "splash":
+        out_BxLxHxE = splash_attention(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype,
+                                       interpret=platform == "cpu")
+    else:
+        raise ValueError(f"unknown attention implementation {impl!r}")
+    return out_BxLxHxE, logit_bound(q_BxLxHxE, k_BxLxKxE, scale)

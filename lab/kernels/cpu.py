@@ -105,6 +105,15 @@ ATTENTION_BLOCK = 128
 def blocked_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax.Array,
                       scale: float, dtype: jnp.dtype, block: int = ATTENTION_BLOCK) -> jax.Array:
     """Causal softmax(scale q k^T) v, (B, L, H, E) in and out, by `causal_attention`."""
+    return blocked_attention_and_max_logit(q_BxLxHxE, k_BxLxKxE, v_BxLxKxE, scale, dtype,
+                                           block)[0]
+
+
+def blocked_attention_and_max_logit(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array,
+                                    v_BxLxKxE: jax.Array, scale: float, dtype: jnp.dtype,
+                                    block: int = ATTENTION_BLOCK) -> tuple[jax.Array, jax.Array]:
+    """`blocked_attention` and each sequence's largest logit per query head, (B, H) float32:
+    the softmax's own row maxima, reduced (exact, and almost free)."""
     B, L, H, E = q_BxLxHxE.shape
     K = k_BxLxKxE.shape[2]
     G = H // K
@@ -112,8 +121,10 @@ def blocked_attention(q_BxLxHxE: jax.Array, k_BxLxKxE: jax.Array, v_BxLxKxE: jax
     q_BxKxGxLxE = row_major((q_BxLxHxE * scale).reshape(B, L, K, G, E).transpose(0, 2, 3, 1, 4))
     k_BxKxLxE = row_major(k_BxLxKxE.transpose(0, 2, 1, 3))
     v_BxKxLxE = row_major(v_BxLxKxE.transpose(0, 2, 1, 3))
-    out_BxKxGxLxE = causal_attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block)
-    return out_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E)
+    out_BxKxGxLxE, max_BxKxG = _attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, jnp.dtype(dtype),
+                                          block, q_BxKxGxLxE.dtype)
+    return (out_BxKxGxLxE.transpose(0, 3, 1, 2, 4).reshape(B, L, H, E),
+            jax.lax.stop_gradient(max_BxKxG).reshape(B, H))
 
 
 def _query_blocks(L: int, block: int) -> list[tuple[int, int]]:
@@ -149,21 +160,25 @@ def causal_attention(q_BxKxGxLxE: jax.Array, k_BxKxLxE: jax.Array, v_BxKxLxE: ja
     The blocks are a Python loop, so the program grows with L / block: a CPU kernel.
     """
     return _attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, jnp.dtype(dtype), block,
-                      q_BxKxGxLxE.dtype)
+                      q_BxKxGxLxE.dtype)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _attention(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
+    """(the output, each sequence's largest logit per head (B, K, G)): the second is a
+    statistic, with no gradient."""
     return _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype)[0]
 
 
 def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
     B, K, G, L, E = q_BxKxGxLxE.shape
     q_lo, k_lo, v_lo = (x.astype(dtype) for x in (q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE))
-    outs, lses = [], []
+    outs, lses, maxima = [], [], []
     for s, e in _query_blocks(L, block):
         logits_BxKxRxS = _masked_logits(_block_rows(q_lo, s, e), k_lo[:, :, :e], s, e, G, dtype)
         max_BxKxRx1 = jnp.max(logits_BxKxRxS, axis=-1, keepdims=True)
+        # Every row has its diagonal, so no masked -1e30 reaches the maximum.
+        maxima.append(jnp.max(max_BxKxRx1.reshape(B, K, G, e - s), axis=-1))
         exp_BxKxRxS = jnp.exp(logits_BxKxRxS - max_BxKxRx1)
         sum_BxKxRx1 = jnp.sum(exp_BxKxRxS, axis=-1, keepdims=True)
         # Normalise after the matmul: E columns to divide instead of S.
@@ -171,11 +186,14 @@ def _attention_fwd(q_BxKxGxLxE, k_BxKxLxE, v_BxKxLxE, dtype, block, in_dtype):
         outs.append((out_BxKxRxE / sum_BxKxRx1).reshape(B, K, G, e - s, E).astype(in_dtype))
         lses.append(max_BxKxRx1 + jnp.log(sum_BxKxRx1))
     out_BxKxGxLxE = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    max_BxKxG = functools.reduce(jnp.maximum, maxima)
     # The operands are kept already cast: the backward pass needs them in `dtype` anyway.
-    return out_BxKxGxLxE, (stash(q_lo), stash(k_lo), stash(v_lo), stash(out_BxKxGxLxE), lses)
+    residuals = (stash(q_lo), stash(k_lo), stash(v_lo), stash(out_BxKxGxLxE), lses)
+    return (out_BxKxGxLxE, max_BxKxG), residuals
 
 
-def _attention_bwd(dtype, block, in_dtype, residuals, dout_BxKxGxLxE):
+def _attention_bwd(dtype, block, in_dtype, residuals, cotangents):
+    dout_BxKxGxLxE = cotangents[0]  # the maxima are statistics: their cotangent is ignored
     q_lo, k_lo, v_lo, out_BxKxGxLxE = (unstash(r) for r in residuals[:4])
     lses = residuals[4]
     B, K, G, L, E = q_lo.shape

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import layer_stats, memory, sharding
+from lab import layer_stats, memory, qk_clip, sharding
 from lab.config import Config, replace
 from lab.errors import UserError
 from lab.model import Transformer, loss_fn, mup_lr_scales
@@ -81,7 +81,8 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
         return loss_fn(nnx.merge(graphdef, params), tokens)
 
     train_step = make_train_step(jax.value_and_grad(model_loss, has_aux=True), tx, schedule,
-                                 tcfg.grad_accum, bool(mcfg.z_loss))
+                                 tcfg.grad_accum, bool(mcfg.z_loss),
+                                 qk_clip.after_update(mcfg, cfg.optim.qk_clip))
 
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
         return model_loss(params, tokens_BxL1)[1]["ce"]
@@ -123,9 +124,12 @@ def _lr_scales(cfg: Config, specs: dict) -> dict:
 
 
 def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum: int, z_loss: bool) -> Callable:
+                    schedule: optax.Schedule, grad_accum: int, z_loss: bool,
+                    after_update: Callable | None = None) -> Callable:
     """One optimizer step on a batch, accumulated over `grad_accum` micro-batches:
-    (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad."""
+    (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad;
+    `after_update` (new params, layer stats) -> (params, metrics), if given, follows the
+    optimizer's update (lab.qk_clip.after_update)."""
 
     def train_step(state: dict, tokens_BxL1: jax.Array) -> tuple[dict, dict]:
         params = state["params"]
@@ -152,6 +156,9 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
             stats_N = layer_stats.finish(stats_N, A)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
+        extra = {}
+        if after_update is not None:
+            new_params, extra = after_update(new_params, stats_N)
         metrics = {
             "loss": loss,
             "lr": schedule(state["step"]),
@@ -161,7 +168,7 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         }
         if z_loss:  # otherwise the cross-entropy is the loss
             metrics["ce"] = ce
-        metrics.update(layer_stats.step_metrics(stats_N))
+        metrics.update(layer_stats.step_metrics(stats_N), **extra)
         return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
     return train_step
