@@ -12,6 +12,9 @@ cannot make a curve reach a target early and then leave it); S is the first step
 at or below the target, interpolated between logged steps. With several learning rates at one
 batch size, the fastest run counts (each batch at its best learning rate, as McCandlish et al.
 assume).
+
+Runs that measured the gradient noise scale (`train.noise_scale_every`) give the same law from
+one run (analysis.noise_scale); a sweep that measured it gives both, side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.noise_scale import (
+    NoiseScaleFit,
+    fit_noise_scale,
+    has_noise_scale,
+    noise_at_losses,
+)
 from analysis.powerlaw import PowerLaw, fit_power_law
 from lab.errors import UserError
 
@@ -46,17 +55,34 @@ def steps_to_reach(step: np.ndarray, loss: np.ndarray, target: float) -> float:
 
 @dataclass
 class CriticalBatch:
-    """S_min, E_min and B_crit at each target loss, and B_crit(L) as a power law."""
+    """S_min, E_min and B_crit at each target loss, and B_crit(L) as a power law (from a batch
+    sweep); the noise-scale law (from runs that measured it); either may be missing."""
 
     table: pd.DataFrame  # one row per target: loss, S_min, E_min, B_crit, n_batches
-    law: PowerLaw  # B_crit = coef * L^exponent (B in tokens)
+    law: PowerLaw | None  # B_crit = coef * L^exponent (B in tokens); None without a sweep
     warnings: list[str] = field(default_factory=list)
+    noise: NoiseScaleFit | None = None
+
+    def comparison(self) -> pd.DataFrame:
+        """At the sweep's targets: its B_crit, the noise-scale law's and the measured noise
+        scale (median over runs where they reach the loss), and their ratios."""
+        if self.law is None or self.noise is None:
+            return pd.DataFrame()
+        t = self.table
+        law, measured = self.noise(t["loss"]), noise_at_losses(self.noise, t["loss"])
+        return pd.DataFrame({"loss": t["loss"], "B_crit_sweep": t["B_crit"],
+                             "B_noise_law": law, "B_noise_measured": measured,
+                             "law_over_sweep": law / t["B_crit"],
+                             "measured_over_sweep": measured / t["B_crit"]})
 
     def to_dict(self) -> dict:
         return {
+            "method": "critical-batch",  # what lab plan reads it as
             "form": "B_crit(L) = coef * L^exponent, tokens (McCandlish et al. 2018)",
-            "law": self.law.to_dict(),
+            "law": self.law.to_dict() if self.law is not None else None,
             "targets": self.table.to_dict(orient="records"),
+            "noise_scale": self.noise.to_dict() if self.noise is not None else None,
+            "comparison": self.comparison().to_dict(orient="records"),
             "warnings": list(self.warnings),
         }
 
@@ -86,10 +112,14 @@ def fit_critical_batch(
     curves: pd.DataFrame, *, targets=None, window: int = 5, level: float = 0.95
 ) -> CriticalBatch:
     """Fit B_crit(L) on training curves with columns run, step, loss and batch_tokens (one
-    model size; one or more learning rates per batch size)."""
+    model size; one or more learning rates per batch size): from the batch sweep where there
+    are three or more batch sizes, from the measured noise scale where runs logged one, or
+    both."""
     need = [c for c in ("run", "step", "loss", "batch_tokens") if c not in curves.columns]
     if need:
         raise UserError(f"the critical batch fit needs curve column(s) {', '.join(need)}")
+    noise = (fit_noise_scale(curves, window=window, level=level)
+             if has_noise_scale(curves) else None)
     by_batch: dict[float, list[tuple[np.ndarray, np.ndarray]]] = {}
     for _, g in curves.sort_values("step").groupby("run"):
         g = g.dropna(subset=["step", "loss"])
@@ -99,10 +129,28 @@ def fit_critical_batch(
             (g["step"].to_numpy(np.float64), smoothed(g["loss"].to_numpy(), window))
         )
     if len(by_batch) < 3:
+        if noise is not None:  # one run (or two batch sizes) with the noise scale measured
+            return CriticalBatch(table=pd.DataFrame(columns=TABLE_COLUMNS), law=None,
+                                 warnings=list(noise.warnings), noise=noise)
         raise UserError(
             f"the critical batch fit needs curves at three or more batch sizes, got "
-            f"{len(by_batch)}; sweep train.batch_size"
+            f"{len(by_batch)}; sweep train.batch_size, or train with train.noise_scale_every=N "
+            "to measure the gradient noise scale"
         )
+    table, warns = sweep_table(by_batch, targets)
+    law = fit_power_law(table["loss"], table["B_crit"], level)
+    return CriticalBatch(table=table, law=law,
+                         warnings=warns + (noise.warnings if noise is not None else []),
+                         noise=noise)
+
+
+TABLE_COLUMNS = ["loss", "S_min", "E_min", "B_crit", "n_batches"]
+
+
+def sweep_table(by_batch: dict[float, list[tuple[np.ndarray, np.ndarray]]],
+                targets=None) -> tuple[pd.DataFrame, list[str]]:
+    """S_min, E_min and B_crit at each target loss from the (step, smoothed loss) curves of
+    each batch size, and the warnings about targets left out."""
     if targets is None:
         targets = default_targets({b: [c for _, c in runs] for b, runs in by_batch.items()})
     rows, warns = [], []
@@ -123,9 +171,8 @@ def fit_critical_batch(
             continue
         rows.append({"loss": float(L), "S_min": s_min, "E_min": e_min,
                      "B_crit": e_min / s_min, "n_batches": len(B)})
-    table = pd.DataFrame(rows, columns=["loss", "S_min", "E_min", "B_crit", "n_batches"])
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
     if len(table) < 2:
         raise UserError("fewer than two target losses gave a critical batch; train the batch "
                         "sweep longer or give targets the runs reach")
-    return CriticalBatch(table=table, law=fit_power_law(table["loss"], table["B_crit"], level),
-                         warnings=warns)
+    return table, warns

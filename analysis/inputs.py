@@ -39,7 +39,8 @@ class Inputs:
         return pd.concat(parts, ignore_index=True)
 
     def batch_curves(self, loss: str = "loss") -> pd.DataFrame:
-        """Loss curves (run, step, loss, batch_tokens) of one model size's batch-size sweep."""
+        """Loss curves (run, step, loss, batch_tokens; tokens and noise_scale where logged) of
+        one model size's batch-size sweep, or of runs that measured the noise scale."""
         runs = self.runs
         if runs.empty:
             raise UserError("the critical batch fit reads loss curves; give run directories")
@@ -52,7 +53,8 @@ class Inputs:
             curve = read_curve(r["run"])
             if not {"step", loss} <= set(curve.columns):
                 raise UserError(f"{r['run']}/metrics.jsonl lacks step or {loss}")
-            parts.append(curve[["step", loss]].rename(columns={loss: "loss"})
+            extra = [c for c in ("tokens", "noise_scale") if c in curve.columns and c != loss]
+            parts.append(curve[["step", loss, *extra]].rename(columns={loss: "loss"})
                          .assign(run=r["run"], batch_tokens=r["batch_tokens"]))
         return pd.concat(parts, ignore_index=True)
 

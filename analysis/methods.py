@@ -214,16 +214,30 @@ def _describe_hparams(fits: HparamFits) -> str:
 
 
 def _describe_critical_batch(fit) -> str:
-    law = fit.law
-    out = [f"Critical batch size (McCandlish et al. 2018): {len(fit.table)} target losses"]
-    out.append(format_table(
-        ["target loss", "S_min (steps)", "E_min (tokens)", "B_crit (tokens)", "batch sizes"],
-        [[r["loss"], r["S_min"], r["E_min"], r["B_crit"], int(r["n_batches"])]
-         for _, r in fit.table.iterrows()]))
-    out.append(format_table(
-        ["quantity", "value", f"{law.level:.0%} interval"],
-        [["B_crit(L) exponent", law.exponent, interval(law.exponent_interval)],
-         ["B_crit(L) coefficient", law.coef, interval(law.coef_interval)]]))
+    from analysis.noise_scale import describe_noise_scale
+
+    out = []
+    if fit.law is not None:
+        law = fit.law
+        out.append(f"Critical batch size (McCandlish et al. 2018): {len(fit.table)} target "
+                   "losses")
+        out.append(format_table(
+            ["target loss", "S_min (steps)", "E_min (tokens)", "B_crit (tokens)", "batch sizes"],
+            [[r["loss"], r["S_min"], r["E_min"], r["B_crit"], int(r["n_batches"])]
+             for _, r in fit.table.iterrows()]))
+        out.append(format_table(
+            ["quantity", "value", f"{law.level:.0%} interval"],
+            [["B_crit(L) exponent", law.exponent, interval(law.exponent_interval)],
+             ["B_crit(L) coefficient", law.coef, interval(law.coef_interval)]]))
+    if fit.noise is not None:
+        out.append(describe_noise_scale(fit.noise))
+    both = fit.comparison()
+    if len(both):
+        out.append("the batch sweep's critical batch against the noise scale (tokens):")
+        out.append(format_table(
+            ["target loss", "B_crit (sweep)", "B_noise (law)", "B_noise (measured)",
+             "law / sweep", "measured / sweep"],
+            [list(r) for r in both.itertuples(index=False)]))
     return "\n".join(out)
 
 

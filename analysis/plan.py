@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model sizes in the next IsoFLOP sweep (default 5)")
     p.add_argument("--sweep-span", type=_positive, default=0.5, metavar="DECADES",
                    help="the sweep's sizes span N_plan x 10^(±DECADES) (default 0.5)")
+    p.add_argument("--noise-scale", action="store_true",
+                   help="take the batch from the measured gradient noise scale at the predicted "
+                   "loss (a critical-batch fit JSON of runs trained with "
+                   "train.noise_scale_every), before any batch law")
     p.add_argument("--aspect-ratio", type=_positive, default=64.0,
                    help="d_model / n_layers the shape search aims at (default 64; 32 suits "
                    "the tiny CPU models)")
@@ -104,6 +108,7 @@ class Laws:
     stepfun: dict | None = None  # {"lr", "batch": LogLinearLaw or None, "params", "curvature"}
     deepseek: dict | None = None  # {"lr", "batch": LogLinearLaw in C or None, "curvature"}
     critical: PowerLaw | None = None  # B_crit(L) in tokens
+    noise: PowerLaw | None = None  # B_noise(L) in tokens, from a measured gradient noise scale
     sources: dict = dataclasses.field(default_factory=dict)  # kind -> the input it came from
     run_roots: list = dataclasses.field(default_factory=list)  # run directories behind the fit
 
@@ -159,7 +164,10 @@ def read_laws(inputs: list[str], bootstrap: int = 0, seed: int = 0, level: float
                                       for k, j in (("lr", "lr"), ("batch", "batch_tokens"))}
                                      | {"curvature": d.get("curvature") or {}}, item)
         elif method == "critical-batch":
-            extra["critical"] = (_power_law(d["law"]), item)
+            if d.get("law"):  # from a batch sweep
+                extra["critical"] = (_power_law(d["law"]), item)
+            if (d.get("noise_scale") or {}).get("law"):  # from a measured noise scale
+                extra["noise"] = (_power_law(d["noise_scale"]["law"]), item)
         else:
             raise UserError(f"{item} is a {method} fit, which gives no loss or hyperparameter "
                             "law to plan with; fit with --method approach3 or hparams")
@@ -336,11 +344,19 @@ def _fmt(x: float) -> str:
 
 
 def _batch(laws, cfg: Config, L_opt: float, batch_tokens: float | None, batch_src: str,
-           warns: list[str]) -> tuple[int, str]:
-    """The planned batch (rows of train.seq_len) and where it came from: the batch law's, else
-    the critical batch at the loss the plan expects (McCandlish et al.), else the base
-    config's. Warns (into `warns`) when it is over twice the critical batch."""
+           warns: list[str], noise_scale: bool = False) -> tuple[int, str]:
+    """The planned batch (rows of train.seq_len) and where it came from: with `noise_scale`,
+    the measured noise scale's law at the loss the plan expects; else the batch law's, else
+    the critical batch there (McCandlish et al.), else the base config's. Warns (into
+    `warns`) when it is over twice the critical batch."""
     seq = cfg.train.seq_len
+    if noise_scale:
+        batch_tokens = float(laws.noise(L_opt))
+        batch_src = (f"gradient noise scale B_noise(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
+                     f"({laws.sources['noise']})")
+    elif laws.noise is not None:
+        warns.append(f"{laws.sources['noise']} has a noise-scale law that this plan does not "
+                     "use; pass --noise-scale to take the batch from it")
     if batch_tokens is None and laws.critical is not None:
         batch_tokens = float(laws.critical(L_opt))
         batch_src = (f"critical batch B_crit(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
@@ -491,6 +507,10 @@ def make_plan(args: argparse.Namespace) -> dict:
     """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
     _check_args(args)
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
+    if args.noise_scale and laws.noise is None:
+        raise UserError("--noise-scale needs a critical-batch fit JSON with a noise-scale law: "
+                        "`lab fit RUN --method critical-batch --json F` on a run trained with "
+                        "train.noise_scale_every=N")
     base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
     if base is None:
         raise UserError("no base config: pass --base CONFIG (e.g. configs/tiny.yaml)")
@@ -505,7 +525,8 @@ def make_plan(args: argparse.Namespace) -> dict:
     D_target = C / (6 * N)  # the shape's own N spends the budget, not N_opt
     lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_target,
                                                                 fpt * D_target)
-    batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns)
+    batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns,
+                              args.noise_scale)
     tokens_per_step = batch * seq
     steps = _whole_steps(C, N, D_target, tokens_per_step)
     D = steps * tokens_per_step

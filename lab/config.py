@@ -271,6 +271,8 @@ class TrainConfig:
     # Stop (diverged) if the loss tops this x its recent median.
     spike_factor: Annotated[float, Range(1, lo_open=True, also=0, note="off")] = 2.0
     spike_window: PositiveInt = 50  # the recent losses that median is taken over
+    # Measure the gradient noise scale every N steps (metric noise_scale, lab.noise_scale); 0 = off
+    noise_scale_every: Steps = 0
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ class Summary:
     compile_seconds: float | None = None
     eval_seconds: float | None = None
     checkpoint_seconds: float | None = None
+    noise_scale: float | None = None  # the last smoothed gradient noise scale (tokens), if measured
     # A branch (lab branch):
     parent: str | None = None
     branch_step: int | None = None

@@ -340,6 +340,10 @@ CATALOGUE = [
      "splits.val.shards"),
     ("metadata whose dtype cannot hold the vocabulary",
      lambda s: s.metadata(lambda m: m.update(vocab_size=70000)), "cannot hold 70000"),
+    ("negative noise_scale_every", lambda s: s.train("train.noise_scale_every=-1"),
+     "train.noise_scale_every"),
+    ("noise scale: a batch that cannot split in two halves over the devices",
+     lambda s: s.small("train.noise_scale_every=2"), "splits the batch in two halves"),
     ("eval windows: too many batches", lambda s: s.train("train.eval_batches=100000"),
      "train.eval_batches x train.batch_size"),
     ("eval windows: not one batch",
@@ -520,6 +524,12 @@ CATALOGUE = [
           "residuals": [0.0] * 8})), "--budget", "1e14", "--out", str(s.tmp / "plan"),
          "--base", TINY],
      "no compute-optimal allocation"),
+    ("plan --noise-scale without a noise-scale law",
+     lambda s: ["plan", s.write("fit.json", json.dumps(
+         {"method": "approach3", "E": 2, "A": 400, "B": 400, "alpha": 0.34, "beta": 0.28,
+          "residuals": [0.01, -0.01] * 4})), "--budget", "1e14", "--out", str(s.tmp / "plan"),
+         "--base", TINY, "--noise-scale"],
+     "--noise-scale needs a critical-batch fit JSON"),
 ]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from lab.checkpoint import Checkpointer
 from lab.metrics import MetricsLogger
+from lab.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA
 from lab.preemption import PREEMPTION
 from lab.profiling import StepProfiler
 from lab.rundir import Status
@@ -44,6 +45,7 @@ class LoopResult:
     eval_seconds: float = 0.0
     checkpoint_seconds: float = 0.0
     task_seconds: float = 0.0  # the downstream tasks' share of eval_seconds
+    noise_scale: float | None = None  # the last smoothed gradient noise scale (tokens)
 
 
 @dataclasses.dataclass
@@ -156,6 +158,31 @@ class EvalHook(Hook):
         loss = evaluate(self.trainer, info.state["params"], self.eval_data)
         info.eval_loss = self.result.eval_loss = loss
         self.result.eval_seconds += self.watch.other()
+
+
+class NoiseScaleHook(Hook):
+    """The gradient noise scale (lab.noise_scale), measured by the trainer's noise step every
+    train.noise_scale_every steps: each measurement's two estimates are taken out of its
+    metrics into the moving averages, and every record from the first measurement on carries
+    the smoothed B_simple as `noise_scale` (tokens). Runs at every step, before logging."""
+
+    every = 1
+
+    def __init__(self, measure_every: int, tokens_per_row: int, result: LoopResult):
+        self.measure_every, self.result = measure_every, result
+        self.smoothed = NoiseScaleEMA(tokens_per_row)
+
+    def measures(self, step: int) -> bool:
+        """Whether the step that makes `step` steps done is a measuring one."""
+        return step % self.measure_every == 0
+
+    def __call__(self, info: StepInfo) -> None:
+        grad_sq, trace = info.values.pop(GRAD_SQ, None), info.values.pop(TRACE, None)
+        if grad_sq is not None:
+            self.smoothed.update(grad_sq, trace)
+        value = self.smoothed.value()
+        if value is not None:
+            info.values["noise_scale"] = self.result.noise_scale = value
 
 
 class LogHook(Hook):

@@ -25,6 +25,7 @@ from lab.train.hooks import (
     EvalHook,
     LogHook,
     LoopResult,
+    NoiseScaleHook,
     PreemptionHook,
     ProfileHook,
     SaveHook,
@@ -121,15 +122,20 @@ class Loop:
         self.save = SaveHook(ccfg.every_steps, keep_steps, tcfg.steps, logger, checkpointer,
                              batches, self.result, clock)
         task_hooks = [TaskHook(evaluation, tasks, self.result, self.watch)] if tasks else []
-        # A record carries its step's evaluation and tasks.
-        self.after = [evaluation, *task_hooks, log, self.save]
+        self.noise = None  # train.noise_scale_every: a second step measures on its steps
+        if getattr(trainer, "noise_step", None) is not None:
+            self.noise = NoiseScaleHook(tcfg.noise_scale_every, tcfg.seq_len, self.result)
+        noise_hooks = [self.noise] if self.noise is not None else []
+        # A record carries its step's evaluation, tasks and noise scale.
+        self.after = [evaluation, *task_hooks, *noise_hooks, log, self.save]
         self.tasks = tasks
+        self.compiled: dict[str, Callable] = {}
         self.eval_data, self.checkpointer, self.profiler = eval_data, checkpointer, profiler
         self.clock = clock
 
     def run(self) -> LoopResult:
         """Train from the state's step to train.steps."""
-        result, step_fn = self.result, None
+        result = self.result
         try:
             with jax.set_mesh(self.trainer.mesh):
                 for step in range(self.start, self.total):
@@ -139,8 +145,7 @@ class Loop:
                         self.preempted(step)
                         break
                     tokens = sharding.global_batch(next(self.batches), self.trainer.mesh)
-                    if step_fn is None:
-                        step_fn = self.compile(tokens)
+                    step_fn = self.step_function(step, tokens)
                     run_hooks(self.before_step, before)
                     result.state, metrics = step_fn(result.state, tokens)
                     result.step = step + 1
@@ -176,12 +181,22 @@ class Loop:
         run_hooks(self.after, info)
         return True
 
-    def compile(self, tokens: jax.Array) -> Callable:
+    def step_function(self, step: int, tokens: jax.Array) -> Callable:
+        """The compiled step that runs step `step`: the one that also measures the noise scale
+        where that is due, else the plain one (compiled once each, when first needed)."""
+        name = "noise" if self.noise is not None and self.noise.measures(step + 1) else "train"
+        if name not in self.compiled:
+            jitted = self.trainer.noise_step if name == "noise" else self.trainer.train_step
+            self.compiled[name] = self.compile(tokens, jitted)
+        return self.compiled[name]
+
+    def compile(self, tokens: jax.Array, jitted: Callable) -> Callable:
         self.watch.train()  # the batch so far
         progress_call(self.progress, "compiling")
-        step_fn = self.trainer.train_step.lower(self.result.state, tokens).compile()
-        self.result.compile_seconds = self.watch.other()
-        progress_call(self.progress, "compiled", self.result.compile_seconds)
+        step_fn = jitted.lower(self.result.state, tokens).compile()
+        seconds = self.watch.other()
+        self.result.compile_seconds += seconds
+        progress_call(self.progress, "compiled", seconds)
         return step_fn
 
     def preempted(self, step: int) -> None:

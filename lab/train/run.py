@@ -295,7 +295,7 @@ def _finish(setup: Setup, summary: Summary, result: LoopResult, peak: tuple[floa
         train_seconds=round(result.train_seconds, 3),
         compile_seconds=round(result.compile_seconds, 3),
         eval_seconds=round(result.eval_seconds, 3),
-        checkpoint_seconds=round(result.checkpoint_seconds, 3))
+        checkpoint_seconds=round(result.checkpoint_seconds, 3), noise_scale=result.noise_scale)
     if finished and setup.tasks is not None:  # final values, by the metrics' names
         summary = dataclasses.replace(summary, extra={
             **summary.extra, **final_task_metrics(setup.tasks.task_sets, result.task_metrics),

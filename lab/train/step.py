@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import layer_stats, memory, qk_clip, sharding
+from lab import layer_stats, memory, noise_scale, qk_clip, sharding
 from lab.config import Config, replace
 from lab.errors import UserError
 from lab.model import Transformer, loss_fn, mup_lr_scales
@@ -41,6 +41,8 @@ class Trainer:
     train_step: Callable
     eval_step: Callable
     remat_note: str = ""  # what model.remat=auto chose, for the run's first lines
+    # The step that also measures the gradient noise scale (train.noise_scale_every), or None.
+    noise_step: Callable | None = None
 
 
     def init_state(self) -> dict:
@@ -80,9 +82,11 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
     def model_loss(params, tokens):
         return loss_fn(nnx.merge(graphdef, params), tokens)
 
-    train_step = make_train_step(jax.value_and_grad(model_loss, has_aux=True), tx, schedule,
-                                 tcfg.grad_accum, bool(mcfg.z_loss),
-                                 qk_clip.after_update(mcfg, cfg.optim.qk_clip))
+    grad_fn = jax.value_and_grad(model_loss, has_aux=True)
+    clip = qk_clip.after_update(mcfg, cfg.optim.qk_clip)
+    train_step, noise_step = (
+        make_train_step(grad_fn, tx, schedule, tcfg.grad_accum, bool(mcfg.z_loss), clip, measure)
+        for measure in (False, True))
 
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
         return model_loss(params, tokens_BxL1)[1]["ce"]
@@ -93,8 +97,12 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
                             out_shardings=(state_sh, repl), donate_argnums=0)
         jit_eval = jax.jit(eval_step, in_shardings=(state_sh["params"], batch_sh),
                            out_shardings=repl)
+        jit_noise = None
+        if tcfg.noise_scale_every:  # a second program, for the steps that measure
+            jit_noise = jax.jit(noise_step, in_shardings=(state_sh, batch_sh),
+                                out_shardings=(state_sh, repl), donate_argnums=0)
     return Trainer(cfg, mesh, graphdef, abstract_params, specs, tx, schedule, state_sh,
-                   jit_init, jit_train, jit_eval)
+                   jit_init, jit_train, jit_eval, noise_step=jit_noise)
 
 
 def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
@@ -106,6 +114,11 @@ def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
             f"train.batch_size ({tcfg.batch_size}) must divide by the data-parallel size "
             f"(mesh.data x mesh.fsdp = {divisor}) times train.grad_accum ({tcfg.grad_accum}); "
             "change the batch size or the mesh")
+    if tcfg.noise_scale_every and tcfg.grad_accum == 1 and tcfg.batch_size % (2 * divisor):
+        raise UserError(
+            f"train.noise_scale_every splits the batch in two halves on the steps it measures, "
+            f"so train.batch_size ({tcfg.batch_size}) must divide by 2 x the data-parallel size "
+            f"({divisor}); change the batch size or the mesh, or set train.grad_accum")
     if jax.process_count() > 1 and tcfg.batch_size % jax.process_count():
         raise UserError(f"train.batch_size ({tcfg.batch_size}) must divide by the number of "
                         f"processes ({jax.process_count()})")
@@ -125,15 +138,18 @@ def _lr_scales(cfg: Config, specs: dict) -> dict:
 
 def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum: int, z_loss: bool,
-                    after_update: Callable | None = None) -> Callable:
+                    after_update: Callable | None = None,
+                    measure_noise: bool = False) -> Callable:
     """One optimizer step on a batch, accumulated over `grad_accum` micro-batches:
     (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad;
     `after_update` (new params, layer stats) -> (params, metrics), if given, follows the
-    optimizer's update (lab.qk_clip.after_update)."""
+    optimizer's update (lab.qk_clip.after_update). `measure_noise` adds the gradient noise
+    scale's two estimates (lab.noise_scale) from the micro-batches' gradients against their
+    mean, splitting the batch in two without accumulation."""
+    A = max(grad_accum, 2) if measure_noise else grad_accum
 
     def train_step(state: dict, tokens_BxL1: jax.Array) -> tuple[dict, dict]:
         params = state["params"]
-        A = grad_accum
         if A == 1:
             (loss, aux), grads = grad_fn(params, tokens_BxL1)
             ce, stats_N = aux["ce"], aux["layer_stats"]
@@ -145,14 +161,18 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
             def accumulate(carry, tokens):
                 (loss, aux), grads = grad_fn(params, tokens)
                 total, stats_N = carry
-                return (jax.tree.map(jnp.add, total, (grads, loss, aux["ce"])),
+                summed = (grads, loss, aux["ce"])
+                if measure_noise:  # the micro-batch's squared gradient norm
+                    summed += (optax.tree.norm(grads, squared=True),)
+                return (jax.tree.map(jnp.add, total, summed),
                         layer_stats.accumulate(stats_N, aux["layer_stats"])), None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros(()), jnp.zeros(()))
+            zeros += (jnp.zeros(()),) if measure_noise else ()
             stats_shape = jax.eval_shape(grad_fn, params, micro_AxBAxL1[0])[0][1]["layer_stats"]
-            ((grads, loss, ce), stats_N), _ = jax.lax.scan(
+            (sums, stats_N), _ = jax.lax.scan(
                 accumulate, (zeros, layer_stats.initial(stats_shape)), micro_AxBAxL1)
-            grads, loss, ce = jax.tree.map(lambda x: x / A, (grads, loss, ce))
+            grads, loss, ce, *micro_sq = jax.tree.map(lambda x: x / A, sums)
             stats_N = layer_stats.finish(stats_N, A)
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
@@ -169,6 +189,10 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
         if z_loss:  # otherwise the cross-entropy is the loss
             metrics["ce"] = ce
         metrics.update(layer_stats.step_metrics(stats_N), **extra)
+        if measure_noise:
+            B = tokens_BxL1.shape[0]
+            metrics |= noise_scale.step_estimates(
+                micro_sq[0], optax.tree.norm(grads, squared=True), B // A, B)
         return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
 
     return train_step
