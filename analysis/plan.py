@@ -350,6 +350,10 @@ def _batch(laws, cfg: Config, L_opt: float, batch_tokens: float | None, batch_sr
     the critical batch there (McCandlish et al.), else the base config's. Warns (into
     `warns`) when it is over twice the critical batch."""
     seq = cfg.train.seq_len
+    if noise_scale and laws.noise is None:
+        raise UserError("--noise-scale needs a critical-batch fit JSON with a noise-scale law: "
+                        "`lab fit RUN --method critical-batch --json F` on a run trained with "
+                        "train.noise_scale_every=N")
     if noise_scale:
         batch_tokens = float(laws.noise(L_opt))
         batch_src = (f"gradient noise scale B_noise(L={L_opt:.4g}) = {batch_tokens:.4g} tokens "
@@ -507,10 +511,6 @@ def make_plan(args: argparse.Namespace) -> dict:
     """Compute the plan and write DIR/config.yaml, DIR/sweep.yaml and DIR/plan.json."""
     _check_args(args)
     laws = read_laws(args.inputs, args.bootstrap, level=args.level)
-    if args.noise_scale and laws.noise is None:
-        raise UserError("--noise-scale needs a critical-batch fit JSON with a noise-scale law: "
-                        "`lab fit RUN --method critical-batch --json F` on a run trained with "
-                        "train.noise_scale_every=N")
     base = presets.resolve(args.base) if args.base else _best_run_config(laws.run_roots)
     if base is None:
         raise UserError("no base config: pass --base CONFIG (e.g. configs/tiny.yaml)")
@@ -525,8 +525,7 @@ def make_plan(args: argparse.Namespace) -> dict:
     D_target = C / (6 * N)  # the shape's own N spends the budget, not N_opt
     lr, batch_tokens, lr_src, batch_src, warns = choose_hparams(laws, cfg, n_by, D_target,
                                                                 fpt * D_target)
-    batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns,
-                              args.noise_scale)
+    batch, batch_src = _batch(laws, cfg, L_opt, batch_tokens, batch_src, warns, args.noise_scale)
     tokens_per_step = batch * seq
     steps = _whole_steps(C, N, D_target, tokens_per_step)
     D = steps * tokens_per_step
