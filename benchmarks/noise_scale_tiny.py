@@ -13,7 +13,7 @@ what measuring costs, and how its critical batch compares with a batch sweep's.
   and at the git commit REF: every logged loss and norm must be equal, bit for bit.
 
     nice -n 10 .venv/bin/python -m benchmarks.noise_scale_tiny --sweep-dir DIR \\
-        [--against main] [--rounds 15] [--out FILE]
+        [--against main] [--rounds 15] [--parts compare,cost,identical] [--out FILE]
 
 The committed record is benchmarks/results/noise-scale-tiny.txt.
 """
@@ -39,6 +39,9 @@ SWEEP = ROOT / "configs" / "sweeps" / "batch-noise-tiny.yaml"
 
 def cost(rounds: int, grad_accum: int) -> str:
     """Median seconds of the plain and the measuring step, alternated on one state."""
+    from lab import backend
+
+    backend.choose_platforms()  # no TPU backend on a host without TPU chips
     import jax
 
     from lab import data as labdata
@@ -120,18 +123,27 @@ def identical(ref: str) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep-dir", type=Path, required=True)
+    p.add_argument("--sweep-dir", type=Path, help="where the sweep's runs are (or go)")
+    p.add_argument("--parts", default="compare,cost,identical",
+                   help="which of compare, cost, identical to run (default: all)")
     p.add_argument("--against", metavar="REF", help="a git commit for the bit-identity check")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    parts = [f"$ nice -n 10 .venv/bin/python -m benchmarks.noise_scale_tiny --sweep-dir "
-             f"{args.sweep_dir}" + (f" --against {args.against}" if args.against else "")
-             + f" --rounds {args.rounds}", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())]
-    parts.append(compare(args.sweep_dir))
-    parts.append("\nthe cost of measuring (tiny config, one device):")
-    parts += [cost(args.rounds, accum) for accum in (1, 2)]
-    if args.against:
+    chosen = set(args.parts.split(","))
+    parts = ["$ nice -n 10 .venv/bin/python -m benchmarks.noise_scale_tiny"
+             + (f" --sweep-dir {args.sweep_dir}" if args.sweep_dir else "")
+             + (f" --against {args.against}" if args.against else "")
+             + f" --rounds {args.rounds} --parts {args.parts}",
+             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())]
+    if "compare" in chosen:
+        if args.sweep_dir is None:
+            p.error("--parts compare needs --sweep-dir")
+        parts.append(compare(args.sweep_dir))
+    if "cost" in chosen:
+        parts.append("\nthe cost of measuring (tiny config, one device):")
+        parts += [cost(args.rounds, accum) for accum in (1, 2)]
+    if "identical" in chosen and args.against:
         parts.append(identical(args.against))
     return write_report("\n".join(parts) + "\n", args.out)
 
