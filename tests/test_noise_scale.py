@@ -70,7 +70,7 @@ def regression_problem(d: int, delta_norm: float, sigma: float, seed: int = 0):
         def loss(p):
             return 0.5 * jnp.mean((x @ p["w"] - y) ** 2)
         value, grads = jax.value_and_grad(loss)(params)
-        return (value, {"ce": value}), grads
+        return (value, {"ce": value, "layer_stats": {}}), grads
 
     def batches(key, trials: int, b: int):
         kx, ke = jax.random.split(key)
