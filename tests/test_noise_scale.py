@@ -183,8 +183,8 @@ def _curves_of(run: Path):
     return df.assign(run=str(run), batch_tokens=16 * 128)
 
 
-# Two trainers compiled (over 100 s on a loaded 2-core machine): in the slow selection; the run
-# above measures on 8 devices by default.
+# Two trainers compiled (6 s on a quiet 2-core machine, 120 s at a load average of 12): in the
+# slow selection; the run above measures on 8 devices (with accumulation) by default.
 @pytest.mark.slow
 def test_noise_step_on_eight_devices_matches_one(small_data):
     """The measuring step (no accumulation: the batch split in two halves) gives the same
