@@ -160,6 +160,8 @@ Parameterization = Literal["sp", "mup"]
 Optimizer = Literal["adamw", "muon"]
 MuonScaling = Literal["moonlight", "shape"]  # lab.muon.shape_scale
 Schedule = Literal["wsd", "cosine"]
+Router = Literal["softmax", "sigmoid"]  # lab.moe
+Dispatch = Literal["auto", "onehot", "ragged"]  # lab.moe
 DecayShape = Literal["linear", "cosine", "1-sqrt"]  # lab.schedules
 OPTIMIZERS = typing.get_args(Optimizer)
 MUON_SCALINGS = typing.get_args(MuonScaling)
@@ -197,6 +199,33 @@ class RunConfig:
             return {}
         return {"predicted_loss": self.predicted_loss,
                 "predicted_interval": list(self.predicted_interval)}
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """A mixture-of-experts MLP in every block (lab.moe); experts = 0 keeps the dense MLP."""
+
+    experts: NonNegativeInt = 0  # routed experts per block; 0 = the dense SwiGLU MLP
+    top_k: PositiveInt = 2  # routed experts each token goes through
+    shared_experts: NonNegativeInt = 0  # experts every token goes through, besides its top-k
+    d_ff: NonNegativeInt = 0  # each expert's SwiGLU width; 0 = the dense MLP's (model.d_ff)
+    # softmax: top-k of softmax probabilities, weighted by them (Switch, GShard); sigmoid:
+    # top-k of sigmoid scores plus a balancing bias, weighted by the chosen scores normalised
+    # to sum to 1 (DeepSeek-V3)
+    router: Router = "softmax"
+    # The sigmoid router's bias step: after each optimizer step, every expert's bias moves by
+    # this much toward balance (up if under-loaded, down if over-loaded); 0 = no bias.
+    bias_rate: NonNegativeFloat = 1e-3
+    aux_loss: NonNegativeFloat = 0.0  # coefficient of the Switch load-balancing loss; 0 = off
+    # Each expert takes at most capacity_factor * top_k * seq_len / experts of a sequence's
+    # token choices (first choices first, earlier positions first); the rest are dropped
+    # (the residual carries them). 0 = dropless: every choice is computed.
+    capacity_factor: NonNegativeFloat = 0.0
+    # How tokens reach their experts: onehot = every expert on every token, weighted by the
+    # (mostly zero) routing weights (exact, E / top_k times the active FLOPs); ragged = tokens
+    # sorted by expert through jax.lax.ragged_dot (grouped matmul); auto = ragged on GPU and
+    # TPU, onehot on CPU.
+    dispatch: Dispatch = "auto"
 
 
 @dataclass(frozen=True)
@@ -240,6 +269,7 @@ class ModelConfig:
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
     parameterization: Parameterization = "sp"
     mup_base_width: PositiveInt = 128  # the width at which μP equals SP
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -252,6 +282,11 @@ class ModelConfig:
     @property
     def ff_dim(self) -> int:
         return self.d_ff or 3 * self.d_model
+
+    @property
+    def expert_ff_dim(self) -> int:
+        """One expert's SwiGLU width (routed and shared experts alike)."""
+        return self.moe.d_ff or self.ff_dim
 
 
 @dataclass(frozen=True)
@@ -300,6 +335,9 @@ class MeshConfig:
     data: MeshAxis = 1  # pure data parallelism (replicated parameters)
     fsdp: MeshAxis = -1  # data parallelism with parameters sharded; -1 = all remaining devices
     tensor: MeshAxis = 1  # tensor (model) parallelism over heads and MLP width
+    # expert parallelism: the routed experts are split over this axis, which outside the MoE
+    # layers is data parallel (the batch is split over data x fsdp x expert)
+    expert: MeshAxis = 1
 
 
 @dataclass(frozen=True)
@@ -513,15 +551,23 @@ def describe_type(hint: Any) -> str:
 
 
 def config_keys() -> list[tuple[str, str, str]]:
-    """(key, type, default) of every config key, read from the schema, for `lab train --help`."""
+    """(key, type, default) of every config key, read from the schema, for `lab train --help`;
+    a nested section's keys are dotted further (model.moe.experts)."""
+    return _keys(Config, "")
+
+
+def _keys(cls: type, prefix: str) -> list[tuple[str, str, str]]:
     rows = []
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        hints = typing.get_type_hints(cls, include_extras=True)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = '""' if default == "" else override_word(default)  # as typed after key=
-            rows.append((f"{section.name}.{f.name}", describe_type(hints[f.name]), shown))
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += _keys(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        if not prefix:
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = '""' if default == "" else override_word(default)  # as typed after key=
+        rows.append((f"{prefix}{f.name}", describe_type(hints[f.name]), shown))
     return rows
 
 
@@ -582,8 +628,10 @@ def _check_relations(config: Config) -> None:
     _require(s.warmup_steps + s.decay_steps <= t.steps,
              f"schedule.warmup_steps + schedule.decay_steps ({s.warmup_steps} + "
              f"{s.decay_steps}) must not exceed train.steps ({t.steps})")
-    _require([config.mesh.data, config.mesh.fsdp, config.mesh.tensor].count(-1) <= 1,
-             "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    mesh = config.mesh
+    _require([mesh.data, mesh.fsdp, mesh.expert, mesh.tensor].count(-1) <= 1,
+             "only one of mesh.data, mesh.fsdp, mesh.expert, mesh.tensor may be -1")
+    _check_moe(m.moe, mesh)
     _check_tasks(config.eval, t)
     _require(not r.predicted_interval or (len(r.predicted_interval) == 2
                                           and r.predicted_interval[0] <= r.predicted_interval[1]),
@@ -604,6 +652,20 @@ def _check_tasks(e: EvalConfig, t: TrainConfig) -> None:
                  "the window")
 
 
+def _check_moe(moe: MoeConfig, mesh: MeshConfig) -> None:
+    if not moe.experts:
+        _require(mesh.expert == 1,
+                 f"mesh.expert={mesh.expert} splits experts, but model.moe.experts is 0 (a "
+                 "dense MLP); set model.moe.experts or mesh.expert=1")
+        return
+    _require(moe.top_k <= moe.experts,
+             f"model.moe.top_k ({moe.top_k}) must not exceed model.moe.experts "
+             f"({moe.experts}); lower top_k or add experts")
+    _require(mesh.expert == -1 or moe.experts % mesh.expert == 0,
+             f"model.moe.experts ({moe.experts}) must divide by mesh.expert ({mesh.expert}), "
+             "which splits them over devices; change one of them")
+
+
 # ----------------------------------------------------------------------------- typed changes
 
 
@@ -611,39 +673,52 @@ def override(config: Config, values: dict[str, Any]) -> Config:
     """A copy with dotted keys set, e.g. override(cfg, {"optim.lr": 1e-3}): each value is
     checked against its field's type as if read from YAML, and the result is validated. How
     sweeps and studies derive their runs' configs from a base."""
-    by_section: dict[str, dict] = {}
+    raw: dict[str, Any] = {}
     for key, value in values.items():
-        section, _, name = key.partition(".")
-        if not name or "." in name:
+        if "." not in key:
             raise UserError(f"config key {shown(key)} must be section.key, such as train.steps")
-        by_section.setdefault(section, {})[name] = value
-    changes = {}
-    for section, fields in by_section.items():
-        typed = getattr(from_dict(Config, {section: fields}, prefix=""), section)
-        changes[section] = {name: getattr(typed, name) for name in fields}
-    result = replace(config, **changes)
+        set_dotted(raw, key, value)
+    typed = from_dict(Config, raw, prefix="")
+    result = _merge(config, typed, raw)
     validate(result)
     return result
+
+
+def _merge(base: Any, typed: Any, raw: dict) -> Any:
+    """`base` with the fields named in `raw` taken from `typed` (nested sections merged)."""
+    changes = {}
+    for name, value in raw.items():
+        new = getattr(typed, name)
+        if dataclasses.is_dataclass(new) and isinstance(value, dict):
+            new = _merge(getattr(base, name), new, value)
+        changes[name] = new
+    return dataclasses.replace(base, **changes)
 
 
 def overrides_between(base: Config, config: Config) -> list[str]:
     """The `key=value` words that turn `base` into `config`, in schema order:
     load_config(base_file, words) gives `config` back. A sweep's runs are Config objects;
     these words are how they are shown and handed to a `lab train` process."""
+    return _words(base, config, "")
+
+
+def _words(old: Any, new: Any, prefix: str) -> list[str]:
     words = []
-    for section in dataclasses.fields(config):
-        old, new = getattr(base, section.name), getattr(config, section.name)
-        for f in dataclasses.fields(new):
-            value = getattr(new, f.name)
-            if getattr(old, f.name) != value:
-                words.append(f"{section.name}.{f.name}={override_word(value)}")
+    for f in dataclasses.fields(new):
+        before, value = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(value):
+            words += _words(before, value, f"{prefix}{f.name}.")
+        elif before != value:
+            words.append(f"{prefix}{f.name}={override_word(value)}")
     return words
 
 
 def value_of(config: Config, key: str) -> Any:
     """The value of a dotted key, value_of(cfg, "train.steps")."""
-    section, _, name = key.partition(".")
-    return getattr(getattr(config, section), name)
+    value = config
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def override_word(value: Any) -> str:

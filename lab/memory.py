@@ -23,6 +23,7 @@ from lab import sharding
 from lab.chips import GIB, chip_for
 from lab.config import Config
 from lab.errors import UserError
+from lab.moe import dispatch_kind
 
 # Measured with the TPU compiler (v5e, libtpu 0.0.42), from its buffer assignment and memory
 # analysis of the v5e ladder's rungs: the scratch it reports with the temporaries (112 MiB of
@@ -114,10 +115,10 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | No
     tokens = local_batch * L
     a = _dtype_bytes(m.activation_dtype)
     c = _dtype_bytes(m.compute_dtype)
-    D, H, K, E, F, V = m.d_model, m.n_heads, m.kv_heads, m.head_dim, m.ff_dim, m.vocab_size
+    D, H, K, E, V = m.d_model, m.n_heads, m.kv_heads, m.head_dim, m.vocab_size
     qkv = (H + 2 * K) * E / tensor
     lse_lanes = 128 if attention == "splash" else 1
-    mlp = F / tensor
+    mlp = mlp_width(cfg, platform) / tensor
     counted = a * (4 * D + 2 * qkv + H * E / tensor + 3 * mlp) + 4 * H / tensor
     everything = 2 * counted
     projections = a * (D + qkv + D + 2 * mlp + D)  # block input, q k v, out, gate, up, down
@@ -145,6 +146,17 @@ def activation_bytes(cfg: Config, local_batch: int, tensor: int, remat: str | No
     return kept, working, logits
 
 
+def mlp_width(cfg: Config, platform: str) -> int:
+    """The MLP hidden units one token's activations hold: the dense width, or for a mixture
+    of experts the shared experts' and, of the routed ones, every expert's on the one-hot path
+    (each token goes through all of them) or its top_k's on the ragged path."""
+    m = cfg.model
+    if not m.moe.experts:
+        return m.ff_dim
+    routed = m.moe.experts if dispatch_kind(m.moe, platform) == "onehot" else m.moe.top_k
+    return (routed + m.moe.shared_experts) * m.expert_ff_dim
+
+
 def estimate(trainer: Any, remat: str | None = None) -> MemoryEstimate:
     """The per-chip estimate for a built lab.train.Trainer (its config and mesh); `remat`
     names another policy than the config's."""
@@ -152,7 +164,7 @@ def estimate(trainer: Any, remat: str | None = None) -> MemoryEstimate:
     abstract_state = jax.eval_shape(trainer.init_fn)
     params = sharded_bytes(abstract_state["params"], trainer.state_shardings["params"])
     opt = sharded_bytes(abstract_state["opt"], trainer.state_shardings["opt"])
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    data_parallel = sharding.batch_size_divisor(mesh)
     local_batch = max(cfg.train.batch_size // (data_parallel * cfg.train.grad_accum), 1)
     from lab.kernels.attention import resolve
 

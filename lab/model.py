@@ -23,6 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lab import layer_stats
 from lab.config import ModelConfig
 from lab.kernels import Kernels, cross_entropy
+from lab.moe import MoE
 from lab.remat import ATTENTION_OUT
 from lab.remat import POLICIES as REMAT_POLICIES
 from lab.roles import Role, param, specs_of, stack
@@ -96,8 +97,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs):
-        D, F = cfg.d_model, cfg.ff_dim
+    def __init__(self, cfg: ModelConfig, kernels: Kernels, rngs: nnx.Rngs, width: int = 0):
+        D, F = cfg.d_model, width or cfg.ff_dim  # width 0: model.d_ff
         self.w_gate = _matrix(rngs, D, F, ("embed", "mlp"))
         self.w_up = _matrix(rngs, D, F, ("embed", "mlp"))
         self.w_down = _matrix(rngs, F, D, ("mlp", "embed"))
@@ -116,15 +117,19 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, kernels, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg, kernels, rngs)
+        self.routed = cfg.moe.experts > 0  # a mixture of experts (lab.moe)
+        self.mlp = (MoE(cfg, rngs, kernels.platform, lambda width: MLP(cfg, kernels, rngs, width))
+                    if self.routed else MLP(cfg, kernels, rngs))
 
     def __call__(self, x_BxLxD: jax.Array, sin: jax.Array, cos: jax.Array
                  ) -> tuple[jax.Array, dict]:
         """The block's output and its statistics (LayerStats: float32 arrays, keyed by name)."""
         attn_BxLxD, max_logit_BxH = self.attn(self.attn_norm(x_BxLxD), sin, cos)
         x_BxLxD = x_BxLxD + attn_BxLxD
-        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
-        return constrain_activations(x_BxLxD), {layer_stats.MAX_LOGIT: max_logit_BxH}
+        h_BxLxD = self.mlp_norm(x_BxLxD)
+        y_BxLxD, stats = self.mlp(h_BxLxD) if self.routed else (self.mlp(h_BxLxD), {})
+        return (constrain_activations(x_BxLxD + y_BxLxD),
+                {layer_stats.MAX_LOGIT: max_logit_BxH, **stats})
 
 
 class Embed(nnx.Module):

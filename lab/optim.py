@@ -30,13 +30,16 @@ from lab.tree import align, path_names
 
 
 def group(spec: ParamSpec) -> str:
-    """The optimizer a parameter goes to: "muon" for hidden matrices, else "adamw"."""
+    """The optimizer a parameter goes to: "muon" for hidden matrices, "none" for what is moved
+    outside the gradient (Role.BALANCE), else "adamw"."""
+    if spec.role is Role.BALANCE:
+        return "none"
     return "muon" if spec.role is Role.HIDDEN else "adamw"
 
 
 def decays(spec: ParamSpec) -> bool:
     """Whether weight decay applies: to matrices, never to norm scales or biases."""
-    return spec.role is not Role.NORM
+    return spec.role not in (Role.NORM, Role.BALANCE)
 
 
 def param_labels(specs):
@@ -167,10 +170,15 @@ def build_optimizer(
         weight_decay=optim_cfg.weight_decay,
         mask=lambda params: align(decay, params),
     )
+    groups = set(jax.tree.leaves(labels))
     if optim_cfg.name == "adamw":
         core = adamw
+        if "none" in groups:  # every other parameter to AdamW, hidden matrices too
+            trained = jax.tree.map(lambda g: "none" if g == "none" else "adamw", labels)
+            core = optax.multi_transform({"adamw": adamw, "none": optax.set_to_zero()},
+                                         lambda params: align(trained, params))
     else:
-        if "muon" not in jax.tree.leaves(labels):
+        if "muon" not in groups:
             raise UserError(
                 "optim.name=muon, but no parameter is a hidden matrix (lab.roles.Role.HIDDEN); "
                 "use optim.name=adamw"
@@ -185,8 +193,10 @@ def build_optimizer(
             scaling=optim_cfg.muon_scaling,
             weight_decay=optim_cfg.weight_decay,
         )
-        core = optax.multi_transform({"adamw": adamw, "muon": hidden},
-                                     lambda params: align(labels, params))
+        transforms = {"adamw": adamw, "muon": hidden}
+        if "none" in groups:
+            transforms["none"] = optax.set_to_zero()
+        core = optax.multi_transform(transforms, lambda params: align(labels, params))
     parts = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
     parts.append(core)
     if lr_scales is not None:

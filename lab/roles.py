@@ -8,6 +8,7 @@ tree `specs_of` returns, never from a parameter's name:
     lab.sharding     axes  -> the parameter's sharding (and its optimizer moments')
     lab.optim        role  -> Muon or AdamW, weight decay or not
     lab.model        role  -> μP's learning-rate multiplier
+    lab.moe          role  -> the router biases the train step balances itself
 
 So a new kind of weight (an MoE expert matrix, a bias) is one `param(...)` call in the module
 that creates it. Layers stacked for `jax.lax.scan` gain a leading "layers" axis (`stack`).
@@ -33,6 +34,9 @@ class Role(enum.Enum):
     EMBEDDING = "embedding"  # the input embedding: AdamW, decayed
     HEAD = "head"  # the output head: AdamW, decayed
     NORM = "norm"  # a norm scale or a bias: AdamW, never decayed
+    # Moved outside the gradient, never by the optimizer: the MoE router's balancing bias
+    # (lab.moe.balance_biases)
+    BALANCE = "balance"
 
 
 @dataclasses.dataclass(frozen=True)

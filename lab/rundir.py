@@ -71,6 +71,10 @@ class Summary:
 
     params: int | None = None
     non_embedding_params: int | None = None
+    # A mixture of experts' parameters: all of them, and those one token goes through
+    # (lab.accounting.param_counts); equal for a dense model.
+    total_params: int | None = None
+    active_params: int | None = None
     flops_per_token: int | None = None
     name: str | None = None
     data: str | None = None

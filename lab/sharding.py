@@ -1,9 +1,10 @@
 """Every sharding decision of the lab, in one place.
 
-The mesh has three axes: `data` (replicated parameters), `fsdp` (data parallel with parameters
-sharded) and `tensor` (heads and MLP width split across devices). Parameters declare their
-logical axes where they are created (lab.roles); `RULES` maps logical axes to mesh axes. The
-batch is split over data x fsdp.
+The mesh has four axes: `data` (replicated parameters), `fsdp` (data parallel with parameters
+sharded), `expert` (a mixture of experts' experts split across devices, data parallel
+everywhere else; lab.moe exchanges the tokens) and `tensor` (heads and MLP width split across
+devices). Parameters declare their logical axes where they are created (lab.roles); `RULES`
+maps logical axes to mesh axes. The batch is split over data x fsdp x expert.
 When the devices span several TPU slices, `data` is the axis over the slices' network (DCN) and
 the others stay inside a slice (MaxText's hybrid mesh). A parameter dimension its mesh axis
 does not divide is an error, never silent replication; so is a tensor axis that leaves a host's
@@ -26,8 +27,8 @@ from lab.config import MeshConfig
 from lab.errors import UserError
 from lab.tree import path_names
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (None = replicated)
 RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -37,6 +38,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "vocab": "tensor",
+    "expert": "expert",
+    "router": None,
     "layers": None,
     "norm": None,
 }
@@ -84,22 +87,23 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Resolve -1 to the remaining devices and check the product equals the device count."""
-    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """Resolve -1 to the remaining devices and check the product equals the device count:
+    the sizes in MESH_AXES order."""
+    sizes = [getattr(cfg, axis) for axis in MESH_AXES]
+    named = ", ".join(f"{axis}={getattr(cfg, axis)}" for axis in MESH_AXES)
     fixed = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if n_devices % fixed:
             raise UserError(
                 f"mesh: {n_devices} devices do not divide by the fixed axes' product {fixed} "
-                f"(data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}); choose sizes "
-                "that divide the device count")
+                f"({named}); choose sizes that divide the device count")
         sizes = [n_devices // fixed if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != n_devices:
+        shown = " x ".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes, strict=True))
         raise UserError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-            f"{int(np.prod(sizes))} devices but {n_devices} are available; set one axis to -1 "
-            "or make the product match")
+            f"mesh {shown} needs {int(np.prod(sizes))} devices but {n_devices} are available; "
+            "set one axis to -1 or make the product match")
     return tuple(sizes)
 
 
@@ -109,15 +113,15 @@ def slice_count(devices: Sequence) -> int:
 
 
 def hybrid_shapes(shape: Sequence[int], slices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(within a slice, across slices) shapes of a (data, fsdp, tensor) mesh: the data axis is
-    split over the slices, the other axes stay inside one."""
-    data, fsdp, tensor = shape
+    """(within a slice, across slices) shapes of a mesh whose first axis is data: the data
+    axis is split over the slices, the other axes stay inside one."""
+    data, *rest = shape
     if data % slices:
         raise UserError(
             f"mesh: the devices span {slices} slices and the data axis runs across them, but "
             f"mesh.data={data} does not divide by {slices}; set mesh.data to a multiple of "
             f"{slices}, e.g. mesh.data={slices} mesh.fsdp=-1")
-    return (data // slices, fsdp, tensor), (slices, 1, 1)
+    return (data // slices, *rest), (slices, *(1,) * len(rest))
 
 
 def interconnect(device) -> tuple[str, int]:
@@ -148,7 +152,8 @@ def check_tensor_groups(grid: np.ndarray) -> None:
 
 
 def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
-    """The devices laid out (data, fsdp, tensor), hybrid when they span several slices."""
+    """The devices laid out (data, fsdp, expert, tensor), hybrid when they span several
+    slices."""
     shape = mesh_shape(cfg, len(devices))
     # Off TPU the layout is the list's order: keep each process's devices next to each other.
     devices = sorted(devices, key=lambda d: (d.process_index, d.id))
@@ -166,7 +171,8 @@ def device_grid(cfg: MeshConfig, devices: Sequence) -> np.ndarray:
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     # Auto axis types: under Explicit ones (jax.make_mesh's default) nnx.Embed's gather fails.
-    return Mesh(device_grid(cfg, devices), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(device_grid(cfg, devices), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(logical: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
@@ -211,12 +217,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Tokens (batch, seq): rows split over data x fsdp."""
+    """Tokens (batch, seq): rows split over data x fsdp x expert."""
     return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 def batch_size_divisor(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def global_batch(local_tokens: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -229,7 +235,8 @@ def constrain_activations(x_BxLxD: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x_BxLxD
-    return jax.lax.with_sharding_constraint(x_BxLxD, P(BATCH_AXES, None, None))
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    return jax.lax.with_sharding_constraint(x_BxLxD, P(batch, None, None))
 
 
 def mesh_platform(mesh: Mesh | jax.sharding.AbstractMesh) -> str:

@@ -361,8 +361,20 @@ CATALOGUE = [
      "train.batch_size (12)"),
     ("batch the mesh times grad_accum does not divide",
      lambda s: s.small("train.grad_accum=2"),
-     "train.batch_size (8) must divide by the data-parallel size (mesh.data x mesh.fsdp = 8) "
-     "times train.grad_accum (2)"),
+     "train.batch_size (8) must divide by the data-parallel size (mesh.data x mesh.fsdp x "
+     "mesh.expert = 8) times train.grad_accum (2)"),
+    ("moe: top_k above the experts",
+     lambda s: s.small("model.moe.experts=4", "model.moe.top_k=5"),
+     "model.moe.top_k (5) must not exceed model.moe.experts (4)"),
+    ("moe: experts the expert axis does not divide",
+     lambda s: s.small("model.moe.experts=6", "mesh.expert=4"),
+     "model.moe.experts (6) must divide by mesh.expert (4)"),
+    ("moe: an expert axis without experts", lambda s: s.small("mesh.expert=2"),
+     "mesh.expert=2 splits experts, but model.moe.experts is 0"),
+    ("moe: experts the resolved expert axis does not divide",
+     lambda s: s.small("model.moe.experts=6", "mesh.fsdp=1", "mesh.expert=-1"),
+     "its 'expert' dimension (6) does not divide by the mesh axis it is split over "
+     "(mesh.expert=8)"),
     ("dataset shorter than one window", lambda s: s.small("train.seq_len=100000000"),
      "shorter than one window of 100000001 tokens; lower train.seq_len"),
     ("val split shorter than one window", lambda s: s.small("train.seq_len=10000"),

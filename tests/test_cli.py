@@ -66,10 +66,18 @@ def test_print_config_from_another_folder(tmp_path):
 def test_help_lists_every_config_key_with_type_and_default(tmp_path):
     help_text = lab_elsewhere(["train", "--help"], tmp_path).stdout
     columns = [re.split(r"\s{2,}", line.strip()) for line in help_text.splitlines()]
-    lines = {c[0]: c[1:] for c in columns if len(c) == 3 and re.fullmatch(r"\w+\.\w+", c[0])}
+    lines = {c[0]: c[1:] for c in columns
+             if len(c) == 3 and re.fullmatch(r"\w+(\.\w+)+", c[0])}
     defaults = dataclasses.asdict(Config())  # the reference: an instance, not the fields
-    expected = {f"{section}.{key}": value for section, values in defaults.items()
-                for key, value in values.items()}
+
+    def dotted(values: dict, prefix: str) -> dict:  # nested sections: model.moe.experts
+        out = {}
+        for key, value in values.items():
+            out.update(dotted(value, f"{prefix}{key}.") if isinstance(value, dict)
+                       else {f"{prefix}{key}": value})
+        return out
+
+    expected = dotted(defaults, "")
     assert set(lines) == set(expected) == {k for k, _, _ in config_keys()}
     for key, value in expected.items():
         kind, shown = lines[key]

@@ -217,14 +217,25 @@ FREE_KEYS = {"run.name", "run.peak_tflops", "run.parent", "run.predicted_interva
              "checkpoint.keep_steps"}
 
 
-def schema() -> list[tuple[str, str, str, typing.Any]]:
-    """(key, section, name, type with its rule) of every config key."""
+def schema(cls=Config, prefix: str = "") -> list[tuple[str, str, str, typing.Any]]:
+    """(key, section, name, type with its rule) of every config key; a nested section's keys
+    (model.moe.experts) have the dotted section (model.moe)."""
     rows = []
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
-            rows.append((f"{section.name}.{name}", section.name, name, hint))
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if dataclasses.is_dataclass(hint):
+            rows += schema(hint, f"{prefix}{name}.")
+        elif prefix:
+            rows.append((f"{prefix}{name}", prefix.rstrip("."), name, hint))
     return rows
+
+
+def with_value(config, section: str, name: str, value):
+    """`config` with the key section.name set, a nested section's too (no checks)."""
+    head, _, rest = section.partition(".")
+    inner = getattr(config, head)
+    changed = (with_value(inner, rest, name, value) if rest
+               else dataclasses.replace(inner, **{name: value}))
+    return dataclasses.replace(config, **{head: changed})
 
 
 def rule_cases(hint) -> tuple[list, list, str]:
@@ -271,8 +282,7 @@ def test_every_key_but_the_free_ones_carries_a_rule_that_is_enforced():
             with pytest.raises(UserError, match=rf"^{re.escape(key)}(\[0\])? ") as e:
                 load_config(None, [word])
             assert says in str(e.value) and len(str(e.value).splitlines()) == 1, word
-            made = Config(**{section: dataclasses.replace(getattr(Config(), section),
-                                                          **{name: value})})
+            made = with_value(Config(), section, name, value)
             with pytest.raises(UserError, match=rf"^{re.escape(key)}(\[0\])? "):
                 validate(made)
         for value in good:

@@ -62,15 +62,15 @@ def test_device_grid_keeps_each_slice_together():
     devices = fake_devices(slices=2, processes_per_slice=2, per_process=2)
     shuffled = [devices[i] for i in np.random.default_rng(0).permutation(len(devices))]
     grid = device_grid(MeshConfig(data=2, fsdp=-1, tensor=2), shuffled)
-    assert grid.shape == (2, 2, 2)
+    assert grid.shape == (2, 2, 1, 2)  # data, fsdp, expert, tensor
     slice_of = np.vectorize(lambda d: d.slice_index)(grid)
-    assert (slice_of == np.arange(2)[:, None, None]).all()  # data index i = slice i
+    assert (slice_of == np.arange(2)[:, None, None, None]).all()  # data index i = slice i
     assert sorted(d.id for d in grid.flat) == list(range(8))
     with pytest.raises(UserError, match="devices span 2 slices"):
         device_grid(MeshConfig(data=1, fsdp=-1, tensor=1), devices)
     # One slice: an ordinary mesh, whatever the data axis.
     assert device_grid(MeshConfig(data=1, fsdp=-1, tensor=1), fake_devices(1, 2, 4)).shape == \
-        (1, 8, 1)
+        (1, 8, 1, 1)
 
 
 def test_tensor_axis_stays_inside_a_host():
@@ -104,7 +104,7 @@ def test_hybrid_mesh_of_two_real_tpu_slices():
     devices = tpu_devices("v5e:2x2", slices=2)
     assert {d.slice_index for d in devices} == {0, 1}
     mesh = make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     for i in range(2):
         assert {d.slice_index for d in mesh.devices[i].flat} == {i}
     with pytest.raises(UserError, match="set mesh.data to a multiple of 2"):

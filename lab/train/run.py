@@ -218,10 +218,16 @@ def _open_run_dir(setup: Setup) -> None:
     elif step is not None:
         where = f"branching from {setup.parent_dir} at step {step}"
     print(f"run {run_dir} ({where}): mesh {dict(setup.mesh.shape)}, "
-          f"{setup.counts['params']:,} parameters, data {setup.data_path}")
+          f"{_describe_params(setup.counts)}, data {setup.data_path}")
     print(setup.memory_line)
     if cfg.optim.name == "muon":
         print(describe_routing(setup.trainer.abstract_params, setup.trainer.param_specs))
+
+
+def _describe_params(counts: dict) -> str:
+    if counts["active_params"] == counts["params"]:
+        return f"{counts['params']:,} parameters"
+    return f"{counts['params']:,} parameters ({counts['active_params']:,} active)"
 
 
 def _first_summary(setup: Setup) -> Summary:
@@ -230,6 +236,8 @@ def _first_summary(setup: Setup) -> Summary:
     summary = Summary(
         params=setup.counts["params"],
         non_embedding_params=setup.counts["non_embedding_params"],
+        total_params=setup.counts["total_params"],
+        active_params=setup.counts["active_params"],
         flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len),
         name=cfg.run.name or paths.name(cfg.run.dir),
         data=setup.data_path,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import layer_stats, memory, noise_scale, qk_clip, sharding
+from lab import layer_stats, memory, moe, noise_scale, qk_clip, sharding
 from lab.config import Config, replace
 from lab.errors import UserError
 from lab.model import Transformer, loss_fn, mup_lr_scales
@@ -82,10 +82,15 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
     def model_loss(params, tokens):
         return loss_fn(nnx.merge(graphdef, params), tokens)
 
+    balance = None
+    if mcfg.moe.experts and mcfg.moe.router == "sigmoid" and mcfg.moe.bias_rate:
+        def balance(params, stats_N):  # the MoE router's biases, moved outside the gradient
+            return moe.balance_biases(params, specs, stats_N, mcfg.moe.bias_rate), {}
+
     grad_fn = jax.value_and_grad(model_loss, has_aux=True)
-    clip = qk_clip.after_update(mcfg, cfg.optim.qk_clip)
+    after = _chain(qk_clip.after_update(mcfg, cfg.optim.qk_clip), balance)
     train_step, noise_step = (
-        make_train_step(grad_fn, tx, schedule, tcfg.grad_accum, bool(mcfg.z_loss), clip, measure)
+        make_train_step(grad_fn, tx, schedule, tcfg.grad_accum, bool(mcfg.z_loss), after, measure)
         for measure in (False, True))
 
     def eval_step(params: dict, tokens_BxL1: jax.Array) -> jax.Array:
@@ -105,6 +110,22 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
                    jit_init, jit_train, jit_eval, noise_step=jit_noise)
 
 
+def _chain(*updates: Callable | None) -> Callable | None:
+    """The `after_update`s that are given, one after the other, their metrics merged."""
+    given = [u for u in updates if u is not None]
+    if not given:
+        return None
+
+    def after_update(params, stats_N):
+        metrics = {}
+        for update in given:
+            params, extra = update(params, stats_N)
+            metrics.update(extra)
+        return params, metrics
+
+    return after_update
+
+
 def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     """The batch must split evenly over the data-parallel devices, micro-batches and hosts."""
     tcfg = cfg.train
@@ -112,7 +133,8 @@ def _check_batch(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     if tcfg.batch_size % (divisor * tcfg.grad_accum):
         raise UserError(
             f"train.batch_size ({tcfg.batch_size}) must divide by the data-parallel size "
-            f"(mesh.data x mesh.fsdp = {divisor}) times train.grad_accum ({tcfg.grad_accum}); "
+            f"(mesh.data x mesh.fsdp x mesh.expert = {divisor}) times train.grad_accum "
+            f"({tcfg.grad_accum}); "
             "change the batch size or the mesh")
     if tcfg.noise_scale_every and tcfg.grad_accum == 1 and tcfg.batch_size % (2 * divisor):
         raise UserError(
@@ -143,8 +165,8 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
     """One optimizer step on a batch, accumulated over `grad_accum` micro-batches:
     (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad;
     `after_update` (new params, layer stats) -> (params, metrics), if given, follows the
-    optimizer's update (lab.qk_clip.after_update). `measure_noise` adds the gradient noise
-    scale's two estimates (lab.noise_scale) from the micro-batches' gradients against their
+    optimizer's update (lab.qk_clip.after_update, lab.moe.balance_biases). `measure_noise`
+    adds the gradient noise scale's two estimates (lab.noise_scale) from the micro-batches' gradients against their
     mean, splitting the batch in two without accumulation."""
     A = max(grad_accum, 2) if measure_noise else grad_accum
 
