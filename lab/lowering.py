@@ -43,6 +43,8 @@ _SHORT = {"bfloat16": "bf16", "float32": "f32", "float16": "f16", "float64": "f6
 # float32 x float32 matmuls made on purpose, by (part of) the file they come from.
 DELIBERATE_F32 = {
     "lab/muon.py": "Muon's Newton-Schulz in float32 (optim.muon_ns_dtype=float32)",
+    "lab/moe.py:MoE.__call__": "the MoE router's logits in float32 (D x experts: small, and "
+                               "the top-k choice is sensitive to rounding)",
     "splash_attention_kernel.py": "splash attention's backward: the row sums of dO * O, a "
                                   "float32 reduction outside the kernel",
 }
@@ -128,6 +130,21 @@ def dot_flops(eqn: Any) -> float:
     return 2.0 * out * math.prod(lhs_shape[d] for d in contract_lhs)
 
 
+def ragged_dot_flops(eqn: Any) -> float:
+    """2 x every lhs element x the rhs's free size (neither contracted, batch nor group) of a
+    ragged_dot_general equation: each row meets one group's matrix, forward and in both
+    gradients (2 M K N for M rows of width K against groups of K x N)."""
+    numbers = eqn.params["ragged_dot_dimension_numbers"]
+    (_, contract_rhs), (_, batch_rhs) = numbers.dot_dimension_numbers
+    rhs_shape = eqn.invars[1].aval.shape
+    used = set(contract_rhs) | set(batch_rhs) | set(numbers.rhs_group_dimensions)
+    free = math.prod(n for d, n in enumerate(rhs_shape) if d not in used)
+    return 2.0 * math.prod(eqn.invars[0].aval.shape) * free
+
+
+DOT_FLOPS = {"dot_general": dot_flops, "ragged_dot_general": ragged_dot_flops}
+
+
 def _sub_jaxprs(eqn: Any) -> Iterator[tuple[Any, int]]:
     """(jaxpr, times it runs per run of eqn) for each jaxpr inside an equation; a Pallas
     kernel's body is the kernel's business, not XLA's, and is left out."""
@@ -155,16 +172,17 @@ def _where(eqn: Any) -> str:
 
 
 def count_dots(jaxpr: Any, platform: str) -> tuple[dict[str, Dots], list[F32Dots]]:
-    """The dot_generals of a jaxpr and everything inside it, by the operand dtypes they lower
-    to on `platform`, and the float32 x float32 ones by where they come from."""
+    """The dot_generals (and the grouped ragged_dot_generals of a mixture of experts) of a
+    jaxpr and everything inside it, by the operand dtypes they lower to on `platform`, and the
+    float32 x float32 ones by where they come from."""
     dots: dict[str, Dots] = collections.defaultdict(Dots)
     f32: dict[str, F32Dots] = {}
 
     def walk(jaxpr: Any, times: int) -> None:
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
+            if eqn.primitive.name in DOT_FLOPS:
                 key = lowered_pair(eqn, platform)
-                flops = dot_flops(eqn) * times
+                flops = DOT_FLOPS[eqn.primitive.name](eqn) * times
                 dots[key].count += 1
                 dots[key].flops += flops
                 if key == "f32xf32":
@@ -290,7 +308,7 @@ def lower_step(cfg: Config, platform: str, topology: str | None = None) -> Lower
         # The facts (model.remat=auto, the memory figures) for the assumed chip; the program
         # lowered on as many local CPU devices with the target's kernels (cuDNN's kernel is
         # custom-partitioned, which an abstract mesh cannot lower).
-        n = math.prod(max(1, n) for n in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+        n = math.prod(max(1, getattr(cfg.mesh, axis)) for axis in sharding.MESH_AXES)
         facts = build_trainer(cfg, abstract_mesh(cfg, n, PLATFORMS[platform],
                                                  ASSUMED_KIND[platform]))
         mesh = sharding.make_mesh(cfg.mesh, _cpu_devices(n))

@@ -45,6 +45,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from lab.config import ModelConfig, MoeConfig
+from lab.kernels import matmul
 from lab.roles import Role, param
 from lab.tree import path_names
 
@@ -159,11 +160,10 @@ def ragged_experts(x_BxLxD: jax.Array, idx_BxLxK: jax.Array, weights_BxLxK: jax.
     order_A = jnp.argsort(key_A, stable=True)
     token_A = order_A // K
     sizes_E = jnp.bincount(key_A, length=E_local + 1)[:E_local].astype(jnp.int32)
-    xs_AxD = x_TxD[token_A].astype(dtype)
+    xs_AxD = x_TxD[token_A]
 
     def grouped(lhs, rhs):
-        return jax.lax.ragged_dot(lhs.astype(dtype), rhs.astype(dtype), sizes_E,
-                                  preferred_element_type=jnp.float32)
+        return matmul.grouped(lhs, rhs, sizes_E, dtype, "float32")
 
     gate_AxF = checkpoint_name(grouped(xs_AxD, w_gate_ExDxF), "mlp_gate")
     up_AxF = checkpoint_name(grouped(xs_AxD, w_up_ExDxF), "mlp_up")

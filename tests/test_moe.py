@@ -5,6 +5,7 @@ hand counts; and expert parallelism (expert 4 x data 2 on 8 fake devices) agains
 
 import dataclasses
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -264,3 +265,35 @@ def test_expert_parallel_step_matches_one_device(small_data):
     for key in one_params:
         np.testing.assert_allclose(eight_params[key], one_params[key], rtol=1e-4, atol=1e-5,
                                    err_msg=key)
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+def test_the_ragged_expert_parallel_step_lowers_for_cuda():
+    """`--lower cuda` of an MoE with mesh.expert=2 on the ragged path: the experts' grouped
+    matmuls run on bfloat16 operands, the router's float32 dot is named as deliberate, the
+    token exchange is the all-gather and reduce-scatter written in the shard_map, and the
+    matmul FLOPs are the lab's active count. (The shard_map body is counted once, for one
+    device; with data x fsdp = 1 each device's ragged rows are every token's top-k choices,
+    so that once is the whole step's MoE FLOPs.)"""
+    from lab.config import load_config
+    from lab.lowering import lower_step
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "gpu" / "debug.yaml", [
+        "model.vocab_size=320", "model.n_layers=2", "train.batch_size=4", "train.seq_len=128",
+        "model.moe.experts=4", "model.moe.top_k=2", "model.moe.d_ff=64", "mesh.expert=2",
+        "mesh.fsdp=1", "mesh.data=1", "model.remat=none"])
+    step = lower_step(cfg, "cuda")
+    assert step.devices == 2
+    assert [(e.where, e.reason != "") for e in step.f32_dots] == [
+        ("lab/moe.py:MoE.__call__", True)]
+    assert step.collectives.get("all_gather", 0) >= 3  # tokens, choices, weights
+    assert step.collectives.get("reduce_scatter", 0) >= 1
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    m = cfg.model
+    attention = 6 * m.n_layers * cfg.train.seq_len * m.d_model * tokens  # in cuDNN's kernel
+    expected = flops_per_token(m, cfg.train.seq_len) * tokens - attention
+    total = sum(d.flops for d in step.dots.values())
+    assert total == pytest.approx(expected, rel=1e-9)
