@@ -8,6 +8,8 @@ Routing is by the role each parameter declares where it is created (lab.roles), 
 name or rank: hidden matrices go to Muon; the embedding, the output head, every norm scale and
 any bias go to AdamW, for unrolled layers and scanned ones alike (whose stacked norm scales
 (L, D) are 2-D but still go to AdamW). Weight decay skips norm scales and biases in both groups.
+A parameter moved outside the gradient (Role.BALANCE: the MoE router's balancing bias, which
+the train step moves itself) is in a group "none" whose update is zero.
 
 The roles come as a tree of lab.roles.ParamSpec (nested dicts, `lab.model.param_specs`); the
 parameters, gradients and updates may be nested dicts, `nnx.State`s or `nnx.State`s of
