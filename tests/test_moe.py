@@ -313,5 +313,9 @@ def test_an_expert_parallel_moe_compiles_for_a_tpu_topology():
     report = compile_report(cfg, "v5e:2x2")
     assert report.fits and report.devices == 4
     state = report.estimate.params + report.estimate.opt_state
-    print(report.compiled, state)
-    assert state <= report.compiled.arguments <= 1.1 * state
+    assert state <= report.compiled.arguments <= 1.1 * state  # measured: 1.023
+    # The experts (85% of the parameters) are split 4 ways (expert 2 x fsdp 2), the rest 2
+    # ways (fsdp): a chip holds 29% of the parameters' bytes, not the 50% it would if the
+    # expert axis split nothing.
+    total = 4 * param_counts(cfg.model)["params"]
+    assert 0.25 < report.estimate.params / total < 0.4
