@@ -319,3 +319,28 @@ def test_an_expert_parallel_moe_compiles_for_a_tpu_topology():
     # expert axis split nothing.
     total = 4 * param_counts(cfg.model)["params"]
     assert 0.25 < report.estimate.params / total < 0.4
+
+
+def test_the_memory_estimate_counts_every_expert():
+    """Parameters: 4 bytes each, every expert's (the total, not the active count); AdamW's two
+    moments for all but the balancing bias, which no optimizer moves; the MLP activations of
+    every expert on the onehot path (CPU), of the top_k on the ragged path."""
+    from lab import memory
+    from lab.config import load_config
+    from lab.sharding import make_mesh
+    from lab.train import build_trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "tiny.yaml", [
+        "model.vocab_size=320", "model.n_layers=2", "model.moe.experts=8", "model.moe.top_k=2",
+        "model.moe.shared_experts=1", "model.moe.d_ff=64", "model.moe.router=sigmoid",
+        "mesh.fsdp=1"])
+    est = memory.estimate(build_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:1])))
+    counts = param_counts(cfg.model)
+    assert est.params == 4 * counts["total_params"] > 4 * counts["active_params"]
+    bias = 2 * 8  # two layers of 8 experts
+    assert 0 <= est.opt_state - 2 * 4 * (counts["params"] - bias) <= 16  # plus step counts
+    assert memory.mlp_width(cfg, "cpu") == (8 + 1) * 64
+    assert memory.mlp_width(cfg, "tpu") == (2 + 1) * 64
+    dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=MoeConfig()))
+    assert memory.mlp_width(dense, "cpu") == 3 * 128
