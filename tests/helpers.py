@@ -58,3 +58,23 @@ def assert_params_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol
     assert sorted(a) == sorted(b)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+def tiny_trainer(small_data: str, overrides: list[str], devices: int):
+    """The tiny config with `overrides`, built on the first `devices` fake devices: (its
+    Trainer, the training data stream)."""
+    import dataclasses
+
+    import jax
+
+    from lab import data as labdata
+    from lab.accounting import with_vocab
+    from lab.config import load_config
+    from lab.sharding import make_mesh
+    from lab.train import build_trainer
+
+    cfg = load_config(TINY, [f"data.path={small_data}", *overrides])
+    dataset = labdata.open_dataset(small_data)
+    cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
+    trainer = build_trainer(cfg, make_mesh(cfg.mesh, jax.devices()[:devices]))
+    return trainer, labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, 0)

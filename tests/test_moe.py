@@ -220,24 +220,16 @@ def _moe_steps(small_data, devices: int, mesh_keys: list[str], steps: int = 2):
     """`steps` AdamW steps of a 1-layer MoE (4 experts, top-2, sigmoid router with its bias,
     capacity 1, an auxiliary loss) on the tiny config's batches: the per-step losses, gradient
     norms and loads, and the parameters after the last step."""
-    from helpers import TINY, flat_params
-    from lab import data as labdata
-    from lab.accounting import with_vocab
-    from lab.config import load_config
-    from lab.sharding import global_batch, make_mesh
-    from lab.train import build_trainer
+    from helpers import flat_params, tiny_trainer
+    from lab.sharding import global_batch
 
-    cfg = load_config(TINY, [f"data.path={small_data}", "model.n_layers=1", "model.d_model=32",
-                             "model.n_heads=2", "train.seq_len=32", "model.moe.experts=4",
-                             "model.moe.router=sigmoid", "model.moe.capacity_factor=1.0",
-                             "model.moe.aux_loss=0.01", "model.moe.bias_rate=0.01",
-                             "optim.lr=1e-2", *mesh_keys])
-    dataset = labdata.open_dataset(small_data)
-    cfg = dataclasses.replace(cfg, model=with_vocab(cfg.model, dataset.vocab_size))
-    mesh = make_mesh(cfg.mesh, jax.devices()[:devices])
-    trainer = build_trainer(cfg, mesh)
+    trainer, stream = tiny_trainer(small_data, [
+        "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.seq_len=32",
+        "model.moe.experts=4", "model.moe.router=sigmoid", "model.moe.capacity_factor=1.0",
+        "model.moe.aux_loss=0.01", "model.moe.bias_rate=0.01", "optim.lr=1e-2", *mesh_keys],
+        devices)
+    mesh = trainer.mesh
     state = trainer.init_state()
-    stream = labdata.TrainStream(dataset, cfg.train.seq_len, cfg.train.batch_size, 0)
     history = []
     with jax.set_mesh(mesh):
         for step in range(steps):
