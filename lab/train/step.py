@@ -166,8 +166,8 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
     (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad;
     `after_update` (new params, layer stats) -> (params, metrics), if given, follows the
     optimizer's update (lab.qk_clip.after_update, lab.moe.balance_biases). `measure_noise`
-    adds the gradient noise scale's two estimates (lab.noise_scale) from the micro-batches' gradients against their
-    mean, splitting the batch in two without accumulation."""
+    adds the gradient noise scale's two estimates (lab.noise_scale) from the micro-batches'
+    gradients against their mean, splitting the batch in two without accumulation."""
     A = max(grad_accum, 2) if measure_noise else grad_accum
 
     def train_step(state: dict, tokens_BxL1: jax.Array) -> tuple[dict, dict]:
