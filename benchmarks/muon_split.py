@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| 1 device | {flops_one / 1e6:.1f} M | 0 | - | - | - |",
     ]
     for shape in MESHES:
-        mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        # MESH_AXES is (data, fsdp, expert, tensor): a dense model's expert axis is 1.
+        mesh = jax.make_mesh((*shape[:2], 1, shape[2]), MESH_AXES,
+                             axis_types=(AxisType.Auto,) * len(MESH_AXES))
         _, _, flops_whole, coll_whole = muon_step(mesh, (), params, grads)
         got, _, flops_split, coll_split = muon_step(mesh, BATCH_AXES, params, grads)
         diff = max(float(np.abs(np.asarray(got[k]) - np.asarray(want[k])).max()) for k in want)
