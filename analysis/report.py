@@ -31,6 +31,7 @@ from analysis.heldout import heldout_check
 from analysis.inputs import load_inputs
 from analysis.methods import FitResult, analyse
 from analysis.output import format_table, jsonable
+from analysis.study_downstream import downstream_study
 from lab.errors import UserError, shown
 from lab.paths import shown_path
 
@@ -121,6 +122,11 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
     if curves:
         figures.insert(1, plot_curves(curves, plots / "curves.png"))
 
+    downstream = downstream_study(df, out, bootstrap, curves)
+    if downstream:
+        figures += [c["figure"] for c in downstream["tasks"].values()]
+        commands["fit"] += [c["command"] for c in downstream["tasks"].values()]
+
     optimal = fit_json["compute_optimal"][0]
     result = {
         **{k: v for k, v in fit_json.items() if k != "compute_optimal"},
@@ -135,6 +141,8 @@ def analyse_study(points: pd.DataFrame | list[dict], out_dir: str | Path, *,
         "figures": figures,
         "commands": commands,
     }
+    if downstream:
+        result["downstream"] = downstream
     if "N_opt" in isoflop:
         result["isoflop"]["prediction"] = {
             "C": target, "N_opt": float(iso.N_opt(target)), "D_opt": float(iso.D_opt(target))}
@@ -335,6 +343,32 @@ def downstream_lines(h: dict, task: str) -> list[str]:
     return lines
 
 
+def study_downstream_lines(downstream: dict) -> list[str]:
+    """The downstream check in a few lines per task: the ladder's range above chance, each
+    held-out size's prediction beside its outcome, the error against the goal and the
+    baselines."""
+    lines = []
+    for task, c in downstream["tasks"].items():
+        lo, hi = c["ladder_accuracy"]
+        s = c["fit"]["sigmoid"]
+        lines.append(f"downstream law on {c['fit']['n_points']} ladder points, task {task}: "
+                     f"accuracy {lo:.3f} to {hi:.3f} on the ladder (chance {c['chance']:g}: "
+                     f"{lo - c['chance']:+.3f} to {hi - c['chance']:+.3f}); sigmoid floor "
+                     f"{c['chance']:g}, ceiling {c['chance'] + s['a']:.3f}, midpoint at task loss "
+                     f"{s['L0']:.4g}; the ladder spans {s['rise_covered']:.0%} of its rise")
+        h = c["heldout"]
+        lines += downstream_lines(h, task)
+        lines.append("  baselines' mean |error|: " + ", ".join(
+            f"{k} {100 * v:.1f} points" for k, v in h["baselines"].items())
+            + f"; the law's {100 * h['mean_abs_error']:.1f}")
+    cost = downstream.get("cost")
+    if cost:
+        lines.append(f"downstream tasks' cost: {cost['task_seconds']:.0f} s of the runs' "
+                     f"{cost['train_seconds']:.0f} s in their training loops "
+                     f"({cost['share']:.1%})")
+    return lines
+
+
 def _pct(v, sign: str = "") -> str:
     """A fraction as a percentage, "n/a" where a baseline could not predict (NaN, null)."""
     return "n/a" if v is None or not math.isfinite(v) else f"{v:{sign}.2%}"
@@ -385,6 +419,8 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
         f"  N_opt ∝ C^{_num(r['a'], 3)}{_iv(r, 'a')}, D_opt ∝ C^{_num(r['b'], 3)}{_iv(r, 'b')}",
     ]
     lines += heldout_lines(h)
+    if result.get("downstream"):
+        lines += study_downstream_lines(result["downstream"])
     opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} tokens/"
            f"param), loss {p['loss']:.4f}")
     if p.get("loss_lo") is not None:
@@ -496,6 +532,16 @@ def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
               "loss of a size is the mean over its seeds.</p>",
               "<pre>" + esc(heldout_table(h)) + "\n\n" + esc("\n".join(heldout_lines(h)))
               + "</pre>"]
+    if result.get("downstream"):
+        parts += ["<h2>Downstream tasks</h2><p>The two-step law of the OLMo ladder (Bhagia et "
+                  "al. 2024; analysis.downstream): each task's loss fitted as L(N, D) by Approach "
+                  "3 on the ladder's points, then accuracy as a sigmoid of that task loss with "
+                  "its floor at chance; the held-out runs' accuracy (the mean over seeds) "
+                  "predicted through both steps, beside two naive baselines fitted on the same "
+                  "points (accuracy in place of loss). Intervals: bootstrap refits of both "
+                  "steps (see downstream.png).</p>",
+                  "<pre>" + esc("\n".join(study_downstream_lines(result["downstream"])))
+                  + "</pre>"]
     p = result["prediction"]
     parts.append(f"<h2>Prediction at {p['multiple_of_largest']:g}x the largest budget</h2>"
                  "<pre>" + esc(result["fit_text"]) + "</pre>")

@@ -489,7 +489,13 @@ def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float)
             "budget_flops": budget, "params": summary.params,
             "branch_step": s, "decay_steps": d, "held_out": plan.held_out,
             "seed": plan.config.run.seed,
-            "train_seconds": summary.train_seconds or 0.0}
+            "train_seconds": summary.train_seconds or 0.0, **task_results(summary.extra)}
+
+
+def task_results(summary_extra: dict) -> dict:
+    """A run's downstream tasks' final accuracy, loss and chance level (eval.tasks)."""
+    return {k: v for k, v in summary_extra.items() if k.startswith("task/")
+            and k.rsplit("/", 1)[-1] in ("accuracy", "loss", "chance")}
 
 
 def compute_spent(study: Study, plans: list[SizePlan]) -> dict:

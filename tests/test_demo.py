@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -294,6 +295,88 @@ def test_report_on_a_held_out_budget(tmp_path, monkeypatch):
         assert f"{name} {h['baselines'][name]:.2%}" in text
 
 
+# A task's known two-step law: its loss L(N, D), and accuracy a sigmoid of it.
+TASK_LAW = {"E": 1.5, "A": 60.0, "B": 600.0, "alpha": 0.3, "beta": 0.5}
+TASK_SIGMOID = {"a": 0.6, "k": 3.0, "L0": 5.0, "chance": 0.25}
+
+
+def with_task(points: pd.DataFrame, noise: float, seed: int) -> pd.DataFrame:
+    """The points with the columns a run's task results give (task/choice/...): the known
+    task loss (0.1% noise) and its sigmoid's accuracy with `noise` points of scatter."""
+    from analysis.downstream import sigmoid
+
+    rng = np.random.default_rng(seed)
+    E, A, B, alpha, beta = TASK_LAW.values()
+    loss = (E + A / points["N"] ** alpha + B / points["D"] ** beta) \
+        * (1 + 1e-3 * rng.standard_normal(len(points)))
+    acc = sigmoid(loss, **TASK_SIGMOID) + noise * rng.standard_normal(len(points))
+    return points.assign(**{"task/choice/loss": loss, "task/choice/accuracy": acc,
+                            "task/choice/chance": 0.25})
+
+
+def test_report_downstream_on_a_held_out_budget(tmp_path, monkeypatch):
+    """The demo's downstream check on points of a known two-step law: fitted on the ladder
+    alone, the sigmoid recovered, the held-out sizes' accuracy (their seeds' mean) predicted
+    within a point of the closed form, errors and baselines recomputed from outside, and
+    fit.json, the printed summary and the report's figure carry it."""
+    from analysis.baselines import nearest
+    from analysis.downstream import sigmoid
+
+    monkeypatch.chdir(tmp_path)
+    fitted = with_task(synthetic_points().assign(held_out=False, seed=0), 0.003, 0)
+    held_rows = with_task(held_out_budget()[0], 0.003, 1)
+    result = analyse_study(pd.concat([fitted, held_rows], ignore_index=True), tmp_path,
+                           bootstrap=20)
+    c = result["downstream"]["tasks"]["choice"]
+    s = c["fit"]["sigmoid"]
+    assert c["fit"]["n_points"] == len(fitted) and c["chance"] == 0.25
+    for key, tol in (("a", 0.05), ("k", 0.3), ("L0", 0.1)):
+        assert s[key] == pytest.approx(TASK_SIGMOID[key], abs=tol), key
+    h = c["heldout"]
+    means = held_rows.groupby("N")["task/choice/accuracy"].mean()
+    assert h["measured"] == pytest.approx(list(means.values), rel=1e-12)
+    assert h["seed_accuracy"] == [list(g["task/choice/accuracy"])
+                                  for _, g in held_rows.groupby("N")]
+    E, A, B, alpha, beta = TASK_LAW.values()
+    n, d = np.array(h["N"]), np.array(h["D"])
+    truth = sigmoid(E + A / n ** alpha + B / d ** beta, **TASK_SIGMOID)
+    assert np.abs(np.array(h["predicted"]) - truth).max() < 0.01
+    errors = np.array(h["predicted"]) - means.values
+    assert h["errors"] == pytest.approx(list(errors), rel=1e-9)
+    assert h["mean_abs_error"] == pytest.approx(np.abs(errors).mean(), rel=1e-9)
+    assert h["goal_met"] == (np.abs(errors).max() <= 0.02) and h["goal_met"]
+    assert h["above_chance"] == pytest.approx(list(means.values - 0.25), rel=1e-12)
+    # The baselines, recomputed: least squares of accuracy on log N and log D, the nearest
+    # ladder point, and a line in task loss at the law's predicted task loss.
+    acc, logs = fitted["task/choice/accuracy"].to_numpy(), np.log(fitted[["N", "D"]].to_numpy())
+    X = np.column_stack([np.ones(len(acc)), logs])
+    line = np.column_stack([np.ones(3), np.log(n), np.log(d)]) @ np.linalg.lstsq(X, acc,
+                                                                                rcond=None)[0]
+    slope, icept = np.polyfit(fitted["task/choice/loss"], acc, 1)
+    expected = {"log_linear": line,
+                "nearest": nearest(fitted.assign(loss=acc), pd.DataFrame({"N": n, "D": d})),
+                "loss_linear": icept + slope * np.array(h["task_loss_predicted"])}
+    for name, pred in expected.items():
+        assert h["baseline_predicted"][name] == pytest.approx(list(np.clip(pred, 0, 1)),
+                                                              rel=1e-9)
+        assert h["baselines"][name] == pytest.approx(
+            np.mean(np.abs(np.clip(pred, 0, 1) - means.values)), rel=1e-9)
+    # The CSV the printed `lab fit --method downstream` command reads holds the ladder only.
+    csv = pd.read_csv(tmp_path / "downstream-choice-points.csv")
+    assert len(csv) == len(fitted) and list(csv.columns) == ["N", "D", "task_loss", "accuracy"]
+    assert "--method downstream --chance 0.25" in c["command"]
+    check_png(open(c["figure"], "rb").read())
+    data = write_report(tmp_path, result, compute={"flops_branched": 1, "flops_from_scratch": 2,
+                                                   "saving": 0.5},
+                        commands={}, timing={}, title="synthetic downstream")
+    assert data["downstream"]["tasks"]["choice"]["heldout"]["predicted"] == h["predicted"]
+    text = "\n".join(summary_lines(result, data["compute"], {}))
+    assert f"mean |error| {100 * h['mean_abs_error']:.1f} points" in text
+    assert f"predicted {h['predicted'][0]:.3f}" in text and "goal" in text
+    page = (tmp_path / "report.html").read_text()
+    assert "downstream.png" in page and "Downstream tasks" in page
+
+
 def test_held_out_check_flags_a_law_that_loses(tmp_path, monkeypatch):
     """Held-out losses far from the law (the truth shifted by 3%): the goal is missed, and a
     baseline that happens to sit closer is named as beating the law."""
@@ -400,7 +483,31 @@ def check_outputs(out, stdout: str) -> dict:
     assert h["seed_spread"] is not None
     for run_dir in run_dirs:
         assert list((run_dir / "tb").glob("events.out.tfevents.*")), run_dir
+    check_downstream(out, fit, stdout, page)
     return fit
+
+
+def check_downstream(out, fit: dict, stdout: str, page: str) -> None:
+    """The quick demo's runs score both tasks (128 examples each); fit.json's downstream entry
+    holds each task's law fitted on the ladder's points and the held-out sizes' predictions
+    beside their seeds' mean accuracy, and the summary and the report show them."""
+    points = pd.read_csv(out / "points.csv")
+    assert set(fit["downstream"]["tasks"]) == {"choice", "exact"}
+    for task, c in fit["downstream"]["tasks"].items():
+        assert c["fit"]["n_points"] == int((~points["held_out"]).sum()) == 6
+        assert c["chance"] == (0.25 if task == "choice" else 0.0)
+        held = points[points["held_out"]].groupby("N")[f"task/{task}/accuracy"].mean()
+        h = c["heldout"]
+        assert h["measured"] == pytest.approx(list(held.values), rel=1e-12)
+        assert all(0 <= x <= 1 for x in h["predicted"] + h["measured"])
+        # 128 examples: every accuracy a multiple of 1/128
+        acc = points[f"task/{task}/accuracy"].to_numpy()
+        np.testing.assert_allclose(acc * 128, np.round(acc * 128), atol=1e-6)
+        assert f"downstream, task {task}" in stdout
+        assert f"mean |error| {100 * h['mean_abs_error']:.1f} points" in stdout
+        assert (out / c["figure"]).is_file() or Path(c["figure"]).is_file()
+    assert page.count("downstream.png:") == 2 and "Downstream tasks" in page
+    assert 0 < fit["downstream"]["cost"]["share"] < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -422,6 +529,12 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert "Approach 3" in refit.stdout
     for key in ("E", "alpha", "beta"):
         assert json.loads((out / "refit.json").read_text())[key] == pytest.approx(before[key])
+    # The printed `lab fit --method downstream` command gives the demo's predictions.
+    c = before["downstream"]["tasks"]["choice"]
+    run_lab([*shlex.split(c["command"])[1:], "--json", str(out / "downstream.json")])
+    again_fit = json.loads((out / "downstream.json").read_text())
+    assert [p["accuracy"] for p in again_fit["predictions"]] == pytest.approx(
+        c["heldout"]["predicted"], rel=1e-9)
     # A rerun finds every run finished and rebuilds the same analysis.
     again = run_lab(["demo", "--quick", "--out", str(out)])
     assert again.stdout.count("finished already") == 16
