@@ -326,7 +326,7 @@ def test_report_downstream_on_a_held_out_budget(tmp_path, monkeypatch):
     fitted = with_task(synthetic_points().assign(held_out=False, seed=0), 0.003, 0)
     held_rows = with_task(held_out_budget()[0], 0.003, 1)
     result = analyse_study(pd.concat([fitted, held_rows], ignore_index=True), tmp_path,
-                           bootstrap=20)
+                           bootstrap=0)
     c = result["downstream"]["tasks"]["choice"]
     s = c["fit"]["sigmoid"]
     assert c["fit"]["n_points"] == len(fitted) and c["chance"] == 0.25
