@@ -113,6 +113,7 @@ def test_sigkill_at_several_points(reference, tmp_path, small_data, kill_after):
     assert_same_run(run_dir, reference, kill_after)
 
 
+@pytest.mark.slow
 def test_resume_on_other_meshes(tmp_path, small_data):
     """Saved on 8 devices (fsdp 4 x tensor 2), resumed on 4 (data 2 x fsdp 2) and on 1."""
     saved = tmp_path / "eight"

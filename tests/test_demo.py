@@ -535,19 +535,24 @@ def test_quick_demo_writes_the_report(quick_demo):
     again_fit = json.loads((out / "downstream.json").read_text())
     assert [p["accuracy"] for p in again_fit["predictions"]] == pytest.approx(
         c["heldout"]["predicted"], rel=1e-9)
-    # A rerun finds every run finished and rebuilds the same analysis.
-    again = run_lab(["demo", "--quick", "--out", str(out)])
-    assert again.stdout.count("finished already") == 16
-    after = json.loads((out / "fit.json").read_text())
-    for key in ("predicted", "error", "seed_spread", "baselines"):
-        assert after["heldout"][key] == pytest.approx(before["heldout"][key], rel=1e-9)
-    assert after["alpha"] == pytest.approx(before["alpha"], rel=1e-9)
     # The demo's fit.json is a fit JSON that `lab plan` reads (docs/planning.md starts there):
     # the fitted points beside the residuals, not the study's table.
     from analysis.predict import LossLaw
 
     law = LossLaw.from_dict(before, where="fit.json")
     assert law.points.shape == (len(law.residuals), 2)
+
+
+@pytest.mark.slow
+def test_a_rerun_finds_every_run_finished_and_rebuilds_the_same_analysis(quick_demo):
+    out, _, _ = quick_demo
+    before = json.loads((out / "fit.json").read_text())
+    again = run_lab(["demo", "--quick", "--out", str(out)])
+    assert again.stdout.count("finished already") == 16
+    after = json.loads((out / "fit.json").read_text())
+    for key in ("predicted", "error", "seed_spread", "baselines"):
+        assert after["heldout"][key] == pytest.approx(before["heldout"][key], rel=1e-9)
+    assert after["alpha"] == pytest.approx(before["alpha"], rel=1e-9)
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ def test_layer_walk_reproduces_the_model():
     np.testing.assert_allclose(acts["embedding"], jnp.mean(jnp.abs(emb)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_coordinate_check_is_flat_under_mup_and_not_under_sp(small_data):
     """AdamW at one learning rate, widths 32 to 256 (8x): after 3 steps every layer's mean |x|
     grows with width under SP (the hidden updates are width times too large), while under μP no

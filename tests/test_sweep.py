@@ -237,6 +237,7 @@ def test_a_two_run_sweep_runs_skips_finished_runs_and_resumes(tmp_path, small_da
         == "finished"
 
 
+@pytest.mark.slow
 def test_a_branch_sweep_trains_the_stable_run_then_its_branches(tmp_path, small_data):
     path = write_sweep(tmp_path, {"kind": "branch", "set": {**TINY_SET, "train.steps": 8},
                                   "sizes": [{"d_model": 32, "n_layers": 1, "n_heads": 2}],

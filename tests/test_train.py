@@ -60,6 +60,7 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
     assert len(read_metrics(run)) == len(eight)
 
 
+@pytest.mark.slow
 def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small_data):
     """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out among the four
     data x fsdp devices (lab.muon.split_newton_schulz); the run's losses equal one device's."""
