@@ -143,7 +143,9 @@ def launch(command: list[str], processes: int, devices: int, port: int | None = 
         for s, h in handlers.items():
             signal.signal(s, h)
     for t in pumps:
-        t.join(timeout=5)
+        # The children have exited, so each pipe ends soon; the bound is for a grandchild that
+        # keeps it open. 5 s once lost a child's last line on a loaded 2-core CI machine.
+        t.join(timeout=30)
     return status
 
 
