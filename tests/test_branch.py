@@ -226,6 +226,7 @@ def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and not (bare / "branches").exists()
 
 
+@pytest.mark.slow
 def test_final_ratio_is_part_of_the_child(stable):
     """A branch with another final ratio is another child, not one 'finished already'; a child
     whose saved config differs from what the command asks is refused."""

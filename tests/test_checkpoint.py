@@ -231,6 +231,7 @@ def test_finished_run_rerun(reference, tmp_path, small_data):
     assert (reference / "summary.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_saved_again_and_branches(tmp_path, small_data):
     """Checkpoint 8 (a kept branch point) truncated: the resume warns, restarts from 4, saves 8
     again over the unreadable one, and `lab branch --at 8` then works."""

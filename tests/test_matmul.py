@@ -106,6 +106,7 @@ def _errors(grads, ref):
     return abs(norm(grads) / norm(ref) - 1), leaf
 
 
+@pytest.mark.slow
 def test_bfloat16_backward_gradients_match_the_float32_model():
     # The reference: the same weights and tokens in float32 throughout, differentiated by JAX
     # (the float64 tests above and in test_model.py pin the float32 model down). The bfloat16
