@@ -121,7 +121,7 @@ def test_two_processes_of_four_devices_train_like_one_of_eight(tmp_path, small_d
                   f"run.dir={tmp_path / 'two'}"])
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out[-3000:]
-    assert "[0] run " in out and "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out
+    assert "[0] run " in out and "mesh {'data': 1, 'fsdp': 8, 'expert': 1, 'tensor': 1}" in out
 
     single, multi = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [m["step"] for m in single] == [4, 8, 12] == [m["step"] for m in multi]
