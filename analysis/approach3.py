@@ -149,7 +149,10 @@ def law(N, D, E, A, B, alpha, beta) -> np.ndarray:
 
 
 def _G(A, B, alpha, beta):
-    return (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    # In numpy floats: a negative base (alpha < 0, a law whose loss grows with N) gives NaN, no
+    # optimum, where Python floats would give a complex number that JSON cannot write.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.float64(alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
 
 
 def optimal_allocation(C, E, A, B, alpha, beta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,5 +1,6 @@
 """Approach 3: the published replication, synthetic laws, the optimum's optimality, warnings."""
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from scipy import optimize
 from analysis import approach3 as a3
 from analysis import approach3_solver as solver
 from analysis.approach3 import fit_approach3, optimal_allocation
+from analysis.output import jsonable
 
 # Epoch AI's digitisation of Hoffmann et al.'s Figure 4 (epoch-research/analyzing-chinchilla,
 # data/chinchilla_epoch.csv). It has no licence, so it is never in the repository: the tests read
@@ -202,6 +204,18 @@ def test_compute_optimal_is_the_constrained_minimum(seed):
         assert N == pytest.approx(np.exp(res.x), rel=1e-6)
         assert 6 * N * D == pytest.approx(C, rel=1e-12)
         assert loss == pytest.approx(res.fun, rel=1e-12)
+
+
+def test_a_law_without_an_optimum_gives_nan_not_a_complex_number():
+    """alpha < 0 (loss growing with N, as a fit on a small noisy ladder gave): L(N, C/6N) has no
+    interior minimum, and Python floats raised to 1/(alpha+beta) made N_opt complex, which
+    fit.json could not hold (a small demo crashed writing it)."""
+    E, A, B, alpha, beta = 2e-9, 1.6, 2.1e6, -0.034, 1.44  # the fit that did
+    N, D, loss = optimal_allocation(1e12, E, A, B, alpha, beta)
+    for x in (N, D, loss):
+        assert not np.iscomplexobj(x) and np.isnan(x)
+    assert json.loads(json.dumps(jsonable({"N_opt": N, "D_opt": D}))) == {"N_opt": None,
+                                                                          "D_opt": None}
 
 
 @pytest.mark.slow  # 90 s: the starts converge slowly on a flat optimum; the refusals of one N
