@@ -421,9 +421,13 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
     lines += heldout_lines(h)
     if result.get("downstream"):
         lines += study_downstream_lines(result["downstream"])
-    opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} tokens/"
-           f"param), loss {p['loss']:.4f}")
-    if p.get("loss_lo") is not None:
+    if not all(isinstance(p.get(k), float) and math.isfinite(p[k]) for k in ("N_opt", "D_opt")):
+        opt = (f"none: the fitted law has no optimum (alpha {_num(r['alpha'], 3)}, beta "
+               f"{_num(r['beta'], 3)}; both must be positive)")
+    else:
+        opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} "
+               f"tokens/param), loss {p['loss']:.4f}")
+    if p.get("loss_lo") is not None and opt[0] == "N":
         opt += f" [{p['loss_lo']:.4f}, {p['loss_hi']:.4f}]"
     lines.append(f"compute-optimal at C = {p['C']:.3g} ({p['multiple_of_largest']:g}x the "
                  f"largest run): {opt}")

@@ -356,6 +356,9 @@ def sigterm_and_rerun(reference: Path, run_dir: Path, data: str, signals: int, s
     return statuses
 
 
+# In the slow selection (30 s on CI's 2 cores); by default a SIGTERM mid-run preempts with a
+# checkpoint and resumes to the uninterrupted run (test_sigterm_preempts_with_a_checkpoint).
+@pytest.mark.slow
 def test_sigterm_at_random_moments_then_rerun(reference, tmp_path, small_data):
     sigterm_and_rerun(reference, tmp_path / "run", small_data, signals=3, seed=3)
 

@@ -510,6 +510,54 @@ def check_downstream(out, fit: dict, stdout: str, page: str) -> None:
     assert 0 < fit["downstream"]["cost"]["share"] < 0.5
 
 
+# The smallest study `lab demo` takes: the quick ladder on half its budgets, one held-out size
+# with two seeds, 64 examples a task. It runs the whole path by default (about half the quick
+# demo's time); the quick preset itself runs in the slow selection.
+SMALL_STUDY = """\
+base: {base}
+sizes:
+  - {{d_model: 32, n_layers: 1, n_heads: 2}}
+  - {{d_model: 40, n_layers: 1, n_heads: 2}}
+  - {{d_model: 48, n_layers: 1, n_heads: 4}}
+  - {{d_model: 64, n_layers: 1, n_heads: 4}}
+budgets: [1.0e+10, 2.0e+10]
+sizes_per_budget: 3
+decay_fraction: 0.25
+lr: {{muon: 3.0e-2, adamw: 1.0e-2}}
+held_out:
+  sizes: [{{d_model: 80, n_layers: 1, n_heads: 4}}]
+  budget: 8.0e+10
+  seeds: [0, 1]
+bootstrap: 20
+overrides: [train.eval_batches=8, schedule.warmup_steps=4, checkpoint.every_steps=0,
+            "eval.tasks=[choice:64,exact:64]"]
+"""
+
+
+def test_a_small_study_runs_end_to_end(tmp_path):
+    """`lab demo --study FILE`: every run, the fit, the held-out check against its two seeds,
+    both tasks' downstream predictions and the report with its figures, through the command."""
+    study = tmp_path / "small.yaml"
+    study.write_text(SMALL_STUDY.format(base=ROOT / "configs" / "demo-base.yaml"))
+    out = tmp_path / "out"
+    result = run_lab(["demo", "--study", str(study), "--out", str(out)], timeout=900)
+    fit = json.loads((out / "fit.json").read_text())
+    check_held_out(out, fit, result.stdout)
+    assert fit["n_points"] == 6 and np.isfinite([fit["alpha"], fit["beta"]]).all()
+    assert len(fit["heldout"]["runs"]) == 1 and len(fit["heldout"]["runs"][0]) == 2
+    assert len(list((out / "runs").rglob("summary.json"))) == 12  # 4 stable, 6 branches, 2
+    points = pd.read_csv(out / "points.csv")
+    for task, c in fit["downstream"]["tasks"].items():
+        held = points[points["held_out"]][f"task/{task}/accuracy"].mean()
+        assert c["heldout"]["measured"] == pytest.approx([held], rel=1e-12)
+        assert f"downstream, task {task}" in result.stdout
+    assert set(fit["downstream"]["tasks"]) == {"choice", "exact"}
+    page = (out / "report.html").read_text()
+    for img in png_images(page):
+        check_png(img)
+    assert len(png_images(page)) >= 5 and "report:" in result.stdout
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "quick"
@@ -518,6 +566,7 @@ def quick_demo(tmp_path_factory):
     return out, result.stdout, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_quick_demo_writes_the_report(quick_demo):
     out, stdout, seconds = quick_demo
     check_outputs(out, stdout)
