@@ -172,12 +172,14 @@ class Scripted:
 
 
 def scripted_loop(tmp_path, monkeypatch, losses, overrides=(), stop_after=None,
-                  eval_batches=3):
+                  eval_batches=3, register=None):
+    """run_loop on the scripted step; `register(loop)` adds hooks to the Loop first."""
     from lab.config import load_config
     from lab.metrics import MetricsLogger
     from lab.preemption import PREEMPTION, caught
     from lab.sharding import make_mesh
-    from lab.train import Progress, run_loop
+    from lab.train import Progress
+    from lab.train.loop import Loop
 
     cfg = load_config(TINY, ["train.steps=12", "train.log_every=1", "train.eval_every=4",
                              "schedule.warmup_steps=0", "schedule.decay_steps=0",
@@ -204,10 +206,14 @@ def scripted_loop(tmp_path, monkeypatch, losses, overrides=(), stop_after=None,
 
     state = {"params": jax.numpy.zeros(()), "step": jax.numpy.zeros((), jax.numpy.int32)}
     logger = MetricsLogger(tmp_path)
+    loop = Loop(cfg, trainer, state, batches(), [None] * eval_batches, logger, None,
+                peak_flops=0.0, flops_per_tok=1, keep_steps=(),
+                progress=Progress(cfg.train.steps, enabled=False), profiler=None,
+                last_checkpoint=None, clock=clock)
+    if register is not None:
+        register(loop)
     with caught():
-        result = run_loop(cfg, trainer, state, batches(), [None] * eval_batches, logger, None,
-                          peak_flops=0.0, flops_per_tok=1,
-                          progress=Progress(cfg.train.steps, enabled=False), clock=clock)
+        result = loop.run()
     logger.close()
     return result, read_metrics(tmp_path)
 
@@ -226,6 +232,70 @@ def test_evaluation_and_compilation_are_not_training_time(tmp_path, monkeypatch)
         assert r["tokens_per_second"] == tokens_per_step, r
         assert r["loss"] == pytest.approx(losses[r["step"] - 1])
         assert "ce" not in r  # no z-loss: ce would repeat the loss
+
+
+class Recorder:
+    """A hook that keeps, in its own lists, the steps it ran at, the loss it saw and the
+    parameters of the state it was given (the scripted step adds 1 to them every step)."""
+
+    def __init__(self, needs_state=False):
+        self.needs_state = needs_state
+        self.steps, self.losses, self.params = [], [], []
+
+    def __call__(self, info):
+        self.steps.append(info.step)
+        self.losses.append(info.values.get("loss"))
+        self.params.append(float(info.state["params"]))
+
+    def report(self, result):
+        pass
+
+
+def test_a_registered_hook_runs_at_its_steps_with_its_own_state(tmp_path, monkeypatch):
+    from lab.train import Hook
+
+    class Counted(Hook):  # a hook whose report adds what it counted to the result
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, info):
+            self.calls += 1
+
+        def report(self, result):
+            result.message = f"{self.calls} calls"
+
+    losses = np.linspace(5.0, 3.0, 12)
+    every3, fives, before, current, counted = (Recorder(), Recorder(), Recorder(),
+                                               Recorder(needs_state=True), Counted())
+
+    def register(loop):
+        assert loop.add_hook(every3, every=3) is every3
+        loop.add_hook(fives, every=5, at={7})
+        loop.add_hook(before, every=4, when="before_batch")
+        loop.add_hook(current, every=6)
+        loop.add_hook(counted, every=2)
+
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "hooked").mkdir()
+    plain, plain_records = scripted_loop(tmp_path / "plain", monkeypatch, losses)
+    result, records = scripted_loop(tmp_path / "hooked", monkeypatch, losses, register=register)
+    assert every3.steps == [3, 6, 9, 12] and fives.steps == [5, 7, 10]
+    assert every3.losses == pytest.approx([losses[s - 1] for s in every3.steps])
+    assert fives.losses == pytest.approx([losses[s - 1] for s in fives.steps])
+    assert before.steps == [0, 4, 8] and before.losses == [None] * 3  # before the step: no metrics
+    # A hook that reads the state gets the state of its own step (and the metrics of that step
+    # are fetched at once). One that reads only metrics runs when they arrive: a step late, with
+    # the newer state, unless a hook that reads the state is due at its step (6: `current`;
+    # 12: the evaluation).
+    assert current.params == [6.0, 12.0]
+    assert every3.params == [4.0, 6.0, 10.0, 12.0]
+    # Each hook's state is its own: the recorders' lists are separate, and hooks that report
+    # nothing leave the result and the records as they are without them.
+    assert len({id(h.steps) for h in (every3, fives, before, current)}) == 4
+    assert result.message == "6 calls" and plain.message == ""
+    assert (result.eval_loss, result.eval_seconds, result.step) == (
+        plain.eval_loss, plain.eval_seconds, plain.step)
+    assert records == plain_records
 
 
 def test_sigterm_logs_the_pending_step(tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 
     step.py      the model, the optimizer and the jitted, sharded step (build_trainer)
     loop.py      the loop: dispatch a step, fetch the one before it, run the hooks
-    hooks.py     what the loop does every N steps: preemption, profiling, evaluation, logging,
-                 saving
+    hooks.py     what the loop does every N steps, registered with loop.add_hook: preemption,
+                 profiling, evaluation, logging, saving
     progress.py  the live line (or plain lines) a run shows
     run.py       a whole run: the checks, the run directory, resuming, the summary (train)
 """

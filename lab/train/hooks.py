@@ -1,20 +1,29 @@
-"""What the training loop does besides stepping, as hooks run every N steps (as in Levanter).
+"""What the training loop does besides stepping, as hooks registered with the steps they run at
+(as in Levanter): `loop.add_hook(hook, every=N, at=steps, when=...)`.
 
-Before a step: preemption (checked before the step's batch is read, so a checkpoint saved then
-resumes at that very batch) and profiling (just before the step is dispatched). After a step:
-evaluation, logging and saving, in that order, so a logged record carries its evaluation and a
-checkpoint never gets ahead of the metrics it covers.
+A hook is one class: `__call__(info)` does its work on a `StepInfo`, the small context of one
+call (the step, the state, the step's metrics, the stopwatch); what it measures stays in its
+own attributes, and `report(result)` copies that into the loop's result when the loop ends.
 
-Evaluation and saving read the state (`needs_state`): they run right after their step, whose
-metrics are then fetched at once, so nothing is saved before its loss is known to be finite.
-Logging reads only the metrics and runs when they arrive, one step late (lab.train.loop).
+The order rule: hooks run by phase, and within a phase in the order they were added.
+- before_batch: preemption, checked before the step's batch is read, so a checkpoint saved
+  then resumes at that very batch;
+- before_step: profiling, just before the step is dispatched;
+- after_step: evaluation, tasks, noise scale, logging and saving, so a logged record carries
+  its evaluation and a checkpoint never gets ahead of the metrics it covers. A new hook that
+  adds to the record is added before logging.
+
+A hook that reads the state (`needs_state`: evaluation, tasks, saving) runs right after its
+step, whose metrics are then fetched at once, so nothing is saved before its loss is known to
+be finite. The others read only the metrics and run when they arrive, one step late
+(lab.train.loop).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Container
+from typing import Any, Literal, TypeVar
 
 import jax
 import numpy as np
@@ -48,36 +57,6 @@ class LoopResult:
     noise_scale: float | None = None  # the last smoothed gradient noise scale (tokens)
 
 
-@dataclasses.dataclass
-class StepInfo:
-    """A step as the hooks see it: `step` steps are done (before a step: the steps so far)."""
-
-    step: int
-    state: dict
-    values: dict = dataclasses.field(default_factory=dict)  # its metrics, on the host
-    eval_loss: float | None = None  # set by the evaluation hook
-    stop: bool = False  # a hook before the step asks the loop to stop
-
-
-class Hook:
-    """Runs at the steps `due` says: every `every` steps (0 = never), and any the hook adds."""
-
-    every: int = 0
-    needs_state: bool = False  # must run right after its step, while the state is current
-
-    def due(self, step: int) -> bool:
-        return self.every > 0 and step % self.every == 0
-
-    def __call__(self, info: StepInfo) -> None:
-        raise NotImplementedError
-
-
-def run_hooks(hooks: list[Hook], info: StepInfo) -> None:
-    for hook in hooks:
-        if hook.due(info.step):
-            hook(info)
-
-
 class Stopwatch:
     """Wall time by activity: each lap runs from the previous one to now and is counted as
     training or as something else (compiling, evaluating, saving)."""
@@ -105,6 +84,75 @@ class Stopwatch:
         return window
 
 
+@dataclasses.dataclass
+class StepInfo:
+    """A step as a hook sees it, one call's context: `step` steps are done (before a step: the
+    steps so far). Hooks earlier in the order may add to `values` and set `eval_loss`."""
+
+    step: int
+    state: dict
+    values: dict = dataclasses.field(default_factory=dict)  # its metrics, on the host
+    eval_loss: float | None = None  # set by the evaluation hook
+    stop: bool = False  # a hook before the step asks the loop to stop
+    watch: Stopwatch | None = None  # the loop's time by activity (a hook ends its own lap)
+
+
+class Hook:
+    """Something the loop does at the steps it was registered for (loop.add_hook). A hook's
+    state is its own attributes; `report` puts what it measured into the loop's result."""
+
+    needs_state: bool = False  # must run right after its step, while the state is current
+
+    def __call__(self, info: StepInfo) -> None:
+        raise NotImplementedError
+
+    def report(self, result: LoopResult) -> None:
+        """Copy what this hook measured into the result (once, when the loop ends)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The steps a hook runs at: every `every` steps (0 = none) and the steps in `at`
+    (anything `in` works on: a set, or another Steps)."""
+
+    every: int = 0
+    at: Container[int] = ()
+
+    def __contains__(self, step: object) -> bool:
+        return (self.every > 0 and step % self.every == 0) or step in self.at
+
+
+When = Literal["before_batch", "before_step", "after_step"]
+HookT = TypeVar("HookT", bound=Hook)
+
+
+class Hooks:
+    """A loop's hooks by phase, each with its steps; within a phase, in the order added."""
+
+    def __init__(self):
+        self.phases: dict[str, list[tuple[Hook, Steps]]] = {
+            "before_batch": [], "before_step": [], "after_step": []}
+
+    def add(self, hook: HookT, every: int = 0, at: Container[int] = (),
+            when: When = "after_step") -> HookT:
+        self.phases[when].append((hook, Steps(every, at)))
+        return hook
+
+    def run(self, when: When, info: StepInfo) -> None:
+        for hook, steps in self.phases[when]:
+            if info.step in steps:
+                hook(info)
+
+    def need_state(self, step: int) -> bool:
+        """Whether a hook due after step `step` reads the state."""
+        return any(hook.needs_state and step in steps for hook, steps in self.phases["after_step"])
+
+    def report(self, result: LoopResult) -> None:
+        for hooks in self.phases.values():
+            for hook, _ in hooks:
+                hook.report(result)
+
+
 def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
     losses = [trainer.eval_step(params, b) for b in batches]
     return float(np.mean(jax.device_get(losses)))
@@ -112,9 +160,7 @@ def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
 
 class PreemptionHook(Hook):
     """SIGTERM / SIGINT (lab.preemption) stop the run; with several processes, JAX's preemption
-    sync point, so that every host stops at the same step."""
-
-    every = 1
+    sync point, so that every host stops at the same step. Every step, before its batch."""
 
     def __init__(self):
         self.multi = jax.process_count() > 1
@@ -131,33 +177,34 @@ class PreemptionHook(Hook):
 class ProfileHook(Hook):
     """A jax.profiler trace of the steps lab.profiling's environment variables ask for."""
 
-    every = 1
-
-    def __init__(self, profiler: StepProfiler | None):
+    def __init__(self, profiler: StepProfiler):
         self.profiler = profiler
 
     def __call__(self, info: StepInfo) -> None:
-        if self.profiler is not None:
-            self.profiler.step(info.step, wait_for=info.state)
+        self.profiler.step(info.step, wait_for=info.state)
 
 
 class EvalHook(Hook):
-    """The evaluation loss, every train.eval_every steps and at the last step."""
+    """The evaluation loss (train.eval_every steps and the last step)."""
 
     needs_state = True
 
-    def __init__(self, every: int, last: int, trainer: Trainer, eval_data: list[jax.Array],
-                 result: LoopResult, watch: Stopwatch):
-        self.every, self.last, self.trainer, self.eval_data = every, last, trainer, eval_data
-        self.result, self.watch = result, watch
+    def __init__(self, trainer: Trainer, eval_data: list[jax.Array]):
+        self.trainer, self.eval_data = trainer, eval_data
+        self.loss: float | None = None
+        self.seconds = 0.0
 
-    def due(self, step: int) -> bool:
-        return super().due(step) or step == self.last
+    def measure(self, params: dict) -> float:
+        self.loss = evaluate(self.trainer, params, self.eval_data)
+        return self.loss
 
     def __call__(self, info: StepInfo) -> None:
-        loss = evaluate(self.trainer, info.state["params"], self.eval_data)
-        info.eval_loss = self.result.eval_loss = loss
-        self.result.eval_seconds += self.watch.other()
+        info.eval_loss = self.measure(info.state["params"])
+        self.seconds += info.watch.other()
+
+    def report(self, result: LoopResult) -> None:
+        result.eval_loss = self.loss
+        result.eval_seconds += self.seconds
 
 
 class NoiseScaleHook(Hook):
@@ -166,11 +213,10 @@ class NoiseScaleHook(Hook):
     metrics into the moving averages, and every record from the first measurement on carries
     the smoothed B_simple as `noise_scale` (tokens). Runs at every step, before logging."""
 
-    every = 1
-
-    def __init__(self, measure_every: int, tokens_per_row: int, result: LoopResult):
-        self.measure_every, self.result = measure_every, result
+    def __init__(self, measure_every: int, tokens_per_row: int):
+        self.measure_every = measure_every
         self.smoothed = NoiseScaleEMA(tokens_per_row)
+        self.value: float | None = None
 
     def measures(self, step: int) -> bool:
         """Whether the step that makes `step` steps done is a measuring one."""
@@ -182,27 +228,25 @@ class NoiseScaleHook(Hook):
             self.smoothed.update(grad_sq, trace)
         value = self.smoothed.value()
         if value is not None:
-            info.values["noise_scale"] = self.result.noise_scale = value
+            info.values["noise_scale"] = self.value = value
+
+    def report(self, result: LoopResult) -> None:
+        result.noise_scale = self.value
 
 
 class LogHook(Hook):
     """A step's metrics with its throughput (training time only, since the last logged step) to
-    the metrics log and the display: every train.log_every steps and at every evaluation."""
+    the metrics log and the display (train.log_every steps and every evaluation)."""
 
-    def __init__(self, every: int, evaluation: Hook, watch: Stopwatch, logger: MetricsLogger,
-                 progress: Progress, start: int, tokens_per_step: int, flops_per_tok: int,
-                 peak_flops: float):
-        self.every, self.evaluation, self.watch = every, evaluation, watch
+    def __init__(self, logger: MetricsLogger, progress: Progress, start: int,
+                 tokens_per_step: int, flops_per_tok: int, peak_flops: float):
         self.logger, self.progress, self.last_logged = logger, progress, start
         self.tokens_per_step, self.flops_per_tok = tokens_per_step, flops_per_tok
         self.peak_flops = peak_flops
 
-    def due(self, step: int) -> bool:
-        return super().due(step) or self.evaluation.due(step)
-
     def __call__(self, info: StepInfo) -> None:
         values, step = info.values, info.step
-        per_step = self.watch.take_window() / max(step - self.last_logged, 1)
+        per_step = info.watch.take_window() / max(step - self.last_logged, 1)
         self.last_logged = step
         values["tokens"] = step * self.tokens_per_step
         values["tokens_per_second"] = self.tokens_per_step / per_step if per_step > 0 else 0.0
@@ -215,19 +259,17 @@ class LogHook(Hook):
 
 
 class SaveHook(Hook):
-    """A checkpoint every checkpoint.every_steps steps, at every kept step and at the last."""
+    """A checkpoint (checkpoint.every_steps steps, every kept step and the last step).
+    `last_checkpoint` starts at the checkpoint the run was restored from, if any."""
 
     needs_state = True
 
-    def __init__(self, every: int, keep_steps: tuple[int, ...], last: int,
-                 logger: MetricsLogger, checkpointer: Checkpointer | None, batches: Any,
-                 result: LoopResult, clock: Callable[[], float]):
-        self.every, self.keep_steps, self.last = every, keep_steps, last
-        self.logger, self.checkpointer, self.batches = logger, checkpointer, batches
-        self.result, self.clock = result, clock
-
-    def due(self, step: int) -> bool:
-        return super().due(step) or step in self.keep_steps or step == self.last
+    def __init__(self, checkpointer: Checkpointer | None, batches: Any, logger: MetricsLogger,
+                 clock: Callable[[], float], last_checkpoint: int | None):
+        self.checkpointer, self.batches, self.logger, self.clock = (checkpointer, batches, logger,
+                                                                    clock)
+        self.last_checkpoint = last_checkpoint
+        self.seconds = 0.0
 
     def __call__(self, info: StepInfo) -> None:
         self.save(info.step, info.state)
@@ -238,5 +280,9 @@ class SaveHook(Hook):
             return
         t = self.clock()
         self.checkpointer.save(step, state, self.batches)
-        self.result.last_checkpoint = step
-        self.result.checkpoint_seconds += self.clock() - t
+        self.last_checkpoint = step
+        self.seconds += self.clock() - t
+
+    def report(self, result: LoopResult) -> None:
+        result.last_checkpoint = self.last_checkpoint
+        result.checkpoint_seconds += self.seconds

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 import jax
 import numpy as np
@@ -23,6 +23,8 @@ from lab.profiling import StepProfiler
 from lab.rundir import Status
 from lab.train.hooks import (
     EvalHook,
+    Hooks,
+    HookT,
     LogHook,
     LoopResult,
     NoiseScaleHook,
@@ -30,9 +32,9 @@ from lab.train.hooks import (
     ProfileHook,
     SaveHook,
     StepInfo,
+    Steps,
     Stopwatch,
-    evaluate,
-    run_hooks,
+    When,
 )
 from lab.train.progress import Progress, progress_call
 from lab.train.step import Trainer
@@ -95,7 +97,7 @@ class MetricsFetcher:
 
 
 class Loop:
-    """One call of run_loop: its hooks and the little state they share."""
+    """One call of run_loop: the step, and the hooks registered around it (lab.train.hooks)."""
 
     def __init__(self, cfg: Config, trainer: Trainer, state: dict, batches: Iterator,
                  eval_data: list[jax.Array], logger: MetricsLogger,
@@ -103,35 +105,40 @@ class Loop:
                  keep_steps: tuple[int, ...], progress: Progress | None,
                  profiler: StepProfiler | None, last_checkpoint: int | None,
                  clock: Callable[[], float], tasks: TaskEval | None = None):
-        tcfg, ccfg = cfg.train, cfg.checkpoint
+        tcfg = cfg.train
         self.trainer, self.batches, self.logger, self.total = trainer, batches, logger, tcfg.steps
         if progress is None:
             progress = Progress(tcfg.steps, enabled=jax.process_index() == 0)
         self.progress = progress
         self.start = int(jax.device_get(state["step"]))
-        self.result = LoopResult(state, Status.FINISHED, self.start,
-                                 last_checkpoint=last_checkpoint)
+        self.result = LoopResult(state, Status.FINISHED, self.start)
         self.watch, self.fetcher = Stopwatch(clock), MetricsFetcher()
         self.spikes = SpikeWatch(tcfg.spike_factor, tcfg.spike_window)
-        self.before_batch = [PreemptionHook()]  # a checkpoint then resumes at this batch
-        self.before_step = [ProfileHook(profiler)]
-        evaluation = EvalHook(tcfg.eval_every, tcfg.steps, trainer, eval_data, self.result,
-                              self.watch)
-        log = LogHook(tcfg.log_every, evaluation, self.watch, logger, self.progress, self.start,
-                      tcfg.batch_size * tcfg.seq_len, flops_per_tok, peak_flops)
-        self.save = SaveHook(ccfg.every_steps, keep_steps, tcfg.steps, logger, checkpointer,
-                             batches, self.result, clock)
-        task_hooks = [TaskHook(evaluation, tasks, self.result, self.watch)] if tasks else []
+        self.compiled: dict[str, Callable] = {}
+        self.checkpointer, self.profiler, self.clock = checkpointer, profiler, clock
+        self.hooks = Hooks()
+        # The order of each phase is the order of these lines (lab.train.hooks).
+        self.add_hook(PreemptionHook(), every=1, when="before_batch")
+        if profiler is not None:
+            self.add_hook(ProfileHook(profiler), every=1, when="before_step")
+        evaluations = Steps(tcfg.eval_every, {tcfg.steps})
+        self.evaluation = self.add_hook(EvalHook(trainer, eval_data), at=evaluations)
+        self.tasks = self.add_hook(TaskHook(tasks), at=evaluations) if tasks else None
         self.noise = None  # train.noise_scale_every: a second step measures on its steps
         if getattr(trainer, "noise_step", None) is not None:
-            self.noise = NoiseScaleHook(tcfg.noise_scale_every, tcfg.seq_len, self.result)
-        noise_hooks = [self.noise] if self.noise is not None else []
+            self.noise = self.add_hook(NoiseScaleHook(tcfg.noise_scale_every, tcfg.seq_len),
+                                       every=1)
         # A record carries its step's evaluation, tasks and noise scale.
-        self.after = [evaluation, *task_hooks, *noise_hooks, log, self.save]
-        self.tasks = tasks
-        self.compiled: dict[str, Callable] = {}
-        self.eval_data, self.checkpointer, self.profiler = eval_data, checkpointer, profiler
-        self.clock = clock
+        self.add_hook(LogHook(logger, self.progress, self.start, tcfg.batch_size * tcfg.seq_len,
+                              flops_per_tok, peak_flops), every=tcfg.log_every, at=evaluations)
+        self.save = self.add_hook(SaveHook(checkpointer, batches, logger, clock, last_checkpoint),
+                                  every=cfg.checkpoint.every_steps, at={*keep_steps, tcfg.steps})
+
+    def add_hook(self, hook: HookT, every: int = 0, at: Container[int] = (),
+                 when: When = "after_step") -> HookT:
+        """Run `hook` every `every` steps (0 = none) and at the steps in `at`, in phase `when`,
+        after the hooks added before it; returns the hook."""
+        return self.hooks.add(hook, every, at, when)
 
     def run(self) -> LoopResult:
         """Train from the state's step to train.steps."""
@@ -139,26 +146,26 @@ class Loop:
         try:
             with jax.set_mesh(self.trainer.mesh):
                 for step in range(self.start, self.total):
-                    before = StepInfo(step, result.state)
-                    run_hooks(self.before_batch, before)
+                    before = StepInfo(step, result.state, watch=self.watch)
+                    self.hooks.run("before_batch", before)
                     if before.stop:
                         self.preempted(step)
                         break
                     tokens = sharding.global_batch(next(self.batches), self.trainer.mesh)
                     step_fn = self.step_function(step, tokens)
-                    run_hooks(self.before_step, before)
+                    self.hooks.run("before_step", before)
                     result.state, metrics = step_fn(result.state, tokens)
                     result.step = step + 1
                     late = self.fetcher.push(step + 1, metrics)  # the step before this one
                     if late is not None and not self.after_step(late):
                         break
-                    if any(h.needs_state and h.due(step + 1) for h in self.after):
+                    if self.hooks.need_state(step + 1):
                         if not self.after_step(self.fetcher.fetch()):
                             break
                         self.watch.other()  # evaluating and saving are not training
             if result.status == Status.FINISHED and (late := self.fetcher.fetch()) is not None:
                 self.after_step(late)
-            if self.start >= self.total and result.eval_loss is None:  # restored at the end
+            if self.start >= self.total and self.evaluation.loss is None:  # restored at the end
                 self.final_evaluation()
         finally:
             self.close()
@@ -166,9 +173,9 @@ class Loop:
 
     def final_evaluation(self) -> None:
         params = self.result.state["params"]
-        self.result.eval_loss = evaluate(self.trainer, params, self.eval_data)
+        self.evaluation.measure(params)
         if self.tasks is not None:
-            self.result.task_metrics = self.tasks(params)
+            self.tasks.measure(params)
 
     def after_step(self, info: StepInfo) -> bool:
         """Check a fetched step and run the hooks due at it; False if it diverged."""
@@ -177,8 +184,8 @@ class Loop:
             self.diverged(info, problem)
             return False
         self.watch.train()  # the step ends here
-        info.state = self.result.state
-        run_hooks(self.after, info)
+        info.state, info.watch = self.result.state, self.watch
+        self.hooks.run("after_step", info)
         return True
 
     def step_function(self, step: int, tokens: jax.Array) -> Callable:
@@ -216,14 +223,16 @@ class Loop:
     def diverged(self, info: StepInfo, problem: str) -> None:
         result = self.result
         result.status, result.step = Status.DIVERGED, info.step - 1
-        kept = (f"its last checkpoint (step {result.last_checkpoint}) is intact"
-                if result.last_checkpoint is not None else "no checkpoint was saved before it")
+        last = self.save.last_checkpoint
+        kept = (f"its last checkpoint (step {last}) is intact" if last is not None
+                else "no checkpoint was saved before it")
         result.message = (f"{problem}; the run stopped (status '{Status.DIVERGED}') and {kept}. "
                           "Lower optim.lr or raise schedule.warmup_steps")
         self.logger.log(info.step, info.values)
 
     def close(self) -> None:
         self.result.train_seconds = self.watch.train_seconds
+        self.hooks.report(self.result)
         progress_call(self.progress, "close")
         if self.profiler is not None:
             self.profiler.stop(wait_for=self.result.state)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from lab import sharding
 from lab.tasks import TaskSet, pack_rows, task_metrics
-from lab.train.hooks import Hook, LoopResult, StepInfo, Stopwatch
+from lab.train.hooks import Hook, LoopResult, StepInfo
 from lab.train.step import Trainer
 
 
@@ -93,21 +93,25 @@ def task_eval(trainer: Trainer, task_sets: list[TaskSet]) -> TaskEval:
 
 
 class TaskHook(Hook):
-    """The tasks' metrics at every evaluation, added to the step's record (so it runs after
+    """The tasks' metrics at every evaluation, added to the step's record (so it is added after
     the evaluation and before logging)."""
 
     needs_state = True
 
-    def __init__(self, evaluation: Hook, tasks: TaskEval, result: LoopResult, watch: Stopwatch):
-        self.evaluation, self.tasks, self.result, self.watch = evaluation, tasks, result, watch
+    def __init__(self, tasks: TaskEval):
+        self.tasks = tasks
+        self.metrics: dict[str, float] = {}
+        self.seconds = 0.0
 
-    def due(self, step: int) -> bool:
-        return self.evaluation.due(step)
+    def measure(self, params: dict) -> dict[str, float]:
+        self.metrics = self.tasks(params)
+        return self.metrics
 
     def __call__(self, info: StepInfo) -> None:
-        metrics = self.tasks(info.state["params"])
-        info.values.update(metrics)
-        self.result.task_metrics = metrics
-        seconds = self.watch.other()
-        self.result.eval_seconds += seconds
-        self.result.task_seconds += seconds
+        info.values.update(self.measure(info.state["params"]))
+        self.seconds += info.watch.other()
+
+    def report(self, result: LoopResult) -> None:
+        result.task_metrics = self.metrics
+        result.eval_seconds += self.seconds  # the tasks are part of the evaluation
+        result.task_seconds += self.seconds
