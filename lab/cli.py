@@ -8,6 +8,7 @@ import sys
 
 from lab.config import config_keys
 from lab.errors import FIXES, ArgumentParser, UserError, file_system_error
+from lab.schema import keys_help
 
 EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
 
@@ -69,10 +70,7 @@ def _quiet_absl() -> None:
 
 
 def _keys_help() -> str:
-    rows = config_keys()
-    key_w, type_w = (max(len(r[i]) for r in rows) for i in (0, 1))
-    lines = [f"  {k:<{key_w}}  {t:<{type_w}}  {d}" for k, t, d in rows]
-    return "config keys (key, type with its choices or range, default):\n" + "\n".join(lines)
+    return keys_help("config keys", config_keys())
 
 
 def build_parser() -> ArgumentParser:

@@ -6,14 +6,14 @@ against its type as it reads it; any mistake raises `UserError` naming the key a
 
 The types are the schema: a key's rule is written once, in its type. `Literal[...]` lists a
 key's choices; `Annotated[int, Range(...)]` bounds a number (a tuple's item type bounds each
-item); `coerce` checks both, and `config_keys` shows them in `lab train --help`. `validate`
-holds only the rules that relate several keys.
+item); the engine that reads any such schema (lab.schema, which sweep and study files use too)
+checks both, and `config_keys` shows them in `lab train --help`. `validate` holds only the
+rules that relate several keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,90 +23,20 @@ import yaml
 
 from lab import paths
 from lab.errors import UserError, shown
+
+# The engine (lab.schema) reads the schema; its names stay importable from here.
+from lab.schema import INT64_MAX as INT64_MAX
+from lab.schema import NonEmpty, Range, from_dict, schema_keys
+from lab.schema import coerce as coerce
+from lab.schema import describe_type as describe_type
 from lab.yaml_file import read_yaml
 
-INT64_MAX = 2**63 - 1
 # Step counts reach jitted code (optax schedules, the step counter) as int32.
 INT32_MAX = 2**31 - 1
 SEED_LIMIT = 2**32  # JAX keys keep 32 bits of a seed: larger seeds repeat smaller ones
 
 
 # ----------------------------------------------------------------------------- the schema's types
-
-
-def _number(x: float) -> str:
-    """A bound as a reader checks it: 2**32 and 2**31-1 rather than their ten digits."""
-    if isinstance(x, int) and x >= 2**16:
-        if x & (x - 1) == 0:
-            return f"2**{x.bit_length() - 1}"
-        if (x + 1) & x == 0:
-            return f"2**{x.bit_length()}-1"
-    return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a key accepts: lo to hi (None: unbounded), and optionally one value `also`
-    outside them that means something (-1: the rest). A message ends with `note` in
-    parentheses: what `also` means, or else why the bounds."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    also: float | None = None
-    note: str = ""
-
-    def holds(self, x: float) -> bool:
-        if x == self.also:
-            return True
-        above = self.lo is None or (x > self.lo if self.lo_open else x >= self.lo)
-        below = self.hi is None or (x < self.hi if self.hi_open else x <= self.hi)
-        return above and below
-
-    def _interval(self) -> str:
-        if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {_number(self.lo)}"
-        if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {_number(self.hi)}"
-        return (f"in {'(' if self.lo_open else '['}{_number(self.lo)}, {_number(self.hi)}"
-                f"{')' if self.hi_open else ']'}")
-
-    def bounds(self) -> str:
-        """As --help shows it: '>= 1', 'in [0, 1)', '> 1 or 0'."""
-        return self._interval() + ("" if self.also is None else f" or {_number(self.also)}")
-
-    def describe(self, kind: type) -> str:
-        """As a message says it: 'a positive integer', 'a number in [0, 1] or -1 (...)'."""
-        noun = "integer" if kind is int else "number"
-        positive = (self.lo, self.lo_open) == ((1, False) if kind is int else (0, True))
-        if self.hi is None and positive:
-            text = f"a positive {noun}"
-        elif self.hi is None and (self.lo, self.lo_open) == (0, False):
-            text = f"zero or a positive {noun}"
-        else:
-            text = f"{'an' if kind is int else 'a'} {noun} {self._interval()}"
-        if self.also is not None:
-            text += f" or {_number(self.also)}"
-        return f"{text} ({self.note})" if self.note else text
-
-    def check(self, key: str, value: float, kind: type) -> None:
-        if not self.holds(value):
-            raise UserError(f"{key} must be {self.describe(kind)}, got {shown(value)}")
-
-
-@dataclass(frozen=True)
-class NonEmpty:
-    """A string that must not be empty; `why` says what it names."""
-
-    why: str
-
-    def bounds(self) -> str:
-        return "non-empty"
-
-    def check(self, key: str, value: str, kind: type) -> None:
-        if not value:
-            raise UserError(f"{key} must not be empty: {self.why}")
 
 
 def parse_task(item: str) -> tuple[str, int]:
@@ -456,119 +386,10 @@ def set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    section = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, dict):
-        raise UserError(f"{section} must be a mapping of keys, got {shown(raw)}")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys may be ints as well
-    if unknown:
-        raise UserError(f"unknown config key {shown(f'{prefix}{unknown[0]}')}; known keys in "
-                        f"{section}: {', '.join(fields)}")
-    values = {}
-    for name, value in raw.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            values[name] = from_dict(hint, value, prefix=f"{key}.")
-        else:
-            values[name] = coerce(key, value, hint)
-    return cls(**values)
-
-
-def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against the key's type and its rule; ints may stand for floats, lists (or
-    one item) for tuples."""
-    origin = typing.get_origin(hint)
-    if origin is Annotated:
-        kind, *rules = typing.get_args(hint)
-        value = coerce(key, value, kind)
-        for rule in rules:
-            rule.check(key, value, kind)
-        return value
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value in choices and isinstance(value, str):
-            return value
-        raise UserError(f"{key} must be one of {', '.join(map(_choice, choices))}, "
-                        f"got {shown(value)}")
-    if origin is tuple:
-        (item_type, _) = typing.get_args(hint)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key {key} must be a list, got {shown(value)}")
-        return tuple(coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not -INT64_MAX <= value <= INT64_MAX:
-                raise UserError(f"config key {key} is {value}, beyond a 64-bit integer; give a "
-                                "smaller number")
-            return value
-    elif hint is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)  # YAML reads "1e-3" (no dot) as a string
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):
-                raise UserError(f"config key {key} must be a finite number, got {shown(value)}")
-            return number
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
-        raise TypeError(f"unsupported config type {hint} for {key}")
-    raise UserError(f"config key {key} must be {hint.__name__}, got {shown(value)}")
-
-
-def _choice(value: str) -> str:
-    return value or '""'
-
-
-def describe_type(hint: Any) -> str:
-    """A key's type as --help shows it: 'int >= 1', 'auto|xla|cudnn', 'list[float > 0]'."""
-    origin = typing.get_origin(hint)
-    if origin is Annotated:
-        kind, *rules = typing.get_args(hint)
-        return " ".join([describe_type(kind), *(rule.bounds() for rule in rules)])
-    if origin is Literal:
-        return "|".join(map(_choice, typing.get_args(hint)))
-    if origin is tuple:
-        return f"list[{describe_type(typing.get_args(hint)[0])}]"
-    return hint.__name__
-
-
 def config_keys() -> list[tuple[str, str, str]]:
     """(key, type, default) of every config key, read from the schema, for `lab train --help`;
     a nested section's keys are dotted further (model.moe.experts)."""
-    return _keys(Config, "")
-
-
-def _keys(cls: type, prefix: str) -> list[tuple[str, str, str]]:
-    rows = []
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            rows += _keys(hints[f.name], f"{prefix}{f.name}.")
-            continue
-        if not prefix:
-            continue
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        shown = '""' if default == "" else override_word(default)  # as typed after key=
-        rows.append((f"{prefix}{f.name}", describe_type(hints[f.name]), shown))
-    return rows
+    return schema_keys(Config, word=override_word)
 
 
 def to_dict(config: Any) -> dict:

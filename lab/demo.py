@@ -27,14 +27,25 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
 from lab import preemption, presets, rundir
 from lab.accounting import flops_per_token, param_counts, with_vocab
-from lab.config import Config, load_config, override, override_word, overrides_between
+from lab.config import (
+    Config,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    Seed,
+    load_config,
+    override,
+    override_word,
+    overrides_between,
+)
 from lab.errors import UserError, shown
 from lab.paths import makedirs, shown_path
 from lab.rundir import Status
+from lab.schema import NonEmpty, Words, keys_help, read_file, schema_keys
 from lab.yaml_file import read_yaml
 
 STUDY = presets.root() / "demo.yaml"
@@ -72,70 +83,81 @@ class Study:
         return tuple(j for j in range(len(self.budgets)) if k is None or j <= size < j + k)
 
 
+# The study file's schema, read by the config engine (lab.schema) as run configs are: `lab demo
+# --help` lists these keys. What relates several keys is checked by load_study.
+ModelSizes = Annotated[tuple[dict[str, Any], ...],
+                       NonEmpty("give model overrides such as {d_model: 32, n_layers: 1}")]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOutKeys:
+    """held_out: one whole budget beyond the ladder, trained straight through per seed."""
+
+    sizes: ModelSizes  # model overrides, one run per size and seed
+    budget: PositiveFloat  # training FLOPs, beyond every fitted budget
+    seeds: Annotated[tuple[Seed, ...], NonEmpty("give run seeds such as [0, 1]")] = (0,)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyFile:
+    base: Annotated[str, NonEmpty("name the lab config every run starts from")]  # relative
+    sizes: ModelSizes  # model overrides, smallest first (two or more)
+    budgets: Annotated[tuple[PositiveFloat, ...], NonEmpty("give two FLOP budgets or more")]
+    decay_fraction: Annotated[float, Range(0, 1, lo_open=True)]  # decay steps / branch step
+    lr: dict[str, PositiveFloat]  # peak learning rate per optimizer (muon, adamw)
+    # k: budget j trains sizes j .. j+k-1; unset: every size spends every budget
+    sizes_per_budget: Annotated[int, Range(2)] | None = None
+    held_out: HeldOutKeys | None = None
+    bootstrap: PositiveInt = 200  # resamples for the fit's intervals
+    extrapolate: PositiveFloat = 10.0  # the prediction budget over the largest budget
+    overrides: tuple[str, ...] = ()  # key=value words for every run
+
+
+STUDY_WORDS = Words(noun="key", top="the study file")
+
+
+def study_keys_help() -> str:
+    """The study file's keys for `lab demo --help`, read from its schema."""
+    return keys_help("study file keys", schema_keys(StudyFile, word=override_word))
+
+
 def load_study(path: str | Path) -> Study:
     """Read and check a study file; relative paths in it are relative to the file."""
     path = Path(path)
     raw = read_yaml(path, "study file") or {}
-    known = {f.name for f in dataclasses.fields(Study)} - {"path"}
-    unknown = sorted(set(raw) - known) if isinstance(raw, dict) else ["(not a mapping)"]
-    if unknown:
-        raise UserError(f"unknown key {shown(unknown[0])} in study file {path}; known keys: "
-                        f"{', '.join(sorted(known))}")
-    missing = [k for k in ("base", "sizes", "budgets", "decay_fraction", "lr") if k not in raw]
-    if missing:
-        raise UserError(f"study file {path} lacks {shown(missing[0])}; see configs/demo.yaml")
-    sizes = _model_overrides(raw["sizes"], "sizes", path)
-    budgets = tuple(float(b) for b in raw["budgets"])
+    typed = read_file(StudyFile, raw, f"study file {path}", STUDY_WORDS)
+    sizes, budgets = typed.sizes, typed.budgets
     if len(sizes) < 2 or len(budgets) < 2:
         raise UserError(f"{path} needs two or more sizes and budgets (it has {len(sizes)} and "
                         f"{len(budgets)})")
-    if any(b <= 0 for b in budgets) or list(budgets) != sorted(set(budgets)):
-        raise UserError(f"budgets in {path} must be positive and increasing, got {budgets}")
-    per_budget = raw.get("sizes_per_budget")
-    if per_budget is not None and (not isinstance(per_budget, int) or per_budget < 2
-                                   or len(sizes) != len(budgets) + per_budget - 1):
+    if list(budgets) != sorted(set(budgets)):
+        raise UserError(f"budgets in {path} must be increasing, got {budgets}")
+    per_budget = typed.sizes_per_budget
+    if per_budget is not None and len(sizes) != len(budgets) + per_budget - 1:
         raise UserError(f"sizes_per_budget in {path} must be an integer k >= 2 with as many "
                         f"sizes as budgets + k - 1 (budget j trains sizes j .. j+k-1); it is "
                         f"{shown(per_budget)} with {len(sizes)} sizes and {len(budgets)} budgets")
-    fraction = float(raw["decay_fraction"])
-    if not 0 < fraction <= 1:
-        raise UserError(f"decay_fraction in {path} must lie in (0, 1], got {fraction}")
-    lr = {str(k): float(v) for k, v in dict(raw["lr"]).items()}
-    held_out = raw.get("held_out")
-    if held_out is not None:
-        held_out = _held_out(held_out, path, budgets[-1])
-    return Study(path=path, base=(path.parent / raw["base"]).resolve(), sizes=tuple(sizes),
-                 budgets=budgets, decay_fraction=fraction, lr=lr,
-                 bootstrap=int(raw.get("bootstrap", 200)),
-                 extrapolate=float(raw.get("extrapolate", 10.0)),
-                 overrides=tuple(str(w) for w in raw.get("overrides", ())),
+    held_out = None
+    if typed.held_out is not None:
+        held_out = _held_out(typed.held_out, path, budgets[-1])
+    return Study(path=path, base=(path.parent / typed.base).resolve(), sizes=sizes,
+                 budgets=budgets, decay_fraction=typed.decay_fraction,
+                 lr={str(k): v for k, v in typed.lr.items()}, bootstrap=typed.bootstrap,
+                 extrapolate=typed.extrapolate, overrides=typed.overrides,
                  held_out=held_out, sizes_per_budget=per_budget)
 
 
-def _model_overrides(sizes: Any, key: str, path: Path) -> list[dict]:
-    if not isinstance(sizes, list) or not sizes or not all(isinstance(s, dict) for s in sizes):
-        raise UserError(f"{key} in {path} must be a list of model overrides such as "
-                        "{d_model: 32, n_layers: 1, n_heads: 2}")
-    return [dict(s) for s in sizes]
-
-
-def _held_out(raw: Any, path: Path, largest: float) -> dict:
-    """The held-out budget: {sizes, budget, seeds}, its budget beyond every fitted one."""
-    if not isinstance(raw, dict) or not {"sizes", "budget"} <= set(raw) <= {
-            "sizes", "budget", "seeds"}:
-        raise UserError(f"held_out in {path} must be {{sizes: [{{d_model: ...}}, ...], budget: "
-                        "FLOPs, seeds: [0, 1]}")
-    seeds = raw.get("seeds", [0])
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(x, int) and x >= 0 for x in seeds)):
+def _held_out(keys: HeldOutKeys, path: Path, largest: float) -> dict:
+    """The held-out budget as {sizes, budget, seeds}: distinct seeds, its budget beyond every
+    fitted one."""
+    if len(set(keys.seeds)) != len(keys.seeds):
         raise UserError(f"held_out.seeds in {path} must be a list of distinct run seeds such "
-                        f"as [0, 1], got {shown(seeds)}")
-    held = {"sizes": _model_overrides(raw["sizes"], "held_out.sizes", path),
-            "budget": float(raw["budget"]), "seeds": seeds}
-    if held["budget"] <= largest:
-        raise UserError(f"the held-out budget in {path} ({held['budget']:g}) must exceed the "
+                        f"as [0, 1], got {shown(list(keys.seeds))}")
+    if keys.budget <= largest:
+        raise UserError(f"the held-out budget in {path} ({keys.budget:g}) must exceed the "
                         f"largest fitted one ({largest:g}): it is an extrapolation")
-    return held
+    return {"sizes": [dict(s) for s in keys.sizes], "budget": keys.budget,
+            "seeds": list(keys.seeds)}
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -525,13 +547,15 @@ def _cpu_seconds() -> float:
 
 
 def build_parser():
+    import argparse
+
     from lab.errors import ArgumentParser
 
     parser = ArgumentParser(prog="lab demo", description=(
         "Run a whole scaling study on this machine: a ladder of model sizes, one stable WSD "
         "run each branched into decays, the scaling-law fits with a held-out check; writes "
         "DIR/report.html and DIR/fit.json. Rerun the same command to continue an interrupted "
-        "demo."))
+        "demo."), epilog=study_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="output directory (default runs/demo, or runs/demo-quick "
                         "with --quick)")
     parser.add_argument("--quick", action="store_true",

@@ -23,19 +23,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import math
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from lab import presets
 from lab.accounting import flops_per_token, param_counts
 from lab.config import (
-    DECAY_SHAPES,
     INT32_MAX,
     Config,
+    DecayShape,
+    Fraction,
+    PositiveFloat,
+    PositiveInt,
+    PositiveSteps,
     load_config,
     override,
     override_word,
@@ -46,14 +49,75 @@ from lab.config import (
 from lab.errors import UserError, shown
 from lab.paths import safe_name, shown_path
 from lab.rundir import PARAM_KEYS, param_count
+from lab.schema import NonEmpty, Words, keys_help, read_file, schema_keys
 from lab.shapes import counting_model, shape_for_params, shape_name
 from lab.yaml_file import read_yaml
 
-KINDS = ("ladder", "isoflop", "grid", "branch")
-SWEEP_KEYS = ("base", "kind", "name", "out", "set", "sizes", "budgets", "grid", "branch",
-              "tokens", "tokens_per_param", "warmup_fraction", "decay_fraction", "shape",
-              "flops_tolerance", "params")
-SHAPE_KEYS = ("aspect_ratio", "head_dim", "min_heads", "multiple", "tensor", "tolerance")
+Kind = Literal["ladder", "isoflop", "grid", "branch"]
+ParamKey = Literal["non_embedding", "total", "active"]  # lab.rundir.PARAM_KEYS
+PositiveNumbers = Annotated[tuple[PositiveFloat, ...], NonEmpty("give one value or more")]
+PositiveStepList = Annotated[tuple[PositiveSteps, ...], NonEmpty("give one step count or more")]
+
+
+# ----------------------------------------------------------------------------- the sweep file
+# Its schema, read by the config engine (lab.schema) as run configs are: `lab sweep --help`
+# lists these keys. What relates several keys (a kind's needs) is checked by _check_kind.
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchKeys:
+    """branch: each stable run decayed at every step of `at`, over each of `decay_steps`."""
+
+    at: PositiveStepList
+    decay_steps: PositiveStepList
+    shape: DecayShape = "1-sqrt"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeKeys:
+    """shape: how a target size becomes a model shape (lab.shapes.shape_for_params, whose
+    defaults these are)."""
+
+    aspect_ratio: PositiveFloat = 64.0  # d_model / n_layers aimed at
+    head_dim: PositiveInt = 64
+    min_heads: PositiveInt = 4
+    multiple: PositiveInt = 64  # d_model a multiple of this
+    tensor: PositiveInt | None = None  # heads divide by this; unset = the config's mesh.tensor
+    tolerance: PositiveFloat = 0.2  # how far from the target N a shape may land
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepFile:
+    # the config every run starts from, relative to the sweep file
+    base: Annotated[str, NonEmpty("name the config every run starts from")]
+    kind: Kind
+    name: str = ""  # the sweep's name; "" = the file's name
+    out: str = ""  # its output directory; "" = runs/sweeps/NAME
+    params: ParamKey = "non_embedding"  # which parameter count is N
+    set: dict[str, Any] = dataclasses.field(default_factory=dict)  # config keys of every run
+    # target parameter counts, or model overrides (with an optional name:)
+    sizes: Annotated[tuple[PositiveFloat | dict[str, Any], ...],
+                     NonEmpty("give a parameter count or a shape")] = ()
+    budgets: PositiveNumbers = ()  # training FLOPs (isoflop)
+    # config keys and their values; the runs are their product
+    grid: dict[str, Annotated[tuple[Any, ...], NonEmpty("give one value or more")]] = \
+        dataclasses.field(default_factory=dict)
+    tokens: PositiveNumbers = ()  # training tokens of each run (a list: one more grid axis)
+    tokens_per_param: PositiveFloat | None = None  # training tokens per parameter of N
+    warmup_fraction: Fraction | None = None  # warmup steps / steps
+    decay_fraction: Fraction | None = None  # decay steps / steps
+    flops_tolerance: PositiveFloat = 0.05  # how far an isoflop run's FLOPs may miss its budget
+    branch: BranchKeys | None = None  # decays of each stable run (lab branch)
+    shape: ShapeKeys = dataclasses.field(default_factory=ShapeKeys)
+
+
+SWEEP_WORDS = Words(noun="key", top="the sweep file")
+
+
+def sweep_keys_help() -> str:
+    """The sweep file's keys for `lab sweep --help`, read from its schema."""
+    return keys_help("sweep file keys", schema_keys(SweepFile, word=override_word))
+
 
 # Short labels for swept keys in run names; other keys use their last component.
 LABELS = {"optim.lr": "lr", "train.batch_size": "bs", "optim.weight_decay": "wd",
@@ -92,69 +156,17 @@ class Sweep:
 
 
 def load_sweep(path: str | Path) -> dict:
+    """A sweep file's mapping, every key checked against the schema (SweepFile)."""
+    return read_sweep(path)[0]
+
+
+def read_sweep(path: str | Path) -> tuple[dict, SweepFile]:
+    """A sweep file as written (which keys it gives matters) and as typed, checked."""
     path = Path(path)
     spec = read_yaml(path, "sweep file") or {}
     if not isinstance(spec, dict):
         raise UserError(f"sweep file {path} must be a mapping with 'base:' and 'kind:'")
-    unknown = sorted(set(spec) - set(SWEEP_KEYS), key=str)
-    if unknown:
-        raise UserError(f"sweep file {path}: unknown key {shown(unknown[0])}; known keys: "
-                        f"{', '.join(SWEEP_KEYS)}")
-    _check_numbers(spec, f"sweep file {path}")
-    return spec
-
-
-# The sweep file's numeric keys: (lowest, highest, whether the lowest is allowed).
-NUMBER_RANGES = {"tokens": (0, math.inf, False), "tokens_per_param": (0, math.inf, False),
-                 "warmup_fraction": (0, 1, True), "decay_fraction": (0, 1, True),
-                 "flops_tolerance": (0, math.inf, False)}
-SHAPE_INTS = ("head_dim", "min_heads", "multiple", "tensor")
-
-
-def _check_numbers(spec: dict, where: str) -> None:
-    """Every number of the sweep file is a finite number in its range, before any expansion."""
-    def bad(key: str, rule: str) -> UserError:
-        return UserError(f"{where}: {key} must be {rule}, got {shown(_get(spec, key))}")
-
-    for key, (lo, hi, closed) in NUMBER_RANGES.items():
-        if key not in spec:
-            continue
-        # `tokens:` may be a list (one more axis of the grid): each entry is checked.
-        values = spec[key] if key == "tokens" and isinstance(spec[key], list) else [spec[key]]
-        for value in values or [None]:
-            v = _finite(value)
-            if v is None or not (lo <= v if closed else lo < v) or not v <= hi:
-                raise bad(key, f"a number in [{lo:g}, {hi:g}]" if closed
-                          else f"a finite number above {lo:g}")
-    for key in ("sizes", "budgets"):
-        items = spec.get(key)
-        for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict) and (_finite(item) is None or _finite(item) <= 0):
-                raise UserError(f"{where}: every entry of {key} must be a finite positive "
-                                f"number{' or a mapping of model keys' if key == 'sizes' else ''}"
-                                f", got {shown(item)}")
-    shape = spec.get("shape")
-    if isinstance(shape, dict):
-        for key, value in shape.items():
-            if key in SHAPE_INTS and not (isinstance(value, int) and not isinstance(value, bool)
-                                          and value > 0):
-                raise bad(f"shape.{key}", "a positive integer")
-            if key in ("aspect_ratio", "tolerance") and not (_finite(value) or 0) > 0:
-                raise bad(f"shape.{key}", "a finite positive number")
-
-
-def _get(spec: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        spec = spec.get(part) if isinstance(spec, dict) else None
-    return spec
-
-
-def _finite(value: Any) -> float | None:
-    """The value as a finite float, or None (YAML reads 1e10 without a dot as a string)."""
-    if not _is_number(value):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
+    return spec, read_file(SweepFile, spec, f"sweep file {path}", SWEEP_WORDS)
 
 
 def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = None,
@@ -162,33 +174,26 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
     """Expand a sweep file into its runs, each a Config. `overrides` (key=value) apply to
     every run; `params` (else the file's `params:`, else non_embedding) names what N counts."""
     path = Path(path)
-    spec = load_sweep(path)
+    spec, typed = read_sweep(path)
     where = f"sweep file {path}"
-    params = params or spec.get("params") or "non_embedding"
-    if params not in PARAM_KEYS:
-        raise UserError(f"{where}: params must be one of {', '.join(PARAM_KEYS)}, got "
-                        f"{params!r}")
-    kind = spec.get("kind")
-    if kind not in KINDS:
-        raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {shown(kind)}")
-    if "base" not in spec:
-        raise UserError(f"{where}: needs 'base:', the config file every run starts from")
-    base = (path.parent / str(spec["base"])).resolve()
+    params, kind = params or typed.params, typed.kind
+    base = (path.parent / typed.base).resolve()
     if not base.is_file():
         raise UserError(f"{where}: base config {base} does not exist; 'base:' is relative to "
                         "the sweep file")
-    name = str(spec.get("name") or path.stem)
-    out = str(out or spec.get("out") or f"runs/sweeps/{name}")
+    name = typed.name or path.stem
+    out = str(out or typed.out or f"runs/sweeps/{name}")
 
     # Every run's common part: the sweep's `set:`, then the command line's overrides.
     given = dict(parse_override(word) for word in overrides)
-    sizes = _sizes(spec, where)
-    budgets = _numbers(spec.get("budgets"), "budgets", where) if "budgets" in spec else [None]
-    grid = _mapping(spec.get("grid"), "grid", where)
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{where}: grid.{key} must be a non-empty list of values")
-    branch = _branch(spec.get("branch"), where) if "branch" in spec else None
+    sizes = _sizes(typed.sizes)
+    budgets = list(typed.budgets) or [None]
+    grid = typed.grid
+    branch = None
+    if typed.branch is not None:
+        b = typed.branch
+        branch = {"at": sorted(set(b.at)), "decay_steps": sorted(set(b.decay_steps)),
+                  "shape": b.shape}
     _check_kind(kind, spec, where)
     swept = set(grid) | {"model." + k for _, s in sizes for k in
                          (s if isinstance(s, dict) else ("d_model", "n_layers", "n_heads"))}
@@ -198,18 +203,11 @@ def expand_sweep(path: str | Path, overrides: list[str] = (), out: str | None = 
                             "the sweep file instead")
 
     file_cfg = load_config(base)
-    common = _override(file_cfg, {**_mapping(spec.get("set"), "set", where), **given}, where)
+    common = _override(file_cfg, {**typed.set, **given}, where)
     tensor = common.mesh.tensor if common.mesh.tensor > 0 else 1
-    shape_opts = {"tensor": tensor, **_mapping(spec.get("shape"), "shape", where)}
+    shape_opts = {**dataclasses.asdict(typed.shape), "tensor": typed.shape.tensor or tensor}
     spec = {**spec, "params": params}  # what the runs count as N
-    for key in ("aspect_ratio", "tolerance"):
-        if key in shape_opts:
-            shape_opts[key] = float(shape_opts[key])  # checked by _check_numbers
-    bad = sorted(set(shape_opts) - set(SHAPE_KEYS))
-    if bad:
-        raise UserError(f"{where}: unknown shape option {shown(bad[0])}; "
-                        f"known: {', '.join(SHAPE_KEYS)}")
-    tolerance = float(spec.get("flops_tolerance", 0.05))
+    tolerance = typed.flops_tolerance
 
     # `tokens:` may be a list: one more axis of the product (a grid over N and D).
     token_list = spec.get("tokens") if isinstance(spec.get("tokens"), list) else [None]
@@ -332,13 +330,10 @@ def _check_unique(runs: list[Run], where: str) -> None:
         seen[run.slug] = run.name
 
 
-def _sizes(spec: dict, where: str) -> list[tuple[str, Any]]:
+def _sizes(raw: tuple) -> list[tuple[str, Any]]:
     """(name, target N or a dict of model overrides) for each size; one empty size if none."""
-    raw = spec.get("sizes")
-    if raw is None:
+    if not raw:
         return [("", {})]
-    if not isinstance(raw, list) or not raw:
-        raise UserError(f"{where}: sizes must be a non-empty list of parameter counts or shapes")
     sizes = []
     for item in raw:
         if isinstance(item, dict):
@@ -347,34 +342,9 @@ def _sizes(spec: dict, where: str) -> list[tuple[str, Any]]:
             if "d_model" in item and "n_layers" in item and not label:
                 label = shape_name(item)
             sizes.append((label, {k.removeprefix("model."): v for k, v in item.items()}))
-        elif _is_number(item) and float(item) > 0:
-            sizes.append(("", float(item)))
         else:
-            raise UserError(f"{where}: a size must be a positive number (target N) or a "
-                            f"mapping of model keys, got {shown(item)}")
+            sizes.append(("", item))
     return sizes
-
-
-def _branch(raw: Any, where: str) -> dict:
-    branch = _mapping(raw, "branch", where)
-    unknown = sorted(set(branch) - {"at", "decay_steps", "shape"})
-    if unknown:
-        raise UserError(f"{where}: unknown branch key {shown(unknown[0])}; known: at, decay_steps, "
-                        "shape")
-    out = {}
-    for key in ("at", "decay_steps"):
-        values = branch.get(key)
-        values = [values] if isinstance(values, int) else values
-        if not isinstance(values, list) or not values or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-            raise UserError(f"{where}: branch.{key} must be a list of positive step counts")
-        out[key] = sorted(set(values))
-    shape = branch.get("shape", "1-sqrt")
-    if shape not in DECAY_SHAPES:
-        raise UserError(f"{where}: branch.shape must be one of {', '.join(DECAY_SHAPES)}, got "
-                        f"{shown(shape)}")
-    out["shape"] = shape
-    return out
 
 
 def branch_command(run: Run) -> list[str] | None:
@@ -385,33 +355,6 @@ def branch_command(run: Run) -> list[str] | None:
     b = run.branch
     return ["lab", "branch", run.dir, "--at", ",".join(map(str, b["at"])),
             "--decay-steps", ",".join(map(str, b["decay_steps"])), "--shape", b["shape"]]
-
-
-def _mapping(raw: Any, key: str, where: str) -> dict:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: {key} must be a mapping of key: value")
-    return raw
-
-
-def _numbers(raw: Any, key: str, where: str) -> list[float]:
-    if not isinstance(raw, list) or not raw or not all(_is_number(v) and float(v) > 0
-                                                       for v in raw):
-        raise UserError(f"{where}: {key} must be a non-empty list of positive numbers")
-    return [float(v) for v in raw]
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return True
-    try:
-        float(value)  # YAML reads 1e10 (no dot) as a string
-        return isinstance(value, str)
-    except (TypeError, ValueError):
-        return False
 
 
 def _short(x: float) -> str:
@@ -556,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="lab sweep",
         description="Expand a sweep file (configs/sweeps/*.yaml) into runs and run them one "
-                    "after another; finished runs are skipped, so running it again resumes.")
+                    "after another; finished runs are skipped, so running it again resumes.",
+        epilog=sweep_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="a sweep file or preset, e.g. "
                         "configs/sweeps/isoflop-tiny.yaml or isoflop-tiny")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -142,6 +142,13 @@ class Setting:
         text = f"base: {TINY}\nkind: ladder\nsizes: [1.3e+5]\n{body}\n"
         return ["sweep", self.write("sweep.yaml", text), "--dry-run", *more]
 
+    def study(self, old: str, new: str) -> list[str]:
+        """`lab demo --study` on the quick study file with `old` replaced by `new`."""
+        text = (ROOT / "configs" / "demo-quick.yaml").read_text()
+        assert old in text, old
+        return ["demo", "--study", self.write("study.yaml", text.replace(old, new)), "--out",
+                str(self.tmp / "out")]
+
     def points(self, N, D) -> str:
         N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
         frame = pd.DataFrame({"N": N, "D": D, "loss": law(N, D, *TRUTH)})
@@ -320,7 +327,7 @@ CATALOGUE = [
     ("infinite QK-clip threshold", lambda s: s.train("optim.qk_clip=.inf"),
      "optim.qk_clip must be a finite number"),
     ("QK-clip threshold not a number", lambda s: s.train("optim.qk_clip=high"),
-     "optim.qk_clip must be float, got 'high'"),
+     "optim.qk_clip must be zero or a positive number, got 'high'"),
     # Data.
     ("data prep --out a name of 300 characters",
      lambda s: ["data", "prep", "--source", s.corpus(), "--out",
@@ -395,23 +402,30 @@ CATALOGUE = [
     ("finished run: another lr", lambda s: s.rerun("optim.lr=1e-3"),
      "optim.lr is 0.001 but the finished run in"),
     # Sweeps.
-    ("sweep tokens: abc", lambda s: s.sweep("tokens: abc"), "tokens must be a finite number"),
+    ("sweep tokens: abc", lambda s: s.sweep("tokens: abc"),
+     "sweep.yaml: key tokens[0] must be a positive number, got 'abc'"),
     ("sweep warmup_fraction: lots", lambda s: s.sweep("warmup_fraction: lots"),
      "warmup_fraction must be a number in [0, 1]"),
     ("sweep flops_tolerance: loose",
      lambda s: s.sweep("flops_tolerance: loose"),
-     "flops_tolerance must be a finite number"),
+     "key flops_tolerance must be a positive number, got 'loose'"),
     ("sweep .inf size",
      lambda s: ["sweep", s.write("inf.yaml", f"base: {TINY}\nkind: ladder\nsizes: [.inf]\n"),
-                "--dry-run"], "every entry of sizes"),
+                "--dry-run"], "key sizes[0] must be a finite number, got inf"),
     ("sweep .inf budget",
      lambda s: ["sweep", s.write("b.yaml", f"base: {TINY}\nkind: isoflop\nsizes: [1.3e+5]\n"
                                            "budgets: [1.0e+12, .inf]\n"), "--dry-run"],
-     "every entry of budgets"),
+     "key budgets[1] must be a finite number, got inf"),
     ("sweep aspect_ratio: wide", lambda s: s.sweep("shape: {aspect_ratio: wide}"),
-     "shape.aspect_ratio must be a finite positive number"),
+     "shape.aspect_ratio must be a positive number, got 'wide'"),
     ("sweep head_dim: 2.5", lambda s: s.sweep("shape: {head_dim: 2.5}"),
      "shape.head_dim must be a positive integer"),
+    # Sweep and study files: the schema's errors (lab.schema); more in SWEEP_BODIES, STUDY_EDITS.
+    ("sweep kind: a list", lambda s: ["sweep", s.write("k.yaml", f"base: {TINY}\nkind: [ladder]\n"),
+                                      "--dry-run"],
+     "kind must be one of ladder, isoflop, grid, branch, got ['ladder']"),
+    ("sweep without kind", lambda s: ["sweep", s.write("k.yaml", f"base: {TINY}\n"), "--dry-run"],
+     "the sweep file needs 'kind' (ladder|isoflop|grid|branch)"),
     # Fits.
     ("fit --plots at a file",
      lambda s: ["fit", s.good_points(), "--plots", s.write("plots", "not a folder")],
@@ -543,6 +557,44 @@ CATALOGUE = [
          "--base", TINY, "--noise-scale"],
      "--noise-scale needs a critical-batch fit JSON"),
 ]
+
+# Sweep files (Setting.sweep: a one-size ladder with more lines): (name, the lines, the fragment).
+SWEEP_BODIES = [
+    ("budgets of words", "budgets: [lots]", "key budgets[0] must be a positive number, got 'lots'"),
+    ("decay_fraction 1.5", "decay_fraction: 1.5",
+     "decay_fraction must be a number in [0, 1], got 1.5"),
+    ("branch at step 0", "branch: {at: [0], decay_steps: [5]}",
+     "branch.at[0] must be an integer in [1, 2**31-1]"),
+    ("branch without decay_steps", "branch: {at: [10]}", "branch needs 'branch.decay_steps'"),
+    ("a misspelt key", "toknes: 1e6",
+     "unknown key 'toknes' (did you mean tokens?); known keys in the sweep file: base, kind"),
+    ("a misspelt shape key", "shape: {head_dims: 64}",
+     "unknown key 'shape.head_dims' (did you mean shape.head_dim?)"),
+    ("set: a list", "set: [optim.lr=1]",
+     "key set must be a mapping of key: value, got ['optim.lr=1']"),
+]
+CATALOGUE += [(f"sweep {name}", lambda s, body=body: s.sweep(body), fragment)
+              for name, body, fragment in SWEEP_BODIES]
+
+# Study files (the quick study with one edit): (name, its text, the edit, the message's fragment).
+STUDY_EDITS = [
+    ("bootstrap: many", "bootstrap: 50", "bootstrap: many",
+     "study.yaml: key bootstrap must be a positive integer, got 'many'"),
+    ("decay_fraction 0", "decay_fraction: 0.25", "decay_fraction: 0",
+     "study.yaml: decay_fraction must be a number in (0, 1], got 0.0"),
+    ("a negative lr", "muon: 3.0e-2", "muon: -3.0e-2",
+     "lr.muon must be a positive number, got -0.03"),
+    ("a negative seed", "seeds: [0, 1]", "seeds: [-1, 1]",
+     "held_out.seeds[0] must be an integer in [0, 2**32)"),
+    ("held_out without budget", "  budget: 1.6e+11\n", "",
+     "held_out needs 'held_out.budget' (float > 0)"),
+    ("a misspelt key", "bootstrap: 50", "boostrap: 50",
+     "unknown key 'boostrap' (did you mean bootstrap?); known keys in the study file"),
+    ("lr: a list", "lr:\n  muon: 3.0e-2\n  adamw: 1.0e-2", "lr: [0.03]",
+     "key lr must be a mapping of key: value, got [0.03]"),
+]
+CATALOGUE += [(f"study {name}", lambda s, old=old, new=new: s.study(old, new), fragment)
+              for name, old, new, fragment in STUDY_EDITS]
 
 
 def snapshot(root: Path) -> dict[str, str]:

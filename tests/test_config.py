@@ -180,7 +180,8 @@ def test_each_item_of_a_list_key_is_checked():
     assert str(e.value) == "branch.at_steps[1] must be a positive integer, got 0"
     with pytest.raises(UserError, match=r"branch.decay_fractions\[0\] must be a positive number"):
         load_config(TINY, ["branch.decay_fractions=-0.1"])
-    with pytest.raises(UserError, match=r"config key branch.at_tokens\[1\] must be int"):
+    with pytest.raises(UserError, match=r"config key branch.at_tokens\[1\] must be a positive "
+                                        r"integer, got 'x'"):
         load_config(TINY, ["branch.at_tokens=[5, x]"])
     cfg = load_config(TINY, ["branch.at_steps=7", "branch.decay_fractions=[0.2, 1]"])
     assert cfg.branch.at_steps == (7,) and cfg.branch.decay_fractions == (0.2, 1.0)
