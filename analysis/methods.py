@@ -326,7 +326,7 @@ register(Method(
     options=(*BOOTSTRAP, "rel_tol", "params"), describe=_describe_hparams,
     plot=_plot_hparams))
 register(Method(
-    name="moe", fit=fit_moe, table="points", options=(*BOOTSTRAP, "transform", "at"),
+    name="moe", fit=fit_moe, table="points", options=(*BOOTSTRAP, "transform", "at", "params"),
     describe=MoEFit.report, tokens=False, params="active", backtest=backtest_moe))
 register(Method(
     name="critical-batch", fit=fit_critical_batch, table="batch_curves",

@@ -117,6 +117,7 @@ class MoEFit:
     samples: np.ndarray | None = field(default=None, repr=False)  # K x 6 solver vectors
     level: float = 0.95
     at: list[tuple[float, float]] = field(default_factory=list)  # where to predict
+    n_counts: str = "active"  # what N counts: "active" (the law's) or "total" (every expert)
 
     @property
     def theta(self) -> np.ndarray:
@@ -228,7 +229,8 @@ class MoEFit:
                         "shape",
                "saturating": "Clark et al.'s saturating Ê, E_start and E_max fitted"}
         head = [f"MoE law (Clark et al. 2022, unified law of routed models): {len(self.N)} points"
-                f", {count_sizes(self.N)} sizes (N = active parameters), experts E = {counts};"
+                f", {count_sizes(self.N)} sizes (N = {self.n_counts} parameters), experts E = "
+                f"{counts};"
                 f" {why[self.transform]}; Huber objective {self.objective:.6e}",
                 self.describe()]
         iv = self.intervals()
@@ -241,8 +243,8 @@ class MoEFit:
         t = self.answers()
         has_iv = "multiplier_lo" in t.columns
         head.append(format_table(
-            ["N (active)", "E", "loss", f"{self.level:.0%} interval", "N_dense", "multiplier",
-             f"{self.level:.0%} interval"],
+            [f"N ({self.n_counts})", "E", "loss", f"{self.level:.0%} interval", "N_dense",
+             "multiplier", f"{self.level:.0%} interval"],
             [[r.N, r.E, r.loss, interval((r.loss_lo, r.loss_hi)), r.N_dense, r.multiplier,
               interval((r.multiplier_lo, r.multiplier_hi)) if has_iv else "-"]
              for r in t.itertuples()]))
@@ -251,7 +253,8 @@ class MoEFit:
     def to_dict(self) -> dict:
         out = {"method": "moe", "law": "log L = a log N + b log Ê + c log N log Ê + d",
                **self.params, "transform": self.transform, "objective": self.objective,
-               "n_points": len(self.N), "experts": sorted(float(e) for e in np.unique(self.E)),
+               "n_points": len(self.N), "params": self.n_counts,
+               "experts": sorted(float(e) for e in np.unique(self.E)),
                "level": self.level,
                "intervals": {k: list(v) for k, v in self.intervals().items()},
                "answers": self.answers().to_dict(orient="records"),
@@ -357,8 +360,9 @@ def _fit_theta(transform: str, x, E, y, starts: list[np.ndarray]) -> tuple[np.nd
 
 def fit_moe(points: pd.DataFrame, *, transform: str = "auto", bootstrap: int = 0,
             seed: int = 0, level: float = 0.95,
-            at: list[tuple[float, float]] | None = None) -> MoEFit:
-    """Fit the unified law to points (columns N: active parameters, E: experts, loss)."""
+            at: list[tuple[float, float]] | None = None, params: str = "active") -> MoEFit:
+    """Fit the unified law to points (columns N: active parameters, E: experts, loss); `params`
+    names what N counts where it is not the active parameters (`lab fit --params total`)."""
     if not 0 < level < 1:
         raise UserError(f"the interval level must be between 0 and 1, got {level}")
     transform = check_moe_points(points, transform)
@@ -368,7 +372,8 @@ def fit_moe(points: pd.DataFrame, *, transform: str = "auto", bootstrap: int = 0
     x, y = np.log(N), np.log(loss)
     theta, obj = _fit_theta(transform, x, E, y, _starts(transform, x, E, y, _u_max(E)))
     fit = MoEFit(*theta[:4], *_transform(theta), transform=transform, objective=obj, N=N, E=E,
-                 loss=loss, level=level, at=[(float(n), float(e)) for n, e in (at or [])])
+                 loss=loss, level=level, at=[(float(n), float(e)) for n, e in (at or [])],
+                 n_counts=params)
     fit.warnings = _diagnose(fit, points, _u_max(E))
     if bootstrap:
         fit.samples = _bootstrap(fit, bootstrap, seed)

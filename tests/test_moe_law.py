@@ -131,7 +131,7 @@ def moe_runs(root: Path, *, moe_keys: bool) -> Path:
 
 
 @pytest.mark.parametrize("moe_keys", [True, False], ids=["moe-summary", "dense-summary"])
-def test_run_directories_fit_in_active_parameters_by_default(tmp_path, moe_keys):
+def test_run_directories_fit_in_active_parameters_by_default(tmp_path, moe_keys, capsys):
     """E comes from model.moe.experts (0 = dense = 1); N is active_params for --method moe,
     total_params with --params total; runs without those keys fall back to params."""
     root = moe_runs(tmp_path / "runs", moe_keys=moe_keys)
@@ -139,11 +139,16 @@ def test_run_directories_fit_in_active_parameters_by_default(tmp_path, moe_keys)
     assert main([str(root), "--method", "moe", "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["params"] == "active" and rec["transform"] == "plain"
+    printed = capsys.readouterr().out
+    assert "(N = active parameters)" in printed and "N (active)" in printed
     assert sorted({p[1] for p in rec["points"]}) == [1.0, 4.0, 8.0]
     assert [rec[k] for k in ("a", "b", "c", "d")] == pytest.approx(TRUTH[:4], abs=1e-6)
     assert main([str(root), "--method", "moe", "--params", "total", "--json", str(out)]) == 0
     total = json.loads(out.read_text())
     assert total["params"] == "total"
+    printed = capsys.readouterr().out  # the report names what N counts, as the record does
+    assert "(N = total parameters)" in printed and "N (total)" in printed
+    assert "active" not in printed
     assert (total["c"] != pytest.approx(TRUTH[2], abs=1e-4)) == moe_keys
 
 
