@@ -109,8 +109,8 @@ def _sentence(phrase: str) -> str:
 def lead_html(result: dict) -> str:
     """The held-out verdict, above the figures."""
     parts = heldout_parts(result["heldout"])
-    return (f"<p class='lead'>The law fitted on {result['n_points']} points, on the held-out "
-            f"runs: {esc(parts['law'])}. {esc(_sentence(parts['goal']))}</p>")
+    return (f"<p class='lead'>The held-out check of the law fitted on {result['n_points']} "
+            f"points: {esc(parts['law'])}. {esc(_sentence(parts['goal']))}</p>")
 
 
 def heldout_facts(h: dict) -> list[str]:
