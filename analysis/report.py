@@ -324,13 +324,19 @@ def prediction_rows(result: dict) -> Table:
         lo, hi = p.get(f"{key}_lo"), p.get(f"{key}_hi")
         return "-" if lo is None or hi is None else f"[{_num(lo)}, {_num(hi)}]"
 
-    rows = [["Approach 3", f"{p['C']:.3g}", f"{p['N_opt']:,.0f}", iv("N_opt"),
-             f"{p['D_opt']:,.0f}", iv("D_opt"), f"{p['D_opt'] / p['N_opt']:.1f}",
-             f"{p['loss']:.4f}", iv("loss")]]
+    def count(v) -> str:  # "-" where the law has no optimum (alpha < 0: NaN)
+        return f"{v:,.0f}" if isinstance(v, float) and math.isfinite(v) else "-"
+
+    def per_param(q: dict) -> str:
+        return "-" if "-" in (count(q["N_opt"]), count(q["D_opt"])) \
+            else f"{q['D_opt'] / q['N_opt']:.1f}"
+
+    rows = [["Approach 3", f"{p['C']:.3g}", count(p["N_opt"]), iv("N_opt"), count(p["D_opt"]),
+             iv("D_opt"), per_param(p), _fixed(p.get("loss"), 4), iv("loss")]]
     iso = result["isoflop"].get("prediction")
     if iso:
-        rows.append(["IsoFLOP", f"{iso['C']:.3g}", f"{iso['N_opt']:,.0f}", "-",
-                     f"{iso['D_opt']:,.0f}", "-", f"{iso['D_opt'] / iso['N_opt']:.1f}", "-", "-"])
+        rows.append(["IsoFLOP", f"{iso['C']:.3g}", count(iso["N_opt"]), "-",
+                     count(iso["D_opt"]), "-", per_param(iso), "-", "-"])
     return ["law", "C (FLOPs)", "N_opt", "interval", "D_opt", "interval", "tokens/param",
             "loss", "interval"], rows
 

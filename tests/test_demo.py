@@ -566,6 +566,7 @@ def test_a_small_study_runs_end_to_end(tmp_path):
     for img in png_images(page):
         check_png(img)
     assert len(png_images(page)) >= 5 and "report:" in result.stdout
+    check_report_page(page, fit["figures"], lead=("law.png", "curves.png"))
 
 
 @pytest.fixture(scope="module")
