@@ -40,7 +40,7 @@ figcaption{color:#555;font-size:.9em}.lead-figures{display:flex;flex-wrap:wrap;g
 .lead-figures figure{flex:1 1 26em;margin:0}
 table{border-collapse:collapse;margin:1em 0}caption{text-align:left;font-weight:600;
 padding:.3em 0}td,th{padding:.2em .6em;text-align:right}td:first-child,th:first-child{
-text-align:left}thead th{border-bottom:1px solid #999}
+text-align:left;white-space:nowrap}thead th{border-bottom:1px solid #999}
 tbody tr:nth-child(even){background:#f6f6f6}"""
 
 CAPTIONS = {
@@ -93,13 +93,17 @@ def _list_html(items: list[str]) -> str:
 
 
 def _banner_html(result: dict, smoke_test: bool) -> str:
-    lines = banner_lines(result, smoke_test)
-    if not lines:
+    """banner_lines in a red box: each headline a paragraph, its "  - " lines a list under it."""
+    groups: list[tuple[str, list[str]]] = []
+    for line in banner_lines(result, smoke_test):
+        if line.startswith("  - ") and groups:
+            groups[-1][1].append(line[4:])
+        else:
+            groups.append((line, []))
+    if not groups:
         return ""
-    items = [esc(x) for x in lines if not x.startswith("  - ")]
-    points = [x[4:] for x in lines if x.startswith("  - ")]
-    return "<div class='banner'>" + "".join(f"<p>{x}</p>" for x in items) \
-        + _list_html(points) + "</div>"
+    return "<div class='banner'>" + "".join(f"<p>{esc(head)}</p>" + _list_html(items)
+                                            for head, items in groups) + "</div>"
 
 
 def _sentence(phrase: str) -> str:
