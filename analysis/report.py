@@ -1,7 +1,7 @@
 """The analysis and report of a branched ladder (what `lab demo` ends with).
 
     result = analyse_study(points, out_dir, bootstrap=200, extrapolate=10)
-    write_report(out_dir, result, compute=..., commands=..., timing=..., title=...)
+    report_page.write_report(out_dir, result, compute=..., commands=..., timing=..., title=...)
 
 `points` has one row per branch or run: size, N (non-embedding parameters), D (tokens),
 C = 6 N D, loss (final eval loss), budget (its compute budget's index), and optionally held_out
@@ -11,15 +11,13 @@ Approach 3 is fitted to the rest by the very `lab fit` command the report prints
 intervals), then predicts the held-out losses beside three naive baselines
 (analysis.heldout). The IsoFLOP view (Approach 2) uses the fitted points (and a held-out
 branch, which sits on a fitted budget). Outputs under out_dir: points.csv, fit_points.csv,
-plots/*.png, fit.json (the check under `heldout`) and a self-contained report.html (figures
-embedded as base64 PNG).
+plots/*.png, and (report_page.write_report) fit.json (the check under `heldout`) and
+a self-contained report.html. This module also gives the study's tables as headers and rows
+(the *_rows functions), which the demo prints and the report shows as HTML tables.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import json
 import math
 import shlex
 from pathlib import Path
@@ -34,8 +32,6 @@ from analysis.output import format_table, jsonable
 from analysis.study_downstream import downstream_study
 from lab.errors import UserError, shown
 from lab.paths import shown_path
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def held_out_index(points: pd.DataFrame) -> int:
@@ -220,20 +216,21 @@ def plot_heldout(h: dict, fit, path: Path) -> str:
 def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
     """curves.png: training loss (a running mean over `smooth` logged steps) against tokens of
     each stable run and its decays, and the final eval loss of each decay."""
+    from lab import paths
     from lab.metrics import read_metrics
-    from lab.rundir import read_summary
+    from lab.rundir import branch_dirs, read_summary
 
     fig, ax = _figure()
     for i, run_dir in enumerate(run_dirs):
         color = f"C{i % 10}"
-        runs = [Path(run_dir)] + sorted((Path(run_dir) / "branches").glob("*"))
+        runs = [str(run_dir), *branch_dirs(run_dir)]
         for j, r in enumerate(runs):
             m = pd.DataFrame([x for x in read_metrics(r) if "loss" in x and "tokens" in x])
             if m.empty:
                 continue
             loss = m["loss"].rolling(smooth, min_periods=1).mean()
             ax.plot(m["tokens"], loss, color=color, lw=1.2 if j == 0 else 0.8,
-                    ls="-" if j == 0 else "--", label=Path(run_dir).name if j == 0 else None)
+                    ls="-" if j == 0 else "--", label=paths.name(run_dir) if j == 0 else None)
             summary = read_summary(r)
             if j and summary is not None and summary.final_eval_loss:
                 ax.plot(summary.tokens, summary.final_eval_loss, "o", color=color, ms=4)
@@ -253,12 +250,21 @@ def _num(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def _fixed(v, places: int) -> str:
+    """A number with `places` decimals, "-" where there is none (a baseline that could not
+    predict: NaN, null)."""
+    return "-" if v is None or not math.isfinite(v) else f"{v:.{places}f}"
+
+
 def _iv(result: dict, key: str) -> str:
     iv = result.get("intervals", {}).get(key)
     return f" [{_num(iv[0], 3)}, {_num(iv[1], 3)}]" if iv and None not in iv else ""
 
 
-def loss_table(result: dict) -> str:
+Table = tuple[list[str], list[list[str]]]  # headers and rows: printed, or an HTML <table>
+
+
+def loss_rows(result: dict) -> Table:
     """Final eval loss per size and budget (the mean over seeds where a point has several);
     the held-out points marked with *."""
     df = pd.DataFrame(result["study_points"])
@@ -273,15 +279,19 @@ def loss_table(result: dict) -> str:
         rows.append(row)
     heads = ["size", "N (non-embedding)"]
     heads += [f"C≈{df[df['budget'] == b]['C'].median():.2g}" for b in budgets]
-    return format_table(heads, rows)
+    return heads, rows
 
 
-def heldout_table(h: dict) -> str:
+def loss_table(result: dict) -> str:
+    """loss_rows as the demo prints it."""
+    return format_table(*loss_rows(result))
+
+
+def heldout_rows(h: dict) -> Table:
     """The held-out budget point by point: measured (each seed), the law with its interval
-    and error, and each baseline's prediction and error."""
+    and error, and each baseline's prediction and error; the last row the mean |error|s."""
     names = list(h["baselines"])
-    heads = ["size", "N", "D", "measured", "seeds", "law", "interval", "error",
-             *[f"{k}" for k in names]]
+    heads = ["size", "N", "D", "measured", "seeds", "law", "interval", "error", *names]
     rows = []
     for i, size in enumerate(h["sizes"]):
         iv = h.get("interval")
@@ -294,7 +304,66 @@ def heldout_table(h: dict) -> str:
                        f"({_pct(h['baseline_errors'][k][i], '+')})" for k in names]])
     rows.append(["mean |error|", "", "", "", "", "", "", f"{h['error']:.2%}",
                  *[_pct(h["baselines"][k]) for k in names]])
-    return format_table(heads, rows)
+    return heads, rows
+
+
+def law_rows(result: dict) -> Table:
+    """The fitted law's parameters and allocation exponents with their intervals."""
+    names = {"a": "a (N_opt ∝ C^a)", "b": "b (D_opt ∝ C^b)"}
+    return ["parameter", "value", "interval"], [
+        [names.get(k, k), _num(result.get(k)), _iv(result, k).strip() or "-"]
+        for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
+
+
+def prediction_rows(result: dict) -> Table:
+    """The compute-optimal model at the prediction's budget: Approach 3's (with its
+    intervals) and, where it could be fitted, the IsoFLOP view's."""
+    p = result["prediction"]
+
+    def iv(key: str) -> str:
+        lo, hi = p.get(f"{key}_lo"), p.get(f"{key}_hi")
+        return "-" if lo is None or hi is None else f"[{_num(lo)}, {_num(hi)}]"
+
+    def count(v) -> str:  # "-" where the law has no optimum (alpha < 0: NaN)
+        return f"{v:,.0f}" if isinstance(v, float) and math.isfinite(v) else "-"
+
+    def per_param(q: dict) -> str:
+        return "-" if "-" in (count(q["N_opt"]), count(q["D_opt"])) \
+            else f"{q['D_opt'] / q['N_opt']:.1f}"
+
+    rows = [["Approach 3", f"{p['C']:.3g}", count(p["N_opt"]), iv("N_opt"), count(p["D_opt"]),
+             iv("D_opt"), per_param(p), _fixed(p.get("loss"), 4), iv("loss")]]
+    iso = result["isoflop"].get("prediction")
+    if iso:
+        rows.append(["IsoFLOP", f"{iso['C']:.3g}", count(iso["N_opt"]), "-",
+                     count(iso["D_opt"]), "-", per_param(iso), "-", "-"])
+    return ["law", "C (FLOPs)", "N_opt", "interval", "D_opt", "interval", "tokens/param",
+            "loss", "interval"], rows
+
+
+def isoflop_rows(iso: dict) -> Table:
+    """Approach 2's minimum of each budget's parabola in log N."""
+    return ["C (FLOPs)", "runs", "N_opt", "D_opt", "loss at the minimum"], [
+        [f"{b['C']:.3g}", str(b["n_runs"]), f"{b['N_opt']:,.0f}", f"{b['D_opt']:,.0f}",
+         f"{b['loss_opt']:.4f}"] for b in iso.get("budgets", [])]
+
+
+def downstream_rows(h: dict) -> Table:
+    """A task's held-out runs: accuracy predicted (with its interval) against measured, in
+    points, beside each baseline's; the last row the mean |error|s."""
+    names = list(h["baselines"])
+    rows = []
+    for i, (n, d) in enumerate(zip(h["N"], h["D"], strict=True)):
+        iv = f"[{h['interval'][i][0]:.3f}, {h['interval'][i][1]:.3f}]" if "interval" in h \
+            else "-"
+        rows.append([f"{n:,.0f}", f"{d:,.0f}", f"{h['measured'][i]:.3f}",
+                     f"{h['above_chance'][i]:+.3f}", f"{h['predicted'][i]:.3f}", iv,
+                     f"{100 * h['errors'][i]:+.1f}",
+                     *[_fixed(h["baseline_predicted"][k][i], 3) for k in names]])
+    rows.append(["mean |error|", "", "", "", "", "", f"{100 * h['mean_abs_error']:.1f}",
+                 *[f"{100 * h['baselines'][k]:.1f}" for k in names]])
+    return ["N", "D", "measured", "above chance", "law", "interval", "error (points)",
+            *names], rows
 
 
 SMOKE_TEST = ("SMOKE TEST: this quick study checks that every step runs; its models are too "
@@ -349,24 +418,32 @@ def study_downstream_lines(downstream: dict) -> list[str]:
     baselines."""
     lines = []
     for task, c in downstream["tasks"].items():
-        lo, hi = c["ladder_accuracy"]
-        s = c["fit"]["sigmoid"]
-        lines.append(f"downstream law on {c['fit']['n_points']} ladder points, task {task}: "
-                     f"accuracy {lo:.3f} to {hi:.3f} on the ladder (chance {c['chance']:g}: "
-                     f"{lo - c['chance']:+.3f} to {hi - c['chance']:+.3f}); sigmoid floor "
-                     f"{c['chance']:g}, ceiling {c['chance'] + s['a']:.3f}, midpoint at task loss "
-                     f"{s['L0']:.4g}; the ladder spans {s['rise_covered']:.0%} of its rise")
+        lines.append(f"downstream law on {task_ladder(c)}")
         h = c["heldout"]
         lines += downstream_lines(h, task)
         lines.append("  baselines' mean |error|: " + ", ".join(
             f"{k} {100 * v:.1f} points" for k, v in h["baselines"].items())
             + f"; the law's {100 * h['mean_abs_error']:.1f}")
-    cost = downstream.get("cost")
-    if cost:
-        lines.append(f"downstream tasks' cost: {cost['task_seconds']:.0f} s of the runs' "
-                     f"{cost['train_seconds']:.0f} s in their training loops "
-                     f"({cost['share']:.1%})")
+    if downstream.get("cost"):
+        lines.append(f"downstream tasks' cost: {task_cost_phrase(downstream['cost'])}")
     return lines
+
+
+def task_ladder(c: dict) -> str:
+    """A task's law on the ladder (analysis.study_downstream.task_check's entry): its points,
+    their accuracy above chance, the sigmoid, and how much of its rise the ladder covers."""
+    lo, hi = c["ladder_accuracy"]
+    s = c["fit"]["sigmoid"]
+    return (f"{c['fit']['n_points']} ladder points, task {c['task']}: accuracy {lo:.3f} to "
+            f"{hi:.3f} on the ladder (chance {c['chance']:g}: {lo - c['chance']:+.3f} to "
+            f"{hi - c['chance']:+.3f}); sigmoid floor {c['chance']:g}, ceiling "
+            f"{c['chance'] + s['a']:.3f}, midpoint at task loss {s['L0']:.4g}; the ladder spans "
+            f"{s['rise_covered']:.0%} of its rise")
+
+
+def task_cost_phrase(cost: dict) -> str:
+    return (f"{cost['task_seconds']:.0f} s of the runs' {cost['train_seconds']:.0f} s in their "
+            f"training loops ({cost['share']:.1%})")
 
 
 def _pct(v, sign: str = "") -> str:
@@ -374,37 +451,45 @@ def _pct(v, sign: str = "") -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:{sign}.2%}"
 
 
-def heldout_lines(h: dict) -> list[str]:
-    """The held-out check in a few lines: where it lies, the law's error against the
-    baselines', the seeds' spread and the loss minimum over N."""
+def heldout_parts(h: dict) -> dict[str, str]:
+    """The held-out check in a few phrases: where it lies, the law's error against the
+    baselines', the seeds' spread, the loss minimum over N and the goal (the demo prints them
+    as lines, the report shows them beside its table)."""
     x = h["extrapolation"]
     seeds = max(len(s) for s in h["measured_seeds"])
-    where = (f"held out: {len(h['sizes'])} size(s) x {seeds} seed(s)"
-             + (f" at {h['budget']:.3g} FLOPs" if h.get("budget") else "")
-             + f", C x{max(e['C'] for e in x):.2f} the largest fitted; N x"
-             + ", x".join(f"{e['N']:.2f}" for e in x) + ", D x"
-             + ", x".join(f"{e['D']:.2f}" for e in x)
-             + f" ({sum(h['beyond_both'])} beyond every fitted point in both N and D)")
     baselines = ", ".join(f"{k} {_pct(v)}" for k, v in h["baselines"].items())
-    lines = [where,
-             f"  law: mean |error| {h['error']:.2%} (bias {h['bias']:+.2%}, worst "
-             f"{h['worst']:.2%}); baselines' mean |error|: {baselines}"]
+    parts = {
+        "where": f"held out: {len(h['sizes'])} size(s) x {seeds} seed(s)"
+                 + (f" at {h['budget']:.3g} FLOPs" if h.get("budget") else "")
+                 + f", C x{max(e['C'] for e in x):.2f} the largest fitted; N x"
+                 + ", x".join(f"{e['N']:.2f}" for e in x) + ", D x"
+                 + ", x".join(f"{e['D']:.2f}" for e in x)
+                 + f" ({sum(h['beyond_both'])} beyond every fitted point in both N and D)",
+        "law": f"mean |error| {h['error']:.2%} (bias {h['bias']:+.2%}, worst "
+               f"{h['worst']:.2%}); baselines' mean |error|: {baselines}"}
     if h.get("seed_spread") is not None:
-        lines.append(f"  seed spread (max - min over mean, averaged over sizes): "
-                     f"{h['seed_spread']:.2%}")
+        parts["seeds"] = ("seed spread (max - min over mean, averaged over sizes): "
+                          f"{h['seed_spread']:.2%}")
     if "optimum_measured_N" in h and len(h["sizes"]) >= 3:
         predicted, measured = h["optimum_predicted_N"], h["optimum_measured_N"]
         ratio = f" ({h['optimum_ratio']:.2f}x)" if h["optimum_ratio"] else ""
-        lines.append("  loss minimum over N: predicted "
-                     + (f"at N {predicted:,.0f}" if predicted else "beyond 10x the sizes")
-                     + (f", measured at N {measured:,.0f}{ratio}"
-                        + ("" if h.get("optimum_measured_inside") else ", outside the sizes")
-                        if measured else ", measured: none (the losses curve downwards)"))
-    goal = h["goal"]
-    missed = [k for k, v in goal.items() if not v]
-    lines.append("  goal (mean |error| < 1%, below every baseline, minimum within 1.5x): "
-                 + ("met" if not missed else "missed: " + ", ".join(missed)))
-    return lines
+        parts["minimum"] = (
+            "loss minimum over N: predicted "
+            + (f"at N {predicted:,.0f}" if predicted else "beyond 10x the sizes")
+            + (f", measured at N {measured:,.0f}{ratio}"
+               + ("" if h.get("optimum_measured_inside") else ", outside the sizes")
+               if measured else ", measured: none (the losses curve downwards)"))
+    missed = [k for k, v in h["goal"].items() if not v]
+    parts["goal"] = ("goal (mean |error| < 1%, below every baseline, minimum within 1.5x): "
+                     + ("met" if not missed else "missed: " + ", ".join(missed)))
+    return parts
+
+
+def heldout_lines(h: dict) -> list[str]:
+    """heldout_parts as the demo prints them."""
+    parts = heldout_parts(h)
+    return [parts["where"], f"  law: {parts['law']}",
+            *[f"  {parts[k]}" for k in ("seeds", "minimum", "goal") if k in parts]]
 
 
 def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
@@ -451,136 +536,3 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
             parts.append(f"peak memory {timing['peak_memory_gb']:.1f} GB")
         lines.append("time: " + ", ".join(parts))
     return lines
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def embed_png(path: str | Path) -> str:
-    data = Path(path).read_bytes()
-    if not data.startswith(PNG_SIGNATURE):
-        raise ValueError(f"{path} is not a PNG file")
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;
-color:#222}.banner{border:3px solid #b00;background:#fee;padding:.6em 1em;margin:1em 0;
-font-weight:600}.banner li{font-weight:400}
-pre{background:#f6f6f6;padding:.8em;overflow-x:auto;font-size:.85em}
-img{max-width:100%;border:1px solid #ddd;margin:.5em 0}figure{margin:1em 0}
-figcaption{color:#555;font-size:.9em}td,th{padding:.2em .6em;text-align:right}
-table{border-collapse:collapse}tr:nth-child(even){background:#f6f6f6}"""
-
-CAPTIONS = {
-    "law.png": "Final eval loss of every branch against its tokens, with the fitted law per "
-               "size; the star is the held-out point, the circle its prediction.",
-    "heldout.png": "The held-out budget: loss against N, each seed and their mean, the law along "
-                   "the budget, the baselines' predictions and where the minimum lies.",
-    "curves.png": "Training loss of each size's stable run and its decays.",
-    "contours.png": "The fitted law over N and D, with the compute-optimal allocation.",
-    "frontier.png": "Loss against compute, and the compute-optimal frontier with its band.",
-    "residuals.png": "Residuals of the fit (log loss minus log fit).",
-    "isoflop.png": "IsoFLOP profiles: loss against N at each budget, parabolas and minima.",
-    "allocation.png": "Optimal N and D per budget (IsoFLOP) and their power laws.",
-    "downstream.png": "Accuracy against task loss: the runs, the fitted sigmoid (floor at "
-                      "chance) with its bootstrap band, the predictions; the task loss law; "
-                      "and the held-out runs' predicted accuracy beside their outcome.",
-}
-
-
-def _table_html(headers: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _banner_html(result: dict, smoke_test: bool) -> str:
-    lines = banner_lines(result, smoke_test)
-    if not lines:
-        return ""
-    items = [html.escape(x) for x in lines if not x.startswith("  - ")]
-    points = [html.escape(x[4:]) for x in lines if x.startswith("  - ")]
-    body = "".join(f"<p>{x}</p>" for x in items)
-    if points:
-        body += "<ul>" + "".join(f"<li>{x}</li>" for x in points) + "</ul>"
-    return f"<div class='banner'>{body}</div>"
-
-
-def render_html(result: dict, *, compute: dict, commands: dict, timing: dict,
-                title: str, smoke_test: bool = False) -> str:
-    """A self-contained page: the summary, the law and its intervals, the held-out check,
-    compute, the figures (embedded) and the commands that reproduce every step."""
-    esc = html.escape
-    params = [[k, _num(result.get(k)), _iv(result, k).strip() or "-"]
-              for k in ("E", "A", "B", "alpha", "beta", "a", "b")]
-    h = result["heldout"]
-    parts = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
-        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
-        _banner_html(result, smoke_test),
-        "<h2>Summary</h2><pre>" + esc("\n".join(summary_lines(result, compute, timing)))
-        + "</pre>",
-        "<h2>Final eval loss per size and budget</h2><pre>" + esc(loss_table(result))
-        + "</pre><p>* held out of the fit.</p>",
-        "<h2>The fitted law</h2><p>L(N, D) = E + A/N<sup>α</sup> + B/D<sup>β</sup> (Hoffmann "
-        "et al. 2022, Approach 3: Huber loss on log loss, 4,500 starts), N the non-embedding "
-        f"parameters, D the tokens; {result.get('level', 0.95):.0%} percentile intervals from "
-        f"{result.get('bootstrap_samples', 0)} bootstrap resamples of the points.</p>",
-        _table_html(["parameter", "value", "interval"], params),
-    ]
-    parts += ["<h2>Held-out check</h2><p>The held-out runs (their own budget beyond the "
-              "fitted ones, each size trained with every seed; or, without them, the largest "
-              "model's longest branch) are left out of the fit and predicted by it, beside three "
-              "naive baselines fitted on the same points (analysis.baselines). The measured "
-              "loss of a size is the mean over its seeds.</p>",
-              "<pre>" + esc(heldout_table(h)) + "\n\n" + esc("\n".join(heldout_lines(h)))
-              + "</pre>"]
-    if result.get("downstream"):
-        parts += ["<h2>Downstream tasks</h2><p>The two-step law of the OLMo ladder (Bhagia et "
-                  "al. 2024; analysis.downstream): each task's loss fitted as L(N, D) by Approach "
-                  "3 on the ladder's points, then accuracy as a sigmoid of that task loss with "
-                  "its floor at chance; the held-out runs' accuracy (the mean over seeds) "
-                  "predicted through both steps, beside two naive baselines fitted on the same "
-                  "points (accuracy in place of loss). Intervals: bootstrap refits of both "
-                  "steps (see downstream.png).</p>",
-                  "<pre>" + esc("\n".join(study_downstream_lines(result["downstream"])))
-                  + "</pre>"]
-    p = result["prediction"]
-    parts.append(f"<h2>Prediction at {p['multiple_of_largest']:g}x the largest budget</h2>"
-                 "<pre>" + esc(result["fit_text"]) + "</pre>")
-    iso = result["isoflop"]
-    parts.append("<h2>IsoFLOP view (Approach 2)</h2>")
-    parts.append("<pre>" + esc(result["isoflop_text"] or iso.get("error", "")) + "</pre>")
-    parts.append("<h2>Compute</h2>" + _table_html(["", ""], [
-        ["FLOPs with branching", f"{compute['flops_branched']:.3g}"],
-        ["FLOPs training each point from scratch", f"{compute['flops_from_scratch']:.3g}"],
-        ["saved by branching", f"{compute['saving']:.0%}"],
-        *[[k.replace("_", " "), f"{v:.1f}"] for k, v in timing.items()]]))
-    parts.append("<h2>Figures</h2>")
-    for fig in result["figures"]:
-        name = Path(fig).name
-        parts.append(f"<figure><img alt='{esc(name)}' src='{embed_png(fig)}'>"
-                     f"<figcaption>{esc(name)}: {esc(CAPTIONS.get(name, ''))}</figcaption>"
-                     "</figure>")
-    parts.append("<h2>Reproduce</h2><p>Each size's stable run (its branch plan is in the "
-                 "overrides), its branches, then the fits:</p><pre>"
-                 + esc("\n".join([*commands.get("train", []), *commands.get("branch", []),
-                                  *result["commands"]["fit"]])) + "</pre>")
-    parts.append("<p>TensorBoard logs of every run: <code>tensorboard --logdir "
-                 f"{esc(commands.get('logdir', 'runs'))}</code></p></body></html>")
-    return "\n".join(parts)
-
-
-def write_report(out_dir: str | Path, result: dict, *, compute: dict, commands: dict,
-                 timing: dict, title: str, smoke_test: bool = False) -> dict:
-    """Write fit.json and report.html; returns the fit.json content. A smoke test (the quick
-    demo) says at the top of the page that its law means nothing."""
-    out = Path(out_dir)
-    data = {**result, "compute": compute, "timing": timing, "smoke_test": smoke_test,
-            "commands": {**commands, **result["commands"]}}
-    (out / "fit.json").write_text(json.dumps(jsonable(data), indent=2) + "\n")
-    page = render_html(result, compute=compute, commands=commands, timing=timing, title=title,
-                       smoke_test=smoke_test)
-    (out / "report.html").write_text(page)
-    return data

@@ -102,11 +102,11 @@ def task_cost(run_dirs: list[str]) -> dict | None:
     """The tasks' share of the runs' training loops: summed task_seconds (building the scorer
     and scoring, summary.json) over summed train_seconds (the loop, evaluations included) of
     every run and its branches; None where no run timed its tasks."""
-    from lab.rundir import read_summary
+    from lab.rundir import branch_dirs, read_summary
 
     task = train = 0.0
     for run_dir in run_dirs:
-        for r in [Path(run_dir), *sorted((Path(run_dir) / "branches").glob("*"))]:
+        for r in [run_dir, *branch_dirs(run_dir)]:
             summary = read_summary(r)
             if summary is not None and summary.train_seconds:
                 task += float(summary.extra.get("task_seconds", 0.0))

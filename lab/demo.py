@@ -617,7 +617,8 @@ def main(argv: list[str]) -> int:
         return EXIT_INTERRUPTED if status in (Status.PREEMPTED, INTERRUPTED) else 1
     runs_seconds = time.perf_counter() - started
 
-    from analysis.report import analyse_study, banner_lines, loss_table, summary_lines, write_report
+    from analysis.report import analyse_study, banner_lines, loss_table, summary_lines
+    from analysis.report_page import write_report
 
     print("analysis: the fits, the held-out check, figures and the report", flush=True)
     result = analyse_study(collect_points(plans), out, bootstrap=study.bootstrap,

@@ -27,6 +27,7 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 LOCK = "lock.json"
+BRANCHES = "branches"  # RUN_DIR/branches/NAME: the runs branched from this one (lab branch)
 
 
 class Status(enum.StrEnum):
@@ -147,6 +148,17 @@ def config_path(run_dir: str | Path) -> str:
 
 def metrics_path(run_dir: str | Path) -> str:
     return paths.join(run_dir, METRICS)
+
+
+def branch_dirs(run_dir: str | Path) -> list[str]:
+    """The run directories branched from `run_dir` (RUN_DIR/branches/NAME, each with a
+    summary.json), sorted by name; local or remote (gs://), spelled as `run_dir` is."""
+    root = paths.join(run_dir, BRANCHES)
+    if not paths.is_dir(root):
+        return []
+    # A branch's own branches sit deeper (NAME/branches/...): only the direct children count.
+    return sorted(paths.parent(p) for p in paths.find(root, SUMMARY)
+                  if paths.parent(paths.parent(p)) == root)
 
 
 def read_summary(run_dir: str | Path) -> Summary | None:

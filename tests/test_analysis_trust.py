@@ -13,7 +13,8 @@ from analysis import plots
 from analysis.approach3 import Approach3Fit, law, optimal_allocation
 from analysis.cli import load_inputs, main
 from analysis.isoflop import fit_isoflop
-from analysis.report import SMOKE_TEST, banner_lines, render_html
+from analysis.report import SMOKE_TEST, banner_lines
+from analysis.report_page import render_html
 
 
 def stable_with_branches(root, decays=(10, 20, 30, 40, 50)):
@@ -180,7 +181,7 @@ def test_quick_demo_report_opens_with_the_smoke_test_notice_and_warnings():
     result = _result(warnings=["alpha=6.87e+03 is beyond the grid of starts (0 to 2)"])
     page = render_html(result, compute=compute, commands={}, timing={}, title="t",
                        smoke_test=True)
-    summary = page.index("<h2>Summary")
+    summary = page.index("<p class='lead'>")  # the held-out verdict, then the figures
     assert page.index("class='banner'") < summary
     assert page.index("SMOKE TEST") < summary and page.index("beyond the grid") < summary
     assert page.count("beyond the grid") == 1  # not repeated as a grey paragraph further down

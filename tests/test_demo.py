@@ -8,7 +8,6 @@ import json
 import re
 import shlex
 import signal
-import struct
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from report_helpers import check_report_page, png_size
 
 from analysis.approach3 import optimal_allocation
-from analysis.report import PNG_SIGNATURE, analyse_study, summary_lines, write_report
+from analysis.report import analyse_study, summary_lines
+from analysis.report_page import write_report
 from helpers import ROOT, lab_command, lab_env, run_lab
 from lab.accounting import flops_per_token, with_vocab
 from lab.demo import (
@@ -45,12 +46,9 @@ def png_images(page: str) -> list[bytes]:
 
 
 def check_png(data: bytes) -> None:
-    """A whole PNG: the signature, an IHDR of a plausible size, and the IEND chunk last."""
-    assert data[:8] == PNG_SIGNATURE
-    assert data[12:16] == b"IHDR"
-    width, height = struct.unpack(">II", data[16:24])
+    """A whole PNG (png_size) of a plausible size."""
+    width, height = png_size(data)
     assert 200 <= width <= 4000 and 200 <= height <= 4000, (width, height)
-    assert data[-8:-4] == b"IEND"
 
 
 # ----------------------------------------------------------------------------- the ladder
@@ -206,15 +204,22 @@ def test_report_on_a_known_law(tmp_path, monkeypatch):
     assert data["isoflop"]["a"] == pytest.approx(0.625, abs=0.1)
 
     page = (tmp_path / "report.html").read_text()
-    images = png_images(page)
     names = {"law.png", "contours.png", "frontier.png", "residuals.png", "isoflop.png",
              "allocation.png"}
-    assert len(images) == len(data["figures"]) == len(names)
     assert {p.rsplit("/", 1)[-1] for p in data["figures"]} == names
-    for img in images:
-        check_png(img)
+    # The law's figure first; then every number in an HTML table, each table once.
+    parts = check_report_page(page, data["figures"], lead=("law.png",))
+    tables = {t["caption"]: t for t in parts.tables}
+    losses = tables["Final eval loss per size and budget (* held out of the fit)"]
+    assert [r[0] for r in losses["rows"]] == ["s0", "s1", "s2", "s3"]
+    assert losses["rows"][-1][-1] == f"{held['measured'][0]:.4f}*"  # s3's longest: held out
+    heldout = tables["The held-out runs: measured loss against the law's and the baselines' "
+                     "predictions"]
+    assert heldout["rows"][-1][:1] + heldout["rows"][-1][7:8] == [
+        "mean |error|", f"{held['error']:.2%}"]
+    law = {r[0]: r[1:] for r in tables["Approach 3 on 11 points"]["rows"]}
+    assert float(law["alpha"][0]) == pytest.approx(data["alpha"], rel=1e-3)
     assert "src='http" not in page and "<script" not in page  # self-contained
-    assert f"mean |error| {held['error']:.2%}" in page
     assert data["commands"]["fit"][0].startswith("lab fit fit_points.csv --bootstrap 30")
 
 
@@ -374,7 +379,11 @@ def test_report_downstream_on_a_held_out_budget(tmp_path, monkeypatch):
     assert f"mean |error| {100 * h['mean_abs_error']:.1f} points" in text
     assert f"predicted {h['predicted'][0]:.3f}" in text and "goal" in text
     page = (tmp_path / "report.html").read_text()
-    assert "downstream.png" in page and "Downstream tasks" in page
+    parts = check_report_page(page, result["figures"], lead=("law.png", "heldout.png"))
+    task = {t["caption"]: t for t in parts.tables}[
+        "Task choice: held-out accuracy, predicted against measured"]
+    assert [float(r[4]) for r in task["rows"][:-1]] == pytest.approx(h["predicted"], abs=5e-4)
+    assert task["rows"][-1][6] == f"{100 * h['mean_abs_error']:.1f}"
 
 
 def test_held_out_check_flags_a_law_that_loses(tmp_path, monkeypatch):
@@ -471,6 +480,7 @@ def check_outputs(out, stdout: str) -> dict:
     assert len(images) >= 5
     for img in images:
         check_png(img)
+    check_report_page(page, fit["figures"], lead=("law.png", "heldout.png", "curves.png"))
     for cmd in ("lab train configs/demo-base.yaml", "lab branch", "lab fit"):
         assert cmd in page
     run_dirs = [p.parent for p in (out / "runs").rglob("summary.json")]
@@ -556,6 +566,7 @@ def test_a_small_study_runs_end_to_end(tmp_path):
     for img in png_images(page):
         check_png(img)
     assert len(png_images(page)) >= 5 and "report:" in result.stdout
+    check_report_page(page, fit["figures"], lead=("law.png", "curves.png"))
 
 
 @pytest.fixture(scope="module")

@@ -235,3 +235,60 @@ def test_gs_without_gcsfs_is_one_line():
     lines = result.stderr.strip().splitlines()
     assert lines == ["error: gs://some-bucket/runs/x is on Cloud Storage but gcsfs "
                      "is missing; install gcsfs: pip install -e '.[gcs]'"]
+
+
+def write_run(run_dir: str, tokens: int, loss: float, train_seconds: float,
+              task_seconds: float) -> None:
+    """A finished run's summary.json and metrics.jsonl, written through lab.paths (so on
+    memory:// or on disk), with a falling loss curve of 20 logged steps."""
+    from lab import rundir
+
+    paths.makedirs(run_dir)
+    records = [{"step": s, "tokens": s * tokens // 20, "loss": loss + 1 / s} for s in range(1, 21)]
+    paths.write_text(rundir.metrics_path(run_dir), "".join(json.dumps(r) + "\n" for r in records))
+    rundir.write_summary(run_dir, rundir.Summary(
+        tokens=tokens, final_eval_loss=loss, status="finished", train_seconds=train_seconds,
+        extra={"task_seconds": task_seconds}))
+
+
+def write_branched_run(base: str) -> str:
+    """A stable run with two branches, a branch of a branch, and a folder under branches/ that
+    holds no run: the layout `lab branch` leaves."""
+    run = paths.join(base, "run")
+    write_run(run, 1000, 2.0, 10.0, 1.0)
+    write_run(paths.join(run, "branches", "b2"), 1200, 1.8, 6.0, 0.5)
+    write_run(paths.join(run, "branches", "b1"), 1100, 1.9, 4.0, 0.5)
+    write_run(paths.join(run, "branches", "b1", "branches", "deeper"), 1300, 1.7, 100.0, 50.0)
+    paths.makedirs(paths.join(run, "branches", "notes"))
+    paths.write_text(paths.join(run, "branches", "notes", "readme.txt"), "not a run\n")
+    return run
+
+
+def test_the_report_reads_a_runs_branches_on_memory_as_on_disk(tmp_path):
+    """lab.rundir.branch_dirs lists a run's own branches on memory:// (as on gs://) as on
+    disk, and the report's readers go through it: the training-curve figure of the remote run
+    is the local one byte for byte (and not the figure without the branches), and the tasks'
+    cost sums the run and its two branches."""
+    from analysis.report import plot_curves
+    from analysis.study_downstream import task_cost
+    from lab.rundir import branch_dirs
+
+    url = f"memory://lab-branches-{uuid.uuid4().hex[:8]}"
+    try:
+        runs = {"local": write_branched_run(str(tmp_path / "local")),
+                "memory": write_branched_run(url)}
+        for where, run in runs.items():
+            assert branch_dirs(run) == [paths.join(run, "branches", "b1"),
+                                        paths.join(run, "branches", "b2")], where
+            assert task_cost([run]) == {"task_seconds": 2.0, "train_seconds": 20.0,
+                                        "share": 0.1}, where
+        figures = {where: Path(plot_curves([run], tmp_path / f"{where}.png")).read_bytes()
+                   for where, run in runs.items()}
+        assert figures["memory"] == figures["local"]
+        alone = str(tmp_path / "alone" / "run")
+        write_run(alone, 1000, 2.0, 10.0, 1.0)
+        assert branch_dirs(alone) == []
+        assert Path(plot_curves([alone], tmp_path / "alone.png")).read_bytes() \
+            != figures["local"]
+    finally:
+        memory.rm(url.removeprefix("memory://"), recursive=True)
