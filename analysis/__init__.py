@@ -8,7 +8,7 @@
 `fit(method, points, **options)` runs any registered method (`METHODS`: approach3, isoflop,
 envelope, hparams, critical-batch, moe); `fit_downstream` is the two-step downstream law (`lab fit
 --method downstream`); `analyse(method, load_inputs(paths), ...)` is one whole
-`lab fit`, whose command-line face (analysis.cli.main) only parses and prints.
+`lab fit`, whose command-line face (lab.cli.fit.main) only parses and prints.
 """
 
 from analysis.approach3 import (

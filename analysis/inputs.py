@@ -91,7 +91,7 @@ def load_inputs(
     tokens: bool = True,
 ) -> Inputs:
     """Read run directories and CSV files into one points table. `params` names the count that
-    is a run's N (lab.rundir.PARAM_KEYS); without `tokens`, a CSV needs no D or C."""
+    is a run's N (lab.run.rundir.PARAM_KEYS); without `tokens`, a CSV needs no D or C."""
     run_frames, csv_frames, skipped = [], [], []
     for item in inputs:
         if not paths.exists(item):

@@ -217,8 +217,8 @@ def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
     """curves.png: training loss (a running mean over `smooth` logged steps) against tokens of
     each stable run and its decays, and the final eval loss of each decay."""
     from lab import paths
-    from lab.metrics import read_metrics
-    from lab.rundir import branch_dirs, read_summary
+    from lab.run.metrics import read_metrics
+    from lab.run.rundir import branch_dirs, read_summary
 
     fig, ax = _figure()
     for i, run_dir in enumerate(run_dirs):

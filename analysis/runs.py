@@ -2,7 +2,7 @@
 
 A run directory (docs/training.md) holds `summary.json` (params, non_embedding_params, tokens,
 flops, final_eval_loss, status; branches add parent, branch_step, decay_steps; an MoE run
-active_params and total_params, lab.rundir.PARAM_KEYS), the resolved
+active_params and total_params, lab.run.rundir.PARAM_KEYS), the resolved
 `config.yaml`, and `metrics.jsonl` with one JSON object per logged step (step, loss, lr,
 tokens, sometimes eval_loss). Inputs are searched recursively for summary.json, so a sweep's
 parent directory, or a run with its branches beneath it, can be given whole.
@@ -19,7 +19,7 @@ import yaml
 
 from analysis import paths
 from lab.errors import UserError
-from lab.rundir import CONFIG, METRICS, SUMMARY, Status, Summary, param_count
+from lab.run.rundir import CONFIG, METRICS, SUMMARY, Status, Summary, param_count
 
 # Columns of the runs table, in order.
 COLUMNS = [

@@ -4,7 +4,7 @@
     law.final(lr_T)                              # end loss of any schedule, e.g. a cosine
     law.warnings                                 # the bounds that bind, if any
 
-Pure numbers: lab.branch_predict reads a run directory's curves and plans the branches;
+Pure numbers: lab.studies.branch_predict reads a run directory's curves and plans the branches;
 analysis.multipower_law is the other law (Luo et al. 2025), fitted to the same curves.
 
 The model is the "scaling law with learning-rate annealing" of Tissue et al. 2024:

@@ -102,7 +102,7 @@ def task_cost(run_dirs: list[str]) -> dict | None:
     """The tasks' share of the runs' training loops: summed task_seconds (building the scorer
     and scoring, summary.json) over summed train_seconds (the loop, evaluations included) of
     every run and its branches; None where no run timed its tasks."""
-    from lab.rundir import branch_dirs, read_summary
+    from lab.run.rundir import branch_dirs, read_summary
 
     task = train = 0.0
     for run_dir in run_dirs:

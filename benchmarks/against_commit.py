@@ -29,7 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = r"""
 import sys, time
 import jax, numpy as np
-from lab import sharding
+from lab.accel import sharding
 from lab.config import load_config
 from lab.train import build_trainer
 

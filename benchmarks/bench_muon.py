@@ -22,8 +22,8 @@ import optax
 from optax.contrib import _muon as optax_muon
 
 from benchmarks.common import load_note, print_rows, row
-from lab.mfu import probe_matmul_peak
-from lab.muon import muon, newton_schulz
+from lab.accel.mfu import probe_matmul_peak
+from lab.optim.muon import muon, newton_schulz
 
 D, F, LAYERS = 512, 1536, 8
 SHAPES = {"wq": (D, D), "wk": (D, D), "wv": (D, D), "wo": (D, D),
@@ -78,7 +78,7 @@ def _update_call(tx, params, grads) -> tuple[tuple, float]:
 
 
 # How many matmuls of each kind 5 Newton-Schulz steps make, on a wide S x L matrix:
-# X X^T (S x L x S), A A (S^3) and A X (S x S x L). See lab.muon._gram_iterations.
+# X X^T (S x L x S), A A (S^3) and A X (S x S x L). See lab.optim.muon._gram_iterations.
 MATMUL_COUNTS = {"standard": {"xxt": 5, "aa": 5, "ax": 5}, "gram": {"xxt": 2, "aa": 14, "ax": 2}}
 MATMUL_FLOPS = {"xxt": lambda s, l: 2 * s * s * l, "aa": lambda s, l: 2 * s**3,
                 "ax": lambda s, l: 2 * s * s * l}

@@ -33,12 +33,12 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import RESULTS, final_eval_loss, load_note, print_rows, row
-from lab import sharding
-from lab.accounting import padded_vocab
+from lab.accel import sharding
 from lab.config import load_config, override
 from lab.data import TrainStream, open_dataset
 from lab.data.cache import default_data_path
-from lab.model import rope_tables
+from lab.model.accounting import padded_vocab
+from lab.model.transformer import rope_tables
 from lab.train import build_trainer
 
 COORD_WIDTHS = [64, 128, 256, 512]

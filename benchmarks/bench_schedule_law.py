@@ -118,9 +118,9 @@ def _train(cfg, log: io.StringIO) -> None:
 
 def _seed_runs(tmp: Path, seed: int, scale: float, log: io.StringIO) -> tuple[list, list[dict]]:
     """Train one seed's runs; its fitted curves and its held-out runs."""
-    from lab.branch_plan import child_config
-    from lab.branch_predict import load_curve
     from lab.config import load_config, replace
+    from lab.run.branch_points import child_config
+    from lab.studies.branch_predict import load_curve
 
     s = lambda k: max(int(round(k * scale / 5)) * 5, 5)  # noqa: E731 (steps, multiples of 5)
     stable_dir = tmp / f"seed{seed}" / "stable"

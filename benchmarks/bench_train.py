@@ -5,9 +5,10 @@ AdamW, one process on whatever devices JAX finds. Figures:
 
 - tokens/s of the jitted train step in float32 and in bfloat16 compute (median step, best
   beside it), against the lab's tokens/s targets and against the tokens/s the
-  matmul peak of the same dtype would give (`lab.mfu.probe_matmul_peak`, measured in this run,
+  matmul peak of the same dtype would give (`lab.accel.mfu.probe_matmul_peak`, measured in this run,
   before and after; the higher is used): the ratio is the MFU, with the model FLOPs of
-  `lab.accounting.flops_per_token`; and bfloat16 with layers unrolled, remat=dots and remat=full
+  `lab.model.accounting.flops_per_token`; and bfloat16 with layers unrolled, remat=dots and
+  remat=full
   beside the default (scanned, no remat), with XLA's working memory for each step;
 - compile time of the step for 4 and 16 layers, scanned and unrolled;
 - the checkpoint cost: how long the loop is blocked per asynchronous orbax save of the full
@@ -38,12 +39,12 @@ import jax
 import numpy as np
 
 from benchmarks.common import load_note, print_rows, row
-from lab import sharding
-from lab.accounting import flops_per_token, param_counts
-from lab.checkpoint import Checkpointer
+from lab.accel import sharding
+from lab.accel.mfu import accelerator_peak_flops, probe_matmul_peak
 from lab.config import Config, load_config, override
-from lab.metrics import MetricsLogger
-from lab.mfu import accelerator_peak_flops, probe_matmul_peak
+from lab.model.accounting import flops_per_token, param_counts
+from lab.run.checkpoint import Checkpointer
+from lab.run.metrics import MetricsLogger
 from lab.train import build_trainer, run_loop
 
 SEQ, BATCH, VOCAB = 512, 8, 256
@@ -127,7 +128,8 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
     rows = []
     for d in dtypes:
         rows.append(row(f"matmul peak, {d} operands (2048^3)", max(peaks[d]) / 1e9, "GFLOP/s",
-                        "", None, "lab.mfu.probe_matmul_peak (best of 5) before and after the "
+                        "", None, "lab.accel.mfu.probe_matmul_peak (best of 5) before and after "
+                        "the "
                         f"steps: {', '.join(f'{p / 1e9:.0f}' for p in peaks[d])}"))
     # Headline figures are the median step; the best step is shown beside it.
     speed = {label: (tokens / statistics.median(run["times"]), tokens / min(run["times"]))
@@ -155,7 +157,7 @@ def _throughput_rows(quick: bool) -> tuple[list[dict], dict]:
             if device.platform != "cpu" and table:
                 rows.append(row(f"train step MFU, {label} compute, of the dense bf16 peak",
                                 100 * median * flops_tok / table, "%",
-                                f"{device.device_kind}: {table / 1e12:.0f} TFLOP/s (lab.mfu)",
+                                f"{device.device_kind}: {table / 1e12:.0f} TFLOP/s (lab.accel.mfu)",
                                 None, "the MFU the field quotes: model FLOPs over the data "
                                 "sheet's dense bfloat16 peak of one chip; median step",
                                 best=100 * best * flops_tok / table))

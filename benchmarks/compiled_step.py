@@ -15,9 +15,9 @@ import sys
 import jax
 import numpy as np
 
-from lab import sharding
-from lab.checkpoint import abstract_with_shardings
+from lab.accel import sharding
 from lab.config import load_config
+from lab.run.checkpoint import abstract_with_shardings
 from lab.train import build_trainer
 
 # docs/performance.md's benchmark model, as benchmarks.against_commit builds it.

@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.approach3 import fit_approach3, law
-from lab.accounting import flops_per_token, param_counts, with_vocab
 from lab.config import load_config, override
-from lab.demo import STUDY, load_study
+from lab.model.accounting import flops_per_token, param_counts, with_vocab
+from lab.studies.demo import STUDY, load_study
 
 # The last demo's points (benchmarks/results/demo-full-20261129.txt): N, tokens, loss.
 LAST_DEMO = [

@@ -34,7 +34,7 @@ def first_step(overrides: list[str], smoke: bool) -> dict:
     """The first step's metrics (loss, gradient norm) from the untouched initial parameters."""
     import jax
 
-    from lab import sharding
+    from lab.accel import sharding
     from lab.train import build_trainer
 
     cfg = device_sweep.load(overrides, smoke)
@@ -69,8 +69,8 @@ def _lab_train(args: list[str], log: Path) -> subprocess.Popen:
 def resume(smoke: bool, out: Path) -> list[dict]:
     """50 steps straight, and 50 steps killed (SIGKILL) after step 30 and rerun: every logged
     loss and the final eval loss must agree (deterministic GPU reductions for both)."""
-    from lab import rundir
-    from lab.metrics import read_metrics
+    from lab.run import rundir
+    from lab.run.metrics import read_metrics
 
     model = [o for o in device_sweep.SMOKE if "vocab" not in o] if smoke else [
         "model.d_model=512", "model.n_layers=8", "model.n_heads=8", "train.seq_len=1024",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.piece == "table":
         table(args.out)
         return 0
-    from lab import compile_cache
+    from lab.accel import compile_cache
 
     compile_cache.enable()
     if args.piece == "sweep":

@@ -11,7 +11,7 @@ variants that beat the baseline are then tried together ("combined"), and the sw
 one table, the fastest variant and the overrides that make configs/gpu/1b.yaml that variant.
 Muon is timed against AdamW at the same `train.grad_accum`, at least 0.5M tokens per optimizer
 step. MFU is against the H100/H200 dense bfloat16 peak, 989 TFLOP/s, with the model FLOPs of
-`lab.accounting.flops_per_token` (6 per weight plus causal attention).
+`lab.model.accounting.flops_per_token` (6 per weight plus causal attention).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def random_batch(cfg, mesh, seed: int):
     """A global batch of random tokens, (batch_size, seq_len + 1), sharded over `mesh`."""
     import numpy as np
 
-    from lab import sharding
+    from lab.accel import sharding
 
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
@@ -115,8 +115,8 @@ def measure(overrides: list[str], timed_steps: int, smoke: bool) -> dict:
     waited for): the row's figures."""
     import jax
 
-    from lab import sharding
-    from lab.accounting import flops_per_token, param_counts
+    from lab.accel import sharding
+    from lab.model.accounting import flops_per_token, param_counts
     from lab.train import build_trainer
 
     cfg = load(overrides, smoke)

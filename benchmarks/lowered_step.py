@@ -37,7 +37,7 @@ def main() -> int:
 
     from lab.backend import choose_platforms
     from lab.config import load_config
-    from lab.lowering import lower_step, summary_lines
+    from lab.train.lowering import lower_step, summary_lines
 
     choose_platforms()  # no TPU backend (nor libtpu's warnings) on a host without TPU chips
 

@@ -51,7 +51,7 @@ def train_all(runs_dir: Path, seeds: int, jobs: int) -> None:
 
 def read_curve(dtype: str, seed: int, run_dir: Path) -> dict:
     """One finished run: its final eval loss, final train loss and logged curve."""
-    from lab.metrics import read_metrics
+    from lab.run.metrics import read_metrics
 
     summary = json.loads((run_dir / "summary.json").read_text())
     curve = {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}

@@ -56,7 +56,7 @@ def muon_step(mesh, split_axes: tuple[str, ...], params: dict, grads: dict):
     import optax
     from jax.sharding import NamedSharding
 
-    from lab.muon import muon
+    from lab.optim.muon import muon
 
     tx = muon(0.02, weight_decay=0.1, split_axes=split_axes)
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     from jax.sharding import AxisType
 
-    from lab.sharding import BATCH_AXES, MESH_AXES
+    from lab.accel.sharding import BATCH_AXES, MESH_AXES
 
     params, grads = inputs()
     want, _, flops_one, _ = muon_step(None, (), params, grads)

@@ -1,4 +1,4 @@
-"""The gradient noise scale (train.noise_scale_every, lab/noise_scale.py) on the tiny config:
+"""The gradient noise scale (train.noise_scale_every, lab/optim/noise_scale.py) on the tiny config:
 what measuring costs, and how its critical batch compares with a batch sweep's.
 
 - cost: the plain step and the measuring step of the tiny config, timed alternately on one
@@ -45,9 +45,9 @@ def cost(rounds: int, grad_accum: int) -> str:
     import jax
 
     from lab import data as labdata
-    from lab.accounting import with_vocab
+    from lab.accel.sharding import global_batch, make_mesh
     from lab.config import load_config, replace
-    from lab.sharding import global_batch, make_mesh
+    from lab.model.accounting import with_vocab
     from lab.train import build_trainer
 
     cfg = load_config(TINY, ["train.noise_scale_every=1", f"train.grad_accum={grad_accum}"])

@@ -3,7 +3,7 @@
 For every distinct hidden-matrix shape of the GPU and TPU presets (read from their configs and
 the model itself), two inputs: a Gaussian matrix, and one with singular values spread evenly
 in log scale from 3e-4 to 1 (the tail a momentum matrix has). Each goes through
-`lab.muon.newton_schulz` with the standard loop and the Gram form, with the matmuls in
+`lab.optim.muon.newton_schulz` with the standard loop and the Gram form, with the matmuls in
   float32   float32 operands at Precision.HIGHEST (the lab's default)
   tf32      float32 operands rounded to TF32's 10 mantissa bits (a GPU's default precision)
   bfloat16  bfloat16 operands, float32 accumulation (a TPU's default precision, and
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import write_report
-from lab import muon
 from lab.config import ModelConfig, load_config
+from lab.optim import muon
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("configs/gpu/debug.yaml", "configs/tpu/v5e-ladder.yaml")
@@ -45,8 +45,8 @@ def hidden_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """The distinct (short, long) shapes of the model's Muon matrices, from the model itself."""
     from flax import nnx
 
-    from lab.model import Transformer
-    from lab.roles import Role, specs_of
+    from lab.model.roles import Role, specs_of
+    from lab.model.transformer import Transformer
 
     cfg = dataclasses.replace(cfg, vocab_size=256, n_layers=1)
     state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)

@@ -22,12 +22,13 @@ import jax
 
 from benchmarks.common import load_note
 from lab import data as labdata
-from lab import rundir, sharding
-from lab.accounting import with_vocab
-from lab.checkpoint import Checkpointer, abstract_with_shardings, checkpoint_dir
+from lab.accel import sharding
 from lab.config import load_config
-from lab.metrics import read_metrics
-from lab.tasks import TaskSpec, build
+from lab.data.tasks import TaskSpec, build
+from lab.model.accounting import with_vocab
+from lab.run import rundir
+from lab.run.checkpoint import Checkpointer, abstract_with_shardings, checkpoint_dir
+from lab.run.metrics import read_metrics
 from lab.train.step import build_trainer
 from lab.train.tasks import task_eval
 

@@ -86,7 +86,7 @@ class Transformer(nn.Module):
 
 def build(seed: int = 0):
     """The model and its AdamW, as the lab's defaults (decay on matrices, not on norm scales,
-    as lab.optim)."""
+    as lab.optim.optimizers)."""
     torch.manual_seed(seed)
     model = Transformer()
     matrices = [p for p in model.parameters() if p.ndim == 2]

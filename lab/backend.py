@@ -5,7 +5,7 @@ chips: libtpu then prints warnings about TPU_ACCELERATOR_TYPE and TPU_WORKER_HOS
 takes /tmp/libtpu_lockfile, so a second process on the host (a TPU compile, a test) cannot load
 libtpu at all. On a host with no TPU chips the lab therefore asks for the CPU (or CUDA) backend
 only; JAX_PLATFORMS set by the user always wins. Compiling for a TPU topology on such a host
-(lab.aot) loads libtpu for its compiler alone, with the environment it needs to stay quiet.
+(lab.train.aot) loads libtpu for its compiler alone, with the environment it needs to stay quiet.
 """
 
 from __future__ import annotations

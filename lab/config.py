@@ -81,24 +81,24 @@ Seed = Annotated[int, Range(0, SEED_LIMIT, hi_open=True, note="JAX keeps 32 bits
 # The choices of the string-valued keys, written once: the modules that implement them import
 # the constants (kept here, free of jax, so that reading a config stays light).
 Dtype = Literal["float32", "bfloat16"]
-NsDtype = Literal["auto", "float32", "bfloat16"]  # lab.optim.newton_schulz_dtype
+NsDtype = Literal["auto", "float32", "bfloat16"]  # lab.optim.optimizers.newton_schulz_dtype
 Attention = Literal["auto", "xla", "cudnn", "splash", "blocked"]
 Remat = Literal["none", "full", "dots", "save_attention", "save_qkv_proj", "save_out_proj",
                 "minimal", "auto"]
 BackwardDtype = Literal["compute", "float32"]
 Parameterization = Literal["sp", "mup"]
 Optimizer = Literal["adamw", "muon"]
-MuonScaling = Literal["moonlight", "shape"]  # lab.muon.shape_scale
+MuonScaling = Literal["moonlight", "shape"]  # lab.optim.muon.shape_scale
 Schedule = Literal["wsd", "cosine"]
-Router = Literal["softmax", "sigmoid"]  # lab.moe
-Dispatch = Literal["auto", "onehot", "ragged"]  # lab.moe
-DecayShape = Literal["linear", "cosine", "1-sqrt"]  # lab.schedules
+Router = Literal["softmax", "sigmoid"]  # lab.model.moe
+Dispatch = Literal["auto", "onehot", "ragged"]  # lab.model.moe
+DecayShape = Literal["linear", "cosine", "1-sqrt"]  # lab.optim.schedules
 OPTIMIZERS = typing.get_args(Optimizer)
 MUON_SCALINGS = typing.get_args(MuonScaling)
 SCHEDULES = typing.get_args(Schedule)
 DECAY_SHAPES = typing.get_args(DecayShape)
-Distractors = Literal["random", "document"]  # lab.tasks
-TASK_NAMES = ("choice", "exact")  # lab.tasks: pick 1 of 4 continuations; greedy exact match
+Distractors = Literal["random", "document"]  # lab.data.tasks
+TASK_NAMES = ("choice", "exact")  # lab.data.tasks: pick 1 of 4 continuations; greedy exact match
 # A task named without a size: a choice example is 4 rows to score, an exact one 1 row. Together
 # they took 2.2% of configs/tiny.yaml's wall time (benchmarks/results/tasks-cost.txt).
 TASK_DEFAULT_EXAMPLES = {"choice": 64, "exact": 128}
@@ -133,7 +133,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """A mixture-of-experts MLP in every block (lab.moe); experts = 0 keeps the dense MLP."""
+    """A mixture-of-experts MLP in every block (lab.model.moe); experts = 0 keeps the dense MLP."""
 
     experts: NonNegativeInt = 0  # routed experts per block; 0 = the dense SwiGLU MLP
     top_k: PositiveInt = 2  # routed experts each token goes through
@@ -194,7 +194,7 @@ class ModelConfig:
     #   save_qkv_proj = the q, k, v projections; save_out_proj = the attention output
     #   projection; minimal = the q, k, v and output projections and the MLP's matmul outputs
     #   (gate, up, down); auto = the first of none, save_attention, dots, save_qkv_proj, full
-    #   that fits the chip by lab.memory's estimate (printed when the run starts).
+    #   that fits the chip by lab.model.memory's estimate (printed when the run starts).
     remat: Remat = "none"
     scan_layers: bool = True  # one compiled block scanned over layers: compile time flat in depth
     parameterization: Parameterization = "sp"
@@ -236,13 +236,14 @@ class TrainConfig:
     # Stop (diverged) if the loss tops this x its recent median.
     spike_factor: Annotated[float, Range(1, lo_open=True, also=0, note="off")] = 2.0
     spike_window: PositiveInt = 50  # the recent losses that median is taken over
-    # Measure the gradient noise scale every N steps (metric noise_scale, lab.noise_scale); 0 = off
+    # Measure the gradient noise scale every N steps (metric noise_scale,
+    # lab.optim.noise_scale); 0 = off
     noise_scale_every: Steps = 0
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Downstream tasks built from the validation split (lab/tasks.py), scored at every
+    """Downstream tasks built from the validation split (lab/data/tasks.py), scored at every
     evaluation (train.eval_every and the last step): metrics task/NAME/accuracy and
     task/NAME/loss. The task settings are part of the examples, which are built once per
     setting and kept beside the prepared data."""
@@ -290,7 +291,7 @@ class OptimConfig:
     muon_lr_ratio: PositiveFloat = 1.0
     # QK-clip (MuonClip, Kimi K2): after each update, the query and key weights of every head
     # whose largest attention logit of the step exceeded this τ are scaled down to bring it to
-    # τ (lab.qk_clip; either optimizer). 0 = off
+    # τ (lab.optim.qk_clip; either optimizer). 0 = off
     qk_clip: NonNegativeFloat = 0.0
 
 

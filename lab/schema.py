@@ -1,6 +1,7 @@
 """The config engine: a YAML mapping read into a tree of typed, frozen dataclasses.
 
-Run configs (lab.config), sweep files (lab.sweep) and study files (lab.demo) are each a
+Run configs (lab.config), sweep files (lab.studies.sweep) and study files (lab.studies.demo) are
+each a
 schema of dataclasses, and this module reads all three the same way. A field's type is its
 rule: `Literal[...]` lists its choices, `Annotated[int, Range(...)]` bounds a number (a
 tuple's item type bounds each item), `X | None` may be left out, `dict[str, X]` is a mapping

@@ -16,7 +16,7 @@ the exit status are the command's own:
   then each --xla-flag), which win where they name the same flag; --xla_dump_to with --dump-hlo;
 - CUDA_VISIBLE_DEVICES with --gpus;
 - LAB_PROFILE_STEPS / LAB_PROFILE_DIR with --profile-steps: a jax.profiler trace of those steps
-  (see lab/profiling.py).
+  (see lab/accel/profiling.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import os
 import shlex
 import sys
 
+from lab.accel.profiling import DIR_VAR, STEPS_VAR, parse_window
 from lab.errors import UserError, shown
-from lab.profiling import DIR_VAR, STEPS_VAR, parse_window
 from launch.common import after_dashes, resolve_command, run_main, train_config
 
 

@@ -5,7 +5,7 @@ slice would run it:
 
 Each process gets LAB_COORDINATOR=127.0.0.1:PORT (a free port), LAB_NUM_PROCESSES,
 LAB_PROCESS_ID, LAB_LOCAL_DEVICES and JAX_PLATFORMS=cpu; `lab` reads them in
-lab.sharding.initialize_distributed. Every output line is prefixed with its process id. When a
+lab.accel.sharding.initialize_distributed. Every output line is prefixed with its process id. When a
 process fails, the others are stopped (SIGTERM, then SIGKILL after --grace seconds) and the
 launcher exits with the failed process's status, so a run never hangs on a dead peer.
 SIGINT and SIGTERM are forwarded to every process.
@@ -36,7 +36,7 @@ def free_port() -> int:
 
 def child_env(index: int, processes: int, devices: int, port: int,
               base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of process `index`: the contract with lab.sharding."""
+    """The environment of process `index`: the contract with lab.accel.sharding."""
     env = dict(os.environ if base is None else base)
     env.update(LAB_COORDINATOR=f"127.0.0.1:{port}", LAB_NUM_PROCESSES=str(processes),
                LAB_PROCESS_ID=str(index), LAB_LOCAL_DEVICES=str(devices), JAX_PLATFORMS="cpu",

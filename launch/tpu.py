@@ -219,7 +219,7 @@ def check_train_command(command: list[str]) -> None:
 def sweep_jobs(file: str, overrides: list[str], out: str) -> list[tuple[str, list[list[str]]]]:
     """(log name, commands) for each run of a sweep: `lab train`, then `lab branch` when the
     sweep has a branch plan."""
-    from lab.sweep import branch_command, expand_sweep
+    from lab.studies.sweep import branch_command, expand_sweep
 
     if not out.startswith("gs://"):
         raise UserError(f"--out is {shown(out)}; a pod sweep writes to Cloud Storage, e.g. "

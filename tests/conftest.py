@@ -10,7 +10,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from lab import compile_cache  # noqa: E402
+from lab.accel import compile_cache  # noqa: E402
 
 # Compiled programs persist between test sessions (in the user's cache, unlike the prepared
 # data below) and reach the `lab` subprocesses through the environment. LAB_COMPILATION_CACHE=0

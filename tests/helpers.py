@@ -68,9 +68,9 @@ def tiny_trainer(small_data: str, overrides: list[str], devices: int):
     import jax
 
     from lab import data as labdata
-    from lab.accounting import with_vocab
+    from lab.accel.sharding import make_mesh
     from lab.config import load_config
-    from lab.sharding import make_mesh
+    from lab.model.accounting import with_vocab
     from lab.train import build_trainer
 
     cfg = load_config(TINY, [f"data.path={small_data}", *overrides])

@@ -16,9 +16,9 @@ import pytest
 from analysis.approach3 import law
 from analysis.backtest import backtest, fold_keys
 from analysis.baselines import BASELINES, predict_baselines
-from analysis.cli import main as fit_main
 from analysis.predict import LossLaw, conformal_quantile
 from benchmarks.bench_backtest import BUDGETS, STARTS, TRUTH, frame, interval_coverage, isoflop
+from lab.cli.fit import main as fit_main
 
 # ---------------------------------------------------------------------------------------------
 # The baselines, against predictions worked out by hand.
@@ -156,7 +156,7 @@ def test_lab_plan_reads_the_calibrated_interval(tmp_path, monkeypatch, capsys):
     an interval is not calibrated."""
     from pathlib import Path
 
-    from analysis import plan as plan_cli
+    from lab.studies import plan as plan_cli
 
     monkeypatch.setattr("analysis.approach3.chinchilla_grid", lambda: STARTS)
     monkeypatch.setattr("analysis.backtest.coarse_grid", lambda: STARTS)

@@ -1,4 +1,4 @@
-"""`lab fit` through analysis.cli.main: every method end to end, and the bad-input catalogue."""
+"""`lab fit` through lab.cli.fit.main: every method end to end, and the bad-input catalogue."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 from analysis_helpers import TRUTH, law_points, make_run
 
 from analysis.approach3 import law, optimal_allocation
-from analysis.cli import main
+from lab.cli.fit import main
 from lab.errors import UserError
 
 N_POINTS = 30  # every Approach 3 run here fits 30 points: one compiled solver for the file

@@ -11,10 +11,10 @@ from matplotlib.figure import Figure
 
 from analysis import plots
 from analysis.approach3 import Approach3Fit, law, optimal_allocation
-from analysis.cli import load_inputs, main
 from analysis.isoflop import fit_isoflop
 from analysis.report import SMOKE_TEST, banner_lines
 from analysis.report_page import render_html
+from lab.cli.fit import load_inputs, main
 
 
 def stable_with_branches(root, decays=(10, 20, 30, 40, 50)):

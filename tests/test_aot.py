@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from lab import chips, memory
-from lab.aot import CompiledMemory, abstract_mesh, compile_report, export_train_step
+from lab.accel import chips
 from lab.config import load_config
-from lab.sweep import expand_sweep
+from lab.model import memory
+from lab.studies.sweep import expand_sweep
 from lab.train import build_trainer
+from lab.train.aot import CompiledMemory, abstract_mesh, compile_report, export_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 LADDER = ROOT / "configs" / "tpu" / "v5e-ladder.yaml"
@@ -97,7 +98,7 @@ def test_smallest_rung_compiles_for_v5e_2x2_and_fits():
     assert "of 16.00 GiB HBM" in result.stdout and "spare" in result.stdout
     for noise in LIBTPU_NOISE:
         assert noise not in result.stdout + result.stderr
-    # lab.memory's estimate within 15% of the compiler's figure, both ways (activations and
+    # lab.model.memory's estimate within 15% of the compiler's figure, both ways (activations and
     # the loss dominate this rung).
     ratio = _printed_gib(result.stdout, "estimate") / _printed_gib(result.stdout, "total")
     assert 0.85 <= ratio <= 1.15, (ratio, result.stdout)
@@ -157,7 +158,7 @@ def test_the_top_rung_compiled_on_v5e_32_keeps_10_percent_of_hbm():
 
 @pytest.mark.parametrize(("path", "n", "chip"), [(LADDER, 32, "v5e"), (GPU_DEBUG, 1, "H100 SXM")])
 def test_presets_fit_their_chip_with_15_percent_to_spare(path, n, chip):
-    from lab.aot import with_known_vocab
+    from lab.train.aot import with_known_vocab
 
     for extra in ([rung(i) for i in range(5)] if path == LADDER else [[]]):
         cfg, _ = with_known_vocab(load_config(path, extra))

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lab.accel.sharding import make_mesh
 from lab.config import MeshConfig
-from lab.kernels import attention
-from lab.kernels.cpu import blocked_attention
-from lab.sharding import make_mesh
+from lab.model.kernels import attention
+from lab.model.kernels.cpu import blocked_attention
 
 
 def reference(q, k, v, dout, scale):

@@ -29,7 +29,7 @@ import pytest
 
 from analysis.approach3 import law
 from lab.cli import main
-from lab.rundir import LOCK, SUMMARY, RunLock
+from lab.run.rundir import LOCK, SUMMARY, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -217,7 +217,7 @@ def damaged_task_file(s: Setting) -> list[str]:
     """A copy of the data whose task file for the command's task has one token changed."""
     from lab.config import load_config
     from lab.data import open_dataset
-    from lab.tasks import load_or_build, task_path, task_specs
+    from lab.data.tasks import load_or_build, task_path, task_specs
 
     data = s.tmp / "data"
     shutil.copytree(s.data, data)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY, run_lab
-from lab.accounting import flops_per_token, with_vocab
-from lab.branch import compute_report, planned_pairs
 from lab.config import load_config
-from lab.metrics import read_metrics
+from lab.model.accounting import flops_per_token, with_vocab
+from lab.run.metrics import read_metrics
+from lab.studies.branch import compute_report, planned_pairs
 
 # A small stable phase: 12 steps, every step logged.
 SMALL = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "model.n_layers=1",
@@ -173,7 +173,7 @@ def known_law_loss(lr_T, n: int) -> float:
 def write_known_curve(run_dir: Path) -> None:
     """Replace a run's logged losses (step k: after k - 1 updates) and its final eval loss
     (after all of them) by the known law's."""
-    from lab.branch_predict import lr_sequence
+    from lab.studies.branch_predict import lr_sequence
 
     lr_T = [float(x) for x in lr_sequence(load_config(run_dir / "config.yaml"))]
     rows = [{"step": s, "loss": known_law_loss(lr_T, s - 1)}
@@ -189,8 +189,8 @@ def test_predict_prints_the_schedule_law_and_trains_nothing(stable, tmp_path):
     each planned branch's end loss as the known law gives it, training nothing."""
     import shutil
 
-    from lab.branch_plan import child_config
-    from lab.branch_predict import lr_sequence
+    from lab.run.branch_points import child_config
+    from lab.studies.branch_predict import lr_sequence
 
     run_lab(["branch", str(stable), "--at", "8", "--decay-steps", "4"])  # one finished decay
     known = tmp_path / "known"
@@ -251,7 +251,7 @@ def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, m
                                                              main_process):
     """On a pod every host runs `lab branch`: all join the distributed runtime and train every
     child (together), but only process 0 writes branches.json and the children's configs."""
-    import lab.sharding
+    import lab.accel.sharding
     import lab.train
 
     parent = tmp_path / "parent"
@@ -260,13 +260,13 @@ def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, m
         src = stable / name
         (parent / name).symlink_to(src, target_is_directory=src.is_dir())
     calls = {"joined": 0, "trained": []}
-    monkeypatch.setattr(lab.sharding, "initialize_distributed",
+    monkeypatch.setattr(lab.accel.sharding, "initialize_distributed",
                         lambda: calls.__setitem__("joined", calls["joined"] + 1))
-    monkeypatch.setattr(lab.sharding, "is_main_process", lambda: main_process)
+    monkeypatch.setattr(lab.accel.sharding, "is_main_process", lambda: main_process)
     monkeypatch.setattr(lab.train, "train",
                         lambda cfg, progress=None: calls["trained"].append(cfg.run.dir)
                         or {"status": "finished"})
-    from lab.branch import main
+    from lab.studies.branch import main
 
     assert main([str(parent), "--at", "4,8", "--decay-steps", "2"]) == 0
     children = [parent / "branches" / f"step{s}-decay2-1-sqrt" for s in (4, 8)]
@@ -282,10 +282,10 @@ def test_a_signal_after_a_runs_loop_stops_the_runs_after_it(tmp_path, monkeypatc
     import signal
 
     import lab.train
-    from lab import preemption
-    from lab.branch import train_runs
     from lab.config import override
-    from lab.rundir import Status
+    from lab.run import preemption
+    from lab.run.rundir import Status
+    from lab.studies.branch import train_runs
 
     trained = []
 

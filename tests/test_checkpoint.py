@@ -23,7 +23,7 @@ from helpers import (
     lab_env,
     run_lab,
 )
-from lab.metrics import read_metrics
+from lab.run.metrics import read_metrics
 
 # 24 steps, a checkpoint every 4, every step logged.
 BASE = ["train.steps=24", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
@@ -273,7 +273,7 @@ def test_unretrieved_orbax_reads_are_not_reported_once_restoring(caplog, tmp_pat
     other asyncio reports still pass."""
     import asyncio
 
-    from lab import checkpoint
+    from lab.run import checkpoint
 
     def report(where: str) -> None:
         loop = asyncio.new_event_loop()

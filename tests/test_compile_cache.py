@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from helpers import TINY
-from lab import compile_cache
+from lab.accel import compile_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, sys, time
-from lab import compile_cache
+from lab.accel import compile_cache
 path = compile_cache.enable()
 import jax, jax.numpy as jnp
 hits = []

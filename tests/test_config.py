@@ -188,9 +188,9 @@ def test_each_item_of_a_list_key_is_checked():
 
 
 def test_choice_constants_are_the_schema_choices_and_each_is_implemented():
-    from lab.muon import shape_scale
-    from lab.optim import lr_schedule
-    from lab.schedules import wsd
+    from lab.optim.muon import shape_scale
+    from lab.optim.optimizers import lr_schedule
+    from lab.optim.schedules import wsd
 
     def choices(cls, name):
         return typing.get_args(typing.get_type_hints(cls)[name])

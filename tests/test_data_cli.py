@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from lab.data import main, open_dataset
+from lab.cli.data import main
+from lab.data import open_dataset
 from lab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-# Until lab/cli.py dispatches `lab data`, this is the same contract: UserError -> one line, exit 2.
+# Until lab/cli/__init__.py dispatches `lab data`, this is the same contract: UserError -> one
+# line, exit 2.
 COMMAND = (
     "import sys\n"
-    "from lab.data import main\n"
+    "from lab.cli.data import main\n"
     "from lab.errors import UserError\n"
     "try:\n"
     "    sys.exit(main(sys.argv[1:]))\n"

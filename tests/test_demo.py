@@ -21,8 +21,9 @@ from analysis.approach3 import optimal_allocation
 from analysis.report import analyse_study, summary_lines
 from analysis.report_page import write_report
 from helpers import ROOT, lab_command, lab_env, run_lab
-from lab.accounting import flops_per_token, with_vocab
-from lab.demo import (
+from lab.errors import UserError
+from lab.model.accounting import flops_per_token, with_vocab
+from lab.studies.demo import (
     QUICK_STUDY,
     STUDY,
     StudyProgress,
@@ -30,7 +31,6 @@ from lab.demo import (
     load_study,
     plan_study,
 )
-from lab.errors import UserError
 
 BYTE_VOCAB = 257
 

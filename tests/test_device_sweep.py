@@ -56,7 +56,7 @@ def test_the_plan_changes_one_thing_at_a_time():
 def test_a_variant_measures_and_writes_its_row(tmp_path):
     """In this process (8 CPU devices): the row's figures follow from its step times; a variant
     that fails writes a row saying so, after the first, which stays."""
-    from lab.accounting import flops_per_token
+    from lab.model.accounting import flops_per_token
 
     assert device_sweep.run_child(tmp_path, "accum", ["train.batch_size=16",
                                                       "train.grad_accum=2"], 2, smoke=True) == 0

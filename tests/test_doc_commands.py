@@ -37,8 +37,8 @@ ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 INLINE = re.compile(r"`([^`\n]+)`")
 PRESET_OPTIONS = ("--study", "--base")  # options that name a config file or preset
 # The module holding the parser of each subcommand that parses its own arguments: lab.cli's
-# table of them, but `lab data`'s parser is in lab.data.cli.
-PARSERS = {**DELEGATED, "data": "lab.data.cli"}
+# table of them, but `lab data`'s parser is in lab.cli.data.
+PARSERS = {**DELEGATED, "data": "lab.cli.data"}
 # Files a documented command reads that an earlier documented command writes: their commands
 # are parsed but not run. Every entry must be used (a stale one fails the test).
 NEEDS_EARLIER = {

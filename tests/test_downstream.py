@@ -13,7 +13,6 @@ from scipy.optimize import least_squares
 
 from analysis.approach3 import law
 from analysis.backtest import coarse_grid
-from analysis.cli import main
 from analysis.downstream import (
     fit_downstream,
     fit_sigmoid,
@@ -22,8 +21,9 @@ from analysis.downstream import (
     sigmoid_starts,
     solve_sigmoid,
 )
-from analysis.downstream_cli import TASK_KEYS, task_names
 from analysis.report import banner_lines, downstream_lines
+from lab.cli.fit import main
+from lab.cli.fit_downstream import TASK_KEYS, task_names
 from lab.errors import UserError
 
 # A task loss law over tiny-model sizes, and a 4-way task whose accuracy rises across it.

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.cli import main
 from analysis.critical_batch import fit_critical_batch, fit_steps_examples, steps_to_reach
 from analysis.hparams import fit_stepfun_laws
+from lab.cli.fit import main
 from tests.analysis_helpers import make_run
 
 # Li et al. 2025's fitted laws, used as the truth.

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import cli as fit_cli
-from analysis import plan as plan_cli
 from analysis.approach3 import law, optimal_allocation
 from analysis.irreducible import NEAR_E_MARGIN, WORDS, NearE, near_e_warning
+from lab.cli import fit as fit_cli
+from lab.studies import plan as plan_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.accel.profiling import StepProfiler, parse_window
 from lab.errors import UserError
-from lab.profiling import StepProfiler, parse_window
 from launch.gpu import (
     CUDA_INSTALL,
     CUDA_PLUGINS,
@@ -143,7 +143,7 @@ def test_no_cuda_backend_is_one_line_naming_the_install(monkeypatch):
 CHILD = """
 import json, os, sys
 import jax, jax.numpy as jnp
-from lab.profiling import StepProfiler
+from lab.accel.profiling import StepProfiler
 prof = StepProfiler()
 x = jnp.ones((64, 64))
 started = []

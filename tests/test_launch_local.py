@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.metrics import read_metrics
+from lab.run.metrics import read_metrics
 from launch.common import resolve_command
 from launch.local import NO_COMMAND, child_env
 
@@ -38,7 +38,7 @@ def test_child_environment_is_the_sharding_contract():
 
 
 def test_each_process_sees_its_own_devices_and_prefixes_its_output():
-    code = ("from lab.sharding import initialize_distributed; initialize_distributed(); "
+    code = ("from lab.accel.sharding import initialize_distributed; initialize_distributed(); "
             "import jax; print('index', jax.process_index(), 'of', jax.process_count(), "
             "'local', jax.local_device_count(), 'global', jax.device_count())")
     p = launcher(["--processes", "2", "--devices", "3", "--", sys.executable, "-c", code])
@@ -50,7 +50,7 @@ def test_each_process_sees_its_own_devices_and_prefixes_its_output():
 
 KILLED = """
 import os, signal
-from lab.sharding import initialize_distributed
+from lab.accel.sharding import initialize_distributed
 initialize_distributed()
 import jax
 from jax.experimental import multihost_utils

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab.sweep import expand_sweep
+from lab.studies.sweep import expand_sweep
 from launch import tpu
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Statistics reported by the blocks (lab.layer_stats): stacked over layers the same way under
+"""Statistics reported by the blocks (lab.model.layer_stats): stacked over layers the same way under
 scan and a loop, maxima maxed and means averaged over micro-batches, auxiliary losses added to
 the training loss. A block that reports three statistics, declared in this file only, checks the
 whole path against values computed straight from the block outputs."""
@@ -12,9 +12,9 @@ import optax
 import pytest
 from flax import nnx
 
-from lab import model as lab_model
 from lab.config import ModelConfig
-from lab.model import Transformer, loss_fn
+from lab.model import transformer as lab_model
+from lab.model.transformer import Transformer, loss_fn
 from lab.train.step import make_train_step
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)

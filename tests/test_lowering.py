@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab import chips, memory
-from lab.accounting import flops_per_token
-from lab.aot import abstract_mesh, with_known_vocab
+from lab.accel import chips
 from lab.config import load_config
-from lab.lowering import DELIBERATE_F32, lower_step, stablehlo_collectives
-from lab.remat import AUTO_ORDER
+from lab.model import memory
+from lab.model.accounting import flops_per_token
+from lab.model.remat import AUTO_ORDER
 from lab.train import build_trainer
+from lab.train.aot import abstract_mesh, with_known_vocab
+from lab.train.lowering import DELIBERATE_F32, lower_step, stablehlo_collectives
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DEBUG = ROOT / "configs" / "gpu" / "debug.yaml"
@@ -74,7 +75,7 @@ def test_the_float32_backward_is_what_it_was_and_dots_recomputes_attention():
                                               "model.remat=dots"]), "cuda")
     assert step.dots["bf16xbf16"].count == 8 and step.dots["f32xf32"].count == 16
     assert [(e.where, e.count, e.reason) for e in step.f32_dots] == [
-        ("lab/kernels/__init__.py:Kernels.dense", 16, "")]
+        ("lab/model/kernels/__init__.py:Kernels.dense", 16, "")]
     assert step.custom_calls == {"__cudnn$fmhaSoftmax": 2, "__cudnn$fmhaSoftmaxBackward": 1}
 
 
@@ -82,9 +83,9 @@ def test_the_float32_backward_is_what_it_was_and_dots_recomputes_attention():
 def test_muon_float32_newton_schulz_is_named_as_deliberate():
     step = lower_step(load_config(GPU_DEBUG, [*SMALL, "optim.name=muon",
                                               "optim.muon_ns_dtype=float32"]), "cuda")
-    assert step.f32_dots and all(e.reason == DELIBERATE_F32["lab/muon.py"]
+    assert step.f32_dots and all(e.reason == DELIBERATE_F32["lab/optim/muon.py"]
                                  for e in step.f32_dots), step.f32_dots
-    assert all(e.where.startswith("lab/muon.py") for e in step.f32_dots)
+    assert all(e.where.startswith("lab/optim/muon.py") for e in step.f32_dots)
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""The accelerators' dense op (lab.kernels.matmul): values and gradients against float64 NumPy,
+"""The accelerators' dense op (lab.model.kernels.matmul): values and gradients against float64
+NumPy,
 compute-dtype operands in every backward matmul, and a whole model's gradients with the new
 backward against the float32 model, next to XLA's own (float32) backward."""
 
@@ -11,8 +12,8 @@ import pytest
 from flax import nnx
 
 from lab.config import ModelConfig
-from lab.kernels import Kernels, matmul
-from lab.model import Transformer, loss_fn
+from lab.model.kernels import Kernels, matmul
+from lab.model.transformer import Transformer, loss_fn
 
 
 def _reference(x, w, dy):

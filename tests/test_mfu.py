@@ -2,8 +2,8 @@
 
 import pytest
 
-from lab.chips import CHIPS, GB, GIB, chip_for
-from lab.mfu import accelerator_peak_flops, mfu
+from lab.accel.chips import CHIPS, GB, GIB, chip_for
+from lab.accel.mfu import accelerator_peak_flops, mfu
 
 # (device_kind as jax.Device.device_kind reports it, chip, dense bf16 TFLOP/s, memory bytes)
 KINDS = [

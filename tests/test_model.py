@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lab.accounting import flops_per_token, padded_vocab, param_counts
 from lab.config import ModelConfig
-from lab.model import Transformer, loss_fn, mup_lr_scales, param_specs
+from lab.model.accounting import flops_per_token, padded_vocab, param_counts
+from lab.model.transformer import Transformer, loss_fn, mup_lr_scales, param_specs
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
 
@@ -209,7 +209,7 @@ def test_named_remat_policies_save_what_they_name(capsys):
     # it names that the backward pass needs (the MLP's output feeds only the residual sum).
     from jax.ad_checkpoint import print_saved_residuals
 
-    from lab.model import REMAT_POLICIES
+    from lab.model.transformer import REMAT_POLICIES
 
     cfg = dataclasses.replace(BASE, n_layers=1, scan_layers=False)
     graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)).blocks[0])
@@ -283,7 +283,7 @@ def test_chunked_loss_never_holds_the_whole_logits():
 def test_a_chunk_longer_than_the_sequence_pads_nothing():
     # 64 tokens over a batch of 2 would be 32 positions a row; the rows hold 8, so the chunk
     # is the whole sequence (padding it to 32 computed 4x the logits), with the same loss.
-    from lab.kernels.loss import cross_entropy
+    from lab.model.kernels.loss import cross_entropy
 
     x_BxLxD = jax.random.normal(jax.random.key(0), (2, 8, 4))
     w_DxV = jax.random.normal(jax.random.key(1), (4, 16))

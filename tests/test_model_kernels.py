@@ -1,4 +1,5 @@
-"""The hand-written backward passes of lab.kernels.cpu: dense and blocked causal attention, each
+"""The hand-written backward passes of lab.model.kernels.cpu: dense and blocked causal attention,
+each
 against a float64 NumPy reference of the plain (unblocked, untransposed) formulas."""
 
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lab.kernels.cpu import causal_attention, dense
+from lab.model.kernels.cpu import causal_attention, dense
 
 
 def _dense_reference(x, w, dy):

@@ -1,4 +1,4 @@
-"""The mixture-of-experts MLP (lab.moe): both dispatch paths against a float64 loop that sends
+"""The mixture-of-experts MLP (lab.model.moe): both dispatch paths against a float64 loop that sends
 each token through its chosen experts one at a time; the routing statistics against the same
 loop; the router bias moved outside the gradient; the parameter and FLOP accounting against
 hand counts; and expert parallelism (expert 4 x data 2 on 8 fake devices) against one device."""
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lab.accounting import flops_per_token, param_counts
 from lab.config import ModelConfig, MoeConfig
-from lab.model import Transformer
-from lab.moe import MoE, balance_biases
-from lab.roles import Role, specs_of
+from lab.model.accounting import flops_per_token, param_counts
+from lab.model.moe import MoE, balance_biases
+from lab.model.roles import Role, specs_of
+from lab.model.transformer import Transformer
 
 D, L, B = 16, 12, 3
 
@@ -221,7 +221,7 @@ def _moe_steps(small_data, devices: int, mesh_keys: list[str], steps: int = 2):
     capacity 1, an auxiliary loss) on the tiny config's batches: the per-step losses, gradient
     norms and loads, and the parameters after the last step."""
     from helpers import flat_params, tiny_trainer
-    from lab.sharding import global_batch
+    from lab.accel.sharding import global_batch
 
     trainer, stream = tiny_trainer(small_data, [
         "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.seq_len=32",
@@ -270,7 +270,7 @@ def test_the_ragged_expert_parallel_step_lowers_for_cuda():
     device; with data x fsdp = 1 each device's ragged rows are every token's top-k choices,
     so that once is the whole step's MoE FLOPs.)"""
     from lab.config import load_config
-    from lab.lowering import lower_step
+    from lab.train.lowering import lower_step
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "gpu" / "debug.yaml", [
@@ -280,7 +280,7 @@ def test_the_ragged_expert_parallel_step_lowers_for_cuda():
     step = lower_step(cfg, "cuda")
     assert step.devices == 2
     assert [(e.where, e.reason != "") for e in step.f32_dots] == [
-        ("lab/moe.py:MoE.__call__", True)]
+        ("lab/model/moe.py:MoE.__call__", True)]
     assert step.collectives.get("all_gather", 0) >= 3  # tokens, choices, weights
     assert step.collectives.get("reduce_scatter", 0) >= 1
     tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -296,8 +296,8 @@ def test_an_expert_parallel_moe_compiles_for_a_tpu_topology():
     """`--compile-only --topology v5e:2x2` of an MoE with mesh.expert=2 (the ragged path on
     TPU): it compiles and fits, and the state the compiled step takes per chip is what the
     memory estimate counts, every expert included (each chip holds half of them)."""
-    from lab.aot import compile_report
     from lab.config import load_config
+    from lab.train.aot import compile_report
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "tiny.yaml", [
@@ -317,9 +317,9 @@ def test_the_memory_estimate_counts_every_expert():
     """Parameters: 4 bytes each, every expert's (the total, not the active count); AdamW's two
     moments for all but the balancing bias, which no optimizer moves; the MLP activations of
     every expert on the onehot path (CPU), of the top_k on the ragged path."""
-    from lab import memory
+    from lab.accel.sharding import make_mesh
     from lab.config import load_config
-    from lab.sharding import make_mesh
+    from lab.model import memory
     from lab.train import build_trainer
 
     root = Path(__file__).resolve().parents[1]

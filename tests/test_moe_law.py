@@ -14,10 +14,10 @@ import yaml
 from analysis_helpers import make_run
 from scipy import optimize
 
-from analysis.cli import main
 from analysis.moe_law import dense_equivalent, fit_moe, log_e_hat, moe_law
+from lab.cli.fit import main
 from lab.config import ModelConfig
-from lab.sweep import expand_sweep, load_sweep
+from lab.studies.sweep import expand_sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "sweeps" / "moe-tiny.yaml"

@@ -10,9 +10,9 @@ from jax.sharding import PartitionSpec as P
 from optax.contrib import _muon as optax_muon
 
 from benchmarks import muon_split, ns_accuracy
+from lab.accel.sharding import BATCH_AXES
 from lab.errors import UserError
-from lab.muon import NS_COEFFS, muon, newton_schulz, shape_scale, uses_gram
-from lab.sharding import BATCH_AXES
+from lab.optim.muon import NS_COEFFS, muon, newton_schulz, shape_scale, uses_gram
 
 A, B, C = NS_COEFFS
 

@@ -11,7 +11,7 @@ from flax import nnx
 from benchmarks.bench_mup import best_lr, coordinate_check, layer_activations, width_slope
 from lab.config import load_config
 from lab.data import TrainStream, open_dataset
-from lab.model import Transformer
+from lab.model.transformer import Transformer
 
 
 def test_width_slope_and_best_lr_closed_forms():

@@ -14,11 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from analysis import cli as fit_cli
-from analysis import plan as plan_cli
 from analysis.critical_batch import fit_critical_batch
 from analysis.noise_scale import fit_noise_scale
-from lab.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA, step_estimates
+from lab.cli import fit as fit_cli
+from lab.optim.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA, step_estimates
+from lab.studies import plan as plan_cli
 from lab.train.step import make_train_step
 from tests.analysis_helpers import make_run
 
@@ -127,7 +127,7 @@ def test_a_run_logs_the_noise_scale(tmp_path, small_data):
     micro-batches): every record from the first measurement on carries a positive noise_scale,
     the raw estimates stay out of the log, and summary.json and TensorBoard have it."""
     from lab.cli import main
-    from lab.metrics import read_metrics
+    from lab.run.metrics import read_metrics
 
     run = tmp_path / "run"
     assert main(["train", TINY, f"run.dir={run}", f"data.path={small_data}",
@@ -157,7 +157,7 @@ def test_the_noise_scale_rises_as_the_loss_falls(tmp_path, small_data):
     falls; the last quarter's mean is well above the second quarter's, and the fitted law
     rises as the loss falls and as tokens are seen."""
     from lab.cli import main
-    from lab.metrics import read_metrics
+    from lab.run.metrics import read_metrics
 
     run = tmp_path / "tiny"
     assert main(["train", TINY, f"run.dir={run}", f"data.path={small_data}",
@@ -177,7 +177,7 @@ def test_the_noise_scale_rises_as_the_loss_falls(tmp_path, small_data):
 def _curves_of(run: Path):
     import pandas as pd
 
-    from lab.metrics import read_metrics
+    from lab.run.metrics import read_metrics
 
     df = pd.DataFrame(read_metrics(run))
     return df.assign(run=str(run), batch_tokens=16 * 128)
@@ -190,9 +190,9 @@ def test_noise_step_on_eight_devices_matches_one(small_data):
     """The measuring step (no accumulation: the batch split in two halves) gives the same
     estimates on a data x fsdp x tensor = 2 x 2 x 2 mesh as on one device."""
     from lab import data as labdata
-    from lab.accounting import with_vocab
+    from lab.accel.sharding import global_batch, make_mesh
     from lab.config import load_config
-    from lab.sharding import global_batch, make_mesh
+    from lab.model.accounting import with_vocab
     from lab.train import build_trainer
 
     dataset = labdata.open_dataset(small_data)

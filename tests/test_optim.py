@@ -13,9 +13,10 @@ from flax import nnx
 
 from lab.config import Config, OptimConfig, ScheduleConfig, TrainConfig, validate
 from lab.errors import UserError
-from lab.model import Embed, RMSNorm
-from lab.muon import NS_COEFFS
-from lab.optim import (
+from lab.model.roles import LAYERS, ParamSpec, Role, param, specs_of
+from lab.model.transformer import Embed, RMSNorm
+from lab.optim.muon import NS_COEFFS
+from lab.optim.optimizers import (
     build_optimizer,
     describe_routing,
     lr_schedule,
@@ -23,8 +24,7 @@ from lab.optim import (
     path_names,
     weight_decay_mask,
 )
-from lab.roles import LAYERS, ParamSpec, Role, param, specs_of
-from lab.schedules import cosine, wsd
+from lab.optim.schedules import cosine, wsd
 
 V, D, H, F, L = 32, 16, 24, 40, 3  # vocab, d_model, heads*head_dim, mlp width, layers
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis import cli as fit_cli
-from analysis import plan as plan_cli
 from analysis.approach3 import law, optimal_allocation
 from analysis.predict import LossLaw
+from lab.cli import fit as fit_cli
 from lab.config import dump_config, load_config
 from lab.errors import UserError
-from lab.sweep import expand_sweep
+from lab.studies import plan as plan_cli
+from lab.studies.sweep import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -29,8 +29,8 @@ def stand_in(cfg, rng, root: Path | None = None) -> float:
     """Train `cfg` without training: write the run directory a finished `lab train` leaves
     (config.yaml, summary.json with the prediction copied as train copies it) with the law's
     loss at the run's (total N, D) times seeded noise."""
-    from lab.accounting import flops_per_token, param_counts
-    from lab.shapes import counting_model
+    from lab.model.accounting import flops_per_token, param_counts
+    from lab.model.shapes import counting_model
 
     model = counting_model(cfg.model)
     counts = param_counts(model)

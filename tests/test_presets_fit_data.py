@@ -15,7 +15,7 @@ import pytest
 from lab import presets
 from lab.config import Config, load_config
 from lab.data import default_data_path, eval_batches, open_dataset
-from lab.sweep import expand_sweep
+from lab.studies.sweep import expand_sweep
 
 MARGIN = 1.5
 

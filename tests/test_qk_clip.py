@@ -1,4 +1,5 @@
-"""QK-clip (lab.qk_clip): the attention's logit maxima against float64 logits computed from the
+"""QK-clip (lab.optim.qk_clip): the attention's logit maxima against float64 logits computed
+from the
 weights, the rescale against hand-computed factors, the clipped weights' logits against τ, the
 clip inside the sharded train step (8 devices = 1), and a Muon run whose logits it keeps down."""
 
@@ -13,10 +14,10 @@ import pytest
 from flax import nnx
 
 from helpers import TINY, assert_params_close, flat_params, run_lab
-from lab import qk_clip
 from lab.config import ModelConfig, load_config
-from lab.kernels import attention
-from lab.model import Transformer, loss_fn, rope_tables
+from lab.model.kernels import attention
+from lab.model.transformer import Transformer, loss_fn, rope_tables
+from lab.optim import qk_clip
 
 BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, scan_layers=False)
 VARIANTS = {"mha": {}, "gqa": {"n_kv_heads": 2}, "qk_norm": {"qk_norm": True}}
@@ -195,8 +196,8 @@ def _trainer_steps(small_data, devices: int, overrides: list[str], steps: int = 
     """`steps` steps of the tiny config (1 layer, GQA 4:2) on 1 device or on an fsdp x tensor =
     4 x 2 mesh: each step's metrics, the parameters after each, and the trainer."""
     from lab import data as labdata
-    from lab.accounting import with_vocab
-    from lab.sharding import global_batch, make_mesh
+    from lab.accel.sharding import global_batch, make_mesh
+    from lab.model.accounting import with_vocab
     from lab.train import build_trainer
 
     mesh_keys = ["mesh.fsdp=4", "mesh.tensor=2"] if devices == 8 else ["mesh.fsdp=1"]

@@ -17,10 +17,11 @@ import fsspec
 import pytest
 
 from helpers import TINY, run_lab
-from lab import checkpoint, paths
+from lab import paths
 from lab.config import load_config, replace
 from lab.errors import UserError
-from lab.metrics import MetricsLogger, read_json, read_metrics
+from lab.run import checkpoint
+from lab.run.metrics import MetricsLogger, read_json, read_metrics
 
 # 12 small steps, every step logged, checkpoints at 4, 8 and 12, evaluations at 6 and 12.
 SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "train.eval_batches=1",
@@ -144,8 +145,8 @@ def test_resume_truncates_remote_metrics(bucket, small_data, local_run):
 
 
 def test_analysis_reads_remote_runs(remote_run):
-    from analysis.cli import load_inputs
     from analysis.runs import collect_runs, read_curve
+    from lab.cli.fit import load_inputs
 
     runs = collect_runs(paths.parent(remote_run))  # searched recursively, as on a disk
     assert remote_run in list(runs["run"])
@@ -161,7 +162,7 @@ def test_analysis_reads_remote_runs(remote_run):
 def test_branch_on_memory(remote_run, small_data):
     """`lab branch` on a remote parent: children and branches.json under its URL; a decay of 4
     from step 8 is the parent's own schedule, so the child repeats the parent's last steps."""
-    from lab.branch import main
+    from lab.studies.branch import main
 
     assert main([remote_run, "--at", "8", "--decay-steps", "4"]) == 0
     child = f"{remote_run}/branches/step8-decay4-1-sqrt"
@@ -176,7 +177,7 @@ def test_branch_on_memory(remote_run, small_data):
 def test_remote_logger_flushes_on_eval_count_and_close(bucket, monkeypatch):
     """Object stores cannot append: the remote log is rewritten at an evaluation, every
     FLUSH_RECORDS records, on flush() (before a checkpoint) and at close."""
-    from lab import metrics
+    from lab.run import metrics
 
     monkeypatch.setattr(metrics, "FLUSH_RECORDS", 3)
     run_dir = f"{bucket}/logger"
@@ -241,7 +242,7 @@ def write_run(run_dir: str, tokens: int, loss: float, train_seconds: float,
               task_seconds: float) -> None:
     """A finished run's summary.json and metrics.jsonl, written through lab.paths (so on
     memory:// or on disk), with a falling loss curve of 20 logged steps."""
-    from lab import rundir
+    from lab.run import rundir
 
     paths.makedirs(run_dir)
     records = [{"step": s, "tokens": s * tokens // 20, "loss": loss + 1 / s} for s in range(1, 21)]
@@ -265,13 +266,13 @@ def write_branched_run(base: str) -> str:
 
 
 def test_the_report_reads_a_runs_branches_on_memory_as_on_disk(tmp_path):
-    """lab.rundir.branch_dirs lists a run's own branches on memory:// (as on gs://) as on
+    """lab.run.rundir.branch_dirs lists a run's own branches on memory:// (as on gs://) as on
     disk, and the report's readers go through it: the training-curve figure of the remote run
     is the local one byte for byte (and not the figure without the branches), and the tasks'
     cost sums the run and its two branches."""
     from analysis.report import plot_curves
     from analysis.study_downstream import task_cost
-    from lab.rundir import branch_dirs
+    from lab.run.rundir import branch_dirs
 
     url = f"memory://lab-branches-{uuid.uuid4().hex[:8]}"
     try:

@@ -12,11 +12,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lab import model as lab_model
+from lab.accel.sharding import make_mesh, param_shardings
 from lab.config import load_config
-from lab.optim import describe_routing, param_labels, weight_decay_mask
-from lab.roles import LAYERS, ParamSpec, Role, param, specs_of
-from lab.sharding import make_mesh, param_shardings
+from lab.model import transformer as lab_model
+from lab.model.roles import LAYERS, ParamSpec, Role, param, specs_of
+from lab.optim.optimizers import describe_routing, param_labels, weight_decay_mask
 from lab.train import build_trainer
 from lab.tree import path_names
 
@@ -130,7 +130,7 @@ def test_declaration_mistakes_are_named():
         param(jnp.ones((4,)), ("embed", "mlp"), Role.HIDDEN)
     with pytest.raises(ValueError, match="at least 2 axes"):
         param(jnp.ones((4,)), ("mlp",), Role.HIDDEN)
-    with pytest.raises(ValueError, match="lab.roles.param"):
+    with pytest.raises(ValueError, match="lab.model.roles.param"):
         specs_of({"w": nnx.Param(jnp.ones((4, 4)))})
     # A logical axis needs a rule: never silently replicated.
     tree = {"w": param(jnp.ones((8, 4, 4)), ("experts", "embed", "mlp"), Role.HIDDEN)}

@@ -14,11 +14,11 @@ import pytest
 
 from helpers import ROOT, TINY, run_lab
 from lab.errors import UserError
-from lab.rundir import LOCK, RunLock
+from lab.run.rundir import LOCK, RunLock
 
 HOLD = """
 import sys, time
-from lab.rundir import RunLock
+from lab.run.rundir import RunLock
 with RunLock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -76,17 +76,17 @@ def test_a_refused_lock_leaves_no_directory_of_its_own(tmp_path, monkeypatch):
     """Two starts race on a new run directory: this one makes the directory, the other takes
     the lock first (a live process: here, this one). This start is refused, naming the holder,
     and leaves the directory as the holder has it: the holder's lock alone, untouched."""
-    import lab.rundir
+    import lab.run.rundir
 
     run_dir = tmp_path / "new"
     holder = RunLock(str(run_dir))
-    makedirs = lab.rundir.paths.makedirs
+    makedirs = lab.run.rundir.paths.makedirs
 
     def made_then_taken(path):  # the other start wins the race for the lock
         makedirs(path)
         holder.acquire()
 
-    monkeypatch.setattr(lab.rundir.paths, "makedirs", made_then_taken)
+    monkeypatch.setattr(lab.run.rundir.paths, "makedirs", made_then_taken)
     late = RunLock(str(run_dir))
     with pytest.raises(UserError, match=f"in use by process {os.getpid()} on host "
                                         f"{socket.gethostname()}"):
@@ -149,7 +149,7 @@ def test_train_refuses_a_locked_run(half_run, tmp_path, small_data):
 
 # ----------------------------------------------------------------------------- summary.json
 
-# Summaries as `lab train` wrote them before lab.rundir.Summary existed (a finished branch; a
+# Summaries as `lab train` wrote them before lab.run.rundir.Summary existed (a finished branch; a
 # planned run stopped by SIGTERM), with a key the class does not know.
 OLD_SUMMARIES = [
     {"checkpoint_seconds": 0.276, "compile_seconds": 12.769, "data": "/data/stdlib",
@@ -168,7 +168,7 @@ OLD_SUMMARIES = [
 
 @pytest.mark.parametrize("old", OLD_SUMMARIES)
 def test_a_summary_reads_and_writes_back_byte_for_byte(tmp_path, old):
-    from lab.rundir import SUMMARY, Status, read_summary, write_summary
+    from lab.run.rundir import SUMMARY, Status, read_summary, write_summary
 
     (tmp_path / SUMMARY).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     before = (tmp_path / SUMMARY).read_bytes()
@@ -181,7 +181,7 @@ def test_a_summary_reads_and_writes_back_byte_for_byte(tmp_path, old):
 
 
 def test_status_is_the_string_on_disk(tmp_path):
-    from lab.rundir import SUMMARY, Status, Summary, is_finished, read_summary
+    from lab.run.rundir import SUMMARY, Status, Summary, is_finished, read_summary
 
     assert [str(s) for s in Status] == ["running", "finished", "failed", "diverged", "preempted"]
     assert json.dumps({"status": Status.DIVERGED}) == '{"status": "diverged"}'

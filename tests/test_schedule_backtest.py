@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from analysis.schedule_backtest import curve_baselines
-from lab import rundir
-from lab.branch_plan import child_config
-from lab.branch_predict import lr_sequence
 from lab.cli import main
 from lab.config import dump_config, load_config
+from lab.run import rundir
+from lab.run.branch_points import child_config
+from lab.studies.branch_predict import lr_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -15,8 +15,8 @@ from benchmarks.bench_schedule_law import (
     relative_errors,
     stable_at,
 )
-from lab import schedules
 from lab.errors import UserError
+from lab.optim import schedules
 
 TRUE = {"L0": 1.2, "A": 0.9, "alpha": 0.45, "C": 3.0, "lam": 0.95}
 PEAK, WARMUP = 0.03, 20

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lab.errors import UserError
-from lab.schedules import cosine, wsd
+from lab.optim.schedules import cosine, wsd
 
 PEAK = 3e-3
 

@@ -97,10 +97,10 @@ def help_text(command: str) -> str:
 
 @pytest.mark.parametrize("command, schema_name", [("sweep", "SweepFile"), ("demo", "StudyFile")])
 def test_sweep_and_demo_help_list_their_file_keys(command, schema_name):
-    import lab.demo
-    import lab.sweep
+    import lab.studies.demo
+    import lab.studies.sweep
 
-    schema = getattr(lab.sweep if command == "sweep" else lab.demo, schema_name)
+    schema = getattr(lab.studies.sweep if command == "sweep" else lab.studies.demo, schema_name)
     text = help_text(command)
     rows = schema_keys(schema)
     assert len(rows) >= 10
@@ -110,8 +110,8 @@ def test_sweep_and_demo_help_list_their_file_keys(command, schema_name):
 
 
 def test_the_sweep_files_params_are_the_run_directory_s():
-    from lab.rundir import PARAM_KEYS
-    from lab.sweep import ParamKey
+    from lab.run.rundir import PARAM_KEYS
+    from lab.studies.sweep import ParamKey
 
     assert typing.get_args(ParamKey) == tuple(PARAM_KEYS)
 
@@ -119,8 +119,8 @@ def test_the_sweep_files_params_are_the_run_directory_s():
 def test_the_sweep_files_shape_defaults_are_the_shape_rule_s():
     import inspect
 
-    from lab.shapes import shape_for_params
-    from lab.sweep import ShapeKeys
+    from lab.model.shapes import shape_for_params
+    from lab.studies.sweep import ShapeKeys
 
     rule = inspect.signature(shape_for_params).parameters
     for f in dataclasses.fields(ShapeKeys):

@@ -1,4 +1,4 @@
-"""lab.sharding: the hybrid (multi-slice) mesh, tensor groups kept off the network, no silent
+"""lab.accel.sharding: the hybrid (multi-slice) mesh, tensor groups kept off the network, no silent
 replication of a parameter its mesh axis does not divide, and the coordinator's address."""
 
 import dataclasses
@@ -14,11 +14,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lab.accounting import with_vocab
-from lab.config import MeshConfig, load_config
-from lab.errors import UserError
-from lab.model import Transformer, param_specs
-from lab.sharding import (
+from lab.accel.sharding import (
     bind_address,
     check_tensor_groups,
     device_grid,
@@ -26,6 +22,10 @@ from lab.sharding import (
     make_mesh,
     param_shardings,
 )
+from lab.config import MeshConfig, load_config
+from lab.errors import UserError
+from lab.model.accounting import with_vocab
+from lab.model.transformer import Transformer, param_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_bind_address_is_the_advertised_ip():
 
 LISTEN = """
 import ipaddress, os
-from lab.sharding import initialize_distributed
+from lab.accel.sharding import initialize_distributed
 initialize_distributed()
 initialize_distributed()  # a second call does nothing
 port = int(os.environ["LAB_COORDINATOR"].rsplit(":", 1)[1])

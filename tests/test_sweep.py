@@ -15,12 +15,12 @@ import yaml
 
 from lab.config import ModelConfig, load_config
 from lab.errors import UserError
-from lab.shapes import shape_for_params
-from lab.sweep import branch_command, expand_sweep
+from lab.model.shapes import shape_for_params
+from lab.studies.sweep import branch_command, expand_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "configs" / "sweeps"
-BYTE_VOCAB = 320  # lab.accounting.padded_vocab(257)
+BYTE_VOCAB = 320  # lab.model.accounting.padded_vocab(257)
 
 
 def closed_form_counts(d: int, layers: int, heads: int, seq_len: int, vocab: int = BYTE_VOCAB):

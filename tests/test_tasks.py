@@ -11,12 +11,10 @@ import pytest
 from flax import nnx
 
 from helpers import TINY
-from lab import sharding
+from lab.accel import sharding
 from lab.config import load_config
 from lab.data import open_dataset, prepare
-from lab.errors import UserError
-from lab.metrics import tb_tag
-from lab.tasks import (
+from lab.data.tasks import (
     TaskSet,
     TaskSpec,
     build,
@@ -28,6 +26,8 @@ from lab.tasks import (
     task_path,
     task_specs,
 )
+from lab.errors import UserError
+from lab.run.metrics import tb_tag
 
 N_DOCS = 26  # document i is written with two letters of its own, so a token names its document
 
@@ -149,7 +149,7 @@ C, V = 6, 64
 @pytest.fixture(scope="module")
 def model():
     """A one-layer model's structure, its parameters (on the host) and a jitted plain call."""
-    from lab.model import Transformer
+    from lab.model.transformer import Transformer
 
     cfg = load_config(TINY, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
                              f"model.vocab_size={V}", "train.seq_len=16", "train.batch_size=8"])
@@ -198,7 +198,7 @@ def _reference(plain, task_sets) -> dict:
 def test_sharded_scores_equal_a_plain_model_call(model):
     """The scorer on a 4 x 2 (fsdp x tensor) mesh of 8 devices, parameters sharded, in chunks
     of 8 rows, against the plain call's float64 log-likelihoods and argmaxes."""
-    from lab.roles import specs_of
+    from lab.model.roles import specs_of
     from lab.train.tasks import TaskEval
 
     graphdef, state, params, plain = model

@@ -13,7 +13,7 @@ def _lab_shapes() -> list[tuple[int, ...]]:
     from flax import nnx
 
     from benchmarks.bench_train import bench_config
-    from lab.model import Transformer
+    from lab.model.transformer import Transformer
 
     cfg = bench_config().model
     model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), "cpu"))

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import TINY, assert_params_close, checkpoint_params, flat_params, run_lab
 from lab.config import load_config
-from lab.metrics import read_metrics
+from lab.run.metrics import read_metrics
 
 SHORT = ["train.steps=24", "train.log_every=4", "train.eval_every=12", "train.eval_batches=2",
          "schedule.warmup_steps=4", "schedule.decay_steps=8", "model.n_layers=2"]
@@ -63,7 +63,8 @@ def test_sharded_run_matches_single_device(tmp_path, small_data):
 @pytest.mark.slow
 def test_muon_run_split_over_data_replicas_matches_single_device(tmp_path, small_data):
     """Muon under data x fsdp x tensor = 2 x 2 x 2 deals its Newton-Schulz out among the four
-    data x fsdp devices (lab.muon.split_newton_schulz); the run's losses equal one device's."""
+    data x fsdp devices (lab.optim.muon.split_newton_schulz); the run's losses equal one
+    device's."""
     common = [str(TINY), f"data.path={small_data}", *SHORT, "optim.name=muon", "optim.lr=1e-2",
               "train.eval_every=0", "checkpoint.every_steps=24"]
     run_lab(["train", *common, f"run.dir={tmp_path / 'one'}", "mesh.fsdp=1"], devices=1)
@@ -84,8 +85,8 @@ def _accumulated_steps(small_data, accum: int, optimizer: str, devices: int, ste
     accumulated over `accum` micro-batches, on 1 device or on a data x fsdp x tensor = 2 x 2 x 2
     mesh: the per-step losses and gradient norms, and the parameters after the last step."""
     from lab import data as labdata
-    from lab.accounting import with_vocab
-    from lab.sharding import global_batch, make_mesh
+    from lab.accel.sharding import global_batch, make_mesh
+    from lab.model.accounting import with_vocab
     from lab.train import build_trainer
 
     mesh_keys = ["mesh.fsdp=2", "mesh.data=2", "mesh.tensor=2"] if devices == 8 else \
@@ -174,10 +175,10 @@ class Scripted:
 def scripted_loop(tmp_path, monkeypatch, losses, overrides=(), stop_after=None,
                   eval_batches=3, register=None):
     """run_loop on the scripted step; `register(loop)` adds hooks to the Loop first."""
+    from lab.accel.sharding import make_mesh
     from lab.config import load_config
-    from lab.metrics import MetricsLogger
-    from lab.preemption import PREEMPTION, caught
-    from lab.sharding import make_mesh
+    from lab.run.metrics import MetricsLogger
+    from lab.run.preemption import PREEMPTION, caught
     from lab.train import Progress
     from lab.train.loop import Loop
 

@@ -5,11 +5,9 @@
     TrainStream(dataset, seq_len, ...).batch(step) / .iterator(start_step)
     eval_batches(dataset, seq_len, ...)           lab/data/pipeline.py
     default_data_path()                           lab/data/cache.py
-    main(argv)                                    lab/data/cli.py (`lab data ...`)
 """
 
 from lab.data.cache import default_data_path
-from lab.data.cli import main
 from lab.data.format import FORMAT_VERSION, TokenDataset, check_vocab, open_dataset
 from lab.data.pipeline import StreamIterator, TrainStream, eval_batches
 from lab.data.prep import prepare
@@ -22,7 +20,6 @@ __all__ = [
     "check_vocab",
     "default_data_path",
     "eval_batches",
-    "main",
     "open_dataset",
     "prepare",
 ]

@@ -28,12 +28,12 @@ from typing import Any, Literal, TypeVar
 import jax
 import numpy as np
 
-from lab.checkpoint import Checkpointer
-from lab.metrics import MetricsLogger
-from lab.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA
-from lab.preemption import PREEMPTION
-from lab.profiling import StepProfiler
-from lab.rundir import Status
+from lab.accel.profiling import StepProfiler
+from lab.optim.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA
+from lab.run.checkpoint import Checkpointer
+from lab.run.metrics import MetricsLogger
+from lab.run.preemption import PREEMPTION
+from lab.run.rundir import Status
 from lab.train.progress import Progress
 from lab.train.step import Trainer
 
@@ -159,7 +159,7 @@ def evaluate(trainer: Trainer, params: dict, batches: list[jax.Array]) -> float:
 
 
 class PreemptionHook(Hook):
-    """SIGTERM / SIGINT (lab.preemption) stop the run; with several processes, JAX's preemption
+    """SIGTERM / SIGINT (lab.run.preemption) stop the run; with several processes, JAX's preemption
     sync point, so that every host stops at the same step. Every step, before its batch."""
 
     def __init__(self):
@@ -175,7 +175,7 @@ class PreemptionHook(Hook):
 
 
 class ProfileHook(Hook):
-    """A jax.profiler trace of the steps lab.profiling's environment variables ask for."""
+    """A jax.profiler trace of the steps lab.accel.profiling's environment variables ask for."""
 
     def __init__(self, profiler: StepProfiler):
         self.profiler = profiler
@@ -208,7 +208,7 @@ class EvalHook(Hook):
 
 
 class NoiseScaleHook(Hook):
-    """The gradient noise scale (lab.noise_scale), measured by the trainer's noise step every
+    """The gradient noise scale (lab.optim.noise_scale), measured by the trainer's noise step every
     train.noise_scale_every steps: each measurement's two estimates are taken out of its
     metrics into the moving averages, and every record from the first measurement on carries
     the smoothed B_simple as `noise_scale` (tokens). Runs at every step, before logging."""

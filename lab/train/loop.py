@@ -15,12 +15,12 @@ from collections.abc import Callable, Container, Iterator
 import jax
 import numpy as np
 
-from lab import sharding
-from lab.checkpoint import Checkpointer
+from lab.accel import sharding
+from lab.accel.profiling import StepProfiler
 from lab.config import Config
-from lab.metrics import MetricsLogger
-from lab.profiling import StepProfiler
-from lab.rundir import Status
+from lab.run.checkpoint import Checkpointer
+from lab.run.metrics import MetricsLogger
+from lab.run.rundir import Status
 from lab.train.hooks import (
     EvalHook,
     Hooks,
@@ -256,7 +256,7 @@ def run_loop(cfg: Config, trainer: Trainer, state: dict, batches: Iterator[np.nd
     Each step is dispatched before the previous step's metrics are fetched. Checkpoints are
     saved at checkpoint.every_steps, at every kept step and at the end; a non-finite loss or
     gradient, or a loss spike, stops the run before anything after it is saved. SIGTERM or
-    SIGINT (lab.preemption) saves a checkpoint at the next step boundary and stops.
+    SIGINT (lab.run.preemption) saves a checkpoint at the next step boundary and stops.
 
     `last_checkpoint` is the step of the checkpoint the run was restored from, if any; `clock`
     measures the time by activity (tests pass a fake one); `tasks` scores the downstream tasks

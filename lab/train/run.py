@@ -12,19 +12,21 @@ from typing import Any
 
 import jax
 
-from lab import checkpoint, paths, preemption, rundir, sharding
-from lab.accounting import flops_per_token, param_counts
-from lab.branch_plan import check_plan, planned_pairs, planned_steps
-from lab.checkpoint import Checkpointer, abstract_with_shardings
+from lab import paths
+from lab.accel import sharding
+from lab.accel.mfu import total_peak_flops
+from lab.accel.profiling import StepProfiler
 from lab.config import Config, dump_config, load_config, to_dict, validate
+from lab.data.tasks import final_task_metrics, load_or_build, task_specs
 from lab.errors import UserError, shown
-from lab.memory import preflight
-from lab.metrics import MetricsLogger, read_metrics
-from lab.mfu import total_peak_flops
-from lab.optim import describe_routing
-from lab.profiling import StepProfiler
-from lab.rundir import Status, Summary
-from lab.tasks import final_task_metrics, load_or_build, task_specs
+from lab.model.accounting import flops_per_token, param_counts
+from lab.model.memory import preflight
+from lab.optim.optimizers import describe_routing
+from lab.run import checkpoint, preemption, rundir
+from lab.run.branch_points import check_plan, planned_pairs, planned_steps
+from lab.run.checkpoint import Checkpointer, abstract_with_shardings
+from lab.run.metrics import MetricsLogger, read_metrics
+from lab.run.rundir import Status, Summary
 from lab.train.hooks import LoopResult
 from lab.train.loop import run_loop
 from lab.train.progress import Progress
@@ -111,7 +113,7 @@ def prepare(cfg: Config) -> Setup:
     the data, the plan, the config against a resumed run's or the parent's, the mesh, the
     batch, the evaluation set and the state to start from."""
     from lab import data as labdata
-    from lab.accounting import with_vocab
+    from lab.model.accounting import with_vocab
 
     run_dir = cfg.run.dir
     data_path = cfg.data.path or labdata.default_data_path()
@@ -177,8 +179,8 @@ def train(cfg: Config, progress: Progress | None = None) -> dict:
     exists, train, and write the summary. Returns the summary.
 
     Nothing in an existing run directory changes before every check has passed, and one process
-    at a time uses a run directory (lab.rundir.RunLock). SIGTERM / SIGINT from here to the last
-    save stop the run cleanly (lab.preemption).
+    at a time uses a run directory (lab.run.rundir.RunLock). SIGTERM / SIGINT from here to the last
+    save stop the run cleanly (lab.run.preemption).
 
     `progress` replaces the default display: anything with
     `show(step, metrics, seconds_per_step)` (the demo shows one live line for a whole study).

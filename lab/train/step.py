@@ -1,7 +1,7 @@
 """The training step: the model's structure, the optimizer and the jitted, sharded step
 functions built from a config and a mesh.
 
-The state is a plain pytree {"params", "opt", "step"} sharded by `lab.sharding`; the step is
+The state is a plain pytree {"params", "opt", "step"} sharded by `lab.accel.sharding`; the step is
 jitted once with explicit input and output shardings and donates the old state.
 """
 
@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lab import layer_stats, memory, moe, noise_scale, qk_clip, sharding
+from lab.accel import sharding
 from lab.config import Config, replace
 from lab.errors import UserError
-from lab.model import Transformer, loss_fn, mup_lr_scales
-from lab.optim import build_optimizer, lr_schedule, map_param_copies, param_labels
-from lab.roles import specs_of
+from lab.model import layer_stats, memory, moe
+from lab.model.roles import specs_of
+from lab.model.transformer import Transformer, loss_fn, mup_lr_scales
+from lab.optim import noise_scale, qk_clip
+from lab.optim.optimizers import build_optimizer, lr_schedule, map_param_copies, param_labels
 
 
 @dataclasses.dataclass
@@ -33,7 +35,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     graphdef: Any
     abstract_params: dict
-    param_specs: dict  # lab.roles.ParamSpec of each parameter, a tree like abstract_params
+    param_specs: dict  # lab.model.roles.ParamSpec of each parameter, a tree like abstract_params
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     state_shardings: Any
@@ -52,7 +54,7 @@ class Trainer:
 
 def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = None) -> Trainer:
     """Build the model structure, the optimizer and the jitted, sharded step functions;
-    `model.remat=auto` is resolved first, for the mesh's chips (lab.memory.choose_remat).
+    `model.remat=auto` is resolved first, for the mesh's chips (lab.model.memory.choose_remat).
     `platform` (default: the mesh's) picks the kernels, for lowering to another platform."""
     if cfg.model.remat == "auto":
         probe = build_trainer(replace(cfg, model={"remat": "none"}), mesh, platform)
@@ -165,8 +167,9 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
     """One optimizer step on a batch, accumulated over `grad_accum` micro-batches:
     (state, tokens_BxL1) -> (new state, metrics). `grad_fn` is the loss's value_and_grad;
     `after_update` (new params, layer stats) -> (params, metrics), if given, follows the
-    optimizer's update (lab.qk_clip.after_update, lab.moe.balance_biases). `measure_noise`
-    adds the gradient noise scale's two estimates (lab.noise_scale) from the micro-batches'
+    optimizer's update (lab.optim.qk_clip.after_update, lab.model.moe.balance_biases).
+    `measure_noise`
+    adds the gradient noise scale's two estimates (lab.optim.noise_scale) from the micro-batches'
     gradients against their mean, splitting the batch in two without accumulation."""
     A = max(grad_accum, 2) if measure_noise else grad_accum
 

@@ -1,7 +1,7 @@
-"""The downstream tasks (lab/tasks.py) scored during training: a jitted, sharded scorer of
+"""The downstream tasks (lab/data/tasks.py) scored during training: a jitted, sharded scorer of
 packed rows, and the hook that runs it at every evaluation.
 
-The rows of all tasks are packed once (lab.tasks.pack_rows) and put on the devices in chunks of
+The rows of all tasks are packed once (lab.data.tasks.pack_rows) and put on the devices in chunks of
 a multiple of train.batch_size rows, each chunk no more tokens than a training batch; an
 evaluation dispatches every chunk, then fetches the per-row results together.
 """
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lab import sharding
-from lab.tasks import TaskSet, pack_rows, task_metrics
+from lab.accel import sharding
+from lab.data.tasks import TaskSet, pack_rows, task_metrics
 from lab.train.hooks import Hook, LoopResult, StepInfo
 from lab.train.step import Trainer
 
