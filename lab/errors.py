@@ -12,6 +12,11 @@ import errno
 import reprlib
 from typing import Any
 
+# The exit statuses of `lab` and its subcommands, defined once (docs/training.md lists them):
+EXIT_USER_ERROR = 2  # a UserError: one line on stderr, nothing changed
+EXIT_DIVERGED = 3  # the loss or gradient became NaN or Inf; the last checkpoint is intact
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), or a demo stopped before its end
+
 # A quoted value longer than this is cut, with its type and length beside it.
 SHOWN_CHARS = 160  # room for a real path (a temporary directory is 80-odd characters)
 

@@ -156,7 +156,7 @@ def test_lab_plan_reads_the_calibrated_interval(tmp_path, monkeypatch, capsys):
     an interval is not calibrated."""
     from pathlib import Path
 
-    from lab.studies import plan as plan_cli
+    from lab.cli import plan as plan_cli
 
     monkeypatch.setattr("analysis.approach3.chinchilla_grid", lambda: STARTS)
     monkeypatch.setattr("analysis.backtest.coarse_grid", lambda: STARTS)

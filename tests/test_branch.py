@@ -9,8 +9,9 @@ import pytest
 from helpers import TINY, run_lab
 from lab.config import load_config
 from lab.model.accounting import flops_per_token, with_vocab
+from lab.run.branch_points import planned_pairs
 from lab.run.metrics import read_metrics
-from lab.studies.branch import compute_report, planned_pairs
+from lab.studies.branch import compute_report
 
 # A small stable phase: 12 steps, every step logged.
 SMALL = ["train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "model.n_layers=1",
@@ -266,7 +267,7 @@ def test_every_host_joins_and_only_process_0_writes_the_plan(stable, tmp_path, m
     monkeypatch.setattr(lab.train, "train",
                         lambda cfg, progress=None: calls["trained"].append(cfg.run.dir)
                         or {"status": "finished"})
-    from lab.studies.branch import main
+    from lab.cli.branch import main
 
     assert main([str(parent), "--at", "4,8", "--decay-steps", "2"]) == 0
     children = [parent / "branches" / f"step{s}-decay2-1-sqrt" for s in (4, 8)]

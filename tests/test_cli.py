@@ -15,8 +15,7 @@ import yaml
 
 from helpers import ROOT, TINY
 from lab import presets
-from lab.cli import config_keys
-from lab.config import Config, load_config, to_dict
+from lab.config import Config, config_keys, load_config, to_dict
 from lab.errors import ArgumentParser, UserError
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab.cli import DELEGATED
+from lab.cli import SUBCOMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
@@ -36,9 +36,8 @@ CONFIG_PATH = re.compile(r"^configs/\S+\.ya?ml$")
 ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 INLINE = re.compile(r"`([^`\n]+)`")
 PRESET_OPTIONS = ("--study", "--base")  # options that name a config file or preset
-# The module holding the parser of each subcommand that parses its own arguments: lab.cli's
-# table of them, but `lab data`'s parser is in lab.cli.data.
-PARSERS = {**DELEGATED, "data": "lab.cli.data"}
+# The module holding the parser of each subcommand: lab.cli's table of them.
+PARSERS = {name: module for name, (module, _) in SUBCOMMANDS.items()}
 # Files a documented command reads that an earlier documented command writes: their commands
 # are parsed but not run. Every entry must be used (a stale one fails the test).
 NEEDS_EARLIER = {

@@ -119,7 +119,7 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_is_read():
     edges = graph()
-    assert "lab.config" in edges["lab.cli"] and "lab.run.rundir" in edges["lab.train.run"]
+    assert "lab.config" in edges["lab.cli.train"] and "lab.run.rundir" in edges["lab.train.run"]
     assert "analysis.approach3" in edges["analysis.methods"]
     assert "lab.errors" in edges["launch.tpu"]
 

@@ -12,7 +12,7 @@ import pytest
 from analysis.approach3 import law, optimal_allocation
 from analysis.irreducible import NEAR_E_MARGIN, WORDS, NearE, near_e_warning
 from lab.cli import fit as fit_cli
-from lab.studies import plan as plan_cli
+from lab.cli import plan as plan_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

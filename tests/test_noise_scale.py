@@ -17,8 +17,8 @@ import pytest
 from analysis.critical_batch import fit_critical_batch
 from analysis.noise_scale import fit_noise_scale
 from lab.cli import fit as fit_cli
+from lab.cli import plan as plan_cli
 from lab.optim.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA, step_estimates
-from lab.studies import plan as plan_cli
 from lab.train.step import make_train_step
 from tests.analysis_helpers import make_run
 

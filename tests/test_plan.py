@@ -13,9 +13,9 @@ import yaml
 from analysis.approach3 import law, optimal_allocation
 from analysis.predict import LossLaw
 from lab.cli import fit as fit_cli
+from lab.cli import plan as plan_cli
 from lab.config import dump_config, load_config
 from lab.errors import UserError
-from lab.studies import plan as plan_cli
 from lab.studies.sweep import expand_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -162,7 +162,7 @@ def test_analysis_reads_remote_runs(remote_run):
 def test_branch_on_memory(remote_run, small_data):
     """`lab branch` on a remote parent: children and branches.json under its URL; a decay of 4
     from step 8 is the parent's own schedule, so the child repeats the parent's last steps."""
-    from lab.studies.branch import main
+    from lab.cli.branch import main
 
     assert main([remote_run, "--at", "8", "--decay-steps", "4"]) == 0
     child = f"{remote_run}/branches/step8-decay4-1-sqrt"

@@ -42,7 +42,7 @@ from lab.config import (
     override_word,
     overrides_between,
 )
-from lab.errors import UserError, shown
+from lab.errors import EXIT_INTERRUPTED, UserError, shown
 from lab.model.accounting import flops_per_token, param_counts, with_vocab
 from lab.paths import makedirs, shown_path
 from lab.run import preemption, rundir
@@ -52,7 +52,6 @@ from lab.yaml_file import read_yaml
 
 STUDY = presets.root() / "demo.yaml"
 QUICK_STUDY = presets.root() / "demo-quick.yaml"
-EXIT_INTERRUPTED = 130
 INTERRUPTED = "interrupted"  # the study's status after Ctrl-C twice (not a run's Status)
 
 
@@ -549,29 +548,10 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def build_parser():
-    import argparse
-
-    from lab.errors import ArgumentParser
-
-    parser = ArgumentParser(prog="lab demo", description=(
-        "Run a whole scaling study on this machine: a ladder of model sizes, one stable WSD "
-        "run each branched into decays, the scaling-law fits with a held-out check; writes "
-        "DIR/report.html and DIR/fit.json. Rerun the same command to continue an interrupted "
-        "demo."), epilog=study_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="output directory (default runs/demo, or runs/demo-quick "
-                        "with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller ladder with short runs (about a minute)")
-    parser.add_argument("--optim", choices=("muon", "adamw"), default="muon",
-                        help="optimizer of every run (default muon)")
-    parser.add_argument("--study", help="a study file or preset instead of demo (the "
-                        "presets: configs/demo.yaml, demo-quick)")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+def run_demo(study_file: str | Path | None, quick: bool, out_dir: str | None, optim: str,
+             argv: list[str]) -> int:
+    """The whole demo: plan the study, run (or continue) its runs, fit and write the report;
+    the exit status. `argv` is the command's words, quoted in how to continue a stopped demo."""
     from lab.accel.sharding import initialize_distributed
 
     initialize_distributed()  # under a multi-host launcher, to see that it is one
@@ -580,9 +560,8 @@ def main(argv: list[str]) -> int:
     if jax.process_count() > 1:
         raise UserError(f"lab demo runs as one process ({jax.process_count()} were launched); "
                         "for several hosts, train with lab sweep or lab train")
-    study_file = presets.resolve(args.study, what="study file") if args.study else None
-    study = load_study(study_file or (QUICK_STUDY if args.quick else STUDY))
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
+    study = load_study(study_file or (QUICK_STUDY if quick else STUDY))
+    out = Path(out_dir or ("runs/demo-quick" if quick else "runs/demo"))
     if out.exists() and not out.is_dir():  # before the corpus is prepared or anything run
         raise UserError(f"--out {shown(str(out))} is a file; give a directory")
     started, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -591,8 +570,8 @@ def main(argv: list[str]) -> int:
     from lab import data as labdata
 
     vocab = labdata.open_dataset(labdata.default_data_path()).vocab_size
-    plans = plan_study(study, out, args.optim, vocab)
-    check_same_plan(out, describe_plan(study, plans, args.optim))
+    plans = plan_study(study, out, optim, vocab)
+    check_same_plan(out, describe_plan(study, plans, optim))
     ladder = [p for p in plans if not p.held_out]
     held = [p for p in plans if p.held_out]
     print(f"lab demo: {len(ladder)} sizes ({ladder[0].non_embedding_params:,} to "
@@ -601,7 +580,7 @@ def main(argv: list[str]) -> int:
           + (f", a held-out budget of {held[0].budgets[0]:.3g} FLOPs ({len(held)} runs: "
              f"{len({p.name for p in held})} sizes x {len(held) // len({p.name for p in held})}"
              " seeds)" if held else "")
-          + f", {args.optim} + muP; output in {out} (runs log to {out / 'demo.log'})",
+          + f", {optim} + muP; output in {out} (runs log to {out / 'demo.log'})",
           flush=True)
 
     progress = StudyProgress(_run_list(plans), stream)
@@ -636,7 +615,7 @@ def main(argv: list[str]) -> int:
               "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     smoke_test = study.path.resolve() == QUICK_STUDY.resolve()  # its law means nothing
     write_report(out, result, compute=compute, commands=commands, timing=timing,
-                 title=f"lab demo: {study.path.name}, {args.optim} + muP", smoke_test=smoke_test)
+                 title=f"lab demo: {study.path.name}, {optim} + muP", smoke_test=smoke_test)
     print("\n".join(banner_lines(result, smoke_test)))
     print(loss_table(result))
     print("\n".join(summary_lines(result, compute, timing)))

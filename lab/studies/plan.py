@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import yaml
@@ -42,59 +41,11 @@ from analysis.predict import LossLaw, fit_record
 from lab import paths as lab_paths
 from lab import presets
 from lab.config import INT32_MAX, Config, dump_config, load_config, override
-from lab.errors import ArgumentParser, UserError
+from lab.errors import UserError
 from lab.run import rundir
 from lab.run.rundir import param_count
 
 BATCH_MULTIPLE = 8  # global batches divide by 8, so a plan runs on 1, 2, 4 or 8 devices
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="lab plan",
-        description="Plan the compute-optimal run at a budget from a fitted law: writes "
-        "DIR/config.yaml (for lab train), DIR/sweep.yaml (the next IsoFLOP sweep, for lab "
-        "sweep) and DIR/plan.json (N, D, C, predicted_loss, interval, sources).",
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="fit JSON from `lab fit --json` (approach3: the loss law; hparams or "
-                   "critical-batch: learning-rate and batch laws), or run directories to fit "
-                   "Approach 3 on")
-    p.add_argument("--budget", type=_positive, required=True, metavar="C",
-                   help="compute budget in FLOPs, counted as 6 N D like the fit, e.g. 1e15")
-    p.add_argument("--out", required=True, metavar="DIR", help="where the plan files go")
-    p.add_argument("--base", metavar="CONFIG",
-                   help="the config the plan starts from (data, seq_len, optimizer, schedule "
-                   "fractions; its lr under μP); default: the best run's config.yaml among the "
-                   "inputs (or among the runs the fit JSON was fitted on)")
-    p.add_argument("--runs", metavar="DIR",
-                   help="where the planned runs will write (default runs/plan-C<budget>)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="K",
-                   help="with run directories: bootstrap the fit K times for the interval "
-                   "(default 0: a residual interval)")
-    p.add_argument("--level", type=float, default=0.95, help="interval level (default 0.95)")
-    p.add_argument("--sweep-sizes", type=int, default=5, metavar="K",
-                   help="model sizes in the next IsoFLOP sweep (default 5)")
-    p.add_argument("--sweep-span", type=_positive, default=0.5, metavar="DECADES",
-                   help="the sweep's sizes span N_plan x 10^(±DECADES) (default 0.5)")
-    p.add_argument("--noise-scale", action="store_true",
-                   help="take the batch from the measured gradient noise scale at the predicted "
-                   "loss (a critical-batch fit JSON of runs trained with "
-                   "train.noise_scale_every), before any batch law")
-    p.add_argument("--aspect-ratio", type=_positive, default=64.0,
-                   help="d_model / n_layers the shape search aims at (default 64; 32 suits "
-                   "the tiny CPU models)")
-    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,18 +572,3 @@ def report(plan: dict, out: str) -> str:
     lines += [f"warning: {w}" for w in plan["warnings"] if w != near_e]  # near E: the banner
     lines += [f"wrote {os.path.join(out, f)}" for f in (rundir.CONFIG, "sweep.yaml", "plan.json")]
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    """Entry point of `lab plan`; returns the exit status. Raises UserError on bad input."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    plan = make_plan(args)
-    print(report(plan, args.out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -20,7 +20,6 @@ batch_size x seq_len (lab.model.accounting.flops_per_token, attention included).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import signal
@@ -29,7 +28,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from lab import presets
 from lab.config import (
     INT32_MAX,
     Config,
@@ -45,11 +43,11 @@ from lab.config import (
     parse_override,
     value_of,
 )
-from lab.errors import UserError, shown
+from lab.errors import EXIT_DIVERGED, EXIT_USER_ERROR, UserError, shown
 from lab.model.accounting import flops_per_token, param_counts
 from lab.model.shapes import counting_model, shape_for_params, shape_name
 from lab.paths import safe_name, shown_path
-from lab.run.rundir import PARAM_KEYS, param_count
+from lab.run.rundir import param_count
 from lab.schema import NonEmpty, Words, keys_help, read_file, schema_keys
 from lab.yaml_file import read_yaml
 
@@ -448,10 +446,10 @@ def run_sweep(sweep: Sweep) -> int:
         if code == 0 and run_status(run) == Status.PREEMPTED:
             print(f"{head}: preempted; run the sweep again to resume", file=sys.stderr)
             return 1
-        if code == 2:
+        if code == EXIT_USER_ERROR:
             print(f"{head}: stopped the sweep on a configuration error (above)", file=sys.stderr)
-            return 2
-        if code == 3:
+            return EXIT_USER_ERROR
+        if code == EXIT_DIVERGED:
             diverged.append(run.name)
         elif code != 0:
             failed.append(run.name)
@@ -491,52 +489,3 @@ def manifest(sweep: Sweep) -> dict:
             "runs": [{"name": r.name, "dir": r.dir, "N": r.N, "D": r.D, "C": r.C,
                       "steps": r.steps, "budget": r.budget, "overrides": list(r.overrides),
                       "branch": r.branch} for r in sweep.runs]}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from lab.errors import ArgumentParser
-
-    parser = ArgumentParser(
-        prog="lab sweep",
-        description="Expand a sweep file (configs/sweeps/*.yaml) into runs and run them one "
-                    "after another; finished runs are skipped, so running it again resumes.",
-        epilog=sweep_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("file", help="a sweep file or preset, e.g. "
-                        "configs/sweeps/isoflop-tiny.yaml or isoflop-tiny")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides for every run, e.g. data.path=data/prepared")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the runs (name, N, D, FLOPs, overrides) without running")
-    parser.add_argument("--out", help="the sweep's output directory (default: the file's "
-                                      "'out:', else runs/sweeps/NAME)")
-    parser.add_argument("--params", choices=tuple(PARAM_KEYS),
-                        help="which parameter count is N, for target sizes, tokens_per_param "
-                             "and the table (default: the file's params:, else non_embedding; "
-                             "active: what one token of an MoE uses; total: every expert)")
-    parser.add_argument("--topology", metavar="GEN:SHAPE",
-                        help="with --dry-run: compile every run's step for this TPU slice "
-                             "(e.g. v5e:16x16) and show each chip's memory; exit 2 if a run "
-                             "cannot fit")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.topology is not None:
-        from lab.train.aot import check_topology
-
-        check_topology(args.topology)
-    if args.topology is not None and not args.dry_run:
-        raise UserError("--topology needs --dry-run: a sweep runs on the local devices")
-    path = presets.resolve(args.file, folder="sweeps", what="sweep file")
-    sweep = expand_sweep(path, args.overrides, out=args.out, params=args.params)
-    if not args.dry_run:
-        print(describe(sweep), flush=True)
-        return run_sweep(sweep)
-    from lab.train.aot import sweep_memory
-
-    columns, problem = sweep_memory(sweep, args.topology)
-    print(describe(sweep, columns), flush=True)
-    if problem:
-        raise UserError(problem)
-    return 0
