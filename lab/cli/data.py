@@ -36,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Runs `lab data ARGV`; user mistakes raise UserError (the caller exits with status 2)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         print(json.dumps(open_dataset(args.path).meta, indent=2))
         return 0

@@ -60,10 +60,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Entry point of `lab plan`; returns the exit status. Raises UserError on bad input."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    args = build_parser().parse_args(argv)
     plan = make_plan(args)
     print(report(plan, args.out))
     return 0
