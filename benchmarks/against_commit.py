@@ -29,7 +29,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = r"""
 import sys, time
 import jax, numpy as np
-from lab.accel import sharding
+try:
+    from lab.accel import sharding
+except ImportError:  # a commit from before lab/ had folders
+    from lab import sharding
 from lab.config import load_config
 from lab.train import build_trainer
 
