@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis import paths
 from analysis.points import read_points_csv
 from analysis.runs import collect_curves, collect_runs, read_curve
+from lab import paths
 from lab.errors import UserError
 
 

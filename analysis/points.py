@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from analysis import paths
+from lab import paths
 from lab.errors import UserError, shown
 
 # Other names for our columns, as used by published data sets.
@@ -34,7 +34,7 @@ ALIASES = {
 def read_points_csv(path: str, tokens: bool = True) -> pd.DataFrame:
     """Read a CSV of points into a frame with columns N, D, C, loss (and any others it has);
     without `tokens` (a law at one token count, such as the MoE law) D and C may be absent."""
-    text = paths.read_text(path)
+    text = paths.read_input(path)
     try:
         df = pd.read_csv(io.StringIO(text))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:

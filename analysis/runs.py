@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis import paths
+from lab import paths
 from lab.errors import UserError
 from lab.run.rundir import CONFIG, METRICS, SUMMARY, Status, Summary, param_count
 
@@ -64,7 +64,7 @@ def find_runs(root: str) -> list[str]:
 
 def _load_json(path: str) -> dict:
     try:
-        data = json.loads(paths.read_text(path))
+        data = json.loads(paths.read_input(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); fix or remove that run") from None
     if not isinstance(data, dict):
@@ -77,7 +77,7 @@ def _config(run_dir: str) -> dict:
     if not paths.exists(path):
         return {}
     try:
-        data = yaml.safe_load(paths.read_text(path))
+        data = yaml.safe_load(paths.read_input(path))
     except yaml.YAMLError as err:
         raise UserError(f"{path} is not valid YAML ({err}); fix or remove that run") from None
     return data if isinstance(data, dict) else {}
@@ -173,7 +173,7 @@ def read_curve(run_dir: str) -> pd.DataFrame:
     """A run's metrics.jsonl as a frame (one row per logged step); blank lines are skipped."""
     path = paths.join(run_dir, METRICS)
     rows = []
-    for i, line in enumerate(paths.read_text(path).splitlines()):
+    for i, line in enumerate(paths.read_input(path).splitlines()):
         if not line.strip():
             continue
         try:

@@ -82,7 +82,7 @@ Seed = Annotated[int, Range(0, SEED_LIMIT, hi_open=True, note="JAX keeps 32 bits
 # the constants (kept here, free of jax, so that reading a config stays light).
 Dtype = Literal["float32", "bfloat16"]
 NsDtype = Literal["auto", "float32", "bfloat16"]  # lab.optim.optimizers.newton_schulz_dtype
-Attention = Literal["auto", "xla", "cudnn", "splash", "blocked"]
+AttentionKernel = Literal["auto", "xla", "cudnn", "splash", "blocked"]
 Remat = Literal["none", "full", "dots", "save_attention", "save_qkv_proj", "save_out_proj",
                 "minimal", "auto"]
 BackwardDtype = Literal["compute", "float32"]
@@ -183,7 +183,7 @@ class ModelConfig:
     # auto = blocked on CPU, cudnn on GPU, splash on TPU (by the mesh's platform); xla = plain
     # einsums on any backend; cudnn = jax.nn.dot_product_attention's cuDNN kernel; splash = the
     # Pallas TPU kernel (interpreted on CPU); blocked = the CPU-tuned blocked attention.
-    attention: Attention = "auto"
+    attention: AttentionKernel = "auto"
     # Tokens per cross-entropy chunk: the (B, L, V) float32 logits and their gradient are never
     # whole, each chunk's logits are recomputed in the backward pass. 0 = one piece.
     loss_chunk: NonNegativeInt = 0

@@ -124,6 +124,17 @@ def read_text(path: PathLike) -> str:
     return Path(path).read_text()
 
 
+def read_input(path: PathLike) -> str:
+    """The text of a file the user named (a fit JSON, a CSV, a run's files); a missing or
+    unreadable one is the user's to fix."""
+    try:
+        return read_text(path)
+    except FileNotFoundError:
+        raise UserError(f"file not found: {path}; check the path") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Replace a file's contents atomically: readers see the old contents or the new, never
     half."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lab.errors import UserError
+from lab.errors import EXIT_USER_ERROR, UserError
 
 if TYPE_CHECKING:
     from lab.config import Config
@@ -54,4 +54,4 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
         return run(parser.parse_args(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR

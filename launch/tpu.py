@@ -446,10 +446,10 @@ def coordinator(args: argparse.Namespace, t: Target, steps: list[Step],
     return f"{ip}:{args.coordinator_port}"
 
 
-def plan(args: argparse.Namespace) -> list[Step]:
+def steps_for(args: argparse.Namespace) -> list[Step]:
     """The commands an action runs, in order."""
     if args.action.startswith("xpk"):
-        return xpk_plan(args)
+        return xpk_steps(args)
     if not args.zone:
         raise UserError("--zone is needed, e.g. --zone us-west4-a")
     t = Target(args.name, args.zone, args.project, args.queued, list(args.gcloud_flag))
@@ -501,7 +501,7 @@ def _run_name(command: list[str]) -> str:
     return ""
 
 
-def xpk_plan(args: argparse.Namespace) -> list[Step]:
+def xpk_steps(args: argparse.Namespace) -> list[Step]:
     t = Target("", args.zone, args.project)
     env = job_env(args.coordinator_address or "auto", args.env)
     image = args.docker_image or args.base_docker_image
@@ -530,7 +530,7 @@ def xpk_plan(args: argparse.Namespace) -> list[Step]:
 
 def launch(args: argparse.Namespace) -> int:
     """Plan the steps, then show them (--dry-run) or run them."""
-    steps = plan(args)
+    steps = steps_for(args)
     if args.dry_run:
         show(steps)
         return 0

@@ -27,9 +27,9 @@ from lab.studies.demo import (
     QUICK_STUDY,
     STUDY,
     StudyProgress,
-    check_same_plan,
+    check_same_study,
     load_study,
-    plan_study,
+    size_runs,
 )
 
 BYTE_VOCAB = 257
@@ -57,7 +57,7 @@ def check_png(data: bytes) -> None:
 @pytest.mark.parametrize("path", [STUDY, QUICK_STUDY], ids=["full", "quick"])
 def test_plan_spends_each_budget(path, tmp_path):
     study = load_study(path)
-    plans = plan_study(study, tmp_path, "muon", BYTE_VOCAB)
+    plans = size_runs(study, tmp_path, "muon", BYTE_VOCAB)
     from lab.config import load_config
 
     ladder = [p for p in plans if not p.held_out]
@@ -112,7 +112,7 @@ def test_plan_spends_each_budget(path, tmp_path):
 
 def test_adamw_flag_takes_its_learning_rate(tmp_path):
     study = load_study(STUDY)
-    plan = plan_study(study, tmp_path, "adamw", BYTE_VOCAB)[0]
+    plan = size_runs(study, tmp_path, "adamw", BYTE_VOCAB)[0]
     cfg = plan.config
     assert cfg.optim.name == "adamw" and cfg.optim.lr == study.lr["adamw"]
 
@@ -138,11 +138,11 @@ def test_study_mistakes_are_user_errors(tmp_path):
     near = tmp_path / "near.yaml"
     near.write_text(QUICK_STUDY.read_text().replace("budget: 1.6e+11", "budget: 5.0e+10"))
     with pytest.raises(UserError, match="beyond the fitted points in both N"):
-        plan_study(load_study(near), tmp_path, "muon", BYTE_VOCAB)
-    check_same_plan(tmp_path / "out", {"optim": "muon"})
-    check_same_plan(tmp_path / "out", {"optim": "muon"})  # the same plan continues
+        size_runs(load_study(near), tmp_path, "muon", BYTE_VOCAB)
+    check_same_study(tmp_path / "out", {"optim": "muon"})
+    check_same_study(tmp_path / "out", {"optim": "muon"})  # the same plan continues
     with pytest.raises(UserError, match="other settings"):
-        check_same_plan(tmp_path / "out", {"optim": "adamw"})
+        check_same_study(tmp_path / "out", {"optim": "adamw"})
 
 
 # ----------------------------------------------------------------------------- the report

@@ -10,6 +10,7 @@ run directory (lab/run/), so the fits work on any run directory without the trai
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,3 +168,17 @@ def test_known_exceptions_still_exist():
     edges = graph()
     for a, b in KNOWN:
         assert b in edges[a], f"{a} no longer imports {b}: remove it from KNOWN"
+
+
+def documented_layers(text: str) -> list[tuple[str, list[str]]]:
+    """The rows of docs/architecture.md's layer table: (layer, its folders as dotted packages,
+    `lab/*.py` being lab's top level)."""
+    rows = re.findall(r"^\| (\w+) \| ((?:`[\w/*.]+`(?:, )?)+) \|", text, re.M)
+    return [(name, [re.sub(r"/(\*\.py)?$", "", f).replace("/", ".")
+                    for f in re.findall(r"`([\w/*.]+)`", folders)]) for name, folders in rows]
+
+
+def test_the_documented_layer_table_is_this_one():
+    rows = documented_layers((ROOT / "docs" / "architecture.md").read_text())
+    assert [name for name, _ in rows] == list(LAYERS)
+    assert {folder: name for name, folders in rows for folder in folders} == FOLDERS

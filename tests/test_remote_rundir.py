@@ -21,7 +21,8 @@ from lab import paths
 from lab.config import load_config, replace
 from lab.errors import UserError
 from lab.run import checkpoint
-from lab.run.metrics import MetricsLogger, read_json, read_metrics
+from lab.run.metrics import MetricsLogger, read_metrics
+from lab.run.rundir import read_json
 
 # 12 small steps, every step logged, checkpoints at 4, 8 and 12, evaluations at 6 and 12.
 SHORT = ["train.steps=12", "train.log_every=1", "train.eval_every=6", "train.eval_batches=1",

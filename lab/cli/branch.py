@@ -10,7 +10,7 @@ from lab.config import DECAY_SHAPES, Config
 from lab.errors import ArgumentParser, UserError, shown
 from lab.model.accounting import param_counts, with_vocab
 from lab.run import rundir
-from lab.run.branch_points import check_plan, child_configs, decay_of, planned_pairs
+from lab.run.branch_points import check_branch_points, child_configs, decay_of, planned_pairs
 from lab.run.rundir import Status, Summary
 from lab.studies import branch as studies_branch
 from lab.studies.branch import (
@@ -20,7 +20,7 @@ from lab.studies.branch import (
     format_report,
     load_parent,
     train_runs,
-    write_plan,
+    write_branch_files,
 )
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     parent_dir, parent = load_parent(args.run_dir)
     pairs = _pairs(args, parent_dir, parent)
-    check_plan(parent, pairs)
+    check_branch_points(parent, pairs)
     from lab.accel.sharding import initialize_distributed, is_main_process
 
     initialize_distributed()  # every host of a pod runs the branches together
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
             print(f"{child.run.dir}: lab train {rundir.config_path(child.run.dir)}")
         return 0
     if is_main_process():  # one writer of the files every host would write alike
-        write_plan(parent_dir, report, children)
+        write_branch_files(parent_dir, report, children)
     check_existing_children(children)
     statuses = train_runs(children, _print_branch)
     failed = {k: v for k, v in statuses.items() if v != Status.FINISHED}

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis import paths
 from analysis.downstream import DEFAULT_BOOTSTRAP, DownstreamFit, fit_downstream
 from analysis.inputs import load_inputs
 from analysis.irreducible import NearE, near_e_warning
 from analysis.methods import FitResult, _describe_approach3
 from analysis.output import format_table, interval, jsonable, warning_banner
 from analysis.points import complete_points
+from lab import paths
 from lab.errors import UserError
 from lab.run.rundir import read_summary
 
@@ -90,7 +90,7 @@ def check_args(args: argparse.Namespace) -> None:
 def read_task_csv(path: str) -> pd.DataFrame:
     """A CSV of N, D (or C), task_loss and accuracy."""
     try:
-        df = pd.read_csv(io.StringIO(paths.read_text(path)))
+        df = pd.read_csv(io.StringIO(paths.read_input(path)))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         reason = " ".join(str(err).split())
         raise UserError(f"{path} is not a readable CSV ({reason}); give a CSV with a header "

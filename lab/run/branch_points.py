@@ -12,6 +12,7 @@ from pathlib import Path
 from lab import paths
 from lab.config import Config, replace
 from lab.errors import UserError, shown
+from lab.run.rundir import BRANCHES
 
 
 def planned_steps(cfg: Config, params: int) -> list[int]:
@@ -33,7 +34,7 @@ def planned_pairs(cfg: Config, params: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def check_plan(cfg: Config, pairs: list[tuple[int, int]],
+def check_branch_points(cfg: Config, pairs: list[tuple[int, int]],
                points: list[int] | None = None) -> None:
     """A branch must start inside the parent's stable phase and decay no longer than it ran.
     `points` adds branch points declared without decay lengths yet."""
@@ -79,7 +80,7 @@ def child_config(parent: Config, parent_dir: str | Path, step: int, decay: int, 
     name = branch_name(step, decay, shape, final_ratio)
     return replace(
         parent,
-        run={"dir": paths.join(parent_dir, "branches", name),
+        run={"dir": paths.join(parent_dir, BRANCHES, name),
              "name": f"{parent.run.name or paths.name(parent_dir)}/{name}",
              "parent": str(parent_dir), "parent_step": step},
         train={"steps": step + decay},

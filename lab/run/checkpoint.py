@@ -26,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lab import paths
 from lab.errors import FIXES, STORAGE_ERRNOS, UserError, file_system_error
+from lab.run.rundir import CHECKPOINTS
 
 # URL schemes orbax can write checkpoints to: etils.epath handles the files and tensorstore
 # the arrays, and both know Cloud Storage (and S3), not fsspec's other filesystems.
@@ -37,7 +38,7 @@ def checkpoint_dir(run_dir: str) -> str:
     if paths.is_remote(run_dir) and not str(run_dir).startswith(CHECKPOINT_SCHEMES):
         raise UserError(f"checkpoints cannot be written to {run_dir} (orbax supports local "
                         "paths and gs://); use a local or gs:// run.dir")
-    return paths.absolute(paths.join(run_dir, "checkpoints"))
+    return paths.absolute(paths.join(run_dir, CHECKPOINTS))
 
 
 # How long a failed restore waits for orbax's worker threads to finish failing.

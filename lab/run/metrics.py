@@ -25,7 +25,6 @@ from tensorboard.summary import Writer
 
 from lab import paths
 from lab.run import rundir
-from lab.run.rundir import read_json, write_json_atomic  # noqa: F401 (their old home)
 
 # A remote run directory is rewritten at least this often (records, seconds).
 FLUSH_RECORDS = 100
@@ -92,11 +91,11 @@ class MetricsLogger:
                 if paths.exists(self.path) else []
             self.unflushed, self.last_flush = 0, time.monotonic()
             self.tb_local = tempfile.TemporaryDirectory(prefix="lab-tb-")
-            self.tb_remote = paths.join(run_dir, "tb")
+            self.tb_remote = paths.join(run_dir, rundir.TB)
             self.tb = Writer(self.tb_local.name)
         else:
             self.file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
-            self.tb = Writer(str(Path(run_dir) / "tb"))
+            self.tb = Writer(str(Path(run_dir) / rundir.TB))
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -123,7 +122,7 @@ class MetricsLogger:
             return
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        tb_dir = self.tb_local.name if self.remote else str(Path(self.run_dir) / "tb")
+        tb_dir = self.tb_local.name if self.remote else str(Path(self.run_dir) / rundir.TB)
         writer = EventFileWriter(tb_dir, filename_suffix=".config")
         for event in _config_events(config_yaml, hparams):
             writer.add_event(event)

@@ -27,7 +27,11 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 LOCK = "lock.json"
+TB = "tb"  # TensorBoard event files (lab.run.metrics)
+CHECKPOINTS = "checkpoints"  # orbax checkpoints, one folder per step (lab.run.checkpoint)
+PROFILE = "profile"  # traces of LAB_PROFILE_STEPS (lab.accel.profiling)
 BRANCHES = "branches"  # RUN_DIR/branches/NAME: the runs branched from this one (lab branch)
+BRANCH_REPORT = "branches.json"  # what the branches cost against training each from scratch
 
 
 class Status(enum.StrEnum):

@@ -51,9 +51,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plan(parent_dir: str, report: dict, children: list[Config]) -> None:
+def write_branch_files(parent_dir: str, report: dict, children: list[Config]) -> None:
     """branches.json and each child's config.yaml (kept if it exists: a rerun resumes it)."""
-    write_json_atomic(paths.join(parent_dir, "branches.json"), report)
+    write_json_atomic(paths.join(parent_dir, rundir.BRANCH_REPORT), report)
     for child in children:
         paths.makedirs(child.run.dir)
         if not paths.exists(rundir.config_path(child.run.dir)):

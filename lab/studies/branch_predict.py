@@ -51,7 +51,7 @@ def run_curves(run_dir: str) -> list[Curve]:
     (train.eval_every): on a fixed validation set they are far quieter than the training loss
     of one batch; otherwise every curve is the training loss."""
     runs = [run_dir]
-    branches = paths.join(run_dir, "branches")
+    branches = paths.join(run_dir, rundir.BRANCHES)
     if paths.is_dir(branches):
         for child in sorted(paths.parent(p) for p in paths.find(branches, rundir.SUMMARY)):
             if rundir.is_finished(child):

@@ -48,6 +48,7 @@ from lab.paths import makedirs, shown_path
 from lab.run import preemption, rundir
 from lab.run.rundir import Status
 from lab.schema import NonEmpty, Words, keys_help, read_file, schema_keys
+from lab.studies.sweep import train_command
 from lab.yaml_file import read_yaml
 
 STUDY = presets.root() / "demo.yaml"
@@ -162,11 +163,11 @@ def _held_out(keys: HeldOutKeys, path: Path, largest: float) -> dict:
             "seeds": list(keys.seeds)}
 
 
-# ----------------------------------------------------------------------------- the plan
+# ----------------------------------------------------------------------------- the runs
 
 
 @dataclasses.dataclass(frozen=True)
-class SizePlan:
+class SizeRuns:
     """One size of the ladder: its stable run's config and its branches (or one held-out run)."""
 
     name: str
@@ -198,10 +199,10 @@ def _size_name(size: dict) -> str:
     return f"d{size.get('d_model', '')}-l{size.get('n_layers', '')}"
 
 
-def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan]:
+def size_runs(study: Study, out: Path, optim: str, vocab: int) -> list[SizeRuns]:
     """Branch steps per size: a branch at step S decays for round(f S) steps, so it trains
     S (1 + f) steps in all; S is chosen so those steps spend the budget."""
-    from lab.run.branch_points import check_plan, planned_pairs
+    from lab.run.branch_points import check_branch_points, planned_pairs
     if optim not in study.lr:
         raise UserError(f"the study {study.path} gives no learning rate for {shown(optim)}; add it "
                         "under lr:")
@@ -222,12 +223,12 @@ def plan_study(study: Study, out: Path, optim: str, vocab: int) -> list[SizePlan
                                "schedule.decay_steps": 0, "branch.at_steps": steps,
                                "branch.decay_fractions": [study.decay_fraction]})
         pairs = planned_pairs(cfg, param_counts(model_cfg)["params"])
-        check_plan(cfg, pairs)
-        plans.append(SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), tuple(pairs),
+        check_branch_points(cfg, pairs)
+        plans.append(SizeRuns(name, cfg, tuple(overrides_between(file_cfg, cfg)), tuple(pairs),
                               budgets, index, per_step,
                               param_counts(model_cfg)["non_embedding_params"]))
     if study.held_out:
-        held = [plan_held_out(study, out, file_cfg, common, optim, vocab, size, seed)
+        held = [held_out_run(study, out, file_cfg, common, optim, vocab, size, seed)
                 for size in study.held_out["sizes"] for seed in study.held_out["seeds"]]
         check_beyond(study, plans, held)
         plans += held
@@ -246,8 +247,8 @@ def _sized(common: Config, size: dict, optim: str, study: Study,
     return cfg, per_step, model_cfg
 
 
-def plan_held_out(study: Study, out: Path, file_cfg: Config, common: Config, optim: str,
-                  vocab: int, size: dict, seed: int) -> SizePlan:
+def held_out_run(study: Study, out: Path, file_cfg: Config, common: Config, optim: str,
+                  vocab: int, size: dict, seed: int) -> SizeRuns:
     """One run of the held-out budget: trained straight through for S + D steps
     (D = decay_fraction S, the branches' decay) so that it spends the held-out budget."""
     budget = study.held_out["budget"]
@@ -258,12 +259,12 @@ def plan_held_out(study: Study, out: Path, file_cfg: Config, common: Config, opt
     cfg = override(sized, {"run.dir": str(out / "runs" / f"held-out-{name}-seed{seed}"),
                            "run.seed": seed, "train.steps": step + decay,
                            "schedule.decay_steps": decay})
-    return SizePlan(name, cfg, tuple(overrides_between(file_cfg, cfg)), ((step, decay),),
+    return SizeRuns(name, cfg, tuple(overrides_between(file_cfg, cfg)), ((step, decay),),
                     (budget,), (len(study.budgets),), per_step,
                     param_counts(model_cfg)["non_embedding_params"], held_out=True)
 
 
-def check_beyond(study: Study, ladder: list[SizePlan], held: list[SizePlan]) -> None:
+def check_beyond(study: Study, ladder: list[SizeRuns], held: list[SizeRuns]) -> None:
     """The held-out budget must reach beyond every fitted point in both N and D at one of its
     sizes at least (a staircase makes that possible: see docs/demo.md)."""
     n_max = max(p.non_embedding_params for p in ladder)
@@ -275,7 +276,7 @@ def check_beyond(study: Study, ladder: list[SizePlan], held: list[SizePlan]) -> 
                         "(sizes_per_budget)")
 
 
-def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
+def describe_study(study: Study, plans: list[SizeRuns], optim: str) -> dict:
     """The plan as JSON: a rerun into the same directory must find the same plan."""
     return {"study": str(study.path), "base": str(study.base), "optim": optim,
             "sizes": [{"name": p.name, "words": list(p.words), "pairs": [list(x) for x in p.pairs],
@@ -283,7 +284,7 @@ def describe_plan(study: Study, plans: list[SizePlan], optim: str) -> dict:
                        **({"held_out": True} if p.held_out else {})} for p in plans]}
 
 
-def check_same_plan(out: Path, plan: dict) -> None:
+def check_same_study(out: Path, plan: dict) -> None:
     path = out / "study.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -298,16 +299,18 @@ def check_same_plan(out: Path, plan: dict) -> None:
 # ----------------------------------------------------------------------------- the commands
 
 
-def train_command(study: Study, plan: SizePlan) -> str:
+def size_train_command(study: Study, plan: SizeRuns) -> list[str]:
+    """The `lab train` command of one size's stable (or held-out) run."""
     words = [f"run.dir={override_word(shown_path(plan.run_dir))}" if w.startswith("run.dir=")
              else w for w in plan.words]
-    return shlex.join(["lab", "train", shown_path(study.base), *words])
+    return train_command(study.base, words)
 
 
-def branch_command(plan: SizePlan) -> str | None:
+def size_branch_command(plan: SizeRuns) -> list[str] | None:
+    """The `lab branch` command of one size's stable run; None for a held-out run."""
     if plan.held_out:
         return None
-    return shlex.join(["lab", "branch", shown_path(plan.run_dir)])
+    return ["lab", "branch", shown_path(plan.run_dir)]
 
 
 # ----------------------------------------------------------------------------- progress
@@ -425,7 +428,7 @@ class StudyProgress:
 # ----------------------------------------------------------------------------- running
 
 
-def _child_configs(plan: SizePlan) -> list:
+def _child_configs(plan: SizeRuns) -> list:
     """The branches of a finished stable run, as `lab branch RUN_DIR` makes them."""
     from lab.run.branch_points import child_configs
 
@@ -433,7 +436,7 @@ def _child_configs(plan: SizePlan) -> list:
                          list(plan.pairs))
 
 
-def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
+def _run_list(plans: list[SizeRuns]) -> list[tuple[str, int, int, int]]:
     runs = []
     for p in plans:
         if p.held_out:
@@ -445,10 +448,10 @@ def _run_list(plans: list[SizePlan]) -> list[tuple[str, int, int, int]]:
     return runs
 
 
-def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log: TextIO) -> str:
+def run_study(study: Study, plans: list[SizeRuns], progress: StudyProgress, log: TextIO) -> str:
     """Train every stable run and its branches in order; 'finished' or the status that
     stopped it ('preempted' after Ctrl-C / SIGTERM, 'diverged', ...)."""
-    from lab.studies.branch import compute_report, train_runs, write_plan
+    from lab.studies.branch import compute_report, train_runs, write_branch_files
 
     def report(event: str, cfg, summary) -> None:
         if event != "trained":  # every run, skipped or not, moves the live line on
@@ -474,7 +477,7 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
             status = stopped(train_runs([plan.config], report, progress, stop_on_failure=True))
             if status is None and not plan.held_out:  # its children exist only now
                 children = _child_configs(plan)
-                write_plan(str(plan.run_dir), compute_report(
+                write_branch_files(str(plan.run_dir), compute_report(
                     load_config(rundir.config_path(plan.run_dir)), list(plan.pairs)), children)
                 status = stopped(train_runs(children, report, progress, stop_on_failure=True))
             if status is not None:
@@ -485,7 +488,7 @@ def run_study(study: Study, plans: list[SizePlan], progress: StudyProgress, log:
 # ----------------------------------------------------------------------------- points
 
 
-def collect_points(plans: list[SizePlan]) -> list[dict]:
+def collect_points(plans: list[SizeRuns]) -> list[dict]:
     """One point per branch and held-out run: N (non-embedding parameters), D (tokens),
     C = 6 N D, the lab's own FLOP count, the final eval loss, which budget and size it belongs
     to, whether it is held out, and its seed."""
@@ -502,7 +505,7 @@ def collect_points(plans: list[SizePlan]) -> list[dict]:
     return points
 
 
-def _point(plan: SizePlan, run_dir: Path, s: int, d: int, k: int, budget: float) -> dict:
+def _point(plan: SizeRuns, run_dir: Path, s: int, d: int, k: int, budget: float) -> dict:
     summary = rundir.read_summary(run_dir)
     if summary is None or not summary.finished:
         raise UserError(f"{run_dir} is not finished; run `lab demo` again to finish it")
@@ -522,7 +525,7 @@ def task_results(summary_extra: dict) -> dict:
             and k.rsplit("/", 1)[-1] in ("accuracy", "loss", "chance")}
 
 
-def compute_spent(study: Study, plans: list[SizePlan]) -> dict:
+def compute_spent(study: Study, plans: list[SizeRuns]) -> dict:
     """FLOPs of the study with branching against training every point from scratch."""
     from lab.studies.branch import compute_report
 
@@ -570,8 +573,8 @@ def run_demo(study_file: str | Path | None, quick: bool, out_dir: str | None, op
     from lab import data as labdata
 
     vocab = labdata.open_dataset(labdata.default_data_path()).vocab_size
-    plans = plan_study(study, out, optim, vocab)
-    check_same_plan(out, describe_plan(study, plans, optim))
+    plans = size_runs(study, out, optim, vocab)
+    check_same_study(out, describe_study(study, plans, optim))
     ladder = [p for p in plans if not p.held_out]
     held = [p for p in plans if p.held_out]
     print(f"lab demo: {len(ladder)} sizes ({ladder[0].non_embedding_params:,} to "
@@ -606,8 +609,8 @@ def run_demo(study_file: str | Path | None, quick: bool, out_dir: str | None, op
     result = analyse_study(collect_points(plans), out, bootstrap=study.bootstrap,
                            extrapolate=study.extrapolate,
                            curves=[str(p.run_dir) for p in plans])
-    commands = {"train": [train_command(study, p) for p in plans],
-                "branch": [c for c in map(branch_command, plans) if c],
+    commands = {"train": [shlex.join(size_train_command(study, p)) for p in plans],
+                "branch": [shlex.join(c) for c in map(size_branch_command, plans) if c],
                 "logdir": shown_path(out / "runs")}
     compute = compute_spent(study, plans)
     timing = {"total_seconds": time.perf_counter() - started, "runs_seconds": runs_seconds,

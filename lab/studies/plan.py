@@ -32,14 +32,12 @@ import os
 import numpy as np
 import yaml
 
-from analysis import paths
 from analysis.hparams import LogLinearLaw, excess_log_loss
 from analysis.irreducible import loss_law_check, near_e_warning
 from analysis.output import warning_banner
 from analysis.powerlaw import PowerLaw
 from analysis.predict import LossLaw, fit_record
-from lab import paths as lab_paths
-from lab import presets
+from lab import paths, presets
 from lab.config import INT32_MAX, Config, dump_config, load_config, override
 from lab.errors import UserError
 from lab.run import rundir
@@ -75,7 +73,7 @@ def _power_law(d: dict) -> PowerLaw:
 
 def _read_json(path: str) -> dict:
     try:
-        data = json.loads(paths.read_text(path))
+        data = json.loads(paths.read_input(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); give a file `lab fit --json` "
                         "wrote") from None
@@ -292,10 +290,6 @@ def hparam_excess(laws: Laws, n_by: dict, D: float, flops: float, lr: float,
 # The plan.
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}"
-
-
 def _batch(laws, cfg: Config, L_opt: float, batch_tokens: float | None, batch_src: str,
            warns: list[str], noise_scale: bool = False) -> tuple[int, str]:
     """The planned batch (rows of train.seq_len) and where it came from: with `noise_scale`,
@@ -376,7 +370,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _write_plan(out: str, planned: Config, header: list[str], sweep: dict,
                 sweep_header: list[str], plan: dict) -> None:
     """DIR/config.yaml, DIR/sweep.yaml (checked to expand as lab sweep will) and plan.json."""
-    lab_paths.makedirs(out)
+    paths.makedirs(out)
     _write(rundir.config_path(out), _comment(header) + dump_config(planned))
     _write(paths.join(out, "sweep.yaml"),
            _comment(sweep_header) + yaml.safe_dump(sweep, sort_keys=False))
@@ -547,7 +541,7 @@ def _comment(lines: list[str]) -> str:
 
 def _write(path: str, text: str) -> None:
     try:
-        lab_paths.write_text(path, text)
+        paths.write_text(path, text)
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror}; check --out") from None
 

@@ -25,6 +25,7 @@ import itertools
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -404,8 +405,12 @@ def describe(sweep: Sweep, columns: dict[str, list[str]] | None = None) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def train_command(sweep: Sweep, run: Run, python: str = sys.executable) -> list[str]:
-    return [python, "-m", "lab.cli", "train", shown_path(sweep.base), *run.overrides]
+def train_command(base: str | Path, overrides: Sequence[str], python: str | None = None
+                  ) -> list[str]:
+    """One run's `lab train BASE key=value ...` as words (shlex.join shows it as a line); with
+    `python`, the same run by that interpreter (`PYTHON -m lab.cli train ...`)."""
+    head = [python, "-m", "lab.cli"] if python else ["lab"]
+    return [*head, "train", shown_path(base), *overrides]
 
 
 def run_status(run: Run) -> str | None:
@@ -433,7 +438,7 @@ def run_sweep(sweep: Sweep) -> int:
         else:
             print(f"{head}: N={_count(run.N)} D={_count(run.D)} FLOPs={run.C:.3e} -> "
                   f"{run.dir}", flush=True)
-            code, signum = _run_child(train_command(sweep, run))
+            code, signum = _run_child(train_command(sweep.base, run.overrides, sys.executable))
         branch = branch_command(run)
         if code == 0 and not signum and branch and run_status(run) == Status.FINISHED:
             # The decays of a stable run; `lab branch` skips children already finished.

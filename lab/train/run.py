@@ -23,7 +23,7 @@ from lab.model.accounting import flops_per_token, param_counts
 from lab.model.memory import preflight
 from lab.optim.optimizers import describe_routing
 from lab.run import checkpoint, preemption, rundir
-from lab.run.branch_points import check_plan, planned_pairs, planned_steps
+from lab.run.branch_points import check_branch_points, planned_pairs, planned_steps
 from lab.run.checkpoint import Checkpointer, abstract_with_shardings
 from lab.run.metrics import MetricsLogger, read_metrics
 from lab.run.rundir import Status, Summary
@@ -122,7 +122,7 @@ def prepare(cfg: Config) -> Setup:
     labdata.check_vocab(dataset, cfg.model.vocab_size)
     counts = param_counts(cfg.model)
     branch_points = planned_steps(cfg, counts["params"])
-    check_plan(cfg, planned_pairs(cfg, counts["params"]), branch_points)
+    check_branch_points(cfg, planned_pairs(cfg, counts["params"]), branch_points)
     keep_steps = tuple(sorted(set(cfg.checkpoint.keep_steps) | set(branch_points)))
 
     ckpt_dir = checkpoint.checkpoint_dir(run_dir)
@@ -274,7 +274,7 @@ def _train_logged(setup: Setup, summary: Summary, progress: Progress | None,
         result = run_loop(cfg, setup.trainer, setup.state, setup.batches, setup.eval_data,
                           logger, checkpointer, peak[0], summary.flops_per_token,
                           setup.keep_steps, progress,
-                          StepProfiler(default_dir=paths.join(run_dir, "profile")),
+                          StepProfiler(default_dir=paths.join(run_dir, rundir.PROFILE)),
                           last_checkpoint=setup.step if setup.restored_own else None,
                           tasks=setup.tasks)
     except BaseException:
