@@ -18,7 +18,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--out", help="output directory (default runs/demo, or runs/demo-quick "
                         "with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller ladder with short runs (about a minute)")
+                        help="a smaller ladder with short runs (a few minutes on 2 cores)")
     parser.add_argument("--optim", choices=("muon", "adamw"), default="muon",
                         help="optimizer of every run (default muon)")
     parser.add_argument("--study", help="a study file or preset instead of demo (the "
