@@ -29,9 +29,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = r"""
 import sys, time
 import jax, numpy as np
-try:
+import os, lab
+# The sharding module of the tree this worker runs (the editable install's finder would find
+# this checkout's lab.accel for a commit from before lab/ had folders).
+if os.path.isdir(os.path.join(os.path.dirname(lab.__file__), "accel")):
     from lab.accel import sharding
-except ImportError:  # a commit from before lab/ had folders
+else:
     from lab import sharding
 from lab.config import load_config
 from lab.train import build_trainer
