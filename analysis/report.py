@@ -244,6 +244,11 @@ def plot_curves(run_dirs: list[str], path: Path, smooth: int = 8) -> str:
 # ----------------------------------------------------------------------------- text
 
 
+def _finite(v) -> bool:
+    """A number the report can print (None and NaN, a law without an optimum, are not)."""
+    return isinstance(v, float) and math.isfinite(v)
+
+
 def _num(v, digits: int = 4) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
@@ -325,7 +330,7 @@ def prediction_rows(result: dict) -> Table:
         return "-" if lo is None or hi is None else f"[{_num(lo)}, {_num(hi)}]"
 
     def count(v) -> str:  # "-" where the law has no optimum (alpha < 0: NaN)
-        return f"{v:,.0f}" if isinstance(v, float) and math.isfinite(v) else "-"
+        return f"{v:,.0f}" if _finite(v) else "-"
 
     def per_param(q: dict) -> str:
         return "-" if "-" in (count(q["N_opt"]), count(q["D_opt"])) \
@@ -506,14 +511,14 @@ def summary_lines(result: dict, compute: dict, timing: dict) -> list[str]:
     lines += heldout_lines(h)
     if result.get("downstream"):
         lines += study_downstream_lines(result["downstream"])
-    if not all(isinstance(p.get(k), float) and math.isfinite(p[k]) for k in ("N_opt", "D_opt")):
+    if not (_finite(p.get("N_opt")) and _finite(p.get("D_opt"))):
         opt = (f"none: the fitted law has no optimum (alpha {_num(r['alpha'], 3)}, beta "
                f"{_num(r['beta'], 3)}; both must be positive)")
     else:
         opt = (f"N {p['N_opt']:,.0f}, D {p['D_opt']:,.0f} ({p['D_opt'] / p['N_opt']:.0f} "
                f"tokens/param), loss {p['loss']:.4f}")
-    if p.get("loss_lo") is not None and opt[0] == "N":
-        opt += f" [{p['loss_lo']:.4f}, {p['loss_hi']:.4f}]"
+        if p.get("loss_lo") is not None:
+            opt += f" [{p['loss_lo']:.4f}, {p['loss_hi']:.4f}]"
     lines.append(f"compute-optimal at C = {p['C']:.3g} ({p['multiple_of_largest']:g}x the "
                  f"largest run): {opt}")
     iso = result["isoflop"]
