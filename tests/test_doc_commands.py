@@ -246,10 +246,10 @@ def check(cmd: DocCommand) -> tuple[list[str], str]:
     # A dry run with --topology compiles every run for that TPU slice (minutes each; the
     # compiles are tests/test_aot.py's): the option is parsed here, and the sweep expanded
     # without it.
-    if "--topology" in words or any(w.startswith("--topology=") for w in words):
+    if (without := _without_option(words, "--topology")) != list(words):
         if problem := _parse(words):
             return [problem], ""
-        words = _without_option(words, "--topology")
+        words = without
     status, out, err = _run_lab([*words, *(() if "--dry-run" in words else ("--dry-run",))])
     if status != 0 or not out.startswith("sweep "):
         return [f"--dry-run exits {status}: {err.strip()}"], ""
