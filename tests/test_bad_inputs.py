@@ -643,71 +643,75 @@ def test_every_catalogue_row_is_distinct():
     assert len({c[0] for c in CATALOGUE}) == len(CATALOGUE)
 
 
-def test_a_full_disk_at_a_checkpoint_names_the_last_complete_one(tmp_path, small_data,
-                                                                 small_runs, monkeypatch):
-    """The disk fills while the half-finished run writes its step-6 checkpoint (orbax's save
-    refused with ENOSPC): one line, exit 2, naming step 4 as the last complete checkpoint;
-    with space again, the same command resumes from step 4 and finishes."""
-    import orbax.checkpoint as ocp
-
+def full_disk_then_space_again(tmp_path, small_data, small_runs, monkeypatch, fill) -> str:
+    """The half-finished run trained to 8 steps with `fill(run_dir)` patching orbax so that
+    the disk is full at step 6: one line, exit 2, naming step 4 as the last complete
+    checkpoint; with space again (the patches undone) the same command resumes from step 4
+    and finishes. Returns the error line."""
     run_dir = tmp_path / "run"
     shutil.copytree(small_runs["half"], run_dir)
     argv = ["train", TINY, f"run.dir={run_dir}", f"data.path={small_data}", *SMALL,
             "train.steps=8"]
-    save = ocp.CheckpointManager.save
-
-    def full_at_6(manager, step, *args, **kwargs):
-        if step == 6:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "checkpoints"))
-        return save(manager, step, *args, **kwargs)
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_6)
+    fill(run_dir)
     code, err, out = quiet_main(argv)
     assert code == 2, err + out[-2000:]
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert "cannot write the checkpoint of step 6" in lines[0]
     assert "No space left on device; the last complete checkpoint is step 4" in lines[0]
     monkeypatch.undo()
     code, err, out = quiet_main(argv)
     assert code == 0 and "resuming at step 4" in out, err + out[-2000:]
     assert json.loads((run_dir / SUMMARY).read_text())["status"] == "finished"
+    return lines[0]
+
+
+def test_a_full_disk_at_a_checkpoint_names_the_last_complete_one(tmp_path, small_data,
+                                                                 small_runs, monkeypatch):
+    """The disk fills while the half-finished run writes its step-6 checkpoint (orbax's save
+    refused with ENOSPC)."""
+    import orbax.checkpoint as ocp
+
+    save = ocp.CheckpointManager.save
+
+    def fill(run_dir: Path) -> None:
+        def full_at_6(manager, step, *args, **kwargs):
+            if step == 6:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC),
+                              str(run_dir / "checkpoints"))
+            return save(manager, step, *args, **kwargs)
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_6)
+
+    line = full_disk_then_space_again(tmp_path, small_data, small_runs, monkeypatch, fill)
+    assert "cannot write the checkpoint of step 6" in line
 
 
 def test_a_full_disk_in_a_background_write_names_the_last_complete_checkpoint(
         tmp_path, small_data, small_runs, monkeypatch):
     """Saves are asynchronous: the disk fills while step 6's arrays are written in the
     background, and orbax raises it when it next waits for that write (at the next save, or at
-    the end). The same one line and exit 2, step 4 named; with space again the run resumes."""
+    the end)."""
     import orbax.checkpoint as ocp
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(small_runs["half"], run_dir)
-    argv = ["train", TINY, f"run.dir={run_dir}", f"data.path={small_data}", *SMALL,
-            "train.steps=8"]
     save, wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
     failed = []
 
-    def write_fails_at_6(manager, step, *args, **kwargs):
-        if step == 6:  # accepted, then lost in the background: nothing complete is written
-            failed.append(step)
-            return True
-        return save(manager, step, *args, **kwargs)
+    def fill(run_dir: Path) -> None:
+        def write_fails_at_6(manager, step, *args, **kwargs):
+            if step == 6:  # accepted, then lost in the background: nothing complete is written
+                failed.append(step)
+                return True
+            return save(manager, step, *args, **kwargs)
 
-    def waits_for_the_failed_write(manager):
-        if failed:
-            raise RuntimeError("async commit failed") from OSError(
-                errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "checkpoints" / "6"))
-        return wait(manager)
+        def waits_for_the_failed_write(manager):
+            if failed:
+                raise RuntimeError("async commit failed") from OSError(
+                    errno.ENOSPC, os.strerror(errno.ENOSPC), str(run_dir / "checkpoints" / "6"))
+            return wait(manager)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", write_fails_at_6)
-    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", waits_for_the_failed_write)
-    code, err, out = quiet_main(argv)
-    assert failed == [6] and code == 2, err + out[-2000:]
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert "No space left on device; the last complete checkpoint is step 4" in lines[0]
-    monkeypatch.undo()
-    code, err, out = quiet_main(argv)
-    assert code == 0 and "resuming at step 4" in out, err + out[-2000:]
-    assert json.loads((run_dir / SUMMARY).read_text())["status"] == "finished"
+        monkeypatch.setattr(ocp.CheckpointManager, "save", write_fails_at_6)
+        monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
+                            waits_for_the_failed_write)
+
+    full_disk_then_space_again(tmp_path, small_data, small_runs, monkeypatch, fill)
+    assert failed == [6]
