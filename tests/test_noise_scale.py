@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -18,7 +19,14 @@ from analysis.critical_batch import fit_critical_batch
 from analysis.noise_scale import fit_noise_scale
 from lab.cli import fit as fit_cli
 from lab.cli import plan as plan_cli
-from lab.optim.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA, step_estimates
+from lab.optim.noise_scale import (
+    GRAD_SQ,
+    TRACE,
+    initial_averages,
+    smoothed_value,
+    step_estimates,
+    update_averages,
+)
 from lab.train.step import make_train_step
 from tests.analysis_helpers import make_run
 
@@ -107,16 +115,25 @@ def test_the_train_step_measures_a_known_noise_scale(grad_accum):
 
 
 def test_smoothing_averages_numerator_and_denominator_apart():
-    ema = NoiseScaleEMA(tokens_per_row=128, decay=0.5)
-    assert ema.value() is None
-    ema.update(4.0, 40.0)
-    assert ema.value() == pytest.approx(128 * 10)  # bias-corrected: the first value as it is
-    ema.update(-1.0, 60.0)  # one negative |G|² estimate: the averages absorb it
-    assert ema.value() == pytest.approx(128 * (0.25 * 40 + 0.5 * 60) / (0.25 * 4 - 0.5 * 1))
-    ema.update(-10.0, 0.0)  # the smoothed |G|² below zero: no value, not a negative one
-    assert ema.value() is None
-    ema.update(float("nan"), 1.0)
-    assert ema.count == 3
+    averages = initial_averages()
+
+    def value(a):
+        return float(smoothed_value(a, tokens_per_row=128))
+
+    def update(a, grad_sq, trace):
+        return update_averages(a, jnp.float32(grad_sq), jnp.float32(trace), decay=0.5)
+
+    assert np.isnan(value(averages))  # nothing measured yet
+    averages = update(averages, 4.0, 40.0)
+    assert value(averages) == pytest.approx(128 * 10)  # bias-corrected: the first value as it is
+    averages = update(averages, -1.0, 60.0)  # one negative |G|² estimate: the averages absorb it
+    assert value(averages) == pytest.approx(128 * (0.25 * 40 + 0.5 * 60) / (0.25 * 4 - 0.5 * 1),
+                                            rel=1e-6)
+    averages = update(averages, -10.0, 0.0)  # the smoothed |G|² below zero: no value, not < 0
+    assert np.isnan(value(averages))
+    kept = update(averages, float("nan"), 1.0)  # a non-finite measurement is left out
+    assert int(kept["count"]) == 3
+    assert all(float(kept[k]) == float(averages[k]) for k in ("grad_sq", "trace"))
 
 
 # ------------------------------------------------------------------------------- in a real run
@@ -130,12 +147,12 @@ def test_a_run_logs_the_noise_scale(tmp_path, small_data):
     from lab.run.metrics import read_metrics
 
     run = tmp_path / "run"
-    assert main(["train", TINY, f"run.dir={run}", f"data.path={small_data}",
-                 "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.steps=6",
-                 "train.batch_size=16", "train.seq_len=32", "train.log_every=1",
-                 "train.eval_every=0", "train.eval_batches=1", "train.grad_accum=2",
-                 "train.noise_scale_every=2", "schedule.warmup_steps=1",
-                 "schedule.decay_steps=0", "checkpoint.every_steps=0"]) == 0
+    args = ["train", TINY, f"run.dir={run}", f"data.path={small_data}", "model.d_model=32",
+            "model.n_layers=1", "model.n_heads=2", "train.steps=6", "train.batch_size=16",
+            "train.seq_len=32", "train.log_every=1", "train.eval_every=0",
+            "train.eval_batches=1", "train.grad_accum=2", "train.noise_scale_every=2",
+            "schedule.warmup_steps=1", "schedule.decay_steps=0", "checkpoint.every_steps=4"]
+    assert main(args) == 0
     records = read_metrics(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert "noise_scale" not in records[0]  # nothing measured before step 2
@@ -149,6 +166,12 @@ def test_a_run_logs_the_noise_scale(tmp_path, small_data):
     tb = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0})  # keep all
     tb.Reload()
     assert len(tb.Tensors("train/noise_scale")) == 5
+    # As if killed after step 4's checkpoint: the moving averages are in the checkpoint, so the
+    # resumed run's values are the uninterrupted run's (from a fresh average, step 6's differs).
+    shutil.rmtree(run / "checkpoints" / "6")
+    (run / "summary.json").unlink()
+    assert main(args) == 0
+    assert [r.get("noise_scale") for r in read_metrics(run)] == [None] + values
 
 
 @pytest.mark.slow

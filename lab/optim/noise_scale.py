@@ -15,14 +15,16 @@ micro-batches (lab.train.step): the same FLOPs in two halves, one more gradient 
 second compiled step. Each estimate is noisy and either can be negative; as the paper does, the
 two are smoothed separately by exponential moving averages and B_simple is their ratio.
 
-Batch sizes here are in rows (sequences); `NoiseScaleEMA` reports B_simple in tokens, rows
+Batch sizes here are in rows (sequences); `smoothed_value` reports B_simple in tokens, rows
 times the sequence length, the unit of lab fit's batch_tokens (Kaplan et al. 2020 count B_crit
-in tokens the same way).
+in tokens the same way). The moving averages are arrays in the train state, so its checkpoints
+keep them and a resumed run smooths on as an uninterrupted one does.
 """
 
 from __future__ import annotations
 
-import math
+import jax
+import jax.numpy as jnp
 
 # The step's metrics that carry one measurement (popped from the log by the loop's hook).
 GRAD_SQ, TRACE = "noise/grad_sq", "noise/trace"
@@ -49,26 +51,28 @@ def step_estimates(small_sq, big_sq, b_small: float, b_big: float) -> dict:
             TRACE: trace_estimate(small_sq, big_sq, b_small, b_big)}
 
 
-class NoiseScaleEMA:
-    """Moving averages of the |G|² and tr(Σ) estimates (bias-corrected, as Adam's moments, so
-    the first measurements are not pulled toward zero) and B_simple as their ratio."""
+def initial_averages() -> dict:
+    """The moving averages of the |G|² and tr(Σ) estimates before any measurement, and how
+    many measurements they hold: the train state's "noise" entry."""
+    return {"grad_sq": jnp.zeros((), jnp.float32), "trace": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.int32)}
 
-    def __init__(self, tokens_per_row: int, decay: float = EMA_DECAY):
-        self.tokens_per_row, self.decay = tokens_per_row, decay
-        self.grad_sq = self.trace = 0.0
-        self.count = 0
 
-    def update(self, grad_sq: float, trace: float) -> None:
-        if not (math.isfinite(grad_sq) and math.isfinite(trace)):
-            return  # a non-finite step stops the run anyway; keep the averages clean
-        d = self.decay
-        self.grad_sq = d * self.grad_sq + (1 - d) * grad_sq
-        self.trace = d * self.trace + (1 - d) * trace
-        self.count += 1
+def update_averages(averages: dict, grad_sq: jax.Array, trace: jax.Array,
+                    decay: float = EMA_DECAY) -> dict:
+    """The averages after one measurement; a non-finite one is left out (a non-finite step
+    stops the run anyway, and the averages stay clean)."""
+    finite = jnp.isfinite(grad_sq) & jnp.isfinite(trace)
+    new = {"grad_sq": decay * averages["grad_sq"] + (1 - decay) * grad_sq,
+           "trace": decay * averages["trace"] + (1 - decay) * trace,
+           "count": averages["count"] + 1}
+    return jax.tree.map(lambda n, old: jnp.where(finite, n, old), new, averages)
 
-    def value(self) -> float | None:
-        """B_simple in tokens; None before the first measurement or while the smoothed |G|²
-        is not positive (the noise swamps the signal: B_simple is beyond measuring)."""
-        if not self.count or self.grad_sq <= 0:
-            return None
-        return self.tokens_per_row * self.trace / self.grad_sq  # the bias corrections cancel
+
+def smoothed_value(averages: dict, tokens_per_row: int) -> jax.Array:
+    """B_simple in tokens from the averages (bias-corrected as Adam's moments, the corrections
+    cancel in the ratio); NaN before the first measurement or while the smoothed |G|² is not
+    positive (the noise swamps the signal: B_simple is beyond measuring)."""
+    known = (averages["count"] > 0) & (averages["grad_sq"] > 0)
+    grad_sq = jnp.where(known, averages["grad_sq"], 1.0)
+    return jnp.where(known, tokens_per_row * averages["trace"] / grad_sq, jnp.nan)

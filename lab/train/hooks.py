@@ -22,6 +22,7 @@ be finite. The others read only the metrics and run when they arrive, one step l
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Container
 from typing import Any, Literal, TypeVar
 
@@ -29,7 +30,7 @@ import jax
 import numpy as np
 
 from lab.accel.profiling import StepProfiler
-from lab.optim.noise_scale import GRAD_SQ, TRACE, NoiseScaleEMA
+from lab.optim.noise_scale import GRAD_SQ, TRACE
 from lab.run.checkpoint import Checkpointer
 from lab.run.metrics import MetricsLogger
 from lab.run.preemption import PREEMPTION
@@ -209,13 +210,13 @@ class EvalHook(Hook):
 
 class NoiseScaleHook(Hook):
     """The gradient noise scale (lab.optim.noise_scale), measured by the trainer's noise step every
-    train.noise_scale_every steps: each measurement's two estimates are taken out of its
-    metrics into the moving averages, and every record from the first measurement on carries
-    the smoothed B_simple as `noise_scale` (tokens). Runs at every step, before logging."""
+    train.noise_scale_every steps and smoothed in the train state (so a resumed run goes on as
+    an uninterrupted one): each measurement's two estimates are taken out of the metrics, and
+    every record from the first measurement on carries the smoothed B_simple as `noise_scale`
+    (tokens). Runs at every step, before logging."""
 
-    def __init__(self, measure_every: int, tokens_per_row: int):
+    def __init__(self, measure_every: int):
         self.measure_every = measure_every
-        self.smoothed = NoiseScaleEMA(tokens_per_row)
         self.value: float | None = None
 
     def measures(self, step: int) -> bool:
@@ -223,11 +224,9 @@ class NoiseScaleHook(Hook):
         return step % self.measure_every == 0
 
     def __call__(self, info: StepInfo) -> None:
-        grad_sq, trace = info.values.pop(GRAD_SQ, None), info.values.pop(TRACE, None)
-        if grad_sq is not None:
-            self.smoothed.update(grad_sq, trace)
-        value = self.smoothed.value()
-        if value is not None:
+        info.values.pop(GRAD_SQ, None), info.values.pop(TRACE, None)
+        value = info.values.pop("noise_scale", None)
+        if value is not None and math.isfinite(value):  # NaN: nothing measured yet
             info.values["noise_scale"] = self.value = value
 
     def report(self, result: LoopResult) -> None:

@@ -126,7 +126,7 @@ class Loop:
         self.tasks = self.add_hook(TaskHook(tasks), at=evaluations) if tasks else None
         self.noise = None  # train.noise_scale_every: a second step measures on its steps
         if getattr(trainer, "noise_step", None) is not None:
-            self.noise = self.add_hook(NoiseScaleHook(tcfg.noise_scale_every, tcfg.seq_len),
+            self.noise = self.add_hook(NoiseScaleHook(tcfg.noise_scale_every),
                                        every=1)
         # A record carries its step's evaluation, tasks and noise scale.
         self.add_hook(LogHook(logger, self.progress, self.start, tcfg.batch_size * tcfg.seq_len,

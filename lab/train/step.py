@@ -1,7 +1,8 @@
 """The training step: the model's structure, the optimizer and the jitted, sharded step
 functions built from a config and a mesh.
 
-The state is a plain pytree {"params", "opt", "step"} sharded by `lab.accel.sharding`; the step is
+The state is a plain pytree {"params", "opt", "step"} sharded by `lab.accel.sharding`, with
+"noise" (the noise scale's moving averages) besides under `train.noise_scale_every`; the step is
 jitted once with explicit input and output shardings and donates the old state.
 """
 
@@ -75,7 +76,10 @@ def build_trainer(cfg: Config, mesh: jax.sharding.Mesh, platform: str | None = N
     def init_fn() -> dict:
         model = Transformer(mcfg, nnx.Rngs(params=cfg.run.seed), platform)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if tcfg.noise_scale_every:
+            state["noise"] = noise_scale.initial_averages()
+        return state
 
     state_sh = state_shardings(jax.eval_shape(init_fn), specs, mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -218,7 +222,16 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
             B = tokens_BxL1.shape[0]
             metrics |= noise_scale.step_estimates(
                 micro_sq[0], optax.tree.norm(grads, squared=True), B // A, B)
-        return {"params": new_params, "opt": opt, "step": state["step"] + 1}, metrics
+        new_state = {"params": new_params, "opt": opt, "step": state["step"] + 1}
+        if "noise" in state:  # train.noise_scale_every: every step reports the smoothed value
+            averages = state["noise"]
+            if measure_noise:
+                averages = noise_scale.update_averages(averages, metrics[noise_scale.GRAD_SQ],
+                                                       metrics[noise_scale.TRACE])
+            new_state["noise"] = averages
+            metrics["noise_scale"] = noise_scale.smoothed_value(averages,
+                                                                tokens_BxL1.shape[1] - 1)
+        return new_state, metrics
 
     return train_step
 
@@ -236,4 +249,7 @@ def state_shardings(abstract_state: dict, specs: dict, mesh: jax.sharding.Mesh) 
 
     opt_sh = map_param_copies(moment, abstract_state["opt"], params, param_sh,
                               other=lambda _: repl)
-    return {"params": param_sh, "opt": opt_sh, "step": repl}
+    shardings = {"params": param_sh, "opt": opt_sh, "step": repl}
+    if "noise" in abstract_state:
+        shardings["noise"] = jax.tree.map(lambda _: repl, abstract_state["noise"])
+    return shardings
