@@ -373,3 +373,32 @@ def test_metrics_fetcher_hands_each_step_back_one_step_late():
     last = fetcher.fetch()
     assert last.step == 2 and last.values == {"loss": 2.5, "grad_norm": 0.5}
     assert fetcher.fetch() is None
+
+
+def test_running_out_of_device_memory_is_one_line_and_loses_nothing(tmp_path, small_data,
+                                                                   monkeypatch, capsys):
+    """Where the estimate lets a run start but the device's memory does not hold the step (the
+    compiler or the runtime reports RESOURCE_EXHAUSTED), `lab train` exits 2 with one line
+    saying so and what to change, and the run directory is left as it was: the same command
+    trains it once memory allows (here: once the fault is gone)."""
+    from lab.cli import main
+    from lab.train.loop import Loop
+
+    args = ["train", str(TINY), f"run.dir={tmp_path / 'run'}", f"data.path={small_data}",
+            "train.steps=4", "train.log_every=2", "train.eval_every=0", "train.eval_batches=1",
+            "schedule.warmup_steps=1", "schedule.decay_steps=1", "model.n_layers=1",
+            "checkpoint.every_steps=2"]
+
+    def exhausted(self, tokens, jitted):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.31GiB.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Loop, "compile", exhausted)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: the train step ran out of device memory")
+    assert "lower train.batch_size or raise train.grad_accum" in err
+    assert main(args) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [2, 4]

@@ -50,10 +50,17 @@ def _train_command(args: argparse.Namespace) -> int:
         from lab.train.aot import compile_only
 
         return compile_only(cfg, args.topology)
+    from lab.model.memory import FIT_ADVICE, out_of_memory
     from lab.run.rundir import Status
     from lab.train import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception as e:  # the estimate let it start; the device's memory did not
+        if not out_of_memory(e):
+            raise
+        raise UserError("the train step ran out of device memory (XLA: RESOURCE_EXHAUSTED) "
+                        f"although lab.model.memory's estimate fit; {FIT_ADVICE}") from None
     return EXIT_DIVERGED if summary.get("status") == Status.DIVERGED else 0
 
 

@@ -225,14 +225,24 @@ def choose_remat(trainer: Any) -> tuple[str, str]:
                     f"the {gib(limit)} of one {chip}")
 
 
+# What to change when a step does not fit its chips: every refusal for memory ends with it.
+FIT_ADVICE = ("lower train.batch_size or raise train.grad_accum, set model.remat=full, "
+              "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA's report that a program does not fit the device's memory (the
+    compiler's, or the runtime's when an allocation fails)."""
+    return "RESOURCE_EXHAUSTED" in str(error)
+
+
 def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:
     """Refuse (UserError) a run whose `needed` bytes per chip exceed the chip's `limit`."""
     if limit is None or needed <= limit:
         return
     raise UserError(
-        f"{what} needs {gib(needed)} per chip but a {chip} chip holds {gib(limit)}; lower "
-        "train.batch_size or raise train.grad_accum, set model.remat=full, "
-        "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips")
+        f"{what} needs {gib(needed)} per chip but a {chip} chip holds {gib(limit)}; "
+        f"{FIT_ADVICE}")
 
 
 def preflight(trainer: Any) -> str:

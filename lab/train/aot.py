@@ -162,14 +162,13 @@ def compile_report(cfg: Config, topology: str | None = None) -> Report:
     try:
         compiled = lower_train_step(trainer).compile()
     except Exception as e:  # the TPU compiler refuses a program larger than HBM outright
-        if "RESOURCE_EXHAUSTED" not in str(e) and "exceeds" not in str(e):
+        if not memory.out_of_memory(e) and "exceeds" not in str(e):
             raise
         where = topology or "the local devices"
         raise UserError(
             f"the train step needs more than the {gib(limit) if limit else 'available'} a "
-            f"{chip} chip holds per chip on {where} (the compiler ran out of memory); lower "
-            "train.batch_size or raise train.grad_accum, set model.remat=full, "
-            "model.activation_dtype=bfloat16 or model.loss_chunk, or use more chips") from None
+            f"{chip} chip holds per chip on {where} (the compiler ran out of memory); "
+            f"{memory.FIT_ADVICE}") from None
     seconds = time.perf_counter() - start
     return Report(len(devices), chip, limit, CompiledMemory.of(compiled), estimate, seconds)
 
@@ -183,14 +182,12 @@ def compile_only(cfg: Config, topology: str | None) -> int:
     report = compile_report(cfg, topology)
     print("\n".join(report.lines()), flush=True)
     if not report.fits:
-        from lab.model.memory import gib
+        from lab.model.memory import FIT_ADVICE, gib
 
         where = topology or "the local devices"
         raise UserError(
             f"the train step needs {gib(report.compiled.total)} per chip on {where} but a "
-            f"{report.chip} chip holds {gib(report.capacity)}; lower train.batch_size or raise "
-            "train.grad_accum, set model.remat=full, model.activation_dtype=bfloat16 or "
-            "model.loss_chunk, or use more chips")
+            f"{report.chip} chip holds {gib(report.capacity)}; {FIT_ADVICE}")
     return 0
 
 
