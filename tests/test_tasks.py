@@ -146,17 +146,22 @@ def test_config_names_the_tasks_and_their_settings():
 C, V = 6, 64
 
 
-@pytest.fixture(scope="module")
-def model():
+def _model(*overrides: str):
     """A one-layer model's structure, its parameters (on the host) and a jitted plain call."""
     from lab.model.transformer import Transformer
 
     cfg = load_config(TINY, ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
-                             f"model.vocab_size={V}", "train.seq_len=16", "train.batch_size=8"])
+                             f"model.vocab_size={V}", "train.seq_len=16", "train.batch_size=8",
+                             *overrides])
     graphdef, state = nnx.split(Transformer(cfg.model, nnx.Rngs(0)))
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(state))
     plain = jax.jit(lambda p, tokens: nnx.merge(graphdef, p)(tokens))
     return graphdef, state, params, lambda tokens: np.asarray(plain(params, tokens), np.float64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
 
 
 def _task_sets(plain) -> list[TaskSet]:
@@ -229,3 +234,34 @@ def test_a_choice_is_picked_by_its_summed_log_likelihood():
     assert out["task/choice/accuracy"] == 0.5  # example 0 picks 2 (right), example 1 picks 1
     assert out["task/choice/loss"] == pytest.approx((4.0 + 5.0) / (2 * 4))
     assert dataclasses.asdict(spec)["distractors"] == "random"
+
+
+def test_each_task_is_scored_at_its_own_width():
+    """A mixture of experts with a capacity is not causal: the later tokens of a sequence
+    compete with its earlier ones for the experts, so zeros padded after a short task's rows
+    (to a longer task's width) would change its scores. Each task is scored at its own width:
+    as a plain call of its own rows, in float64."""
+    from lab.model.roles import specs_of
+    from lab.train.tasks import TaskEval
+
+    graphdef, state, params, plain = _model("model.moe.experts=4", "model.moe.top_k=2",
+                                            "model.moe.capacity_factor=1.0")
+    rng = np.random.default_rng(2)
+    wide = TaskSet(TaskSpec("choice", 6, C, 9, 0, "random"),
+                   rng.integers(0, V, (6, C)).astype(np.int32),
+                   rng.integers(0, V, (6, 4, 9)).astype(np.int32),
+                   rng.integers(0, 4, 6), np.zeros((6, 4), np.int64))
+    narrow = TaskSet(TaskSpec("exact", 8, C, 2, 0), rng.integers(0, V, (8, C)).astype(np.int32),
+                     rng.integers(0, V, (8, 1, 2)).astype(np.int32), np.zeros(8, np.int64),
+                     np.zeros((8, 1), np.int64))
+    # Padded to the wide task's width, the narrow task's rows score differently: the case.
+    padded = _reference(plain, [wide, narrow])["task/exact/loss"]
+    want = _reference(plain, [wide]) | _reference(plain, [narrow])
+    assert abs(padded - want["task/exact/loss"]) > 1e-3
+    mesh = sharding.make_mesh(load_config(None, ["mesh.fsdp=4", "mesh.tensor=2"]).mesh)
+    shardings = sharding.param_shardings(params, specs_of(state), mesh)
+    got = TaskEval([wide, narrow], graphdef, shardings, mesh, batch_size=8, batch_tokens=12)(
+        jax.device_put(params, shardings))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key

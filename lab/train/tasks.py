@@ -1,9 +1,12 @@
 """The downstream tasks (lab/data/tasks.py) scored during training: a jitted, sharded scorer of
 packed rows, and the hook that runs it at every evaluation.
 
-The rows of all tasks are packed once (lab.data.tasks.pack_rows) and put on the devices in chunks of
-a multiple of train.batch_size rows, each chunk no more tokens than a training batch; an
-evaluation dispatches every chunk, then fetches the per-row results together.
+The rows of each task are packed once (lab.data.tasks.pack_rows) and put on the devices in chunks
+of a multiple of train.batch_size rows, each chunk no more tokens than a training batch; an
+evaluation dispatches every chunk, then fetches the per-row results together. Each task keeps
+its own width: a mixture of experts with a capacity is not causal (a sequence's later tokens
+compete with its earlier ones for the experts), so zeros padded after a shorter task's rows
+would change its scores.
 """
 
 from __future__ import annotations
@@ -61,27 +64,33 @@ class TaskEval:
     def __init__(self, task_sets: list[TaskSet], graphdef: Any, param_shardings: Any,
                  mesh: jax.sharding.Mesh, batch_size: int, batch_tokens: int):
         self.task_sets = task_sets
-        tokens_RxW, spans_Rx2 = pack_rows(task_sets)
-        per_chunk = batch_size * max(1, batch_tokens // tokens_RxW.shape[1])
-        self.n_rows = len(tokens_RxW)
-        pad = -self.n_rows % per_chunk
-        tokens_RxW = np.pad(tokens_RxW, ((0, pad), (0, 0)))
-        spans_Rx2 = np.pad(spans_Rx2, ((0, pad), (0, 0)))  # a padding row scores 0 tokens
         rows = sharding.batch_sharding(mesh)
-        # Every process holds every row (the task sets are the same everywhere).
-        self.chunks = [
-            tuple(jax.make_array_from_callback(a[i:i + per_chunk].shape, rows,
-                                               lambda index, a=a[i:i + per_chunk]: a[index])
-                  for a in (tokens_RxW, spans_Rx2))
-            for i in range(0, len(tokens_RxW), per_chunk)]
-        self.score = make_scorer(graphdef, param_shardings, mesh, int(spans_Rx2[:, 1].max()))
+        # Per task: its chunks, and how many of their rows are its own (the rest pad a chunk).
+        self.chunks, self.n_rows = [], []
+        for t in task_sets:
+            tokens_RxW, spans_Rx2 = pack_rows([t])
+            per_chunk = batch_size * max(1, batch_tokens // tokens_RxW.shape[1])
+            self.n_rows.append(len(tokens_RxW))
+            pad = -len(tokens_RxW) % per_chunk
+            tokens_RxW = np.pad(tokens_RxW, ((0, pad), (0, 0)))
+            spans_Rx2 = np.pad(spans_Rx2, ((0, pad), (0, 0)))  # a padding row scores 0 tokens
+            # Every process holds every row (the task sets are the same everywhere).
+            self.chunks.append([
+                tuple(jax.make_array_from_callback(a[i:i + per_chunk].shape, rows,
+                                                   lambda index, a=a[i:i + per_chunk]: a[index])
+                      for a in (tokens_RxW, spans_Rx2))
+                for i in range(0, len(tokens_RxW), per_chunk)])
+        span = max(t.choices.shape[2] for t in task_sets)
+        self.score = make_scorer(graphdef, param_shardings, mesh, span)
         self.mesh = mesh
 
     def __call__(self, params: dict) -> dict[str, float]:
         with jax.set_mesh(self.mesh):
-            scored = [self.score(params, tokens, spans) for tokens, spans in self.chunks]
-        logprob, correct = (np.concatenate(x)[:self.n_rows]
-                            for x in zip(*jax.device_get(scored), strict=True))
+            scored = [[self.score(params, tokens, spans) for tokens, spans in chunks]
+                      for chunks in self.chunks]
+        per_task = [[np.concatenate(x)[:n] for x in zip(*chunks, strict=True)]
+                    for chunks, n in zip(jax.device_get(scored), self.n_rows, strict=True)]
+        logprob, correct = (np.concatenate(x) for x in zip(*per_task, strict=True))
         return task_metrics(self.task_sets, logprob, correct)
 
 
