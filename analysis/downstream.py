@@ -137,7 +137,7 @@ def solve_sigmoid(L, acc, chance: float, starts_Mx3: np.ndarray,
         grad = np.einsum("mni,mn,mn->mi", J, w, r)
         diag = np.einsum("mii->mi", JtJ) + 1e-12
         A = JtJ + (lam[:, None] * diag)[:, :, None] * np.eye(3)
-        trial = np.clip(theta - np.linalg.solve(A, grad[..., None])[..., 0], lower, upper)
+        trial = np.clip(theta - _solve(A, grad), lower, upper)
         r_t, J_t = _residuals(trial, L, acc, chance)
         cost_t = 0.5 * np.sum(w * r_t * r_t, axis=1)
         better = (cost_t < cost) & ~done
@@ -149,6 +149,15 @@ def solve_sigmoid(L, acc, chance: float, starts_Mx3: np.ndarray,
         if done.all():
             break
     return theta, cost
+
+
+def _solve(A_Mx3x3: np.ndarray, b_Mx3: np.ndarray) -> np.ndarray:
+    """A^-1 b for each row; where the damping has shrunk until some A is exactly singular in
+    floats (a resample of few distinct points), the least-squares solution by pseudo-inverse."""
+    try:
+        return np.linalg.solve(A_Mx3x3, b_Mx3[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return (np.linalg.pinv(A_Mx3x3) @ b_Mx3[..., None])[..., 0]
 
 
 def check_task_points(points: pd.DataFrame, chance: float) -> None:

@@ -14,6 +14,8 @@ from scipy.optimize import least_squares
 from analysis.approach3 import law
 from analysis.backtest import coarse_grid
 from analysis.downstream import (
+    _bounds,
+    bootstrap_sigmoid,
     fit_downstream,
     fit_sigmoid,
     heldout_accuracy,
@@ -196,3 +198,21 @@ def test_lab_fit_downstream_reads_a_csv_predicts_and_backtests(tmp_path, capsys)
     law_error = bt["summary"]["mean_abs_error"]["law"]
     assert 0 < law_error < 0.05 and law_error < bt["summary"]["mean_abs_error"]["nearest"]
     assert all(0 < f["law"]["coverage"] <= 1 for f in bt["folds"])
+
+
+def test_bootstrap_refits_survive_a_singular_step():
+    """A resample of 4 distinct points (rows drawn [4, 0, 0, 1, 1, 2, 0, 0] times) drives the
+    damped Gauss-Newton system to an exactly singular matrix in floats; the refit still ends at
+    the weighted optimum, which scipy's bounded least squares from the same start confirms."""
+    L = np.array([3.401, 1.788, 3.397, 2.124, 2.347, 3.155, 2.318, 2.599])
+    acc = np.array([0.25, 0.375, 0.245, 0.375, 0.38, 0.305, 0.31, 0.28])
+    fit = fit_sigmoid(L, acc, CHANCE)
+    idx = np.array([[0, 0, 0, 0, 3, 4, 5, 5], [0, 1, 2, 3, 4, 5, 6, 7]])
+    got = bootstrap_sigmoid(fit, L, acc, idx)
+    lower, upper = _bounds(L, CHANCE)
+    for theta, rows in zip(got, idx, strict=True):
+        w = np.bincount(rows, minlength=len(L)).astype(np.float64)
+        cost = 0.5 * np.sum(w * (sigmoid(L, *theta, CHANCE) - acc) ** 2)
+        ref = least_squares(lambda t, w=w: np.sqrt(w) * (sigmoid(L, *t, CHANCE) - acc),
+                            fit.theta, bounds=(lower, upper), xtol=1e-15, ftol=1e-15, gtol=1e-15)
+        assert cost <= ref.cost * (1 + 1e-6) + 1e-12
