@@ -218,7 +218,8 @@ def bootstrap_sigmoid(fit: SigmoidFit, L, acc, idx: np.ndarray) -> np.ndarray:
     """Refits of step 2 on the resampled rows `idx` (K x n), from the full fit's optimum and
     a few other starts: K x 3 (a, k, L0)."""
     L, acc = np.asarray(L, np.float64), np.asarray(acc, np.float64)
-    others = sigmoid_starts(L, acc, fit.chance)[::6]  # one steepness and ceiling per midpoint
+    # Every steepness and ceiling at the lowest-loss midpoint (rows vary the midpoint fastest)
+    others = sigmoid_starts(L, acc, fit.chance)[::6]
     starts = np.vstack([fit.theta[None, :], others])
     m = len(starts)
     weights = np.stack([np.bincount(rows, minlength=len(L)) for rows in idx]).astype(np.float64)
