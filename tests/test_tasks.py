@@ -129,6 +129,15 @@ def test_task_files_are_written_once_and_checked_when_read(tmp_path, letters):
     path.with_suffix(".json").write_text(json.dumps({**record, "examples": 41}))
     with pytest.raises(UserError, match="holds 40 examples, its record says 41"):
         load_or_build(dataset, spec)
+    # A record that is JSON but not an object, an array that is not a list of rows.
+    path.with_suffix(".json").write_text("[]")
+    with pytest.raises(UserError, match="is unreadable"):
+        load_or_build(dataset, spec)
+    path.with_suffix(".json").write_text(json.dumps(record))
+    np.savez(path, **{k: getattr(built, k) for k in ("choices", "answer", "source")},
+             context=np.int32(0))
+    with pytest.raises(UserError, match="is unreadable"):
+        load_or_build(dataset, spec)
 
 
 def test_config_names_the_tasks_and_their_settings():

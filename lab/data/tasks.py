@@ -199,12 +199,15 @@ def read_task_file(path: Path, spec: TaskSpec) -> TaskSet:
             arrays = {name: z[name] for name in _ARRAYS}
         tasks = TaskSet(spec, **arrays)
         count, checksum = len(tasks.answer), tasks.checksum()
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        lengths = {len(a) for a in arrays.values()}
+        examples, recorded = meta.get("examples"), meta.get("sha256")  # a JSON object
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+            zipfile.BadZipFile) as e:
         raise UserError(f"task file {path} is unreadable ({type(e).__name__}); {fix}") from None
-    if meta.get("examples") != count or {len(a) for a in arrays.values()} != {count}:
+    if examples != count or lengths != {count}:
         raise UserError(f"task file {path} holds {count} examples, its record says "
-                        f"{meta.get('examples')}; {fix}")
-    if meta.get("sha256") != checksum:
+                        f"{examples}; {fix}")
+    if recorded != checksum:
         raise UserError(f"task file {path} is damaged (its checksum does not match); {fix}")
     return tasks
 
