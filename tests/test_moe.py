@@ -336,3 +336,35 @@ def test_the_memory_estimate_counts_every_expert():
     assert memory.mlp_width(cfg, "tpu") == (2 + 1) * 64
     dense = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=MoeConfig()))
     assert memory.mlp_width(dense, "cpu") == 3 * 128
+
+
+def test_max_expert_load_is_the_steps_not_a_micro_batchs():
+    """Over micro-batches (train.grad_accum, or the two halves of a step that measures the noise
+    scale) a step's loads are their mean, and max_expert_load is E x the largest of those, as
+    without micro-batches: here 2.5, where the largest of each micro-batch's would say 4."""
+    import optax
+
+    from lab.model.moe import routing_stats
+    from lab.train.step import make_train_step
+
+    moe = MoeConfig(experts=4, top_k=1)
+
+    def grad_fn(params, tokens_BxL1):  # token t goes to expert t % 4, one layer
+        idx_BxLx1 = tokens_BxL1[:, :, None] % 4
+        stats = routing_stats(idx_BxLx1, jnp.ones(idx_BxLx1.shape, bool),
+                              jax.nn.one_hot(idx_BxLx1[..., 0], 4), moe)
+        loss = jnp.sum(params["w"] ** 2)
+        return (loss, {"ce": loss, "layer_stats": jax.tree.map(lambda v: v[None], stats)}), \
+            {"w": 2 * params["w"]}
+
+    tokens = jnp.array([[0, 0, 0, 0], [0, 1, 2, 3]])  # all to expert 0; evenly spread
+    tx = optax.sgd(0.1)
+    state = {"params": {"w": jnp.ones(3)}, "opt": tx.init({"w": jnp.ones(3)}),
+             "step": jnp.zeros((), jnp.int32)}
+    for accum, measure in ((1, False), (2, False), (1, True)):
+        step = make_train_step(grad_fn, tx, optax.constant_schedule(0.1), accum, False,
+                               measure_noise=measure)
+        metrics = jax.jit(step)(state, tokens)[1]
+        loads = [float(metrics[f"expert_load/{i}"]) for i in range(4)]
+        assert loads == pytest.approx([0.625, 0.125, 0.125, 0.125])
+        assert float(metrics["max_expert_load"]) == pytest.approx(2.5), (accum, measure)

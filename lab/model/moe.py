@@ -121,6 +121,15 @@ def expert_loads(stats_N: dict, experts: int) -> jax.Array:
     return jnp.stack([stats_N[f"expert_load/{i}"] for i in range(experts)], axis=-1)
 
 
+def with_step_max_load(stats_N: dict) -> dict:
+    """Stats averaged over a step's micro-batches with `max_expert_load` taken from the averaged
+    loads, as one batch gives it: the largest of each micro-batch's overstates the step's."""
+    E = sum(name.startswith("expert_load/") for name in stats_N)
+    if not E:
+        return stats_N
+    return stats_N | {"max_expert_load": E * jnp.max(expert_loads(stats_N, E), axis=-1)}
+
+
 def combine_matrix(idx_BxLxK: jax.Array, weights_BxLxK: jax.Array, E: int) -> jax.Array:
     """Each token's weight on each expert, (B, L, E): zero where not chosen or dropped."""
     onehot_BxLxKxE = jax.nn.one_hot(idx_BxLxK, E, dtype=weights_BxLxK.dtype)

@@ -202,7 +202,7 @@ def make_train_step(grad_fn: Callable, tx: optax.GradientTransformation,
             (sums, stats_N), _ = jax.lax.scan(
                 accumulate, (zeros, layer_stats.initial(stats_shape)), micro_AxBAxL1)
             grads, loss, ce, *micro_sq = jax.tree.map(lambda x: x / A, sums)
-            stats_N = layer_stats.finish(stats_N, A)
+            stats_N = moe.with_step_max_load(layer_stats.finish(stats_N, A))
         updates, opt = tx.update(grads, state["opt"], params)
         new_params = optax.apply_updates(params, updates)
         extra = {}
