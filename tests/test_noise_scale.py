@@ -175,6 +175,36 @@ def test_a_run_logs_the_noise_scale(tmp_path, small_data):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_from_before_the_averages_resumes(tmp_path, small_data, capsys):
+    """A run begun with train.noise_scale_every by a version whose checkpoints lacked the
+    averages (made here: a run without them, its config then marked as measuring) resumes
+    at its checkpoint with fresh averages, instead of finding every checkpoint unreadable and
+    starting over."""
+    from lab.cli import main
+    from lab.run.metrics import read_metrics
+
+    run = tmp_path / "run"
+    args = ["train", TINY, f"run.dir={run}", f"data.path={small_data}", "model.d_model=32",
+            "model.n_layers=1", "model.n_heads=2", "train.steps=6", "train.batch_size=16",
+            "train.seq_len=32", "train.log_every=1", "train.eval_every=0",
+            "train.eval_batches=1", "train.grad_accum=2", "schedule.warmup_steps=1",
+            "schedule.decay_steps=0", "checkpoint.every_steps=4"]
+    assert main(args) == 0
+    shutil.rmtree(run / "checkpoints" / "6")
+    (run / "summary.json").unlink()
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("noise_scale_every: 0", "noise_scale_every: 2"))
+    capsys.readouterr()
+    assert main([*args, "train.noise_scale_every=2"]) == 0
+    out = capsys.readouterr()
+    assert "resuming at step 4" in out.out
+    assert "checkpoint 4 predates the state's 'noise'" in out.err
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [("noise_scale" in r) for r in records] == [False] * 5 + [True]  # measured at 6
+
+
+@pytest.mark.slow
 def test_the_noise_scale_rises_as_the_loss_falls(tmp_path, small_data):
     """The tiny config for 200 steps, measuring every 2: the noise scale grows as the loss
     falls; the last quarter's mean is well above the second quarter's, and the fitted law

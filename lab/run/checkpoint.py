@@ -126,12 +126,23 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+    def saved_keys(self, step: int) -> set[str] | None:
+        """The top-level keys of the state saved at `step`, or None if they cannot be read."""
+        try:
+            saved = ocp.StandardCheckpointer().metadata(
+                paths.join(self.directory, str(step), "state"))
+            return set(saved.item_metadata.keys())
+        except Exception:  # noqa: BLE001 (unreadable: the restore below says so)
+            return None
+
     def restore(self, abstract_state: Any, data_iterator: Any | None = None,
-                step: int | None = None) -> tuple[int, Any] | None:
+                step: int | None = None, fresh: dict[str, Any] | None = None
+                ) -> tuple[int, Any] | None:
         """Restore `step` (default: the newest readable one) onto the shardings carried by
         `abstract_state` (a tree of jax.ShapeDtypeStruct with NamedShardings). Returns
         (step, state), or None when there is no checkpoint. The data iterator, if given, is
-        set to its saved position."""
+        set to its saved position. `fresh` maps top-level keys of the state that checkpoints
+        written before them lack to a function that makes their starting value."""
         steps = self.steps()
         if step is not None:
             if step not in steps:
@@ -142,7 +153,11 @@ class Checkpointer:
             candidates = steps[::-1]
         _drop_failed_read_reports()
         for candidate in candidates:
-            items = {"state": ocp.args.StandardRestore(abstract_state)}
+            saved = self.saved_keys(candidate) if fresh else None
+            missing = [k for k in fresh or {} if saved is not None and k not in saved]
+            target = ({k: v for k, v in abstract_state.items() if k not in missing} if missing
+                      else abstract_state)
+            items = {"state": ocp.args.StandardRestore(target)}
             if data_iterator is not None:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
@@ -161,7 +176,12 @@ class Checkpointer:
                       f"({type(e).__name__}: {str(e)[:200]}); trying the previous one",
                       file=sys.stderr)
                 continue
-            return candidate, restored["state"]
+            state = restored["state"]
+            for key in missing:
+                print(f"note: checkpoint {candidate} predates the state's {key!r}; it starts "
+                      "afresh", file=sys.stderr)
+                state = {**state, key: fresh[key]()}
+            return candidate, state
         return None
 
     def wait(self) -> None:

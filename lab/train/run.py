@@ -21,6 +21,7 @@ from lab.data.tasks import final_task_metrics, load_or_build, task_specs
 from lab.errors import UserError, shown
 from lab.model.accounting import flops_per_token, param_counts
 from lab.model.memory import preflight
+from lab.optim import noise_scale
 from lab.optim.optimizers import describe_routing
 from lab.run import checkpoint, preemption, rundir
 from lab.run.branch_points import check_branch_points, planned_pairs, planned_steps
@@ -147,8 +148,12 @@ def prepare(cfg: Config) -> Setup:
         state, step, restored_own = None, None, False
         target = abstract_with_shardings(jax.eval_shape(trainer.init_fn),
                                          trainer.state_shardings)
+        # Checkpoints written before the noise scale's averages were part of the state.
+        fresh = ({"noise": jax.jit(noise_scale.initial_averages,
+                                   out_shardings=trainer.state_shardings["noise"])}
+                 if "noise" in target else None)
         if resuming:
-            restored = reader.restore(target, batches)
+            restored = reader.restore(target, batches, fresh=fresh)
             if restored is not None:
                 (step, state), restored_own = restored, True
                 if step > cfg.train.steps:
@@ -158,7 +163,8 @@ def prepare(cfg: Config) -> Setup:
         elif parent_dir is not None:
             parent_ckpt = Checkpointer(checkpoint.checkpoint_dir(parent_dir), read_only=True)
             try:
-                step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step)
+                step, state = parent_ckpt.restore(target, batches, step=cfg.run.parent_step,
+                                                  fresh=fresh)
             finally:
                 parent_ckpt.close()
         if state is None:
