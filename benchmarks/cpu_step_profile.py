@@ -32,18 +32,21 @@ KINDS = (("layout copies and transposes", ("copy", "transpose", "bitcast_bitcast
          ("scan buffers (broadcast, dynamic slices)", ("broadcast", "dynamic", "slice")))
 
 
+def _shapes(hlo: str) -> dict[str, list[int]]:
+    """Each instruction's result shape, by name."""
+    return {m.group(1): [int(d) for d in m.group(2).split(",") if d]
+            for m in map(INSTRUCTION.match, hlo.splitlines()) if m}
+
+
 def _dot_flops(hlo: str, layers: int) -> dict[str, float]:
     """FLOPs of the program's dots: dense (2-D results) and attention (batched), a dot inside
     the scanned loop body counted once per layer."""
-    shapes, flops = {}, collections.Counter()
+    shapes, flops = _shapes(hlo), collections.Counter()
     for line in hlo.splitlines():
         match = INSTRUCTION.match(line)
-        if not match:
+        if not match or " dot(" not in line:
             continue
-        name, dims = match.group(1), [int(d) for d in match.group(2).split(",") if d]
-        shapes[name] = dims
-        if " dot(" not in line:
-            continue
+        dims = shapes[match.group(1)]
         lhs = re.search(r"dot\(%([^,\s)]+)", line).group(1)
         contracted = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line).group(1)
         depth = int(np.prod([shapes[lhs][int(i)] for i in contracted.split(",")]))
@@ -92,9 +95,7 @@ def main() -> int:
         state, metrics = trainer.train_step(state, batch)
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
-        shapes = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
-                  for m in map(INSTRUCTION.match, hlo.splitlines()) if m}
-        times = _op_times(Path(tmp), shapes)
+        times = _op_times(Path(tmp), _shapes(hlo))
     flops = _dot_flops(hlo, cfg.model.n_layers)
     total = sum(times.values())
     lines = ["$ .venv/bin/python -m benchmarks.cpu_step_profile",
