@@ -224,7 +224,8 @@ class NoiseScaleHook(Hook):
         return step % self.measure_every == 0
 
     def __call__(self, info: StepInfo) -> None:
-        info.values.pop(GRAD_SQ, None), info.values.pop(TRACE, None)
+        for raw in (GRAD_SQ, TRACE):  # one measurement's estimates: in the averages now
+            info.values.pop(raw, None)
         value = info.values.pop("noise_scale", None)
         if value is not None and math.isfinite(value):  # NaN: nothing measured yet
             info.values["noise_scale"] = self.value = value
