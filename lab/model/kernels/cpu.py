@@ -1,12 +1,13 @@
 """Kernels tuned for XLA's CPU backend: a dense layer and causal attention with hand-written
-backward passes that keep every matmul a plain row-major product.
+backward passes whose matmuls read row-major operands.
 
-XLA's CPU backend runs a matmul fast only when both operands are row-major and contract over
-the last axis of the first and the second-to-last of the second; otherwise it runs at half
-speed (and a bfloat16 one in float32). The autodiff transposes of x @ w and of attention break
-that form, so the backward passes here transpose the narrow operand themselves. None of this
-helps on GPU or TPU, whose compilers choose layouts themselves: there the model uses plain
-einsums (lab.model.kernels.Kernels).
+XLA's CPU backend runs a matmul slowly when an operand is a transposed view rather than
+row-major data (and a bfloat16 one in float32). The autodiff transposes of x @ w and of
+attention break that form, so the backward passes here copy the narrow operand into row-major
+order themselves; what a matmul contracts over matters less (the attention backward's dk and dv
+contract over a block's rows, as fast as the plain form and cheaper than transposing the
+results). None of this helps on GPU or TPU, whose compilers choose layouts themselves: there
+the model uses plain einsums (lab.model.kernels.Kernels).
 
 Tensor names: B batch, L sequence, K key/value heads, G query heads per key/value head, E head
 dim, R rows of a query block (G heads x C positions), S keys, N rows, D in, F out.
@@ -212,17 +213,18 @@ def _attention_bwd(dtype, block, in_dtype, residuals, cotangents):
         dlogits_BxKxRxS = probs_BxKxRxS * (dprobs_BxKxRxS - delta_BxKxRx1)
         dqs.append(matmul(dlogits_BxKxRxS, k_lo[:, :, :e], "bkrs,bkse->bkre", dtype)
                    .reshape(B, K, G, e - s, E))
-        # dk = dlogits^T q and dv = probs^T dout contract over the block's rows, the form the
-        # CPU kernels handle badly; transpose the small (R, E) operands instead and compute
-        # dk^T and dv^T as plain products.
-        pad = ((0, 0), (0, 0), (0, 0), (0, L - e))
-        dk_parts.append(jnp.pad(matmul(transposed(q_BxKxRxE), dlogits_BxKxRxS,
-                                       "bker,bkrs->bkes", dtype), pad))
-        dv_parts.append(jnp.pad(matmul(transposed(dout_BxKxRxE), probs_BxKxRxS,
-                                       "bker,bkrs->bkes", dtype), pad))
+        # dk = dlogits^T q and dv = probs^T dout contract over the block's rows. XLA's CPU
+        # matmuls (YNNPACK) take that form directly; computing dk^T and dv^T as plain products
+        # instead left whole (E, L) results to transpose, which XLA fused into the rotary
+        # embedding's backward as strided reads, slower than the matmuls' own gain.
+        pad = ((0, 0), (0, 0), (0, L - e), (0, 0))
+        dk_parts.append(jnp.pad(matmul(dlogits_BxKxRxS, q_BxKxRxE, "bkrs,bkre->bkse", dtype),
+                                pad))
+        dv_parts.append(jnp.pad(matmul(probs_BxKxRxS, dout_BxKxRxE, "bkrs,bkre->bkse", dtype),
+                                pad))
     dq_BxKxGxLxE = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
-    return (dq_BxKxGxLxE.astype(in_dtype), transposed(sum(dk_parts)).astype(in_dtype),
-            transposed(sum(dv_parts)).astype(in_dtype))
+    return (dq_BxKxGxLxE.astype(in_dtype), sum(dk_parts).astype(in_dtype),
+            sum(dv_parts).astype(in_dtype))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
