@@ -50,18 +50,22 @@ batches = [sharding.global_batch(rng.integers(0, 256, (8, 513), dtype=np.int32),
            for _ in range(2)]
 """
 # The timing half of a worker, after its `trainer` and two `batches`: a first (compiling) step,
-# "ready", then one timed step per line read from stdin.
+# "ready", then one timed step per line read from stdin, printed as its seconds and the minor
+# page faults it took (benchmarks.cpu_hugepages reads those).
 TIMED_STEPS = r"""
+import resource
 with jax.set_mesh(trainer.mesh):
     state = trainer.init_state()
     state, m = trainer.train_step(state, batches[0])
     jax.block_until_ready(m)
     print("ready", flush=True)
     for i, _ in enumerate(sys.stdin):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         state, m = trainer.train_step(state, batches[i % 2])
         jax.block_until_ready(m)
-        print(time.perf_counter() - t, flush=True)
+        seconds = time.perf_counter() - t
+        print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, flush=True)
 """
 WORKER += TIMED_STEPS
 
@@ -84,7 +88,7 @@ def wait_ready(proc: subprocess.Popen) -> None:
 def step(proc: subprocess.Popen) -> float:
     proc.stdin.write("step\n")
     proc.stdin.flush()
-    return float(proc.stdout.readline())
+    return float(proc.stdout.readline().split()[0])  # the seconds, before any other figure
 
 
 def time_in_turns(workers: dict[str, subprocess.Popen],
