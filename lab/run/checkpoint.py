@@ -154,7 +154,7 @@ class Checkpointer:
         _drop_failed_read_reports()
         for candidate in candidates:
             saved = self.saved_keys(candidate) if fresh else None
-            missing = [k for k in fresh or {} if saved is not None and k not in saved]
+            missing = [k for k in fresh if k not in saved] if saved is not None else []
             target = ({k: v for k, v in abstract_state.items() if k not in missing} if missing
                       else abstract_state)
             items = {"state": ocp.args.StandardRestore(target)}
