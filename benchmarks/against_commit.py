@@ -50,8 +50,9 @@ batches = [sharding.global_batch(rng.integers(0, 256, (8, 513), dtype=np.int32),
            for _ in range(2)]
 """
 # The timing half of a worker, after its `trainer` and two `batches`: a first (compiling) step,
-# "ready", then one timed step per line read from stdin, printed as its seconds and the minor
-# page faults it took (benchmarks.cpu_hugepages reads those).
+# "ready", then one timed step per line read from stdin, printed as its seconds, the minor page
+# faults it took and the process's peak resident memory so far in KiB (benchmarks.cpu_host_memory
+# reads those).
 TIMED_STEPS = r"""
 import resource
 with jax.set_mesh(trainer.mesh):
@@ -65,7 +66,8 @@ with jax.set_mesh(trainer.mesh):
         state, m = trainer.train_step(state, batches[i % 2])
         jax.block_until_ready(m)
         seconds = time.perf_counter() - t
-        print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults, flush=True)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        print(seconds, usage.ru_minflt - faults, usage.ru_maxrss, flush=True)
 """
 WORKER += TIMED_STEPS
 
