@@ -70,6 +70,7 @@ with jax.set_mesh(trainer.mesh):
         print(seconds, usage.ru_minflt - faults, usage.ru_maxrss, flush=True)
 """
 WORKER += TIMED_STEPS
+TOKENS = 8 * 512  # tokens a step of the worker trains on: 8 sequences of 512
 
 
 def start(tree: Path, dtype: str, args: list[str] | None = None) -> subprocess.Popen:
@@ -133,7 +134,6 @@ def main() -> None:
                          capture_output=True, text=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout.strip()
-    tokens = 8 * 512
     with tempfile.TemporaryDirectory() as tmp:
         ref_tree = Path(tmp) / "ref"
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(ref_tree), sha],
@@ -149,8 +149,8 @@ def main() -> None:
              f" --dtype {args.dtype}",
              f"train step, benchmark model, {args.dtype}, {args.rounds} rounds in turns, "
              f"{seconds:.0f} s, load average {load[0]:.1f}",
-             *rate_table(times, tokens)]
-    new, old = medians(times, tokens).values()
+             *rate_table(times, TOKENS)]
+    new, old = medians(times, TOKENS).values()
     lines.append(f"ratio this tree / {args.ref}: {new / old:.3f} (median)")
     text = "\n".join(lines)
     print(text)

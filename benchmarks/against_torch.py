@@ -21,10 +21,8 @@ import platform
 import statistics
 import subprocess
 
-from benchmarks.against_commit import ROOT, start, time_in_turns
+from benchmarks.against_commit import ROOT, TOKENS, start, time_in_turns
 from benchmarks.common import RESULTS
-
-TOKENS = 8 * 512
 
 
 def _version(module: str) -> str:

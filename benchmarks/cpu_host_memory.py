@@ -31,10 +31,9 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.against_commit import ROOT, WORKER
+from benchmarks.against_commit import ROOT, TOKENS, WORKER
 from benchmarks.common import RESULTS, load_note, write_report
 
-TOKENS = 8 * 512
 HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 # Before the worker imports JAX: mallopt's M_ARENA_MAX (-8) 1, M_MMAP_MAX (-4) 0 and
 # M_TRIM_THRESHOLD (-1) -1, which glibc reads as SIZE_MAX (it takes the int as a size_t).
