@@ -158,6 +158,33 @@ def test_the_top_rung_compiled_on_v5e_32_keeps_10_percent_of_hbm():
     assert 0.85 <= ratio <= 1.15, (ratio, report.lines())
 
 
+def test_the_estimate_says_where_it_was_not_checked():
+    """Above CHECKED_TPU_CHIPS TPU chips `lab train` prints the caveat under its memory line;
+    on the chips it was checked on, and on GPUs, nothing."""
+    def printed(n: int, platform: str, kind: str) -> str:
+        cfg = load_config(LADDER, [*rung(0), "model.vocab_size=50304", "model.n_layers=1"])
+        return memory.preflight(build_trainer(cfg, abstract_mesh(cfg, n, platform, kind)))
+
+    limit = memory.CHECKED_TPU_CHIPS
+    assert "note:" not in printed(limit, "tpu", "TPU v5 lite")
+    line = printed(2 * limit, "tpu", "TPU v5 lite").splitlines()[-1]
+    assert line.startswith("note:") and f"more than {limit} chips" in line
+    assert "--compile-only --topology" in line
+    assert "note:" not in printed(2 * limit, "gpu", "NVIDIA H100 80GB HBM3")
+
+
+# The bound behind CHECKED_TPU_CHIPS, from benchmarks/results/aot-ladder-v5e-*.txt: the rung
+# the estimate misses most on 64 chips (d1280, 0.88) holds within 15% there, and on 128 chips
+# it does not (0.71), so the caveat is still needed. A minute of compiling each.
+@pytest.mark.slow
+def test_the_estimate_holds_on_64_chips_and_misses_on_128():
+    cfg = load_config(LADDER, [*rung(3), "model.vocab_size=50304"])
+    on_64 = compile_report(cfg, "v5e:8x8")
+    assert 0.85 <= on_64.estimate.total / on_64.compiled.total <= 1.15, on_64.lines()
+    on_128 = compile_report(cfg, "v5e:8x16")
+    assert on_128.estimate.total / on_128.compiled.total < 0.85, on_128.lines()
+
+
 @pytest.mark.parametrize(("path", "n", "chip"), [(LADDER, 32, "v5e"), (GPU_DEBUG, 1, "H100 SXM")])
 def test_presets_fit_their_chip_with_15_percent_to_spare(path, n, chip):
     from lab.train.aot import with_known_vocab

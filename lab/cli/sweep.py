@@ -51,8 +51,10 @@ def main(argv: list[str]) -> int:
         return run_sweep(sweep)
     from lab.train.aot import sweep_memory
 
-    columns, problem = sweep_memory(sweep, args.topology)
+    columns, problem, note = sweep_memory(sweep, args.topology)
     print(describe(sweep, columns), flush=True)
+    if note:
+        print(note, flush=True)
     if problem:
         raise UserError(problem)
     return 0

@@ -245,12 +245,31 @@ def check_fits(needed: int, limit: int | None, what: str, chip: str) -> None:
         f"{FIT_ADVICE}")
 
 
+# The largest TPU slice on which the estimate has been checked against the compiler on every
+# rung of the v5e ladder: within 15% on 32 and 64 chips, but as low as 0.71 of it on 128 chips
+# and 0.51 on 256, where libtpu all-reduces whole arrays (the output head's float32 gradient
+# among them) and keeps them live in a way that differs from rung to rung
+# (benchmarks/results/aot-ladder-v5e-*.txt, docs/performance.md).
+CHECKED_TPU_CHIPS = 64
+
+
+def caveat(mesh: Any) -> str:
+    """A line saying the estimate may be low, for a TPU mesh larger than CHECKED_TPU_CHIPS;
+    else ""."""
+    if sharding.mesh_platform(mesh) != "tpu" or mesh.size <= CHECKED_TPU_CHIPS:
+        return ""
+    return (f"note: on TPU slices of more than {CHECKED_TPU_CHIPS} chips the compiler has "
+            "needed up to twice this estimate; `lab train CONFIG --compile-only --topology T` "
+            "gives its figure")
+
+
 def preflight(trainer: Any) -> str:
-    """`lab train` before it touches the run directory: the estimate as one line, or a
-    UserError if the run cannot fit its chips."""
+    """`lab train` before it touches the run directory: the estimate as one line (and the
+    caveat where it applies), or a UserError if the run cannot fit its chips."""
     est = estimate(trainer)
     limit, chip = capacity(mesh_device(trainer.mesh))
     check_fits(est.total, limit, "this run (by lab.model.memory's estimate)", chip)
     of = f" of {gib(limit)} ({chip})" if limit else ""
     note = f"{trainer.remat_note}\n" if getattr(trainer, "remat_note", "") else ""
-    return f"{note}memory: {est.describe()}{of}"
+    warning = caveat(trainer.mesh)
+    return f"{note}memory: {est.describe()}{of}" + (f"\n{warning}" if warning else "")

@@ -198,10 +198,11 @@ def _short(n: int) -> str:
     return gib(n).replace(" ", "")
 
 
-def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]], str]:
+def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]], str, str]:
     """`lab sweep --dry-run [--topology T]`: each run's estimated memory per chip and, for a
-    topology, the compiler's figure; and a one-line problem when a run cannot fit (or cannot
-    be laid out on those chips), else ""."""
+    topology, the compiler's figure; a one-line problem when a run cannot fit (or cannot be
+    laid out on those chips), else ""; and without the compiler's figure, the estimate's
+    caveat on a large TPU slice (lab.model.memory.caveat), else ""."""
     import jax
 
     from lab.accel import sharding
@@ -211,6 +212,7 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
     devices = topology_devices(topology) if topology else jax.devices()
     limit, chip = memory.capacity(devices[0])
     estimated, compiled, too_big, unplaced = [], [], [], []
+    note = ""
     for run in sweep.runs:
         cfg, _ = with_known_vocab(run.config)
         try:
@@ -222,6 +224,7 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
             continue
         needed = memory.estimate(trainer).total
         estimated.append(_short(needed))
+        note = note or ("" if topology else memory.caveat(trainer.mesh))
         if topology:
             needed = CompiledMemory.of(lower_train_step(trainer).compile()).total
             compiled.append(_short(needed))
@@ -240,7 +243,7 @@ def sweep_memory(sweep: Any, topology: str | None) -> tuple[dict[str, list[str]]
                    "model.activation_dtype=bfloat16 or model.loss_chunk")
     elif unplaced and topology:
         problem = f"cannot lay out on {where}: {unplaced[0]}"
-    return columns, problem
+    return columns, problem, note
 
 
 # jax.Device.platform names -> jax.export platform names
