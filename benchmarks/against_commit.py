@@ -117,11 +117,17 @@ def medians(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
     return {name: tokens / statistics.median(ts) for name, ts in times.items()}
 
 
-def rate_table(times: dict[str, list[float]], tokens: int) -> list[str]:
+def rates(times: dict[str, list[float]], tokens: int) -> dict[str, tuple[float, float]]:
+    """Each worker's (median, best) tokens/s from its step times."""
+    return {name: (tokens / statistics.median(ts), tokens / min(ts))
+            for name, ts in times.items()}
+
+
+def rate_table(times: dict[str, list[float]], tokens: int, label: str = "tree") -> list[str]:
     """A markdown table of each worker's median and best tokens/s."""
-    return ["| tree | median tokens/s | best tokens/s |", "|---|---|---|",
-            *(f"| {name} | {tokens / statistics.median(ts):,.0f} | {tokens / min(ts):,.0f} |"
-              for name, ts in times.items())]
+    return [f"| {label} | median tokens/s | best tokens/s |", "|---|---|---|",
+            *(f"| {name} | {median:,.0f} | {best:,.0f} |"
+              for name, (median, best) in rates(times, tokens).items())]
 
 
 def main() -> None:

@@ -18,10 +18,9 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 
-from benchmarks.against_commit import ROOT, TOKENS, start, time_in_turns
+from benchmarks.against_commit import ROOT, TOKENS, rate_table, rates, start, time_in_turns
 from benchmarks.common import RESULTS
 
 
@@ -51,12 +50,8 @@ def main() -> int:
              f"a torch step), {seconds:.0f} s, {os.cpu_count()} cores "
              f"({platform.processor() or platform.machine()}), load average {load[0]:.1f} at "
              "the end",
-             "| step | median tokens/s | best tokens/s |", "|---|---|---|"]
-    medians, bests = {}, {}
-    for name, ts in times.items():
-        medians[name], bests[name] = TOKENS / statistics.median(ts), TOKENS / min(ts)
-        lines.append(f"| {name} | {medians[name]:,.0f} | {bests[name]:,.0f} |")
-    (lab_median, torch_median), (lab_best, torch_best) = medians.values(), bests.values()
+             *rate_table(times, TOKENS, "step")]
+    (lab_median, lab_best), (torch_median, torch_best) = rates(times, TOKENS).values()
     lines.append(f"ratio lab / PyTorch: {lab_median / torch_median:.3f} (median), "
                  f"{lab_best / torch_best:.3f} (best)")
     text = "\n".join(lines)
