@@ -114,7 +114,7 @@ def time_in_turns(workers: dict[str, subprocess.Popen],
 
 def medians(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
     """Each worker's median tokens/s."""
-    return {name: tokens / statistics.median(ts) for name, ts in times.items()}
+    return {name: median for name, (median, _) in rates(times, tokens).items()}
 
 
 def rates(times: dict[str, list[float]], tokens: int) -> dict[str, tuple[float, float]]:
