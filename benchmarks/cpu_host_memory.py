@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 
-from benchmarks.against_commit import ROOT, TOKENS, WORKER
+from benchmarks.against_commit import ROOT, TOKENS, WORKER, medians, rates
 from benchmarks.common import RESULTS, load_note, write_report
 
 HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
@@ -89,15 +89,14 @@ def main() -> int:
              "| step | median tokens/s | best tokens/s | minor page faults a step (median) "
              "| peak resident memory |",
              "|---|---|---|---|---|"]
-    for name, ts in seconds.items():
+    for name, (median, best) in rates(seconds, TOKENS).items():
         fault = f"{statistics.median(faults[name]):,.0f}" if faults[name] else "-"
         peak = f"{peak_kib[name] / 2**20:.2f} GiB" if peak_kib[name] else "-"
-        lines.append(f"| {name} | {TOKENS / statistics.median(ts):,.0f} | "
-                     f"{TOKENS / min(ts):,.0f} | {fault} | {peak} |")
-    medians = {name: statistics.median(ts) for name, ts in seconds.items()}
-    base = medians["lab (glibc's defaults)"]
+        lines.append(f"| {name} | {median:,.0f} | {best:,.0f} | {fault} | {peak} |")
+    rate = medians(seconds, TOKENS)
+    base = rate["lab (glibc's defaults)"]
     for name in ("lab, hugetlb=1", "lab, freed memory kept (mallopt)"):
-        lines.append(f"ratio {name} / glibc's defaults: {base / medians[name]:.3f} (median)")
+        lines.append(f"ratio {name} / glibc's defaults: {rate[name] / base:.3f} (median)")
     return write_report("\n".join(lines) + "\n", RESULTS / "cpu-host-memory.txt")
 
 

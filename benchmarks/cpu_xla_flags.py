@@ -17,7 +17,7 @@ import os
 import platform
 
 from benchmarks.against_commit import ROOT, TOKENS, medians, rate_table, start, time_in_turns
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, load_note, write_report
 
 # Flags of the installed jaxlib's XLA:CPU that change the program or its schedule (the list
 # prints with XLA_FLAGS=--help); the experimental YNN and oneDNN fusions were tried before
@@ -46,21 +46,15 @@ def main() -> int:
     finally:
         os.environ["XLA_FLAGS"] = inherited
     times, seconds = time_in_turns(workers, args.rounds)
-    load = os.getloadavg()
     rate = medians(times, TOKENS)
     base = next(iter(rate.values()))
     lines = [f"$ .venv/bin/python -m benchmarks.cpu_xla_flags --rounds {args.rounds}",
              f"train step, benchmark model, float32, {len(workers)} workers alive at once, "
-             f"{args.rounds} rounds in turns, {seconds:.0f} s, {os.cpu_count()} cores "
-             f"({platform.processor() or platform.machine()}), load average {load[0]:.1f} at "
-             "the end",
+             f"{args.rounds} rounds in turns, {seconds:.0f} s "
+             f"({platform.processor() or platform.machine()}), at the end {load_note()}",
              *rate_table(times, TOKENS, "XLA flags"),
              *(f"ratio to no flags, median: {r / base:.3f}  {name}" for name, r in rate.items())]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cpu-xla-flags.txt").write_text(text + "\n")
-    return 0
+    return write_report("\n".join(lines) + "\n", RESULTS / "cpu-xla-flags.txt")
 
 
 if __name__ == "__main__":
